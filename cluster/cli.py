@@ -1,0 +1,114 @@
+"""The `expertmesh` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cluster.tiny_checkpoint import TINY_DEFAULTS
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-ids must be comma-separated integers, got {text!r}")
+    if not ids:
+        raise argparse.ArgumentTypeError("--prompt-ids is empty")
+    return ids
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="expertmesh", description=(
+        "Expert-parallel serving of Mixtral-style mixture-of-experts models on Ray."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tiny = sub.add_parser("tiny-checkpoint", help="write a random tiny Mixtral in hub layout",
+                          description="Write a random-initialised Mixtral (hub layout: sharded "
+                          "safetensors, index, config.json, Mixtral tokenizer files).")
+    tiny.add_argument("dir", help="output folder (created)")
+    tiny.add_argument("--layers", type=int, default=TINY_DEFAULTS["num_layers"], help="decoder layers")
+    tiny.add_argument("--experts", type=int, default=TINY_DEFAULTS["num_experts"], help="experts per layer")
+    tiny.add_argument("--experts-per-token", type=int, default=TINY_DEFAULTS["experts_per_token"],
+                      help="experts the router picks per token (top-k)")
+    tiny.add_argument("--hidden", type=int, default=TINY_DEFAULTS["hidden_size"], help="hidden size")
+    tiny.add_argument("--intermediate", type=int, default=TINY_DEFAULTS["intermediate_size"],
+                      help="expert intermediate size")
+    tiny.add_argument("--heads", type=int, default=TINY_DEFAULTS["num_heads"], help="attention heads")
+    tiny.add_argument("--kv-heads", type=int, default=TINY_DEFAULTS["num_kv_heads"], help="key/value heads")
+    tiny.add_argument("--sliding-window", type=int, default=None, help="attention window (default: none)")
+    tiny.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    tiny.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weight dtype")
+    tiny.add_argument("--layout", choices=["hub", "consolidated"], default="hub",
+                      help="hub: Hugging Face layout; consolidated: Mistral's params.json layout")
+
+    run = sub.add_parser("run", help="generate in-process from a prompt",
+                         description="Generate from one prompt and print the text (or JSON).")
+    run.add_argument("--model", help="checkpoint folder (default: the cached tiny Mixtral)")
+    prompt = run.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (BOS is added)")
+    prompt.add_argument("--prompt-ids", type=_token_ids, help="prompt token ids, e.g. 1,415,2936")
+    run.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    run.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
+    run.add_argument("--seed", type=int, default=None, help="sampling seed")
+    run.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                     help="compute dtype (default float32)")
+    run.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": "..."}')
+    return parser
+
+
+def cmd_tiny_checkpoint(args) -> int:
+    from cluster.tiny_checkpoint import write_tiny_checkpoint
+
+    out = write_tiny_checkpoint(
+        args.dir, seed=args.seed, dtype=args.dtype, layout=args.layout, num_layers=args.layers,
+        num_experts=args.experts, experts_per_token=args.experts_per_token,
+        hidden_size=args.hidden, intermediate_size=args.intermediate, num_heads=args.heads,
+        num_kv_heads=args.kv_heads, head_dim=args.hidden // args.heads,
+        sliding_window=args.sliding_window)
+    print(f"wrote a tiny Mixtral to {out}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from cluster.config import load_config
+    from cluster.tiny_checkpoint import default_model_dir
+    from cluster.tokenizer import load_tokenizer
+    from router.engine import DTYPES, Engine
+
+    if args.max_new_tokens <= 0:
+        raise SystemExit("expertmesh run: --max-new-tokens must be positive")
+    if args.temperature < 0:
+        raise SystemExit("expertmesh run: --temperature must be >= 0")
+    model_dir = args.model or default_model_dir()
+    config = load_config(model_dir)
+    tokenizer = load_tokenizer(model_dir, config.bos_token_id, config.eos_token_id)
+    prompt = args.prompt_ids if args.prompt_ids is not None else tokenizer.encode(args.prompt)
+    if max(prompt) >= config.vocab_size or min(prompt) < 0:
+        raise SystemExit(f"expertmesh run: token ids must be in [0, {config.vocab_size})")
+    engine = Engine.local(model_dir, DTYPES[args.dtype])
+    new_ids = engine.generate([prompt], args.max_new_tokens, args.temperature, args.seed)[0]
+    text = tokenizer.decode(new_ids)
+    if args.json:
+        print(json.dumps({"token_ids": new_ids, "text": text}))
+    else:
+        print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from cluster.checkpoint import CheckpointError
+    from cluster.config import ConfigError
+
+    handlers = {"tiny-checkpoint": cmd_tiny_checkpoint, "run": cmd_run}
+    try:
+        return handlers[args.command](args)
+    except (CheckpointError, ConfigError, ValueError) as exc:
+        print(f"expertmesh {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Model math that both the router and the expert workers need: RMSNorm, gating, grouped SwiGLU.
+
+Shape legend: T tokens, D hidden, I expert intermediate, E experts, K experts per token,
+N rows sent to experts (N = T * K before any split across workers).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32, scaled in the input dtype (as Mixtral was trained)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def top_k_gating(gate_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral gating: softmax over all experts in fp32, keep the top k, renormalise.
+
+    gate_logits (T, E) -> weights (T, K) fp32 summing to 1, expert ids (T, K) int64.
+    """
+    probs = torch.softmax(gate_logits.float(), dim=-1)  # (T, E)
+    weights, ids = torch.topk(probs, k, dim=-1)  # (T, K)
+    return weights / weights.sum(dim=-1, keepdim=True), ids
+
+
+def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order the (token, slot) pairs by expert.
+
+    expert_ids (T, K) -> order (T*K,) indices into the flattened pairs, grouped by expert and
+    stable within an expert; counts (E,) rows per expert.
+    """
+    flat = expert_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    return order, torch.bincount(flat, minlength=num_experts)
+
+
+def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """One expert: w2(silu(w1 x) * w3 x). x (n, D), w1/w3 (I, D), w2 (D, I) -> (n, D)."""
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+def grouped_swiglu(rows: torch.Tensor, counts: list[int], experts: list[tuple]) -> torch.Tensor:
+    """SwiGLU experts over rows already grouped by expert (torch path).
+
+    rows (N, D) with counts[i] consecutive rows for experts[i] = (w1, w2, w3) -> (N, D).
+    One GEMM chain per expert over its contiguous rows: no per-row weight gathering.
+    """
+    out = torch.empty_like(rows)
+    start = 0
+    for count, (w1, w2, w3) in zip(counts, experts):
+        if count:
+            out[start:start + count] = swiglu_expert(rows[start:start + count], w1, w2, w3)
+        start += count
+    return out
+
+
+def combine_rows(expert_out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
+                 num_tokens: int, k: int) -> torch.Tensor:
+    """Weighted sum of each token's expert outputs, accumulated in fp32.
+
+    expert_out (N, D) in the order given by `order` (indices into the flattened (T, K) pairs),
+    weights (T, K) fp32 -> (T, D) fp32.
+    """
+    out = torch.zeros(num_tokens, expert_out.shape[-1], dtype=torch.float32)
+    scaled = expert_out.float() * weights.reshape(-1)[order, None]  # (N, D)
+    return out.index_add_(0, order // k, scaled)

@@ -1,0 +1,108 @@
+"""Generation in one process: batches of flat token rows through the model, the cache and sampling.
+
+The experts object decides where experts run (`LocalExperts` here, expert workers in the
+distributed engine); everything else is the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from cluster.checkpoint import Checkpoint
+from router.attention import AttentionBatch
+from router.kv_cache import KVCache
+from router.local_experts import LocalExperts
+from router.model import RouterModel
+from router.sampling import sample_token
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Sequence:
+    token_ids: list[int]  # prompt + generated so far
+    num_cached: int = 0  # tokens whose k/v are in the cache
+    block_table: list[int] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, model: RouterModel, experts, cache: KVCache):
+        self.model = model
+        self.experts = experts
+        self.cache = cache
+        self.config = model.config
+
+    @classmethod
+    def local(cls, model_dir, dtype: torch.dtype = torch.float32, kv_blocks: int = 512,
+              block_size: int = 16) -> "Engine":
+        """The reference engine: every weight of the checkpoint in this process."""
+        checkpoint = Checkpoint(model_dir)
+        model = RouterModel.from_checkpoint(checkpoint, dtype)
+        experts = LocalExperts.from_checkpoint(checkpoint, dtype)
+        return cls(model, experts, KVCache(checkpoint.config, kv_blocks, block_size, dtype))
+
+    @torch.inference_mode()
+    def step(self, seqs: list[Sequence], all_logits: bool = False) -> list[torch.Tensor]:
+        """Run every sequence's uncached tokens through the model.
+
+        Returns per sequence the logits of its last token (V,), or of all its new tokens (n, V).
+        """
+        starts = [s.num_cached for s in seqs]
+        query_lens = [len(s.token_ids) - s.num_cached for s in seqs]
+        for s in seqs:
+            self.cache.grow(s.block_table, len(s.token_ids))
+        batch = AttentionBatch.build(self.cache, [s.block_table for s in seqs], starts, query_lens)
+        token_ids = torch.tensor([t for s in seqs for t in s.token_ids[s.num_cached:]])
+        h = self.model.forward(token_ids, batch, self.cache, self.experts)  # (T, D)
+        for s in seqs:
+            s.num_cached = len(s.token_ids)
+        ends = torch.tensor(query_lens).cumsum(0)
+        if all_logits:
+            return list(self.model.logits(h).split(query_lens))
+        return list(self.model.logits(h[ends - 1]))
+
+    def release(self, seqs: list[Sequence]) -> None:
+        for s in seqs:
+            self.cache.release(s.block_table)
+            s.block_table = []
+
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits at every position of one prompt, (n, V) fp32: a full prefill, cache freed after."""
+        seq = Sequence(list(token_ids))
+        try:
+            return self.step([seq], all_logits=True)[0]
+        finally:
+            self.release([seq])
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                 seed: int | None = None, stop_at_eos: bool = True) -> list[list[int]]:
+        """New tokens for each prompt, all prompts batched together (eos included when hit)."""
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        longest = max(len(p) for p in prompts) + max_new_tokens
+        if longest > self.config.max_position_embeddings:
+            raise ValueError(f"prompt + max_new_tokens ({longest}) exceeds the model's context "
+                             f"({self.config.max_position_embeddings})")
+        generators = [torch.Generator().manual_seed(seed + i) if seed is not None else None
+                      for i in range(len(prompts))]
+        seqs = [Sequence(list(p)) for p in prompts]
+        outputs: list[list[int]] = [[] for _ in prompts]
+        running = list(range(len(prompts)))
+        try:
+            while running:
+                logits = self.step([seqs[i] for i in running])
+                still = []
+                for i, row in zip(running, logits):
+                    token = sample_token(row, temperature, generators[i])
+                    outputs[i].append(token)
+                    seqs[i].token_ids.append(token)
+                    done = len(outputs[i]) >= max_new_tokens or (
+                        stop_at_eos and token == self.config.eos_token_id)
+                    if not done:
+                        still.append(i)
+                running = still
+        finally:
+            self.release(seqs)
+        return outputs

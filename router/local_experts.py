@@ -1,0 +1,30 @@
+"""All experts in the router's own process: the reference engine's MoE, no workers involved."""
+
+from __future__ import annotations
+
+import torch
+
+from cluster.checkpoint import Checkpoint
+from cluster.config import MixtralConfig
+from cluster.moe_math import combine_rows, grouped_swiglu, sort_by_expert
+
+
+class LocalExperts:
+    def __init__(self, config: MixtralConfig, weights: dict[tuple[int, int], tuple]):
+        self.config = config
+        self.weights = weights  # (layer, expert) -> (w1 (I, D), w2 (D, I), w3 (I, D))
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, dtype: torch.dtype) -> "LocalExperts":
+        c = checkpoint.config
+        pairs = [(layer, e) for layer in range(c.num_layers) for e in range(c.num_experts)]
+        return cls(c, checkpoint.read_experts(pairs, dtype))
+
+    def run(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x (T, D), weights/ids (T, K) -> sum_k weights[:, k] * expert_{ids[:, k]}(x) (T, D) fp32."""
+        k, num_experts = self.config.experts_per_token, self.config.num_experts
+        order, counts = sort_by_expert(ids, num_experts)
+        rows = x[order // k]  # (T*K, D) grouped by expert
+        experts = [self.weights[(layer, e)] for e in range(num_experts)]
+        out = grouped_swiglu(rows, counts.tolist(), experts)
+        return combine_rows(out, order, weights, x.shape[0], k)

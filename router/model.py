@@ -1,0 +1,90 @@
+"""Mixtral without its experts: embeddings, attention with the KV cache, gate, final norm, lm_head.
+
+The experts come in from outside through an object with `run(layer, x, weights, ids) -> (T, D)`
+(local weights in one process, or expert workers over collectives), so this file knows nothing of
+Ray or torch.distributed. Shape legend: T tokens (flat rows of all sequences), D hidden,
+H/G query/kv heads, Dh head dim, K experts per token, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cluster.checkpoint import Checkpoint
+from cluster.config import MixtralConfig
+from cluster.moe_math import rms_norm, top_k_gating
+from router.attention import AttentionBatch, Rope, paged_attention
+from router.kv_cache import KVCache
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # (D,)
+    post_attention_norm: torch.Tensor  # (D,)
+    qkv: torch.Tensor  # (H*Dh + 2*G*Dh, D): q, k and v projections stacked for one GEMM
+    o: torch.Tensor  # (D, H*Dh)
+    gate: torch.Tensor  # (E, D)
+
+
+class RouterModel:
+    def __init__(self, config: MixtralConfig, tensors: dict[str, torch.Tensor]):
+        self.config = config
+        self.embed = tensors["model.embed_tokens.weight"]  # (V, D)
+        self.final_norm = tensors["model.norm.weight"]
+        self.lm_head = tensors.get("lm_head.weight", self.embed)  # tied when absent
+        self.dtype = self.embed.dtype
+        self.layers = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            self.layers.append(LayerWeights(
+                input_norm=tensors[p + "input_layernorm.weight"],
+                post_attention_norm=tensors[p + "post_attention_layernorm.weight"],
+                qkv=torch.cat([tensors[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]),
+                o=tensors[p + "self_attn.o_proj.weight"],
+                gate=tensors[p + "block_sparse_moe.gate.weight"],
+            ))
+        self.rope = Rope(config.head_dim, config.rope_theta, config.max_position_embeddings)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, dtype: torch.dtype) -> "RouterModel":
+        return cls(checkpoint.config, checkpoint.read_dense(dtype))
+
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed[token_ids]  # (T,) -> (T, D)
+
+    def attention_block(self, layer: int, h: torch.Tensor, batch: AttentionBatch,
+                        cache: KVCache) -> torch.Tensor:
+        """h (T, D) -> h + attention(rmsnorm(h)) (T, D); writes this step's k/v into the cache."""
+        c, w = self.config, self.layers[layer]
+        x = rms_norm(h, w.input_norm, c.rms_norm_eps)
+        q, k, v = F.linear(x, w.qkv).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q = self.rope(q.view(-1, c.num_heads, c.head_dim), batch.positions)  # (T, H, Dh)
+        k = self.rope(k.view(-1, c.num_kv_heads, c.head_dim), batch.positions)  # (T, G, Dh)
+        cache.k[layer][batch.slot_mapping] = k
+        cache.v[layer][batch.slot_mapping] = v.view(-1, c.num_kv_heads, c.head_dim)
+        o = paged_attention(q, cache.k[layer], cache.v[layer], batch, c.sliding_window)
+        return h + F.linear(o.reshape(-1, c.q_size), w.o)
+
+    def moe_input(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h (T, D) -> expert input x (T, D), gate weights (T, K) fp32, expert ids (T, K)."""
+        w = self.layers[layer]
+        x = rms_norm(h, w.post_attention_norm, self.config.rms_norm_eps)
+        weights, ids = top_k_gating(F.linear(x, w.gate), self.config.experts_per_token)
+        return x, weights, ids
+
+    def forward(self, token_ids: torch.Tensor, batch: AttentionBatch, cache: KVCache,
+                experts) -> torch.Tensor:
+        """token_ids (T,) -> final hidden states (T, D), layer by layer."""
+        h = self.embed_tokens(token_ids)
+        for layer in range(self.config.num_layers):
+            h = self.attention_block(layer, h, batch, cache)
+            x, weights, ids = self.moe_input(layer, h)
+            h = h + experts.run(layer, x, weights, ids).to(h.dtype)
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h (N, D) -> logits (N, V) in fp32."""
+        return F.linear(rms_norm(h, self.final_norm, self.config.rms_norm_eps), self.lm_head).float()
