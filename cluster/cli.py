@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -17,6 +18,23 @@ def _token_ids(text: str) -> list[int]:
     if not ids:
         raise argparse.ArgumentTypeError("--prompt-ids is empty")
     return ids
+
+
+def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("expert parallelism (Ray)")
+    group.add_argument("--workers", type=int, default=0,
+                       help="expert workers (Ray actors); 0 runs every expert in this process (default)")
+    group.add_argument("--replicas", default=None,
+                       help="extra expert copies: LAYER:EXPERT[xCOPIES],... with LAYER '*' for all "
+                       "layers, e.g. '*:0x2' (needs --workers)")
+    group.add_argument("--placement", default=None,
+                       help="placement plan JSON file (which worker holds which (layer, expert))")
+    group.add_argument("--address", default=None,
+                       help="Ray cluster to join (default: start an embedded local Ray)")
+    group.add_argument("--no-pingpong", action="store_true",
+                       help="do not overlap two micro-batches (for measuring its effect)")
+    group.add_argument("--collective-timeout", type=float, default=30.0,
+                       help="seconds before a dead or stuck worker fails a step (default 30)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                      help="compute dtype (default float32)")
     run.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": "..."}')
+    add_cluster_flags(run)
     return parser
 
 
@@ -71,11 +90,36 @@ def cmd_tiny_checkpoint(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def open_engine(args, model_dir, dtype):
+    """The reference engine with --workers 0, else a Ray cluster of expert workers (shut down after)."""
+    from router.engine import Engine
+
+    if args.workers < 0:
+        raise ValueError("--workers must be >= 0")
+    if args.workers == 0:
+        if args.replicas or args.placement or args.address:
+            raise ValueError("--replicas, --placement and --address need --workers N (N >= 1)")
+        yield Engine.local(model_dir, dtype)
+        return
+    from cluster.bringup import ExpertCluster
+    from cluster.placement import PlacementPlan
+
+    plan = PlacementPlan.from_file(args.placement) if args.placement else None
+    cluster = ExpertCluster(model_dir, args.workers, plan=plan, replicas=args.replicas,
+                            address=args.address, dtype=dtype, pingpong=not args.no_pingpong,
+                            collective_timeout_s=args.collective_timeout)
+    try:
+        yield cluster.engine
+    finally:
+        cluster.shutdown()
+
+
 def cmd_run(args) -> int:
     from cluster.config import load_config
     from cluster.tiny_checkpoint import default_model_dir
     from cluster.tokenizer import load_tokenizer
-    from router.engine import DTYPES, Engine
+    from router.engine import DTYPES
 
     if args.max_new_tokens <= 0:
         raise SystemExit("expertmesh run: --max-new-tokens must be positive")
@@ -87,8 +131,8 @@ def cmd_run(args) -> int:
     prompt = args.prompt_ids if args.prompt_ids is not None else tokenizer.encode(args.prompt)
     if max(prompt) >= config.vocab_size or min(prompt) < 0:
         raise SystemExit(f"expertmesh run: token ids must be in [0, {config.vocab_size})")
-    engine = Engine.local(model_dir, DTYPES[args.dtype])
-    new_ids = engine.generate([prompt], args.max_new_tokens, args.temperature, args.seed)[0]
+    with open_engine(args, model_dir, DTYPES[args.dtype]) as engine:
+        new_ids = engine.generate([prompt], args.max_new_tokens, args.temperature, args.seed)[0]
     text = tokenizer.decode(new_ids)
     if args.json:
         print(json.dumps({"token_ids": new_ids, "text": text}))
@@ -101,11 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cluster.checkpoint import CheckpointError
     from cluster.config import ConfigError
+    from router.dispatcher import ExpertPathError
 
     handlers = {"tiny-checkpoint": cmd_tiny_checkpoint, "run": cmd_run}
     try:
         return handlers[args.command](args)
-    except (CheckpointError, ConfigError, ValueError) as exc:
+    except (CheckpointError, ConfigError, ValueError, ExpertPathError) as exc:
         print(f"expertmesh {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -27,9 +27,22 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
 
 
+def split_in_two(seqs: list[Sequence]) -> list[list[Sequence]]:
+    """Two contiguous groups with about equal numbers of new tokens (order kept)."""
+    new = [len(s.token_ids) - s.num_cached for s in seqs]
+    total, running, cut = sum(new), 0, 1
+    for i, n in enumerate(new[:-1]):
+        running += n
+        cut = i + 1
+        if running * 2 >= total:
+            break
+    return [seqs[:cut], seqs[cut:]]
+
+
 class Engine:
-    def __init__(self, model: RouterModel, experts, cache: KVCache):
+    def __init__(self, model: RouterModel, experts, cache: KVCache, pingpong: bool = False):
         self.model = model
+        self.pingpong = pingpong  # split each step in two micro-batches that overlap at the experts
         self.experts = experts
         self.cache = cache
         self.config = model.config
@@ -49,18 +62,24 @@ class Engine:
 
         Returns per sequence the logits of its last token (V,), or of all its new tokens (n, V).
         """
-        starts = [s.num_cached for s in seqs]
-        query_lens = [len(s.token_ids) - s.num_cached for s in seqs]
         for s in seqs:
             self.cache.grow(s.block_table, len(s.token_ids))
-        batch = AttentionBatch.build(self.cache, [s.block_table for s in seqs], starts, query_lens)
-        token_ids = torch.tensor([t for s in seqs for t in s.token_ids[s.num_cached:]])
-        h = self.model.forward(token_ids, batch, self.cache, self.experts)  # (T, D)
+        groups = split_in_two(seqs) if self.pingpong and len(seqs) > 1 else [seqs]
+        micro_batches = []
+        for group in groups:
+            batch = AttentionBatch.build(self.cache, [s.block_table for s in group],
+                                         [s.num_cached for s in group],
+                                         [len(s.token_ids) - s.num_cached for s in group])
+            token_ids = torch.tensor([t for s in group for t in s.token_ids[s.num_cached:]])
+            micro_batches.append((token_ids, batch))
+        hs = self.model.forward(micro_batches, self.cache, self.experts)
+        h = torch.cat(hs)  # (T, D), sequences in the order of `seqs`
+        query_lens = [len(s.token_ids) - s.num_cached for s in seqs]
         for s in seqs:
             s.num_cached = len(s.token_ids)
-        ends = torch.tensor(query_lens).cumsum(0)
         if all_logits:
             return list(self.model.logits(h).split(query_lens))
+        ends = torch.tensor(query_lens).cumsum(0)
         return list(self.model.logits(h[ends - 1]))
 
     def release(self, seqs: list[Sequence]) -> None:

@@ -28,3 +28,10 @@ class LocalExperts:
         experts = [self.weights[(layer, e)] for e in range(num_experts)]
         out = grouped_swiglu(rows, counts.tolist(), experts)
         return combine_rows(out, order, weights, x.shape[0], k)
+
+    # The same start/finish interface as the dispatcher, so one forward loop serves both.
+    def start(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.run(layer, x, weights, ids)
+
+    def finish(self, result: torch.Tensor) -> torch.Tensor:
+        return result

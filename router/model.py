@@ -1,7 +1,7 @@
 """Mixtral without its experts: embeddings, attention with the KV cache, gate, final norm, lm_head.
 
-The experts come in from outside through an object with `run(layer, x, weights, ids) -> (T, D)`
-(local weights in one process, or expert workers over collectives), so this file knows nothing of
+The experts come in from outside through an object with `start`/`finish` (local weights in one
+process, or expert workers over collectives), so this file knows nothing of
 Ray or torch.distributed. Shape legend: T tokens (flat rows of all sequences), D hidden,
 H/G query/kv heads, Dh head dim, K experts per token, V vocab.
 """
@@ -75,15 +75,24 @@ class RouterModel:
         weights, ids = top_k_gating(F.linear(x, w.gate), self.config.experts_per_token)
         return x, weights, ids
 
-    def forward(self, token_ids: torch.Tensor, batch: AttentionBatch, cache: KVCache,
-                experts) -> torch.Tensor:
-        """token_ids (T,) -> final hidden states (T, D), layer by layer."""
-        h = self.embed_tokens(token_ids)
+    def forward(self, micro_batches: list[tuple[torch.Tensor, AttentionBatch]], cache: KVCache,
+                experts) -> list[torch.Tensor]:
+        """Each micro-batch's token_ids (T_i,) -> final hidden states (T_i, D).
+
+        With two micro-batches this is the ping-pong schedule: while one is at the experts
+        (experts.start ... experts.finish), the other runs its attention. With one it is the plain
+        layer-by-layer loop. `experts` has start(layer, x, weights, ids) -> handle and
+        finish(handle) -> (T, D).
+        """
+        hs = [self.embed_tokens(ids) for ids, _ in micro_batches]
+        pending = [None] * len(micro_batches)
         for layer in range(self.config.num_layers):
-            h = self.attention_block(layer, h, batch, cache)
-            x, weights, ids = self.moe_input(layer, h)
-            h = h + experts.run(layer, x, weights, ids).to(h.dtype)
-        return h
+            for i, (_, batch) in enumerate(micro_batches):
+                if pending[i] is not None:  # the previous layer's experts for this micro-batch
+                    hs[i] = hs[i] + experts.finish(pending[i]).to(hs[i].dtype)
+                hs[i] = self.attention_block(layer, hs[i], batch, cache)
+                pending[i] = experts.start(layer, *self.moe_input(layer, hs[i]))
+        return [h + experts.finish(p).to(h.dtype) for h, p in zip(hs, pending)]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (N, D) -> logits (N, V) in fp32."""

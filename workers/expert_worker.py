@@ -1,0 +1,97 @@
+"""The expert worker: a Ray actor that owns some (layer, expert) weights and serves rows for them.
+
+Control arrives by Ray calls (load, join the group, serve, stats); hidden states arrive only over
+the collective group, in the loop of `serve`, which runs until the router sends OP_SHUTDOWN.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import Counter
+
+import ray
+import torch
+
+from cluster import wire
+from cluster.checkpoint import Checkpoint
+
+
+class ExpertWorker:
+    def __init__(self, worker: int, model_dir: str, pairs: list[tuple[int, int]], dtype: str):
+        self.worker = worker
+        self.model_dir = model_dir
+        self.pairs = [tuple(p) for p in pairs]
+        self.dtype = getattr(torch, dtype)
+        self.weights: dict[tuple[int, int], tuple] = {}
+        self.rows_received: Counter = Counter()  # (layer, expert) -> rows served
+        self._lock = threading.Lock()
+
+    def load(self) -> int:
+        """Read this worker's experts straight from the safetensors files; returns bytes held."""
+        torch.set_num_threads(int(os.environ.get("EXPERTMESH_WORKER_THREADS", "1")))
+        checkpoint = Checkpoint(self.model_dir)
+        self.config = checkpoint.config
+        self.weights = checkpoint.read_experts(self.pairs, self.dtype)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.weights = {p: tuple(w.to(self.device) for w in ws) for p, ws in self.weights.items()}
+        return sum(w.numel() * w.element_size() for ws in self.weights.values() for w in ws)
+
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
+
+    def join_group(self, init_method: str, world_size: int, backend: str, timeout_s: float) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(0)  # Ray exposes this actor's GPU as device 0
+        wire.init_process_group(init_method, wire.worker_rank(self.worker), world_size, backend, timeout_s)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"worker": self.worker, "pairs": self.pairs,
+                    "rows_received": {f"{l}:{e}": n for (l, e), n in self.rows_received.items()}}
+
+    def serve(self) -> str:
+        """The data-path loop. Returns how it ended; raises when a peer is lost or times out."""
+        import torch.distributed as dist
+
+        from workers.grouped_mlp import grouped_experts
+
+        world = dist.get_world_size()
+        num_experts, hidden = self.config.num_experts, self.config.hidden_size
+        size = wire.header_size(num_experts)
+        zeros_header = torch.zeros(world * size, dtype=torch.int64, device=self.device)
+        no_rows = torch.empty(0, hidden, dtype=self.dtype, device=self.device)
+        nothing = [0] * world
+        while True:
+            header = torch.empty(world * size, dtype=torch.int64, device=self.device)
+            dist.all_to_all_single(header, zeros_header)
+            mine = header[:size].tolist()  # the router's header to this worker
+            op, layer, counts = mine[0], mine[1], mine[2:]
+            if op == wire.OP_SHUTDOWN:
+                return "shutdown"
+            if op == wire.OP_PING:
+                continue
+            total = sum(counts)
+            rows = torch.empty(total, hidden, dtype=self.dtype, device=self.device)
+            dist.all_to_all_single(rows, no_rows, [total] + nothing[1:], nothing)
+            used = [(e, n) for e, n in enumerate(counts) if n]
+            missing = [e for e, _ in used if (layer, e) not in self.weights]
+            if missing:  # the router's plan and ours disagree: fail loudly, never compute garbage
+                raise RuntimeError(f"worker {self.worker} got rows for expert ({layer}, {missing[0]}) "
+                                   "which it does not hold")
+            out = grouped_experts(rows, [n for _, n in used], [self.weights[(layer, e)] for e, _ in used])
+            dist.all_to_all_single(no_rows, out, nothing, [total] + nothing[1:])
+            with self._lock:
+                for e, n in used:
+                    self.rows_received[(layer, e)] += n
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# The Ray actor: one thread runs `serve`, the other answers control calls (stats) meanwhile.
+# Made here rather than with a decorator so Ray pickles the class by reference, not by value.
+RemoteExpertWorker = ray.remote(max_concurrency=2)(ExpertWorker)
