@@ -43,6 +43,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         ray.init(address=address, log_to_driver=False)
         return False
     # Keep the embedded cluster on loopback; workers' CPU bundles are logical, not cores.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # else Ray swaps in the NIC address
     ray.init(address="local", num_cpus=num_cpus or max(8, os.cpu_count() or 1),
              include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     return True

@@ -49,6 +49,7 @@ class ExpertDispatcher:
         self._lock = threading.Lock()  # one message on the wire at a time
         self._last_send = time.monotonic()
         self._closed = threading.Event()
+        self.broken = False  # the group failed; only tearing it down is left
         self._keepalive = threading.Thread(target=self._keep_alive, args=(keepalive_s,), daemon=True)
         self._keepalive.start()
 
@@ -120,6 +121,8 @@ class ExpertDispatcher:
             for work in flight.works:
                 work.wait()
         except Exception as exc:  # gloo/nccl report a dead or slow peer as RuntimeError/DistBackendError
+            self.broken = True
+            self._closed.set()
             raise ExpertPathError(f"expert data path failed (a worker died or timed out): {exc}") from exc
         out = torch.empty_like(flight.received)
         out[flight.send_order] = flight.received  # back to expert-sorted order
@@ -130,7 +133,10 @@ class ExpertDispatcher:
         return self.finish(self.start(layer, x, weights, ids))
 
     def shutdown_workers(self) -> None:
+        """Tell the workers' serve loops to return (skipped when the group is already broken)."""
         self._closed.set()
+        if self.broken:
+            return
         with self._lock:
             op = torch.zeros(self.world - 1, self.header_size, dtype=torch.int64)
             op[:, 0] = wire.OP_SHUTDOWN

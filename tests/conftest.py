@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Keep every Ray node of the tests on loopback (Ray otherwise swaps 127.0.0.1 for the interface address).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import torch
 
 HF_CONFIGS = {

@@ -37,8 +37,10 @@ class ExpertWorker:
         self.weights = {p: tuple(w.to(self.device) for w in ws) for p, ws in self.weights.items()}
         return sum(w.numel() * w.element_size() for ws in self.weights.values() for w in ws)
 
-    def node_ip(self) -> str:
-        return ray.util.get_node_ip_address()
+    def where(self) -> dict:
+        """Where this worker runs: for placement checks and for finding leftover processes."""
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "ip": ray.util.get_node_ip_address()}
 
     def join_group(self, init_method: str, world_size: int, backend: str, timeout_s: float) -> None:
         if self.device.type == "cuda":
@@ -80,10 +82,10 @@ class ExpertWorker:
                 raise RuntimeError(f"worker {self.worker} got rows for expert ({layer}, {missing[0]}) "
                                    "which it does not hold")
             out = grouped_experts(rows, [n for _, n in used], [self.weights[(layer, e)] for e, _ in used])
-            dist.all_to_all_single(no_rows, out, nothing, [total] + nothing[1:])
-            with self._lock:
+            with self._lock:  # counted before the results go back, so stats never lag the router
                 for e, n in used:
                     self.rows_received[(layer, e)] += n
+            dist.all_to_all_single(no_rows, out, nothing, [total] + nothing[1:])
 
     def close(self) -> None:
         import torch.distributed as dist

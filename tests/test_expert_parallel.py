@@ -1,0 +1,143 @@
+"""Expert workers on a real local Ray cluster against the reference engine.
+
+One Ray instance serves the whole module; each case brings up its own workers on it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import ray
+import torch
+
+from cluster.bringup import ExpertCluster, ensure_ray
+from cluster.placement import PlacementPlan
+from cluster.tiny_checkpoint import write_tiny_checkpoint
+from router.dispatcher import ExpertPathError
+from router.engine import Engine
+
+LAYERS, EXPERTS = 2, 8
+PROMPTS = [[1, 415, 2936, 9060], [1, 22557], [1, *range(100, 117)], [1, 3, 4, 5, 6, 7, 8]]
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    started = ensure_ray(num_cpus=8)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ep"), seed=11, num_layers=LAYERS,
+                                 num_experts=EXPERTS, hidden_size=64, intermediate_size=96)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    engine = Engine.local(checkpoint)
+    return {"tokens": engine.generate(PROMPTS, NEW_TOKENS, stop_at_eos=False),
+            "logits": engine.prompt_logits(PROMPTS[2])}
+
+
+def uneven_plan(num_workers: int) -> PlacementPlan:
+    """Worker 0 holds three quarters of every layer's experts, the rest share what is left."""
+    holders = {}
+    for layer in range(LAYERS):
+        for e in range(EXPERTS):
+            holders[(layer, e)] = (0,) if e < EXPERTS * 3 // 4 else (1 + e % (num_workers - 1),)
+    return PlacementPlan(num_workers, LAYERS, EXPERTS, holders)
+
+
+CASES = {
+    "1w": dict(num_workers=1, pingpong=True),
+    "2w_no_pingpong": dict(num_workers=2, pingpong=False),
+    "2w_replicas": dict(num_workers=2, replicas="*:0x2,1:3x2", pingpong=True),
+    "4w": dict(num_workers=4, pingpong=True),
+    "4w_replicas_no_pingpong": dict(num_workers=4, replicas="*:1x3,0:6x4", pingpong=False),
+    "3w_uneven": dict(num_workers=3, plan=uneven_plan(3), pingpong=True),
+}
+
+
+def _rows(stats: list[dict]) -> dict[tuple[int, str], int]:
+    return {(s["worker"], pair): n for s in stats for pair, n in s["rows_received"].items()}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_distributed_engine_matches_reference(ray_cluster, checkpoint, reference, name):
+    with ExpertCluster(checkpoint, **CASES[name]) as cluster:
+        engine = cluster.engine
+        before = _rows(cluster.stats())
+        tokens = engine.generate(PROMPTS, NEW_TOKENS, stop_at_eos=False)
+        stats = cluster.stats()
+        sent = cluster.dispatcher.rows_sent.sum().item()  # the router's own count, same moment
+        logits = engine.prompt_logits(PROMPTS[2])
+        assert engine.cache.free_blocks == engine.cache.num_blocks
+    assert tokens == reference["tokens"]
+    assert (logits - reference["logits"]).abs().max().item() < 1e-5
+
+    # Each worker received rows only for experts it holds, and exactly the rows routed: every
+    # token goes to K experts in every layer, nothing padded, nothing dropped.
+    after = _rows(stats)
+    for s in stats:
+        held = {f"{l}:{e}" for l, e in s["pairs"]}
+        assert set(s["rows_received"]) <= held
+    processed = sum(len(p) for p in PROMPTS) + len(PROMPTS) * (NEW_TOKENS - 1)
+    for layer in range(LAYERS):
+        received = sum(n - before.get(key, 0) for key, n in after.items() if key[1].startswith(f"{layer}:"))
+        assert received == processed * 2
+    assert sent == sum(after.values())
+    # Replicas share an expert's rows: every holder of a replicated expert got some.
+    for (layer, e), holders in cluster.plan.holders.items():
+        if len(holders) > 1:
+            got = [after.get((w, f"{layer}:{e}"), 0) for w in holders]
+            assert all(g > 0 for g in got) or sum(got) < len(holders), (layer, e, got)
+
+
+def test_killing_a_worker_fails_the_call_clearly_and_leaves_nothing(ray_cluster, checkpoint):
+    cluster = ExpertCluster(checkpoint, num_workers=2, collective_timeout_s=5)
+    pids = [w["pid"] for w in ray.get([w.where.remote() for w in cluster.workers])]
+    errors = []
+
+    def generate():
+        try:
+            cluster.engine.generate([[1, 2, 3]], 3000, stop_at_eos=False)
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            errors.append(exc)
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    time.sleep(1.0)
+    killed_at = time.monotonic()
+    ray.kill(cluster.workers[1])
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "generation hung after a worker died"
+    assert time.monotonic() - killed_at < 5 + 10  # within the collective timeout, with slack
+    assert errors and isinstance(errors[0], ExpertPathError)
+    assert "worker died or timed out" in str(errors[0])
+    cluster.shutdown()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in pids), "a worker process outlived the cluster"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead, just not reaped yet
+        return f.read().split()[2] != "Z"
+
+
+def test_plan_errors(checkpoint, ray_cluster):
+    with pytest.raises(ValueError, match="placement plan is for 3 workers"):
+        ExpertCluster(checkpoint, num_workers=2, plan=uneven_plan(3))
+    with pytest.raises(ValueError, match="copies but only 2 workers"):
+        ExpertCluster(checkpoint, num_workers=2, replicas="*:0x3")
