@@ -54,7 +54,7 @@ class ExpertCluster:
 
     def __init__(self, model_dir, num_workers: int, plan: PlacementPlan | None = None,
                  replicas: str | None = None, address: str | None = None,
-                 dtype: torch.dtype = torch.float32, pingpong: bool = True,
+                 dtype: torch.dtype = torch.float32, pingpong: str = "auto",
                  collective_timeout_s: float = 30.0, kv_blocks: int = 512, block_size: int = 16,
                  placement_timeout_s: float = 60.0):
         self.owns_ray = ensure_ray(address)

@@ -31,8 +31,9 @@ def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
                        help="placement plan JSON file (which worker holds which (layer, expert))")
     group.add_argument("--address", default=None,
                        help="Ray cluster to join (default: start an embedded local Ray)")
-    group.add_argument("--no-pingpong", action="store_true",
-                       help="do not overlap two micro-batches (for measuring its effect)")
+    group.add_argument("--pingpong", choices=["auto", "on", "off"], default="auto",
+                       help="overlap two micro-batches at the experts: auto (default) splits steps of "
+                       "256+ new tokens, where expert GEMMs are compute-bound; on/off to measure")
     group.add_argument("--collective-timeout", type=float, default=30.0,
                        help="seconds before a dead or stuck worker fails a step (default 30)")
 
@@ -107,7 +108,7 @@ def open_engine(args, model_dir, dtype):
 
     plan = PlacementPlan.from_file(args.placement) if args.placement else None
     cluster = ExpertCluster(model_dir, args.workers, plan=plan, replicas=args.replicas,
-                            address=args.address, dtype=dtype, pingpong=not args.no_pingpong,
+                            address=args.address, dtype=dtype, pingpong=args.pingpong,
                             collective_timeout_s=args.collective_timeout)
     try:
         yield cluster.engine

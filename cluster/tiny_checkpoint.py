@@ -14,7 +14,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from cluster.checkpoint import INDEX_FILE, expected_shapes, half_split_to_interleaved, hub_to_consolidated_name
+from cluster.checkpoint import (
+    INDEX_FILE,
+    expected_shapes,
+    half_split_to_interleaved,
+    hub_to_consolidated_name,
+)
 from cluster.config import MixtralConfig
 from cluster.tokenizer import cache_dir, write_tokenizer_files
 

@@ -40,9 +40,16 @@ def split_in_two(seqs: list[Sequence]) -> list[list[Sequence]]:
 
 
 class Engine:
-    def __init__(self, model: RouterModel, experts, cache: KVCache, pingpong: bool = False):
+    def __init__(self, model: RouterModel, experts, cache: KVCache, pingpong: str = "off",
+                 pingpong_min_tokens: int = 256):
         self.model = model
-        self.pingpong = pingpong  # split each step in two micro-batches that overlap at the experts
+        # Split a step in two micro-batches that overlap at the experts: "on", "off", or "auto" =
+        # only for steps of at least pingpong_min_tokens new tokens. Below that the experts are
+        # memory-bound and a split reads every expert's weights twice (bench/dispatch.py).
+        if pingpong not in ("on", "off", "auto"):
+            raise ValueError(f"pingpong must be 'on', 'off' or 'auto', got {pingpong!r}")
+        self.pingpong = pingpong
+        self.pingpong_min_tokens = pingpong_min_tokens
         self.experts = experts
         self.cache = cache
         self.config = model.config
@@ -64,7 +71,7 @@ class Engine:
         """
         for s in seqs:
             self.cache.grow(s.block_table, len(s.token_ids))
-        groups = split_in_two(seqs) if self.pingpong and len(seqs) > 1 else [seqs]
+        groups = split_in_two(seqs) if self._split(seqs) else [seqs]
         micro_batches = []
         for group in groups:
             batch = AttentionBatch.build(self.cache, [s.block_table for s in group],
@@ -81,6 +88,12 @@ class Engine:
             return list(self.model.logits(h).split(query_lens))
         ends = torch.tensor(query_lens).cumsum(0)
         return list(self.model.logits(h[ends - 1]))
+
+    def _split(self, seqs: list[Sequence]) -> bool:
+        if len(seqs) < 2 or self.pingpong == "off":
+            return False
+        new_tokens = sum(len(s.token_ids) - s.num_cached for s in seqs)
+        return self.pingpong == "on" or new_tokens >= self.pingpong_min_tokens
 
     def release(self, seqs: list[Sequence]) -> None:
         for s in seqs:

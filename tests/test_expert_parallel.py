@@ -11,7 +11,6 @@ import time
 
 import pytest
 import ray
-import torch
 
 from cluster.bringup import ExpertCluster, ensure_ray
 from cluster.placement import PlacementPlan
@@ -55,12 +54,12 @@ def uneven_plan(num_workers: int) -> PlacementPlan:
 
 
 CASES = {
-    "1w": dict(num_workers=1, pingpong=True),
-    "2w_no_pingpong": dict(num_workers=2, pingpong=False),
-    "2w_replicas": dict(num_workers=2, replicas="*:0x2,1:3x2", pingpong=True),
-    "4w": dict(num_workers=4, pingpong=True),
-    "4w_replicas_no_pingpong": dict(num_workers=4, replicas="*:1x3,0:6x4", pingpong=False),
-    "3w_uneven": dict(num_workers=3, plan=uneven_plan(3), pingpong=True),
+    "1w": dict(num_workers=1, pingpong="on"),
+    "2w_no_pingpong": dict(num_workers=2, pingpong="off"),
+    "2w_replicas": dict(num_workers=2, replicas="*:0x2,1:3x2", pingpong="on"),
+    "4w": dict(num_workers=4, pingpong="on"),
+    "4w_replicas_no_pingpong": dict(num_workers=4, replicas="*:1x3,0:6x4", pingpong="off"),
+    "3w_uneven": dict(num_workers=3, plan=uneven_plan(3), pingpong="on"),
 }
 
 

@@ -15,6 +15,7 @@ import torch
 
 from cluster import wire
 from cluster.checkpoint import Checkpoint
+from workers.grouped_mlp import LayerExperts, grouped_experts
 
 
 class ExpertWorker:
@@ -23,19 +24,20 @@ class ExpertWorker:
         self.model_dir = model_dir
         self.pairs = [tuple(p) for p in pairs]
         self.dtype = getattr(torch, dtype)
-        self.weights: dict[tuple[int, int], tuple] = {}
+        self.layers: dict[int, LayerExperts] = {}  # layer -> its experts held here, stacked
         self.rows_received: Counter = Counter()  # (layer, expert) -> rows served
         self._lock = threading.Lock()
 
     def load(self) -> int:
         """Read this worker's experts straight from the safetensors files; returns bytes held."""
-        torch.set_num_threads(int(os.environ.get("EXPERTMESH_WORKER_THREADS", "1")))
         checkpoint = Checkpoint(self.model_dir)
         self.config = checkpoint.config
-        self.weights = checkpoint.read_experts(self.pairs, self.dtype)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.weights = {p: tuple(w.to(self.device) for w in ws) for p, ws in self.weights.items()}
-        return sum(w.numel() * w.element_size() for ws in self.weights.values() for w in ws)
+        by_layer: dict[int, dict[int, tuple]] = {}
+        for (layer, expert), ws in checkpoint.read_experts(self.pairs, self.dtype).items():
+            by_layer.setdefault(layer, {})[expert] = tuple(w.to(self.device) for w in ws)
+        self.layers = {layer: LayerExperts.stack(experts) for layer, experts in by_layer.items()}
+        return sum(t.numel() * t.element_size() for s in self.layers.values() for t in (s.w1, s.w2, s.w3))
 
     def where(self) -> dict:
         """Where this worker runs: for placement checks and for finding leftover processes."""
@@ -56,8 +58,9 @@ class ExpertWorker:
         """The data-path loop. Returns how it ended; raises when a peer is lost or times out."""
         import torch.distributed as dist
 
-        from workers.grouped_mlp import grouped_experts
-
+        # Set on this thread: OpenMP thread counts are per calling thread, and a Ray threaded
+        # actor runs each call on a pool thread.
+        torch.set_num_threads(int(os.environ.get("EXPERTMESH_WORKER_THREADS", "1")))
         world = dist.get_world_size()
         num_experts, hidden = self.config.num_experts, self.config.hidden_size
         size = wire.header_size(num_experts)
@@ -77,11 +80,12 @@ class ExpertWorker:
             rows = torch.empty(total, hidden, dtype=self.dtype, device=self.device)
             dist.all_to_all_single(rows, no_rows, [total] + nothing[1:], nothing)
             used = [(e, n) for e, n in enumerate(counts) if n]
-            missing = [e for e, _ in used if (layer, e) not in self.weights]
+            held = self.layers.get(layer)
+            missing = [e for e, _ in used if held is None or e not in held.local]
             if missing:  # the router's plan and ours disagree: fail loudly, never compute garbage
                 raise RuntimeError(f"worker {self.worker} got rows for expert ({layer}, {missing[0]}) "
                                    "which it does not hold")
-            out = grouped_experts(rows, [n for _, n in used], [self.weights[(layer, e)] for e, _ in used])
+            out = grouped_experts(rows, held, [e for e, _ in used], [n for _, n in used]) if used else rows
             with self._lock:  # counted before the results go back, so stats never lag the router
                 for e, n in used:
                     self.rows_received[(layer, e)] += n

@@ -1,0 +1,97 @@
+"""GPU check of the expert path at real Mixtral 8x7B dimensions (hidden 4096, intermediate 14336,
+8 experts, top-2, bf16): the Triton grouped kernel against the torch per-expert path, correctness
+and speed, plus the NCCL process-group path of the transport on one rank.
+
+    python bench/experts_gpu.py        # needs one CUDA GPU; prints a table and a last line
+Last line: triton_over_torch_moe_speedup_t1024=<x>
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cluster.moe_math import grouped_swiglu, sort_by_expert  # noqa: E402
+from workers.grouped_mlp import LayerExperts  # noqa: E402
+from workers.triton_moe import triton_grouped_swiglu  # noqa: E402
+
+D, I, E, K = 4096, 14336, 8, 2
+CONFIGS = [(16, 64, 32), (64, 128, 64), (128, 128, 64)]  # (BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+def bench_ms(fn, repeats: int = 10) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def nccl_check() -> str:
+    import torch.distributed as dist
+
+    from cluster import wire
+
+    port = 29400 + os.getpid() % 1000
+    wire.init_process_group(f"tcp://127.0.0.1:{port}", 0, 1, "nccl", 60)
+    rows = torch.randn(256, D, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(rows)
+    dist.all_to_all_single(out, rows, [256], [256])
+    ok = torch.equal(out, rows)
+    ms = bench_ms(lambda: dist.all_to_all_single(out, rows, [256], [256]))
+    dist.destroy_process_group()
+    return f"nccl all_to_all_single 1 rank 256x{D} bf16: equal={ok} {ms * 1e3:.0f} us"
+
+
+def main() -> None:
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    experts = {e: (torch.randn(I, D, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02,
+                   torch.randn(D, I, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02,
+                   torch.randn(I, D, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02)
+               for e in range(E)}
+    layer = LayerExperts.stack(experts)
+    del experts
+    print(f"{'tokens':>6} {'torch ms':>9} " + " ".join(f"{'triton' + str(c):>22}" for c in CONFIGS)
+          + f" {'best TFLOP/s':>12} {'max rel err':>11}")
+    speedup = {}
+    for tokens in (16, 64, 256, 1024, 4096):
+        x = torch.randn(tokens, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        weights, ids = torch.topk(torch.randn(tokens, E, device="cuda", generator=gen).softmax(-1), K)
+        weights = weights / weights.sum(-1, keepdim=True)
+        order, counts = sort_by_expert(ids, E)
+        rows = x[order // K]
+        count_list = counts.tolist()
+        per_expert = [(layer.w1[e], layer.w2[e], layer.w3[e]) for e in range(E)]
+        torch_fn = lambda: grouped_swiglu(rows, count_list, per_expert)  # noqa: E731
+        reference = torch_fn().float()
+        torch_ms = bench_ms(torch_fn)
+        cells, best = [], float("inf")
+        err = 0.0
+        for bm, bn, bk in CONFIGS:
+            fn = lambda: triton_grouped_swiglu(rows, list(range(E)), count_list, layer.w1, layer.w2,  # noqa: E731
+                                               layer.w3, block_m=bm, block_n=bn, block_k=bk)
+            got = fn().float()
+            err = max(err, ((got - reference).abs().max() / reference.abs().max()).item())
+            ms = bench_ms(fn)
+            best = min(best, ms)
+            cells.append(f"{ms:>22.3f}")
+        flops = 2 * tokens * K * 3 * D * I
+        speedup[tokens] = torch_ms / best
+        print(f"{tokens:>6} {torch_ms:>9.3f} " + " ".join(cells) + f" {flops / best / 1e9:>12.1f} {err:>11.2e}")
+    print(nccl_check())
+    print(f"triton_over_torch_moe_speedup_t1024={speedup[1024]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
