@@ -20,7 +20,8 @@ from workers.grouped_mlp import LayerExperts  # noqa: E402
 from workers.triton_moe import triton_grouped_swiglu  # noqa: E402
 
 D, I, E, K = 4096, 14336, 8, 2
-CONFIGS = [(16, 64, 32), (64, 128, 64), (128, 128, 64)]  # (BLOCK_M, BLOCK_N, BLOCK_K)
+CONFIGS = [(64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 2),
+           (64, 256, 64, 8, 2), (16, 128, 128, 4, 3)]  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
 
 
 def bench_ms(fn, repeats: int = 10) -> float:
@@ -62,7 +63,7 @@ def main() -> None:
                for e in range(E)}
     layer = LayerExperts.stack(experts)
     del experts
-    print(f"{'tokens':>6} {'torch ms':>9} " + " ".join(f"{'triton' + str(c):>22}" for c in CONFIGS)
+    print(f"{'tokens':>6} {'torch ms':>9} " + " ".join(f"{'tr' + ','.join(map(str, c)):>16}" for c in CONFIGS)
           + f" {'best TFLOP/s':>12} {'max rel err':>11}")
     speedup = {}
     for tokens in (16, 64, 256, 1024, 4096):
@@ -78,14 +79,15 @@ def main() -> None:
         torch_ms = bench_ms(torch_fn)
         cells, best = [], float("inf")
         err = 0.0
-        for bm, bn, bk in CONFIGS:
+        for bm, bn, bk, warps, stages in CONFIGS:
             fn = lambda: triton_grouped_swiglu(rows, list(range(E)), count_list, layer.w1, layer.w2,  # noqa: E731
-                                               layer.w3, block_m=bm, block_n=bn, block_k=bk)
+                                               layer.w3, block_m=bm, block_n=bn, block_k=bk,
+                                               num_warps=warps, num_stages=stages)
             got = fn().float()
             err = max(err, ((got - reference).abs().max() / reference.abs().max()).item())
             ms = bench_ms(fn)
             best = min(best, ms)
-            cells.append(f"{ms:>22.3f}")
+            cells.append(f"{ms:>16.3f}")
         flops = 2 * tokens * K * 3 * D * I
         speedup[tokens] = torch_ms / best
         print(f"{tokens:>6} {torch_ms:>9.3f} " + " ".join(cells) + f" {flops / best / 1e9:>12.1f} {err:>11.2e}")

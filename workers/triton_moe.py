@@ -63,7 +63,8 @@ def _tiles(expert_index: list[int], counts: list[int], block_m: int, device) -> 
 
 def triton_grouped_swiglu(rows: torch.Tensor, expert_index: list[int], counts: list[int],
                           w1s: torch.Tensor, w2s: torch.Tensor, w3s: torch.Tensor,
-                          block_m: int = 16, block_n: int = 64, block_k: int = 32) -> torch.Tensor:
+                          block_m: int = 64, block_n: int = 128, block_k: int = 64,
+                          num_warps: int = 8, num_stages: int = 4) -> torch.Tensor:
     """rows (N, D) grouped: counts[g] rows for stacked expert expert_index[g];
     w1s/w3s (L, I, D), w2s (L, D, I) contiguous -> (N, D)."""
     n, d = rows.shape
@@ -76,9 +77,10 @@ def triton_grouped_swiglu(rows: torch.Tensor, expert_index: list[int], counts: l
     h = torch.empty(n, inter, dtype=rows.dtype, device=rows.device)  # (N, I)
     _grouped_gemm[(len(starts), triton.cdiv(inter, block_n))](
         rows, w1s, w3s, h, starts, ends, experts, inter, d, rows.stride(0), w1s.stride(0),
-        w1s.stride(1), h.stride(0), FUSE_SWIGLU=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        w1s.stride(1), h.stride(0), FUSE_SWIGLU=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps, num_stages=num_stages)
     _grouped_gemm[(len(starts), triton.cdiv(d, block_n))](
         h, w2s, w2s, out, starts, ends, experts, d, inter, h.stride(0), w2s.stride(0),
         w2s.stride(1), out.stride(0), FUSE_SWIGLU=False, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k)
+        BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     return out
