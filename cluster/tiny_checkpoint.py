@@ -29,15 +29,16 @@ TINY_DEFAULTS = dict(  # small enough for a 2-core CPU, the real 32000-token voc
 )
 
 
-def random_weights(config: MixtralConfig, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Hub-named tensors: norms at one, everything else normal(0, 0.02) as transformers initialises."""
+def random_weights(config: MixtralConfig, seed: int, dtype: torch.dtype,
+                   init_std: float = 0.02) -> dict[str, torch.Tensor]:
+    """Hub-named tensors: norms at one, everything else normal(0, init_std); 0.02 is transformers'."""
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, shape in expected_shapes(config).items():
         if name.endswith("norm.weight"):
             tensors[name] = torch.ones(shape, dtype=dtype)
         else:
-            tensors[name] = (torch.randn(shape, generator=generator) * 0.02).to(dtype)
+            tensors[name] = (torch.randn(shape, generator=generator) * init_std).to(dtype)
     return tensors
 
 
@@ -103,12 +104,13 @@ def save_consolidated(tensors: dict[str, torch.Tensor], config: MixtralConfig, o
 
 
 def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, dtype: str = "float32",
-                          layout: str = "hub", max_shard_bytes: int = 4 << 20, **overrides) -> Path:
+                          layout: str = "hub", max_shard_bytes: int = 4 << 20, init_std: float = 0.02,
+                          **overrides) -> Path:
     """Write a random Mixtral with TINY_DEFAULTS (overridable) and the Mixtral tokenizer files."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = MixtralConfig(**(TINY_DEFAULTS | overrides | {"dtype": dtype}))
-    tensors = random_weights(config, seed, getattr(torch, dtype))
+    tensors = random_weights(config, seed, getattr(torch, dtype), init_std)
     if layout == "hub":
         save_hub(tensors, config, out, max_shard_bytes)
     elif layout == "consolidated":

@@ -148,3 +148,11 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.ids)
         self.emitted += delta
         return delta
+
+    def flush(self) -> str:
+        """The text still held back (an unfinished character), at the end of the stream."""
+        decode = self.tokenizer.decode
+        rest = decode(self.ids[self.prefix_offset:])[len(decode(self.ids[self.prefix_offset:self.read_offset])):]
+        self.read_offset = len(self.ids)
+        self.emitted += rest
+        return rest

@@ -55,11 +55,32 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """Causal (optionally windowed) attention of each sequence's new rows over its cached context.
 
     q (T, H, Dh); k_cache/v_cache (S, G, Dh) for one layer, new rows already written -> (T, H, Dh).
+    Decode rows (one new token) of all sequences go through one padded, masked attention call;
+    prompt chunks go one sequence at a time.
     """
     out = torch.empty_like(q)
-    row = 0
-    for n, slots in zip(batch.query_lens, batch.context_slots):
-        c = slots.shape[0]
+    starts = [0]
+    for n in batch.query_lens[:-1]:
+        starts.append(starts[-1] + n)
+    decode = [i for i, n in enumerate(batch.query_lens) if n == 1]
+    if decode:
+        slots = [batch.context_slots[i] for i in decode]
+        lens = torch.tensor([s.shape[0] for s in slots])  # (B,)
+        padded = torch.nn.utils.rnn.pad_sequence(slots, batch_first=True)  # (B, Cmax), pads read slot 0
+        k = k_cache[padded].transpose(1, 2)  # (B, G, Cmax, Dh)
+        v = v_cache[padded].transpose(1, 2)
+        rows = torch.tensor([starts[i] for i in decode])
+        k_pos = torch.arange(padded.shape[1])[None, :]  # (1, Cmax)
+        mask = k_pos < lens[:, None]  # (B, Cmax); the query sits at position len - 1
+        if sliding_window is not None:
+            mask &= k_pos > (lens - 1)[:, None] - sliding_window
+        o = F.scaled_dot_product_attention(q[rows].unsqueeze(2), k, v, attn_mask=mask[:, None, None, :],
+                                           enable_gqa=True)  # (B, H, 1, Dh)
+        out[rows] = o.squeeze(2)
+    for i, (n, slots) in enumerate(zip(batch.query_lens, batch.context_slots)):
+        if n == 1:
+            continue
+        row, c = starts[i], slots.shape[0]
         k = k_cache[slots].transpose(0, 1)  # (G, C, Dh)
         v = v_cache[slots].transpose(0, 1)
         q_seq = q[row:row + n].transpose(0, 1)  # (H, n, Dh)
@@ -70,5 +91,4 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             mask &= k_pos > q_pos - sliding_window
         o = F.scaled_dot_product_attention(q_seq, k, v, attn_mask=mask, enable_gqa=True)  # (H, n, Dh)
         out[row:row + n] = o.transpose(0, 1)
-        row += n
     return out

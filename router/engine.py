@@ -15,7 +15,7 @@ from router.attention import AttentionBatch
 from router.kv_cache import KVCache
 from router.local_experts import LocalExperts
 from router.model import RouterModel
-from router.sampling import sample_token
+from router.sampling import RequestSampler, SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,9 +27,8 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
 
 
-def split_in_two(seqs: list[Sequence]) -> list[list[Sequence]]:
+def split_in_two(seqs: list[Sequence], new: list[int]) -> list[list[Sequence]]:
     """Two contiguous groups with about equal numbers of new tokens (order kept)."""
-    new = [len(s.token_ids) - s.num_cached for s in seqs]
     total, running, cut = sum(new), 0, 1
     for i, n in enumerate(new[:-1]):
         running += n
@@ -64,36 +63,38 @@ class Engine:
         return cls(model, experts, KVCache(checkpoint.config, kv_blocks, block_size, dtype))
 
     @torch.inference_mode()
-    def step(self, seqs: list[Sequence], all_logits: bool = False) -> list[torch.Tensor]:
-        """Run every sequence's uncached tokens through the model.
-
-        Returns per sequence the logits of its last token (V,), or of all its new tokens (n, V).
+    def step(self, seqs: list[Sequence], num_new: list[int] | None = None,
+             all_logits: bool = False) -> list[torch.Tensor]:
+        """Compute the next num_new[i] uncached tokens of each sequence (default: all of them);
+        their blocks must be in place (grow_for). Returns per sequence the logits after its last
+        computed token (V,), or after each computed token (n, V) with all_logits.
         """
-        for s in seqs:
-            self.cache.grow(s.block_table, len(s.token_ids))
-        groups = split_in_two(seqs) if self._split(seqs) else [seqs]
+        if num_new is None:
+            num_new = [len(s.token_ids) - s.num_cached for s in seqs]
+        for s, n in zip(seqs, num_new):
+            self.cache.grow(s.block_table, s.num_cached + n)
+        index = {id(s): i for i, s in enumerate(seqs)}
+        groups = split_in_two(seqs, num_new) if self._split(num_new) else [seqs]
         micro_batches = []
         for group in groups:
+            lens = [num_new[index[id(s)]] for s in group]
             batch = AttentionBatch.build(self.cache, [s.block_table for s in group],
-                                         [s.num_cached for s in group],
-                                         [len(s.token_ids) - s.num_cached for s in group])
-            token_ids = torch.tensor([t for s in group for t in s.token_ids[s.num_cached:]])
+                                         [s.num_cached for s in group], lens)
+            token_ids = torch.tensor([t for s, n in zip(group, lens)
+                                      for t in s.token_ids[s.num_cached:s.num_cached + n]])
             micro_batches.append((token_ids, batch))
-        hs = self.model.forward(micro_batches, self.cache, self.experts)
-        h = torch.cat(hs)  # (T, D), sequences in the order of `seqs`
-        query_lens = [len(s.token_ids) - s.num_cached for s in seqs]
-        for s in seqs:
-            s.num_cached = len(s.token_ids)
+        h = torch.cat(self.model.forward(micro_batches, self.cache, self.experts))  # (T, D)
+        for s, n in zip(seqs, num_new):
+            s.num_cached += n
         if all_logits:
-            return list(self.model.logits(h).split(query_lens))
-        ends = torch.tensor(query_lens).cumsum(0)
+            return list(self.model.logits(h).split(num_new))
+        ends = torch.tensor(num_new).cumsum(0)
         return list(self.model.logits(h[ends - 1]))
 
-    def _split(self, seqs: list[Sequence]) -> bool:
-        if len(seqs) < 2 or self.pingpong == "off":
+    def _split(self, num_new: list[int]) -> bool:
+        if len(num_new) < 2 or self.pingpong == "off":
             return False
-        new_tokens = sum(len(s.token_ids) - s.num_cached for s in seqs)
-        return self.pingpong == "on" or new_tokens >= self.pingpong_min_tokens
+        return self.pingpong == "on" or sum(num_new) >= self.pingpong_min_tokens
 
     def release(self, seqs: list[Sequence]) -> None:
         for s in seqs:
@@ -110,15 +111,17 @@ class Engine:
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                  seed: int | None = None, stop_at_eos: bool = True) -> list[list[int]]:
-        """New tokens for each prompt, all prompts batched together (eos included when hit)."""
+        """New tokens for each prompt, all prompts batched together (eos included when hit).
+        The plain loop the tests and `expertmesh run` use; serving goes through router/serving.py."""
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         longest = max(len(p) for p in prompts) + max_new_tokens
         if longest > self.config.max_position_embeddings:
             raise ValueError(f"prompt + max_new_tokens ({longest}) exceeds the model's context "
                              f"({self.config.max_position_embeddings})")
-        generators = [torch.Generator().manual_seed(seed + i) if seed is not None else None
-                      for i in range(len(prompts))]
+        samplers = [RequestSampler(SamplingParams(temperature=temperature,
+                                                  seed=None if seed is None else seed + i), p,
+                                   self.config.vocab_size) for i, p in enumerate(prompts)]
         seqs = [Sequence(list(p)) for p in prompts]
         outputs: list[list[int]] = [[] for _ in prompts]
         running = list(range(len(prompts)))
@@ -127,7 +130,7 @@ class Engine:
                 logits = self.step([seqs[i] for i in running])
                 still = []
                 for i, row in zip(running, logits):
-                    token = sample_token(row, temperature, generators[i])
+                    token, _ = samplers[i].sample(row)
                     outputs[i].append(token)
                     seqs[i].token_ids.append(token)
                     done = len(outputs[i]) >= max_new_tokens or (

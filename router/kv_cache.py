@@ -2,9 +2,16 @@
 
 Storage per layer is flat slots: slot = block * block_size + offset. Shape legend: L layers,
 S slots (num_blocks * block_size), G kv heads, Dh head dim.
+
+Prefix caching: a full block is named by the hash of its tokens chained with its predecessors'.
+A new sequence whose prompt starts with known full blocks shares them (reference counted). A freed
+block keeps its name until it is handed out again, so a repeated prompt finds its blocks even after
+the first request finished; free blocks are reused oldest-first.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 import torch
 
@@ -27,7 +34,9 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype)
         self.v = torch.zeros(shape, dtype=dtype)
         self.ref_counts = [0] * num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: pop() gives low ids first
+        self._free = deque(range(num_blocks))  # oldest-freed first
+        self._name_of: dict[int, int] = {}  # block -> hash of its full contents (prefix chain)
+        self._block_named: dict[int, int] = {}  # hash -> block
 
     @staticmethod
     def bytes_per_block(config: MixtralConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -53,7 +62,10 @@ class KVCache:
     def allocate(self) -> int:
         if not self._free:
             raise OutOfBlocks("KV cache is full")
-        block = self._free.pop()
+        block = self._free.popleft()
+        name = self._name_of.pop(block, None)
+        if name is not None:  # its old contents are overwritten from now on
+            del self._block_named[name]
         self.ref_counts[block] = 1
         return block
 
@@ -75,6 +87,37 @@ class KVCache:
         if needed > len(self._free):
             raise OutOfBlocks(f"need {needed} blocks, {len(self._free)} free")
         block_table.extend(self.allocate() for _ in range(needed))
+
+    def _chain(self, tokens: list[int], num_blocks: int) -> list[int]:
+        names, parent = [], 0
+        for b in range(num_blocks):
+            parent = hash((parent, tuple(tokens[b * self.block_size:(b + 1) * self.block_size])))
+            names.append(parent)
+        return names
+
+    def match_prefix(self, tokens: list[int]) -> list[int]:
+        """Share the cached full blocks that start `tokens`; at least one token is left to compute
+        (its logits are needed). Returns the shared blocks, to start the sequence's block table."""
+        shared = []
+        for name in self._chain(tokens, (len(tokens) - 1) // self.block_size):
+            block = self._block_named.get(name)
+            if block is None:
+                break
+            if self.ref_counts[block] == 0:
+                self._free.remove(block)
+                self.ref_counts[block] = 1
+            else:
+                self.ref_counts[block] += 1
+            shared.append(block)
+        return shared
+
+    def name_full_blocks(self, block_table: list[int], tokens: list[int], num_cached: int) -> None:
+        """Make the sequence's full, computed blocks findable by later prompts."""
+        full = min(num_cached // self.block_size, len(block_table))
+        for block, name in zip(block_table[:full], self._chain(tokens, full)):
+            if block not in self._name_of and name not in self._block_named:
+                self._name_of[block] = name
+                self._block_named[name] = block
 
     def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
         """Slot ids of token positions [start, end) of a sequence. -> (end - start,) int64"""

@@ -1,13 +1,118 @@
-"""Choosing the next token from logits."""
+"""Per-request sampling: parameters (validated), penalties, temperature, top-k/top-p/min-p, seeds,
+log-probabilities.
+
+Every request samples from its own torch.Generator, so a seed gives the same tokens whatever else is
+in the batch. Log-probabilities are those of the model's own distribution (log-softmax of the raw
+logits, before penalties and temperature), so they add up to the sequence's log-likelihood.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
+MAX_LOGPROBS = 20
 
-def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
-    """logits (V,) fp32 -> token id. temperature 0 is greedy (argmax, lowest id on ties)."""
-    if temperature == 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / temperature, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+
+class InvalidRequest(ValueError):
+    """A request parameter out of range; the message names the parameter."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 is greedy
+    top_p: float = 1.0  # nucleus: smallest set of tokens with at least this probability
+    top_k: int = 0  # 0: no limit
+    min_p: float = 0.0  # drop tokens below min_p * p(most likely token)
+    repetition_penalty: float = 1.0  # >1 discourages tokens already in prompt or output
+    presence_penalty: float = 0.0  # subtracted once from tokens already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    seed: int | None = None
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()  # stop strings, never part of the output text
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; n >= 0: chosen token's plus the n most likely
+
+    def validate(self, vocab_size: int) -> None:
+        def bad(name: str, why: str):
+            raise InvalidRequest(f"{name} {why}, got {getattr(self, name)!r}")
+
+        if not self.temperature >= 0:
+            bad("temperature", "must be >= 0")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if self.top_k < 0:
+            bad("top_k", "must be >= 0 (0 disables it)")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", "must be in [0, 1]")
+        if not self.repetition_penalty > 0:
+            bad("repetition_penalty", "must be > 0")
+        if not -2 <= self.presence_penalty <= 2:
+            bad("presence_penalty", "must be in [-2, 2]")
+        if not -2 <= self.frequency_penalty <= 2:
+            bad("frequency_penalty", "must be in [-2, 2]")
+        if self.max_new_tokens < 1:
+            bad("max_new_tokens", "must be >= 1")
+        if any(not s for s in self.stop):
+            bad("stop", "must not contain an empty string")
+        if any(not 0 <= t < vocab_size for t in self.stop_token_ids):
+            bad("stop_token_ids", f"must be token ids in [0, {vocab_size})")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            bad("logprobs", f"must be in [0, {MAX_LOGPROBS}]")
+
+
+@dataclass
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+
+
+class RequestSampler:
+    """Samples one request's tokens; keeps its generator and output-token counts."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int):
+        self.params = params
+        self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self.prompt_ids = torch.tensor(prompt_ids, dtype=torch.int64)
+        self.output_counts = torch.zeros(vocab_size, dtype=torch.float32)
+
+    def _penalised(self, logits: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.cat([self.prompt_ids, self.output_counts.nonzero().flatten()]).unique()
+            values = logits[seen]
+            logits[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if p.presence_penalty or p.frequency_penalty:
+            logits -= p.presence_penalty * (self.output_counts > 0) + p.frequency_penalty * self.output_counts
+        return logits
+
+    def sample(self, logits: torch.Tensor) -> tuple[int, TokenLogprobs | None]:
+        """logits (V,) fp32 of the next position -> token id (and its log-probabilities if asked)."""
+        p = self.params
+        scores = self._penalised(logits.clone())
+        if p.temperature == 0:
+            token = int(torch.argmax(scores))
+        else:
+            scores = scores / p.temperature
+            if p.top_k and p.top_k < scores.shape[0]:
+                kth = torch.topk(scores, p.top_k).values[-1]
+                scores = scores.masked_fill(scores < kth, float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            if p.min_p > 0:
+                probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+            if p.top_p < 1.0:
+                sorted_probs, order = torch.sort(probs, descending=True)
+                before = torch.cumsum(sorted_probs, 0) - sorted_probs  # mass of better tokens
+                sorted_probs = sorted_probs.masked_fill(before >= p.top_p, 0.0)
+                probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+            token = int(torch.multinomial(probs, 1, generator=self.generator))
+        self.output_counts[token] += 1
+        if p.logprobs is None:
+            return token, None
+        logprobs = torch.log_softmax(logits, dim=-1)
+        top = torch.topk(logprobs, p.logprobs) if p.logprobs else None
+        pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+        return token, TokenLogprobs(token, float(logprobs[token]), pairs)

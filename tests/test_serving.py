@@ -1,0 +1,235 @@
+"""The serving engine: continuous batching, preemption, prefix caching, sampling, streaming, cancel."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+from cluster.tiny_checkpoint import write_tiny_checkpoint
+from cluster.tokenizer import load_tokenizer
+from router.engine import Engine
+from router.sampling import InvalidRequest, RequestSampler, SamplingParams
+from router.scheduler import QueueFull
+from router.serving import ServingEngine
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    # init_std 0.1: sharper distributions than transformers' 0.02, so greedy choices are not near-ties
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("serve"), seed=21, init_std=0.1,
+                                 hidden_size=64, intermediate_size=96, num_experts=4)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    return load_tokenizer(model_dir)
+
+
+def serving(model_dir, tokenizer, kv_blocks=512, **kw) -> ServingEngine:
+    return ServingEngine(Engine.local(model_dir, kv_blocks=kv_blocks), tokenizer, **kw)
+
+
+def mixed_prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[1] + [rng.randrange(3, 32000) for _ in range(rng.randrange(1, 60))] for _ in range(n)]
+
+
+def tokens(chunks) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]
+
+
+def text(chunks) -> str:
+    return "".join(c.text for c in chunks)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir, tokenizer):
+    serving_engine = serving(model_dir, tokenizer, max_batch_tokens=512)
+    yield serving_engine
+    serving_engine.shutdown()
+
+
+def test_batch_invariance_greedy_and_seeded(engine):
+    prompts = mixed_prompts(32)
+    lengths = [5 + (i * 7) % 30 for i in range(32)]
+    greedy = [SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True) for n in lengths]
+    seeded = [SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=100 + i, max_new_tokens=n,
+                             ignore_eos=True) for i, n in enumerate(lengths)]
+    for params in (greedy, seeded):
+        together = engine.generate(prompts, params)
+        alone = [engine.generate([p], [sp])[0] for p, sp in zip(prompts, params)]
+        assert [tokens(c) for c in together] == [tokens(c) for c in alone]
+        assert [len(tokens(c)) for c in together] == lengths
+    assert engine.engine.cache.free_blocks == engine.engine.cache.num_blocks
+
+
+def test_preemption_with_a_small_pool_gives_the_same_outputs(model_dir, tokenizer, engine):
+    prompts = mixed_prompts(12, seed=1)
+    params = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
+    expected = [tokens(c) for c in engine.generate(prompts, params)]
+    small = serving(model_dir, tokenizer, kv_blocks=12, max_batch_tokens=256)  # 192 tokens of cache
+    try:
+        got = [tokens(c) for c in small.generate(prompts, params)]
+        assert small.scheduler.preemptions > 0
+        assert got == expected
+        assert small.engine.cache.free_blocks == small.engine.cache.num_blocks
+    finally:
+        small.shutdown()
+
+
+def test_prefix_caching_skips_the_shared_prompt(model_dir, tokenizer):
+    fresh = serving(model_dir, tokenizer)
+    try:
+        prompt = mixed_prompts(1, seed=5)[0][:1] + list(range(500, 539))  # 40 tokens, 2 full blocks + 8
+        params = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
+        computed = []
+        outputs = []
+        for _ in range(2):
+            chunks = fresh.generate([prompt], params)[0]
+            outputs.append(tokens(chunks))
+            computed.append(chunks[-1].usage.cached_prompt_tokens)
+        assert computed == [0, 32]
+        assert outputs[0] == outputs[1]
+        # Count what the model computed: only the 8 prompt tokens past the shared blocks.
+        done = threading.Event()
+        got = []
+        fresh.submit(prompt, params, lambda out: (got.append(out), out.finish_reason and done.set()))
+        assert done.wait(30)
+        request_counts = [got[-1].usage.cached_prompt_tokens]
+        assert request_counts == [32]
+        assert fresh.last_prompt_tokens_computed == 8
+    finally:
+        fresh.shutdown()
+
+
+def test_stop_string_split_across_tokens_is_never_emitted(engine, tokenizer):
+    prompt = mixed_prompts(1, seed=7)[0]
+    plain = engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True))[0]
+    full, ids = text(plain), tokens(plain)
+    # A stop string made of the end of token 5's text and the start of token 6's.
+    piece5 = tokenizer.decode(ids[:6])[len(tokenizer.decode(ids[:5])):]
+    piece6 = tokenizer.decode(ids[:7])[len(tokenizer.decode(ids[:6])):]
+    assert piece5 and piece6
+    stop = piece5[-2:] + piece6[:2]
+    chunks = engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True,
+                                                      stop=(stop,)))[0]
+    assert chunks[-1].finish_reason == "stop"
+    assert text(chunks) == full[:full.find(stop)]
+    assert all(stop not in c.text for c in chunks)
+
+
+def test_streamed_deltas_concatenate_to_the_full_decode(engine, tokenizer):
+    for prompt in mixed_prompts(4, seed=9):
+        chunks = engine.generate([prompt], SamplingParams(temperature=0.7, seed=3, max_new_tokens=40))[0]
+        whole = tokenizer.decode(prompt + tokens(chunks))
+        assert text(chunks) == whole[len(tokenizer.decode(prompt)):]
+        for c in chunks:
+            c.text.encode("utf-8")
+
+
+def test_logprobs_sum_to_the_sequence_log_likelihood(engine, model_dir):
+    prompt = mixed_prompts(1, seed=11)[0]
+    chunks = engine.generate([prompt], SamplingParams(temperature=0.8, seed=1, max_new_tokens=12,
+                                                      logprobs=3, ignore_eos=True))[0]
+    out = tokens(chunks)
+    lps = [lp for c in chunks for lp in c.logprobs]
+    assert [lp.token_id for lp in lps] == out
+    for lp in lps:
+        assert len(lp.top) == 3 and lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1]
+        assert lp.logprob <= lp.top[0][1] + 1e-6
+    full = Engine.local(model_dir).prompt_logits(prompt + out).log_softmax(-1)  # (n, V)
+    expected = sum(full[len(prompt) - 1 + i, t].item() for i, t in enumerate(out))
+    assert abs(sum(lp.logprob for lp in lps) - expected) < 1e-4
+
+
+def test_penalties_and_truncation():
+    logits = torch.tensor([0.0, 5.0, 4.0, 1.0])
+    greedy = SamplingParams(temperature=0, max_new_tokens=5)
+    # presence: once token 1 is out, a large penalty moves the argmax to token 2
+    sampler = RequestSampler(SamplingParams(temperature=0, presence_penalty=2.0), [0], 4)
+    assert [sampler.sample(logits)[0] for _ in range(2)] == [1, 2]
+    # frequency grows with each occurrence
+    sampler = RequestSampler(SamplingParams(temperature=0, frequency_penalty=0.6), [0], 4)
+    assert [sampler.sample(logits)[0] for _ in range(3)] == [1, 1, 2]
+    # repetition penalty covers prompt tokens too: 5 / 2 < 4
+    assert RequestSampler(SamplingParams(temperature=0, repetition_penalty=2.0), [1], 4).sample(logits)[0] == 2
+    assert RequestSampler(greedy, [1], 4).sample(logits)[0] == 1
+    # top_k=1, a tiny top_p or min_p=1 leave only the best token, whatever the seed
+    for params in (SamplingParams(top_k=1, seed=0), SamplingParams(top_p=0.01, seed=1),
+                   SamplingParams(min_p=1.0, seed=2)):
+        sampler = RequestSampler(params, [0], 4)
+        assert {sampler.sample(logits)[0] for _ in range(20)} == {1}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("min_p", 1.5),
+    ("repetition_penalty", 0.0), ("presence_penalty", 3.0), ("frequency_penalty", -3.0),
+    ("max_new_tokens", 0), ("stop", ("",)), ("stop_token_ids", (40000,)), ("logprobs", 21),
+])
+def test_bad_parameters_are_refused_by_name(engine, field, value):
+    with pytest.raises(InvalidRequest, match=field):
+        engine.submit([1, 2, 3], SamplingParams(**{field: value}), lambda out: None)
+
+
+def test_bad_prompts_are_refused(engine):
+    with pytest.raises(InvalidRequest, match="empty"):
+        engine.submit([], SamplingParams(), lambda out: None)
+    with pytest.raises(InvalidRequest, match="32000"):
+        engine.submit([1, 32000], SamplingParams(), lambda out: None)
+    with pytest.raises(InvalidRequest, match="max_new_tokens 5000"):
+        engine.submit([1, 2], SamplingParams(max_new_tokens=5000), lambda out: None)
+
+
+def test_random_cancellations_leak_no_blocks(model_dir, tokenizer):
+    fresh = serving(model_dir, tokenizer, kv_blocks=64, max_batch_tokens=256)
+    rng = random.Random(3)
+    finished = {}
+    done = threading.Semaphore(0)
+    try:
+        ids = []
+        for i, prompt in enumerate(mixed_prompts(24, seed=13)):
+            def sink(out, i=i):
+                if out.finish_reason:
+                    finished[i] = out.finish_reason
+                    done.release()
+            ids.append(fresh.submit(prompt, SamplingParams(temperature=0, max_new_tokens=60, ignore_eos=True),
+                                    sink))
+        for request_id in rng.sample(ids, 12):
+            time.sleep(rng.random() * 0.05)
+            fresh.cancel(request_id)
+        for _ in ids:
+            assert done.acquire(timeout=60)
+        assert list(finished.values()).count("cancelled") >= 1
+        assert set(finished.values()) <= {"cancelled", "length"}
+        time.sleep(0.1)
+        assert fresh.engine.cache.free_blocks == fresh.engine.cache.num_blocks
+    finally:
+        fresh.shutdown()
+
+
+def test_full_queue_refuses_at_once_and_loses_nothing(model_dir, tokenizer):
+    fresh = serving(model_dir, tokenizer, max_seqs=1, max_queue=2)
+    accepted, refused = [], 0
+    outs = {}
+    done = threading.Semaphore(0)
+    try:
+        for i in range(10):
+            def sink(out, i=i):
+                outs.setdefault(i, []).append(out)
+                if out.finish_reason:
+                    done.release()
+            try:
+                fresh.submit([1, 5, 6], SamplingParams(temperature=0, max_new_tokens=50, ignore_eos=True), sink)
+                accepted.append(i)
+            except QueueFull:
+                refused += 1
+        assert refused > 0 and len(accepted) >= 2
+        for _ in accepted:
+            assert done.acquire(timeout=60)
+        assert all(len(tokens(outs[i])) == 50 for i in accepted)
+    finally:
+        fresh.shutdown()
