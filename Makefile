@@ -1,9 +1,9 @@
-# Two commands on a fresh machine: `make run` (the main job) and `make test`.
+# Two commands on a fresh machine: `make serve` (the main job) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test bench lint
+.PHONY: install run serve test bench lint protos
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,10 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-run: install
+serve: install  # a tiny Mixtral (real tokenizer) on 2 expert workers of a local Ray, gRPC on 127.0.0.1:50051
+	$(BIN)/expertmesh serve
+
+run: install  # one generation in-process, no server
 	$(BIN)/expertmesh run --prompt "The capital of France is" --max-new-tokens 24
 
 test: install
@@ -26,3 +29,7 @@ bench: install
 
 lint: install
 	$(BIN)/ruff check .
+
+protos: install  # regenerate the Python stubs after changing the .proto
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. \
+		protos/expertmesh/v1/generation.proto

@@ -9,6 +9,8 @@ import sys
 
 from cluster.tiny_checkpoint import TINY_DEFAULTS
 
+DEFAULT_PORT = 50051  # gRPC's customary port
+
 
 def _token_ids(text: str) -> list[int]:
     try:
@@ -20,10 +22,11 @@ def _token_ids(text: str) -> list[int]:
     return ids
 
 
-def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+def add_cluster_flags(parser: argparse.ArgumentParser, default_workers: int = 0) -> None:
     group = parser.add_argument_group("expert parallelism (Ray)")
-    group.add_argument("--workers", type=int, default=0,
-                       help="expert workers (Ray actors); 0 runs every expert in this process (default)")
+    group.add_argument("--workers", type=int, default=default_workers,
+                       help=f"expert workers (Ray actors); 0 runs every expert in this process "
+                       f"(default {default_workers})")
     group.add_argument("--replicas", default=None,
                        help="extra expert copies: LAYER:EXPERT[xCOPIES],... with LAYER '*' for all "
                        "layers, e.g. '*:0x2' (needs --workers)")
@@ -42,6 +45,53 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertmesh", description=(
         "Expert-parallel serving of Mixtral-style mixture-of-experts models on Ray."))
     sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the model over gRPC (the main job)",
+                           description="Bring up the model (experts on Ray workers with --workers) and serve "
+                           "expertmesh.v1.Generation, health and reflection over gRPC.")
+    serve.add_argument("--model", help="checkpoint folder (default: the cached tiny Mixtral)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"gRPC port (default {DEFAULT_PORT}; 0 picks one)")
+    serve.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                       help="compute dtype (default float32)")
+    serve.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens computed per step (default 2048)")
+    serve.add_argument("--max-seqs", type=int, default=64, help="running sequences at most (default 64)")
+    serve.add_argument("--max-queue", type=int, default=1024,
+                       help="waiting requests at most; past it RESOURCE_EXHAUSTED (default 1024)")
+    serve.add_argument("--kv-cache-memory", default="1GiB", help="KV cache size, e.g. 512MiB (default 1GiB)")
+    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default 16)")
+    serve.add_argument("--auth-token", help="require 'authorization: Bearer TOKEN' on every call")
+    serve.add_argument("--auth-token-file", help="read the bearer token from this file")
+    serve.add_argument("--tls-cert", help="TLS certificate chain (PEM); with --tls-key")
+    serve.add_argument("--tls-key", help="TLS private key (PEM)")
+    serve.add_argument("--max-message-bytes", type=int, default=4 << 20,
+                       help="largest gRPC message accepted (default 4 MiB)")
+    serve.add_argument("--grace", type=float, default=10.0,
+                       help="seconds in-flight streams get to finish on shutdown (default 10)")
+    add_cluster_flags(serve, default_workers=2)
+
+    for name, helptext in (("generate", "stream a generation from a server"), ("info", "model and placement")):
+        client = sub.add_parser(name, help=helptext, description=helptext)
+        client.add_argument("--target", default=f"127.0.0.1:{DEFAULT_PORT}", help="server HOST:PORT")
+        client.add_argument("--auth-token", help="bearer token, if the server wants one")
+        client.add_argument("--tls-ca", help="CA certificate (PEM) to reach a TLS server")
+        client.add_argument("--timeout", type=float, default=600, help="deadline in seconds (default 600)")
+        if name == "generate":
+            client.add_argument("prompt", help="prompt text")
+            client.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
+            client.add_argument("--json", action="store_true", help="print each response message as a JSON line")
+            client.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
+            client.add_argument("--temperature", type=float, help="default 1.0 (server); 0 is greedy")
+            client.add_argument("--top-p", type=float)
+            client.add_argument("--top-k", type=int, default=0)
+            client.add_argument("--min-p", type=float, default=0.0)
+            client.add_argument("--repetition-penalty", type=float)
+            client.add_argument("--presence-penalty", type=float, default=0.0)
+            client.add_argument("--frequency-penalty", type=float, default=0.0)
+            client.add_argument("--seed", type=int)
+            client.add_argument("--stop", action="append", help="stop string (repeatable)")
+            client.add_argument("--ignore-eos", action="store_true")
+            client.add_argument("--logprobs", type=int, help="also return this many top log-probabilities")
 
     tiny = sub.add_parser("tiny-checkpoint", help="write a random tiny Mixtral in hub layout",
                           description="Write a random-initialised Mixtral (hub layout: sharded "
@@ -148,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.config import ConfigError
     from router.dispatcher import ExpertPathError
 
-    handlers = {"tiny-checkpoint": cmd_tiny_checkpoint, "run": cmd_run}
+    from cluster.client import cmd_generate, cmd_info
+    from cluster.server import cmd_serve
+
+    handlers = {"tiny-checkpoint": cmd_tiny_checkpoint, "run": cmd_run, "serve": cmd_serve,
+                "generate": cmd_generate, "info": cmd_info}
     try:
         return handlers[args.command](args)
     except (CheckpointError, ConfigError, ValueError, ExpertPathError) as exc:

@@ -97,6 +97,10 @@ class TextTokenizer:
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return [self.bos_token_id, *ids] if add_bos else ids
 
+    def encode_rendered(self, text: str) -> list[int]:
+        """Ids of template-rendered text, whose <s> and </s> are the special tokens themselves."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
     def decode(self, token_ids: list[int]) -> str:
         return self.backend.decode(list(token_ids), skip_special_tokens=True)
 

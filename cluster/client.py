@@ -1,0 +1,78 @@
+"""`expertmesh generate` and `expertmesh info`: a gRPC client of a running server."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format
+
+from protos.expertmesh.v1 import generation_pb2 as pb
+from protos.expertmesh.v1 import generation_pb2_grpc as pb_grpc
+
+
+def _channel(args) -> grpc.Channel:
+    if args.tls_ca:
+        credentials = grpc.ssl_channel_credentials(Path(args.tls_ca).read_bytes())
+        return grpc.secure_channel(args.target, credentials)
+    return grpc.insecure_channel(args.target)
+
+
+def _metadata(args) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {args.auth_token}")] if args.auth_token else []
+
+
+def sampling_from_args(args) -> pb.SamplingParams:
+    s = pb.SamplingParams(top_k=args.top_k, min_p=args.min_p, presence_penalty=args.presence_penalty,
+                          frequency_penalty=args.frequency_penalty, stop=args.stop or [],
+                          ignore_eos=args.ignore_eos, max_new_tokens=args.max_new_tokens)
+    for name in ("temperature", "top_p", "repetition_penalty", "seed", "logprobs"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(s, name, value)
+    return s
+
+
+def cmd_generate(args) -> int:
+    request = pb.GenerateRequest(sampling=sampling_from_args(args))
+    if args.chat:
+        request.messages.append(pb.ChatMessage(role="user", content=args.prompt))
+    else:
+        request.prompt = args.prompt
+    with _channel(args) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        try:
+            for response in stub.Generate(request, metadata=_metadata(args), timeout=args.timeout):
+                if args.json:
+                    print(json.dumps(json_format.MessageToDict(response)), flush=True)
+                else:
+                    sys.stdout.write(response.text)
+                    sys.stdout.flush()
+        except grpc.RpcError as exc:
+            print(f"\nexpertmesh generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    if not args.json:
+        print()
+    return 0
+
+
+def cmd_info(args) -> int:
+    with _channel(args) as channel:
+        try:
+            info = pb_grpc.GenerationStub(channel).GetModelInfo(pb.GetModelInfoRequest(), metadata=_metadata(args),
+                                                                timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"expertmesh info: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(f"model {info.model_name}: {info.num_layers} layers, {info.num_experts} experts "
+          f"(top-{info.experts_per_token}), hidden {info.hidden_size}, vocab {info.vocab_size}, "
+          f"context {info.max_context}")
+    if not info.workers:
+        print("experts: all in the router process (no expert workers)")
+    for w in info.workers:
+        replicated = sum(e.copies > 1 for e in w.experts)
+        pairs = " ".join(f"{e.layer}:{e.expert}" + (f"(x{e.copies})" if e.copies > 1 else "") for e in w.experts)
+        print(f"worker {w.worker}: {len(w.experts)} experts, {replicated} replicated: {pairs}")
+    return 0

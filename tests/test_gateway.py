@@ -1,0 +1,263 @@
+"""The gRPC gateway end to end: a real `expertmesh serve` (2 expert workers on a local Ray) on a
+loopback port, real gRPC clients, transformers as the oracle."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from cluster.chat import MIXTRAL_INSTRUCT_TEMPLATE
+from cluster.tiny_checkpoint import write_tiny_checkpoint
+from protos.expertmesh.v1 import generation_pb2 as pb
+from protos.expertmesh.v1 import generation_pb2_grpc as pb_grpc
+from tests.gateway_server import ServerProcess
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = write_tiny_checkpoint(tmp_path_factory.mktemp("gw"), seed=31, init_std=0.1, num_experts=4)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] = MIXTRAL_INSTRUCT_TEMPLATE  # so transformers can render chats too
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    proc = ServerProcess("--model", str(checkpoint), "--workers", "2", "--kv-cache-memory", "64MiB",
+                         "--max-seqs", "64", "--max-queue", "256")
+    yield proc
+    assert proc.stop() == 0, "".join(proc.lines[-30:])
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    channel = grpc.insecure_channel(server.target)
+    yield pb_grpc.GenerationStub(channel)
+    channel.close()
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoint):
+    from transformers import AutoTokenizer, MixtralForCausalLM
+
+    return MixtralForCausalLM.from_pretrained(checkpoint).eval(), AutoTokenizer.from_pretrained(checkpoint)
+
+
+def greedy(n: int) -> pb.SamplingParams:
+    return pb.SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def collect(stub, request, **kw) -> list:
+    return list(stub.Generate(request, timeout=120, **kw))
+
+
+def ids_of(responses) -> list[int]:
+    return [t for r in responses for t in r.token_ids]
+
+
+def test_health_goes_serving_and_reflection_lists_services(server):
+    with grpc.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "expertmesh.v1.Generation"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        reply = next(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in reply.list_services_response.service}
+        assert {"expertmesh.v1.Generation", "grpc.health.v1.Health"} <= names
+
+
+def test_token_ids_prompt_and_messages_match_transformers(stub, hf):
+    model, tokenizer = hf
+    ids = [1, 415, 2936, 9060, 285, 1142, 461]
+    out = collect(stub, pb.GenerateRequest(token_ids=ids, sampling=greedy(20)))
+    assert ids_of(out) == hf_greedy(model, ids, 20)
+    assert out[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert out[-1].usage.prompt_tokens == 7 and out[-1].usage.completion_tokens == 20
+
+    prompt = "Le chat est sur la table, et"
+    out = collect(stub, pb.GenerateRequest(prompt=prompt, sampling=greedy(16)))
+    assert ids_of(out) == hf_greedy(model, tokenizer(prompt).input_ids, 16)
+
+    messages = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Tell me a story."}]
+    chat_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                             return_dict=False)
+    tokenized = stub.Tokenize(pb.TokenizeRequest(messages=[pb.ChatMessage(**m) for m in messages]))
+    assert list(tokenized.token_ids) == list(chat_ids)
+    out = collect(stub, pb.GenerateRequest(messages=[pb.ChatMessage(**m) for m in messages], sampling=greedy(16)))
+    assert ids_of(out) == hf_greedy(model, list(chat_ids), 16)
+
+
+def test_chunks_stream_while_generating_and_concatenate(stub, hf):
+    _, tokenizer = hf
+    start = time.monotonic()
+    arrivals, chunks = [], []
+    for response in stub.Generate(pb.GenerateRequest(prompt="Once upon a time", sampling=greedy(96)), timeout=120):
+        arrivals.append(time.monotonic() - start)
+        chunks.append(response)
+    assert len(chunks) == 96
+    assert arrivals[0] < 0.5 * arrivals[-1], (arrivals[0], arrivals[-1])
+    prompt_ids = tokenizer("Once upon a time").input_ids
+    whole = tokenizer.decode(prompt_ids + ids_of(chunks), skip_special_tokens=True)
+    assert "".join(c.text for c in chunks) == whole[len(tokenizer.decode(prompt_ids, skip_special_tokens=True)):]
+
+
+def test_64_concurrent_streams_with_half_cancelled(server):
+    async def run():
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+
+            async def one(i: int):
+                call = stub.Generate(pb.GenerateRequest(token_ids=[1, 100 + i, 200 + i],
+                                                        sampling=greedy(24 + i % 8)), timeout=120)
+                got = []
+                async for response in call:
+                    got.append(response)
+                    if i % 2 and len(got) == 3:
+                        call.cancel()
+                        return i, got, "cancelled"
+                return i, got, "done"
+
+            results = await asyncio.gather(*(one(i) for i in range(64)))
+            await asyncio.sleep(0.5)
+            stats = await stub.GetServerStats(pb.GetServerStatsRequest())
+            return results, stats
+
+    results, stats = asyncio.run(run())
+    for i, got, how in results:
+        if how == "done":
+            assert len(ids_of(got)) == 24 + i % 8
+            assert got[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        else:
+            assert len(got) == 3
+    assert stats.kv_blocks_free == stats.kv_blocks_total
+    assert stats.running == 0 and stats.waiting == 0
+
+
+def test_deadline_frees_the_sequence(stub):
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(pb.GenerateRequest(token_ids=[1, 2, 3], sampling=greedy(3000)), timeout=0.5))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        stats = stub.GetServerStats(pb.GetServerStatsRequest())
+        if stats.running == 0 and stats.kv_blocks_free == stats.kv_blocks_total:
+            break
+        time.sleep(0.1)
+    assert stats.running == 0 and stats.kv_blocks_free == stats.kv_blocks_total
+
+
+BAD_REQUESTS = [
+    (pb.GenerateRequest(prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "exactly one of prompt"),
+    (pb.GenerateRequest(prompt="hi", token_ids=[1, 2]), grpc.StatusCode.INVALID_ARGUMENT, "prompt, token_ids"),
+    (pb.GenerateRequest(token_ids=[1, 32000]), grpc.StatusCode.INVALID_ARGUMENT, "token id 32000"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(temperature=-1)),
+     grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(top_p=1.5)), grpc.StatusCode.INVALID_ARGUMENT,
+     "top_p"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_new_tokens=0)),
+     grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_new_tokens=5000)),
+     grpc.StatusCode.INVALID_ARGUMENT, "context of 4096"),
+    (pb.GenerateRequest(token_ids=[1] * 4096), grpc.StatusCode.INVALID_ARGUMENT, "4096 tokens; the context is 4096"),
+    (pb.GenerateRequest(messages=[pb.ChatMessage(role="wizard", content="hi")]), grpc.StatusCode.INVALID_ARGUMENT,
+     "messages[0].role 'wizard'"),
+    (pb.GenerateRequest(prompt="x" * (5 << 20)), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+]
+
+
+@pytest.mark.parametrize("index", range(len(BAD_REQUESTS)))
+def test_invalid_input_gets_its_status_and_the_server_keeps_serving(stub, index):
+    request, code, message = BAD_REQUESTS[index]
+    with pytest.raises(grpc.RpcError) as err:
+        collect(stub, request)
+    assert err.value.code() == code
+    assert message in (err.value.details() or "")
+    assert len(ids_of(collect(stub, pb.GenerateRequest(token_ids=[1, 5], sampling=greedy(2))))) == 2
+
+
+def test_model_info_shows_the_placement(stub):
+    info = stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert (info.num_experts, info.num_layers, info.vocab_size, info.experts_per_token) == (4, 2, 32000, 2)
+    assert len(info.workers) == 2
+    held = sorted((e.layer, e.expert) for w in info.workers for e in w.experts)
+    assert held == [(layer, e) for layer in range(2) for e in range(4)]
+
+
+def test_auth_token_is_required(checkpoint, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    proc = ServerProcess("--model", str(checkpoint), "--workers", "0", "--auth-token-file", str(token_file),
+                         "--kv-cache-memory", "16MiB")
+    try:
+        with grpc.insecure_channel(proc.target) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            request = pb.GenerateRequest(token_ids=[1, 5], sampling=greedy(2))
+            for metadata in ([], [("authorization", "Bearer wrong")]):
+                with pytest.raises(grpc.RpcError) as err:
+                    list(stub.Generate(request, metadata=metadata, timeout=30))
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata, timeout=30)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            ok = list(stub.Generate(request, metadata=[("authorization", "Bearer s3cret")], timeout=30))
+            assert len(ids_of(ok)) == 2
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING  # probes need no token
+    finally:
+        assert proc.stop() == 0
+
+
+def _node_modules():
+    """@grpc/grpc-js and @grpc/proto-loader from the npm registry, installed once into the cache."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from cluster.tokenizer import cache_dir
+
+    if not (shutil.which("node") and shutil.which("npm")):
+        pytest.skip("node and npm are not installed")
+    prefix = Path(cache_dir()) / "node-client"
+    modules = prefix / "node_modules"
+    if not (modules / "@grpc" / "grpc-js").exists() or not (modules / "@grpc" / "proto-loader").exists():
+        prefix.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(prefix),
+                        "@grpc/grpc-js@1", "@grpc/proto-loader@0"], check=True, capture_output=True,
+                       timeout=300, env=dict(os.environ))
+    return modules
+
+
+def test_node_grpc_js_client_streams_a_generation(server, stub):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    modules = _node_modules()
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(["node", str(root / "tests" / "node_client" / "generate.js"),
+                             str(root / "protos" / "expertmesh" / "v1" / "generation.proto"), server.target,
+                             "1,415,2936,9060", "12"], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, NODE_PATH=str(modules)))
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout)
+    expected = collect(stub, pb.GenerateRequest(token_ids=[1, 415, 2936, 9060], sampling=greedy(12)))
+    assert got["token_ids"] == ids_of(expected)
+    assert got["text"] == "".join(r.text for r in expected)
+    assert got["chunks"] == 12 and got["finish_reason"] == "FINISH_REASON_LENGTH"
