@@ -22,6 +22,7 @@ run: install  # one generation in-process, no server
 	$(BIN)/expertmesh run --prompt "The capital of France is" --max-new-tokens 24
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 bench: install

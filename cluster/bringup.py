@@ -56,7 +56,7 @@ class ExpertCluster:
                  replicas: str | None = None, address: str | None = None,
                  dtype: torch.dtype = torch.float32, pingpong: str = "auto",
                  collective_timeout_s: float = 30.0, kv_blocks: int = 512, block_size: int = 16,
-                 placement_timeout_s: float = 60.0):
+                 placement_timeout_s: float = 60.0, device: str = "auto"):
         self.owns_ray = ensure_ray(address)
         self.checkpoint = Checkpoint(model_dir)
         config = self.checkpoint.config
@@ -70,7 +70,11 @@ class ExpertCluster:
                              f"and the model {config.num_layers} layers, {config.num_experts} experts")
         plan.validate()
         self.plan = plan
-        gpus = ray.cluster_resources().get("GPU", 0) >= num_workers and torch.cuda.is_available()
+        # "auto": GPU workers (and NCCL) when this router process has a GPU, else CPU and gloo. GPU
+        # bundles that the cluster lacks make Ray's autoscaler add GPU nodes (KubeRay: GPU pods).
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+        gpus = device == "cuda" or (device == "auto" and torch.cuda.is_available())
         bundle = {"GPU": 1, "CPU": 1} if gpus else {"CPU": 1}
         self.placement_group = placement_group([bundle] * num_workers, strategy="SPREAD")
         ready, _ = ray.wait([self.placement_group.ready()], timeout=placement_timeout_s)

@@ -39,6 +39,12 @@ def add_cluster_flags(parser: argparse.ArgumentParser, default_workers: int = 0)
                        "256+ new tokens, where expert GEMMs are compute-bound; on/off to measure")
     group.add_argument("--collective-timeout", type=float, default=30.0,
                        help="seconds before a dead or stuck worker fails a step (default 30)")
+    group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                       help="expert workers on GPUs (one each, NCCL) or CPUs (gloo); auto: GPUs when this "
+                       "process sees one")
+    group.add_argument("--placement-timeout", type=float, default=600.0,
+                       help="seconds to wait for Ray (and its autoscaler) to provide the workers' "
+                       "resources (default 600)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "expertmesh.v1.Generation, health and reflection over gRPC.")
     serve.add_argument("--model", help="checkpoint folder (default: the cached tiny Mixtral)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"gRPC port (default {DEFAULT_PORT}; 0 picks one)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT,
+                       help=f"gRPC port (default {DEFAULT_PORT}; 0 picks one)")
     serve.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                        help="compute dtype (default float32)")
     serve.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens computed per step (default 2048)")
@@ -80,17 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
             client.add_argument("prompt", help="prompt text")
             client.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
             client.add_argument("--json", action="store_true", help="print each response message as a JSON line")
-            client.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
-            client.add_argument("--temperature", type=float, help="default 1.0 (server); 0 is greedy")
-            client.add_argument("--top-p", type=float)
-            client.add_argument("--top-k", type=int, default=0)
-            client.add_argument("--min-p", type=float, default=0.0)
-            client.add_argument("--repetition-penalty", type=float)
-            client.add_argument("--presence-penalty", type=float, default=0.0)
-            client.add_argument("--frequency-penalty", type=float, default=0.0)
-            client.add_argument("--seed", type=int)
+            client.add_argument("--max-new-tokens", type=int, default=64,
+                                help="tokens to generate at most (default 64)")
+            client.add_argument("--temperature", type=float, help="0 is greedy (server default 1.0)")
+            client.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (default 1)")
+            client.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+            client.add_argument("--min-p", type=float, default=0.0,
+                                help="drop tokens below min_p x the best one's probability")
+            client.add_argument("--repetition-penalty", type=float,
+                                help="> 1 discourages tokens of the prompt and output (default 1)")
+            client.add_argument("--presence-penalty", type=float, default=0.0,
+                                help="subtracted from tokens already generated, in [-2, 2]")
+            client.add_argument("--frequency-penalty", type=float, default=0.0,
+                                help="subtracted per earlier occurrence, in [-2, 2]")
+            client.add_argument("--seed", type=int, help="sampling seed (same seed, same tokens)")
             client.add_argument("--stop", action="append", help="stop string (repeatable)")
-            client.add_argument("--ignore-eos", action="store_true")
+            client.add_argument("--ignore-eos", action="store_true",
+                                help="keep going past the end-of-sequence token")
             client.add_argument("--logprobs", type=int, help="also return this many top log-probabilities")
 
     tiny = sub.add_parser("tiny-checkpoint", help="write a random tiny Mixtral in hub layout",
@@ -159,7 +172,8 @@ def open_engine(args, model_dir, dtype):
     plan = PlacementPlan.from_file(args.placement) if args.placement else None
     cluster = ExpertCluster(model_dir, args.workers, plan=plan, replicas=args.replicas,
                             address=args.address, dtype=dtype, pingpong=args.pingpong,
-                            collective_timeout_s=args.collective_timeout)
+                            collective_timeout_s=args.collective_timeout, device=args.device,
+                            placement_timeout_s=args.placement_timeout)
     try:
         yield cluster.engine
     finally:
@@ -195,11 +209,10 @@ def cmd_run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cluster.checkpoint import CheckpointError
-    from cluster.config import ConfigError
-    from router.dispatcher import ExpertPathError
-
     from cluster.client import cmd_generate, cmd_info
+    from cluster.config import ConfigError
     from cluster.server import cmd_serve
+    from router.dispatcher import ExpertPathError
 
     handlers = {"tiny-checkpoint": cmd_tiny_checkpoint, "run": cmd_run, "serve": cmd_serve,
                 "generate": cmd_generate, "info": cmd_info}

@@ -57,7 +57,8 @@ def build_engine(args, model_dir: Path, dtype):
         cluster = ExpertCluster(model_dir, args.workers, plan=plan, replicas=args.replicas,
                                 address=args.address, dtype=dtype, pingpong=args.pingpong,
                                 collective_timeout_s=args.collective_timeout, kv_blocks=int(blocks),
-                                block_size=args.block_size)
+                                block_size=args.block_size, device=args.device,
+                                placement_timeout_s=args.placement_timeout)
         engine = cluster.engine
         for worker, nbytes in enumerate(cluster.worker_bytes):
             progress(f"worker {worker}: {len(cluster.plan.worker_pairs(worker))} experts, "

@@ -124,3 +124,12 @@ def test_wrong_model_type_is_refused(small):
     (small / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="model_type.*'llama'"):
         Checkpoint(small)
+
+
+def test_tiny_checkpoints_are_deterministic(tmp_path):
+    """Pods of the CPU deployment each write the tiny model; they must all hold the same weights."""
+    a = write_tiny_checkpoint(tmp_path / "a", seed=9, **SMALL)
+    b = write_tiny_checkpoint(tmp_path / "b", seed=9, **SMALL)
+    for shard in sorted(a.glob("*.safetensors")):
+        assert shard.read_bytes() == (b / shard.name).read_bytes()
+    assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()

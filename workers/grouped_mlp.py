@@ -13,7 +13,6 @@ import torch
 
 from cluster.moe_math import grouped_swiglu
 
-
 TRITON_MAX_ROWS = 128  # rows (tokens x top-k) up to which the Triton kernel beat cuBLAS
 
 
