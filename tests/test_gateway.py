@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 
 import grpc
@@ -261,3 +263,79 @@ def test_node_grpc_js_client_streams_a_generation(server, stub):
     assert got["token_ids"] == ids_of(expected)
     assert got["text"] == "".join(r.text for r in expected)
     assert got["chunks"] == 12 and got["finish_reason"] == "FINISH_REASON_LENGTH"
+
+
+def test_logprobs_over_grpc(stub):
+    out = collect(stub, pb.GenerateRequest(token_ids=[1, 415, 2936], sampling=pb.SamplingParams(
+        temperature=0, max_new_tokens=4, ignore_eos=True, logprobs=2)))
+    for response in out:
+        (lp,) = response.logprobs
+        assert lp.token_id == response.token_ids[0]
+        assert len(lp.top) == 2 and lp.top[0].token_id == lp.token_id  # greedy: the best one
+        assert lp.logprob <= 0
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line), from /proc."""
+    from pathlib import Path
+
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            table[int(entry.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmdline)
+    return table
+
+
+def _expert_worker_pids(server_pid: int) -> list[int]:
+    table = _processes()
+
+    def descends(pid: int) -> bool:
+        while pid > 1 and pid in table:
+            pid = table[pid][0]
+            if pid == server_pid:
+                return True
+        return False
+
+    return [pid for pid, (_, cmd) in table.items() if "ExpertWorker" in cmd and descends(pid)]
+
+
+def test_a_dead_worker_fails_requests_clearly_and_health_says_so(checkpoint):
+    proc = ServerProcess("--model", str(checkpoint), "--workers", "2", "--kv-cache-memory", "16MiB",
+                         "--collective-timeout", "10")
+    try:
+        with grpc.insecure_channel(proc.target) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            stream = stub.Generate(pb.GenerateRequest(token_ids=[1, 2, 3], sampling=greedy(4000)), timeout=120)
+            next(stream)  # it is running
+            pids = _expert_worker_pids(proc.proc.pid)
+            assert len(pids) == 2
+            os.kill(pids[0], signal.SIGKILL)
+            with pytest.raises(grpc.RpcError) as err:
+                for _ in stream:
+                    pass
+            assert err.value.code() == grpc.StatusCode.INTERNAL
+            assert "worker died or timed out" in err.value.details()
+            deadline = time.monotonic() + 15
+            status = None
+            while time.monotonic() < deadline:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                time.sleep(0.5)
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as err:
+                collect(stub, pb.GenerateRequest(token_ids=[1, 2], sampling=greedy(2)))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        proc.stop()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(p in _processes() for p in pids):
+        time.sleep(0.2)
+    assert not [p for p in pids if p in _processes() and "ExpertWorker" in _processes()[p][1]], \
+        "an expert worker outlived the server"
