@@ -70,17 +70,22 @@ def _required(raw: dict, key: str, source: Path):
     return raw[key]
 
 
-def from_hf_config(path: str | Path) -> MixtralConfig:
-    """Read a Hugging Face config.json (a file or the checkpoint folder holding it)."""
+def _read_json(path: str | Path, name: str) -> tuple[Path, dict]:
+    """(file path, contents) of `name` given the file or the checkpoint folder holding it."""
     path = Path(path)
     if path.is_dir():
-        path = path / "config.json"
+        path = path / name
     try:
-        raw = json.loads(path.read_text())
+        return path, json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+        raise ConfigError(f"{path}: no such file") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+
+
+def from_hf_config(path: str | Path) -> MixtralConfig:
+    """Read a Hugging Face config.json (a file or the checkpoint folder holding it)."""
+    path, raw = _read_json(path, "config.json")
     model_type = raw.get("model_type")
     if model_type != "mixtral":
         raise ConfigError(f"{path}: field 'model_type' is {model_type!r}; only 'mixtral' is supported")
@@ -128,15 +133,7 @@ def from_hf_config(path: str | Path) -> MixtralConfig:
 
 def from_mistral_params(path: str | Path) -> MixtralConfig:
     """Read Mistral's own params.json (the consolidated layout of the original Mixtral release)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "params.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such params file") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    path, raw = _read_json(path, "params.json")
     moe = raw.get("moe")
     if not moe:
         raise ConfigError(f"{path}: missing field 'moe'; this is not a mixture-of-experts model")
