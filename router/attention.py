@@ -16,20 +16,48 @@ from router.kv_cache import KVCache
 
 @dataclass
 class AttentionBatch:
-    """Where each sequence's new tokens sit in the flat rows and in the cache."""
+    """Where each sequence's new tokens sit in the flat rows and in the cache, and the attention
+    plan of the step (masks, padded slot tables), built once and used by every layer."""
     positions: torch.Tensor  # (T,) position of each row in its sequence
     slot_mapping: torch.Tensor  # (T,) cache slot each row's k/v is written to
     query_lens: list[int]  # new tokens per sequence; rows are sequence-major
-    context_slots: list[torch.Tensor]  # per sequence: (C,) slots of all its positions so far
+    decode_rows: torch.Tensor | None  # (B,) rows of the sequences with one new token
+    decode_slots: torch.Tensor | None  # (B, Cmax) their context slots, padded (pads read slot 0)
+    decode_mask: torch.Tensor | None  # (B, 1, 1, Cmax) True where a key is attended
+    prefill: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (first row, n, slots (C,), mask (n, C))
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) at `positions`, set on first use
 
     @classmethod
     def build(cls, cache: KVCache, block_tables: list[list[int]], starts: list[int],
-              query_lens: list[int]) -> "AttentionBatch":
+              query_lens: list[int], sliding_window: int | None = None) -> "AttentionBatch":
         """Sequence i has cached tokens [0, starts[i]) and brings query_lens[i] new ones."""
         positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, query_lens)])
         context = [cache.slots(table, 0, s + n) for table, s, n in zip(block_tables, starts, query_lens)]
         new = torch.cat([c[s:] for c, s in zip(context, starts)])
-        return cls(positions, new, list(query_lens), context)
+        first_rows = torch.tensor([0, *query_lens[:-1]]).cumsum(0).tolist()
+        decode = [i for i, n in enumerate(query_lens) if n == 1]
+        decode_rows = decode_slots = decode_mask = None
+        if decode:
+            slots = [context[i] for i in decode]
+            lens = torch.tensor([c.shape[0] for c in slots])  # (B,); the query sits at lens - 1
+            decode_slots = torch.nn.utils.rnn.pad_sequence(slots, batch_first=True)  # (B, Cmax)
+            k_pos = torch.arange(decode_slots.shape[1])[None, :]  # (1, Cmax)
+            mask = k_pos < lens[:, None]
+            if sliding_window is not None:
+                mask &= k_pos > (lens - 1)[:, None] - sliding_window
+            decode_rows = torch.tensor([first_rows[i] for i in decode])
+            decode_mask = mask[:, None, None, :]
+        prefill = []
+        for i, n in enumerate(query_lens):
+            if n > 1:
+                c = context[i].shape[0]
+                q_pos = torch.arange(c - n, c)[:, None]  # (n, 1)
+                k_pos = torch.arange(c)[None, :]  # (1, C)
+                mask = k_pos <= q_pos
+                if sliding_window is not None:
+                    mask &= k_pos > q_pos - sliding_window
+                prefill.append((first_rows[i], n, context[i], mask))
+        return cls(positions, new, list(query_lens), decode_rows, decode_slots, decode_mask, prefill)
 
 
 class Rope:
@@ -41,17 +69,20 @@ class Rope:
         emb = torch.cat([freqs, freqs], dim=-1)  # (P, Dh)
         self.cos, self.sin = emb.cos(), emb.sin()
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (T, 1, Dh), at the rows' positions."""
+        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x (T, heads, Dh) -> same shape, rotated by each row's position."""
-        cos = self.cos[positions].to(x.dtype)[:, None, :]  # (T, 1, Dh)
-        sin = self.sin[positions].to(x.dtype)[:, None, :]
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    batch: AttentionBatch, sliding_window: int | None) -> torch.Tensor:
+                    batch: AttentionBatch) -> torch.Tensor:
     """Causal (optionally windowed) attention of each sequence's new rows over its cached context.
 
     q (T, H, Dh); k_cache/v_cache (S, G, Dh) for one layer, new rows already written -> (T, H, Dh).
@@ -59,36 +90,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     prompt chunks go one sequence at a time.
     """
     out = torch.empty_like(q)
-    starts = [0]
-    for n in batch.query_lens[:-1]:
-        starts.append(starts[-1] + n)
-    decode = [i for i, n in enumerate(batch.query_lens) if n == 1]
-    if decode:
-        slots = [batch.context_slots[i] for i in decode]
-        lens = torch.tensor([s.shape[0] for s in slots])  # (B,)
-        padded = torch.nn.utils.rnn.pad_sequence(slots, batch_first=True)  # (B, Cmax), pads read slot 0
-        k = k_cache[padded].transpose(1, 2)  # (B, G, Cmax, Dh)
-        v = v_cache[padded].transpose(1, 2)
-        rows = torch.tensor([starts[i] for i in decode])
-        k_pos = torch.arange(padded.shape[1])[None, :]  # (1, Cmax)
-        mask = k_pos < lens[:, None]  # (B, Cmax); the query sits at position len - 1
-        if sliding_window is not None:
-            mask &= k_pos > (lens - 1)[:, None] - sliding_window
-        o = F.scaled_dot_product_attention(q[rows].unsqueeze(2), k, v, attn_mask=mask[:, None, None, :],
-                                           enable_gqa=True)  # (B, H, 1, Dh)
-        out[rows] = o.squeeze(2)
-    for i, (n, slots) in enumerate(zip(batch.query_lens, batch.context_slots)):
-        if n == 1:
-            continue
-        row, c = starts[i], slots.shape[0]
+    if batch.decode_rows is not None:
+        k = k_cache[batch.decode_slots].transpose(1, 2)  # (B, G, Cmax, Dh)
+        v = v_cache[batch.decode_slots].transpose(1, 2)
+        o = F.scaled_dot_product_attention(q[batch.decode_rows].unsqueeze(2), k, v,
+                                           attn_mask=batch.decode_mask, enable_gqa=True)  # (B, H, 1, Dh)
+        out[batch.decode_rows] = o.squeeze(2)
+    for row, n, slots, mask in batch.prefill:
         k = k_cache[slots].transpose(0, 1)  # (G, C, Dh)
         v = v_cache[slots].transpose(0, 1)
         q_seq = q[row:row + n].transpose(0, 1)  # (H, n, Dh)
-        q_pos = torch.arange(c - n, c)[:, None]  # (n, 1)
-        k_pos = torch.arange(c)[None, :]  # (1, C)
-        mask = k_pos <= q_pos
-        if sliding_window is not None:
-            mask &= k_pos > q_pos - sliding_window
         o = F.scaled_dot_product_attention(q_seq, k, v, attn_mask=mask, enable_gqa=True)  # (H, n, Dh)
         out[row:row + n] = o.transpose(0, 1)
     return out

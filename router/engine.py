@@ -79,7 +79,7 @@ class Engine:
         for group in groups:
             lens = [num_new[index[id(s)]] for s in group]
             batch = AttentionBatch.build(self.cache, [s.block_table for s in group],
-                                         [s.num_cached for s in group], lens)
+                                         [s.num_cached for s in group], lens, self.config.sliding_window)
             token_ids = torch.tensor([t for s, n in zip(group, lens)
                                       for t in s.token_ids[s.num_cached:s.num_cached + n]])
             micro_batches.append((token_ids, batch))

@@ -61,11 +61,13 @@ class RouterModel:
         c, w = self.config, self.layers[layer]
         x = rms_norm(h, w.input_norm, c.rms_norm_eps)
         q, k, v = F.linear(x, w.qkv).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-        q = self.rope(q.view(-1, c.num_heads, c.head_dim), batch.positions)  # (T, H, Dh)
-        k = self.rope(k.view(-1, c.num_kv_heads, c.head_dim), batch.positions)  # (T, G, Dh)
+        if batch.rope is None:  # the same for every layer of the step
+            batch.rope = self.rope.tables(batch.positions, h.dtype)
+        q = self.rope.apply(q.view(-1, c.num_heads, c.head_dim), *batch.rope)  # (T, H, Dh)
+        k = self.rope.apply(k.view(-1, c.num_kv_heads, c.head_dim), *batch.rope)  # (T, G, Dh)
         cache.k[layer][batch.slot_mapping] = k
         cache.v[layer][batch.slot_mapping] = v.view(-1, c.num_kv_heads, c.head_dim)
-        o = paged_attention(q, cache.k[layer], cache.v[layer], batch, c.sliding_window)
+        o = paged_attention(q, cache.k[layer], cache.v[layer], batch)
         return h + F.linear(o.reshape(-1, c.q_size), w.o)
 
     def moe_input(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

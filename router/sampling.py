@@ -79,6 +79,17 @@ class RequestSampler:
         self.prompt_ids = torch.tensor(prompt_ids, dtype=torch.int64)
         self.output_counts = torch.zeros(vocab_size, dtype=torch.float32)
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Argmax of the raw logits, nothing else: such rows are sampled together, in one op."""
+        p = self.params
+        return (p.temperature == 0 and p.logprobs is None and p.repetition_penalty == 1.0
+                and not p.presence_penalty and not p.frequency_penalty)
+
+    def accept(self, token: int) -> None:
+        """Record a token chosen outside `sample` (the batched greedy path)."""
+        self.output_counts[token] += 1
+
     def _penalised(self, logits: torch.Tensor) -> torch.Tensor:
         p = self.params
         if p.repetition_penalty != 1.0:

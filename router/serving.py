@@ -15,6 +15,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 from cluster.tokenizer import IncrementalDetokenizer, TextTokenizer
 from router.engine import Engine, Sequence
 from router.sampling import InvalidRequest, RequestSampler, SamplingParams, TokenLogprobs
@@ -162,8 +164,6 @@ class ServingEngine:
                 self._finish(self._requests[item], FINISH_CANCELLED)
 
     def _loop(self) -> None:
-        import torch
-
         torch.set_num_threads(self.engine_threads)  # per calling thread (OpenMP)
         while True:
             with self._wake:
@@ -187,15 +187,25 @@ class ServingEngine:
                     self._finish(request, FINISH_ERROR, error=f"{type(exc).__name__}: {exc}")
                 continue
             self.steps += 1
+            ready = []  # (request, logits row) of requests whose prompt is fully computed: they sample
             for (request, _), row in zip(batch, logits):
                 seq = request.seq
                 self.engine.cache.name_full_blocks(seq.block_table, seq.token_ids, seq.num_cached)
-                if seq.num_cached == len(seq.token_ids):  # prompt (or recompute) complete: sample
-                    self._advance(request, row)
+                if seq.num_cached == len(seq.token_ids):
+                    ready.append((request, row))
+            greedy = [i for i, (request, _) in enumerate(ready) if request.sampler.plain_greedy]
+            chosen = dict(zip(greedy, torch.stack([ready[i][1] for i in greedy]).argmax(-1).tolist())) \
+                if greedy else {}
+            for i, (request, row) in enumerate(ready):
+                if i in chosen:
+                    request.sampler.accept(chosen[i])
+                    self._advance(request, chosen[i], None)
+                else:
+                    self._advance(request, *request.sampler.sample(row))
 
-    def _advance(self, request: Request, logits) -> None:
+    def _advance(self, request: Request, token: int, logprobs: TokenLogprobs | None) -> None:
+        """Append a sampled token: stream its text, apply the stop conditions."""
         p = request.params
-        token, logprobs = request.sampler.sample(logits)
         request.seq.token_ids.append(token)
         request.output_ids.append(token)
         request.text += request.detokenizer.add([token])
