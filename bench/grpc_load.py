@@ -55,7 +55,7 @@ def in_process(serving: ServingEngine, concurrency: int) -> dict:
     traces: list[list[float]] = [[] for _ in batch]
     starts = [0.0] * len(batch)
     pending = list(range(len(batch)))
-    lock, done = threading.Lock(), threading.Semaphore(0)
+    lock = threading.Lock()
     params = SamplingParams(temperature=0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
 
     def launch():
@@ -68,15 +68,13 @@ def in_process(serving: ServingEngine, concurrency: int) -> dict:
         def sink(out, i=i):
             traces[i].extend([time.perf_counter()] * len(out.token_ids))
             if out.finish_reason:
-                done.release()
                 launch()  # keep `concurrency` streams open, as the gRPC clients do
         serving.submit(batch[i], params, sink)
 
     begin = time.perf_counter()
     for _ in range(concurrency):
         launch()
-    for _ in batch:
-        done.acquire()
+    serving.run(until=lambda: all(len(t) == NEW_TOKENS for t in traces))  # the loop on this thread, as serve
     return summarize(traces, starts, time.perf_counter() - begin)
 
 
@@ -109,7 +107,7 @@ def main() -> None:
             remote = {c: asyncio.run(over_grpc(server.target, c)) for c in CONCURRENCY}
         finally:
             server.stop()
-        serving = ServingEngine(Engine.local(path, kv_blocks=4096), load_tokenizer(path))
+        serving = ServingEngine(Engine.local(path, kv_blocks=4096), load_tokenizer(path), own_thread=False)
         try:
             local = {c: in_process(serving, c) for c in CONCURRENCY}
         finally:

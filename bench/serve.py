@@ -33,7 +33,8 @@ def workload(n: int, seed: int) -> list[tuple[list[int], int]]:
 
 
 def ours_tokens_per_s(engine: Engine, tokenizer, requests, concurrency: int) -> float:
-    serving = ServingEngine(engine, tokenizer, max_batch_tokens=2048, max_seqs=concurrency)
+    # The loop runs on this thread, which loaded the model: one OpenMP team (see ServingEngine).
+    serving = ServingEngine(engine, tokenizer, max_batch_tokens=2048, max_seqs=concurrency, own_thread=False)
     try:
         params = [SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True) for _, n in requests]
         start = time.perf_counter()

@@ -7,6 +7,7 @@ import logging
 import re
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -83,11 +84,80 @@ def model_info(name: str, config, cluster) -> "pb.ModelInfo":  # noqa: F821
     return info
 
 
-async def serve_async(args, model_dir: Path) -> int:
+class GatewayThread:
+    """The gRPC gateway on an asyncio loop of its own thread, so that the engine loop can run on
+    the main thread (the one that loaded the model; see ServingEngine)."""
+
+    def __init__(self, service, serving, args, token: str | None, tls):
+        self.serving = serving
+        self.args = args
+        self.warmed = False
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self.thread = threading.Thread(target=self._main, args=(service, token, tls), name="expertmesh-gateway",
+                                       daemon=True)
+        self.thread.start()
+        self._ready.wait()
+        if self._error:
+            raise self._error
+
+    def _main(self, service, token, tls) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._serve(service, token, tls))
+
+    async def _serve(self, service, token, tls) -> None:
+        from router.gateway import set_health, start_gateway
+
+        self._stop = asyncio.Event()
+        try:
+            server, self.port, self._health = await start_gateway(
+                service, self.args.host, self.args.port, auth_token=token, tls=tls,
+                max_message_bytes=self.args.max_message_bytes)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while not self._stop.is_set():  # health follows the engine: NOT_SERVING while it cannot step
+                await set_health(self._health, self.warmed and self.serving.healthy)
+                try:
+                    await asyncio.wait_for(self._stop.wait(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    pass
+            progress(f"stopping: finishing in-flight streams for up to {self.args.grace:.0f}s")
+        finally:
+            await set_health(self._health, False)
+            await server.stop(self.args.grace)
+            self.serving.stop()  # ends the engine loop on the main thread
+
+    def mark_warmed(self) -> None:
+        """The engine has run a real step: health says SERVING from now on (and before we return)."""
+        from router.gateway import set_health
+
+        self.warmed = True
+        asyncio.run_coroutine_threadsafe(set_health(self._health, self.serving.healthy), self._loop).result(10)
+
+    def begin_shutdown(self, *_signal_args) -> None:
+        """Graceful stop; safe from a signal handler."""
+        self._loop.call_soon_threadsafe(self._stop.set)
+
+
+def cmd_serve(args) -> int:
+    from cluster.tiny_checkpoint import default_model_dir
     from router.engine import DTYPES
-    from router.gateway import GenerationService, set_health, start_gateway
+    from router.gateway import GenerationService
+    from router.sampling import SamplingParams
     from router.serving import ServingEngine
 
+    logging.basicConfig(level=logging.WARNING)
+    if args.model:
+        model_dir = Path(args.model)
+    else:
+        progress("no --model given: using the tiny Mixtral (created once, cached)")
+        model_dir = default_model_dir()
     token = args.auth_token
     if args.auth_token_file:
         token = Path(args.auth_token_file).read_text().strip()
@@ -96,51 +166,27 @@ async def serve_async(args, model_dir: Path) -> int:
         if not (args.tls_cert and args.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
         tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes())
-    engine, cluster = await asyncio.to_thread(build_engine, args, model_dir, DTYPES[args.dtype])
-    config = engine.config
-    tokenizer = load_tokenizer(model_dir, config.bos_token_id, config.eos_token_id)
-    serving = ServingEngine(engine, tokenizer, max_batch_tokens=args.max_batch_tokens, max_seqs=args.max_seqs,
-                            max_queue=args.max_queue)
-    service = GenerationService(serving, tokenizer, load_chat_template(model_dir),
-                                model_info(model_dir.name, config, cluster))
-    server, port, health = await start_gateway(service, args.host, args.port, auth_token=token, tls=tls,
-                                               max_message_bytes=args.max_message_bytes)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    engine, cluster = build_engine(args, model_dir, DTYPES[args.dtype])
     try:
+        config = engine.config
+        tokenizer = load_tokenizer(model_dir, config.bos_token_id, config.eos_token_id)
+        serving = ServingEngine(engine, tokenizer, max_batch_tokens=args.max_batch_tokens,
+                                max_seqs=args.max_seqs, max_queue=args.max_queue, own_thread=False)
+        service = GenerationService(serving, tokenizer, load_chat_template(model_dir),
+                                    model_info(model_dir.name, config, cluster))
+        gateway = GatewayThread(service, serving, args, token, tls)
         # One real step before saying SERVING: the whole path (and every worker) works.
-        from router.sampling import SamplingParams
-
-        await asyncio.to_thread(serving.generate, [[config.bos_token_id]], SamplingParams(max_new_tokens=1))
-        await set_health(health, True)
-        target = f"{args.host}:{port}"
+        serving.generate([[config.bos_token_id]], SamplingParams(max_new_tokens=1))
+        gateway.mark_warmed()
+        target = f"{args.host}:{gateway.port}"
         print(f"expertmesh serving {model_dir} on {target} (gRPC{', TLS' if tls else ''}"
               f"{', bearer token' if token else ''})", flush=True)
         print(f"try: expertmesh generate --target {target} \"The capital of France is\"", flush=True)
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=1.0)
-            except asyncio.TimeoutError:
-                await set_health(health, serving.healthy)
-        progress(f"stopping: finishing in-flight streams for up to {args.grace:.0f}s")
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, gateway.begin_shutdown)
+        serving.run()  # the engine loop, on this thread, until the gateway has stopped
+        gateway.thread.join(timeout=args.grace + 30)
     finally:
-        await set_health(health, False)
-        await server.stop(args.grace)
-        serving.shutdown()
         if cluster is not None:
             cluster.shutdown()
     return 0
-
-
-def cmd_serve(args) -> int:
-    from cluster.tiny_checkpoint import default_model_dir
-
-    logging.basicConfig(level=logging.WARNING)
-    if args.model:
-        model_dir = Path(args.model)
-    else:
-        progress("no --model given: using the tiny Mixtral (created once, cached)")
-        model_dir = default_model_dir()
-    return asyncio.run(serve_async(args, model_dir))

@@ -1,8 +1,9 @@
-"""The serving engine: requests in, streamed outputs out, one engine thread stepping the model.
+"""The serving engine: requests in, streamed outputs out, one loop stepping the model.
 
-submit() and cancel() may be called from any thread; they only touch the inbox. The engine thread
-drains the inbox at every step boundary, asks the scheduler for the next batch, runs one model
-step, samples, detokenises, applies stop conditions and hands each request its output chunk.
+submit() and cancel() may be called from any thread; they only touch the inbox. The engine loop
+(run(), on a thread of its own or on the caller's) drains the inbox at every step boundary, asks
+the scheduler for the next batch, runs one model step, samples, detokenises, applies stop
+conditions and hands each request its output chunk.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class Request(Scheduled):
 
 class ServingEngine:
     def __init__(self, engine: Engine, tokenizer: TextTokenizer, max_batch_tokens: int = 2048,
-                 max_seqs: int = 64, max_queue: int = 1024, engine_threads: int = 1):
+                 max_seqs: int = 64, max_queue: int = 1024, own_thread: bool = True,
+                 engine_threads: int | None = None):
         self.engine = engine
         self.tokenizer = tokenizer
         self.config = engine.config
@@ -73,12 +75,16 @@ class ServingEngine:
         self._stopping = False
         self.healthy = True
         self.steps = 0
-        # torch threads of the engine thread. A second OpenMP team beside the main thread's halved
-        # step speed on a 2-core machine (bench/serve.py); 1 thread matched 2 there.
-        self.engine_threads = engine_threads
         self.last_prompt_tokens_computed = 0  # of the last finished request: prefix-cache checks
-        self._thread = threading.Thread(target=self._loop, name="expertmesh-engine", daemon=True)
-        self._thread.start()
+        # torch (OpenMP) threads of the loop. Thread counts are per calling thread, and a second
+        # OpenMP team beside the one that loaded the model halved step speed on a 2-core machine;
+        # so a loop on its own thread defaults to 1, and the fastest set-up runs the loop on the
+        # thread that loaded the model (own_thread=False, as `expertmesh serve` does).
+        self.engine_threads = engine_threads if engine_threads is not None else (1 if own_thread else None)
+        self._thread = None
+        if own_thread:
+            self._thread = threading.Thread(target=self.run, name="expertmesh-engine", daemon=True)
+            self._thread.start()
 
     # ---- any thread ----------------------------------------------------------------------------
 
@@ -123,11 +129,16 @@ class ServingEngine:
             self._inbox.append(("cancel", request_id))
             self._wake.notify()
 
-    def shutdown(self) -> None:
+    def stop(self) -> None:
+        """Ask the loop to cancel what is left and return (callable from any thread)."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        self._thread.join(timeout=60)
+
+    def shutdown(self) -> None:
+        self.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams] | SamplingParams,
                  timeout: float = 600) -> list[list[RequestOutput]]:
@@ -146,13 +157,15 @@ class ServingEngine:
 
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             self.submit(prompt, p, sink_for(i))
+        if self._thread is None:  # no loop of its own: drive it here until these are done
+            self.run(until=lambda: all(c and c[-1].finish_reason is not None for c in chunks))
         deadline = time.monotonic() + timeout
         for _ in prompts:
             if not done.acquire(timeout=max(deadline - time.monotonic(), 0)):
                 raise TimeoutError("requests did not finish in time")
         return chunks
 
-    # ---- engine thread -------------------------------------------------------------------------
+    # ---- engine loop -------------------------------------------------------------------------
 
     def _drain_inbox(self) -> None:
         while self._inbox:
@@ -163,9 +176,11 @@ class ServingEngine:
             elif item in self._requests:
                 self._finish(self._requests[item], FINISH_CANCELLED)
 
-    def _loop(self) -> None:
-        torch.set_num_threads(self.engine_threads)  # per calling thread (OpenMP)
-        while True:
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        """The engine loop: until stop() (or until `until()` is true)."""
+        if self.engine_threads is not None:
+            torch.set_num_threads(self.engine_threads)  # for this thread (OpenMP)
+        while until is None or not until():
             with self._wake:
                 self._drain_inbox()
                 if self._stopping:
@@ -173,7 +188,7 @@ class ServingEngine:
                         self._finish(request, FINISH_CANCELLED)
                     return
                 if not self.scheduler.has_work():
-                    self._wake.wait()
+                    self._wake.wait(timeout=0.5)
                     continue
             batch = self.scheduler.schedule()
             if not batch:
