@@ -40,8 +40,8 @@ def add_cluster_flags(parser: argparse.ArgumentParser, default_workers: int = 0)
     group.add_argument("--collective-timeout", type=float, default=30.0,
                        help="seconds before a dead or stuck worker fails a step (default 30)")
     group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                       help="expert workers on GPUs (one each, NCCL) or CPUs (gloo); auto: GPUs when this "
-                       "process sees one")
+                       help="run on GPUs (router, and expert workers one GPU each with NCCL) or CPUs "
+                       "(gloo); auto (default): GPUs when this process sees one")
     group.add_argument("--placement-timeout", type=float, default=600.0,
                        help="seconds to wait for Ray (and its autoscaler) to provide the workers' "
                        "resources (default 600)")
@@ -154,6 +154,13 @@ def cmd_tiny_checkpoint(args) -> int:
     return 0
 
 
+def local_device(flag: str) -> str:
+    """Where an in-process engine runs: --device, with auto meaning a GPU when there is one."""
+    import torch
+
+    return "cuda" if flag == "cuda" or (flag == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 @contextlib.contextmanager
 def open_engine(args, model_dir, dtype):
     """The reference engine with --workers 0, else a Ray cluster of expert workers (shut down after)."""
@@ -164,7 +171,7 @@ def open_engine(args, model_dir, dtype):
     if args.workers == 0:
         if args.replicas or args.placement or args.address:
             raise ValueError("--replicas, --placement and --address need --workers N (N >= 1)")
-        yield Engine.local(model_dir, dtype)
+        yield Engine.local(model_dir, dtype, device=local_device(args.device))
         return
     from cluster.bringup import ExpertCluster
     from cluster.placement import PlacementPlan

@@ -46,7 +46,10 @@ def build_engine(args, model_dir: Path, dtype):
     start = time.monotonic()
     if args.workers == 0:
         progress(f"loading {model_dir} in this process")
-        engine = Engine.local(model_dir, dtype, kv_blocks=int(blocks), block_size=args.block_size)
+        from cluster.cli import local_device
+
+        engine = Engine.local(model_dir, dtype, kv_blocks=int(blocks), block_size=args.block_size,
+                              device=local_device(args.device))
         cluster = None
     else:
         from cluster.bringup import ExpertCluster

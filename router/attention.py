@@ -57,17 +57,24 @@ class AttentionBatch:
                 if sliding_window is not None:
                     mask &= k_pos > q_pos - sliding_window
                 prefill.append((first_rows[i], n, context[i], mask))
+        # Built on the CPU (small integer work), used where the cache lives.
+        device = cache.k.device
+        if device.type != "cpu":
+            to = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+            positions, new, decode_rows, decode_slots, decode_mask = map(
+                to, (positions, new, decode_rows, decode_slots, decode_mask))
+            prefill = [(row, n, to(slots), to(mask)) for row, n, slots, mask in prefill]
         return cls(positions, new, list(query_lens), decode_rows, decode_slots, decode_mask, prefill)
 
 
 class Rope:
     """Rotary embedding in the hub's half-split layout, cos/sin tables built once."""
 
-    def __init__(self, head_dim: int, theta: float, max_positions: int):
+    def __init__(self, head_dim: int, theta: float, max_positions: int, device: torch.device | None = None):
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
         freqs = torch.outer(torch.arange(max_positions).float(), inv_freq)  # (P, Dh/2)
         emb = torch.cat([freqs, freqs], dim=-1)  # (P, Dh)
-        self.cos, self.sin = emb.cos(), emb.sin()
+        self.cos, self.sin = emb.cos().to(device), emb.sin().to(device)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin), each (T, 1, Dh), at the rows' positions."""

@@ -102,7 +102,7 @@ class ExpertDispatcher:
                 segments.append(torch.arange(start, start + n))
             split.append(sum(n for _, _, n in items))
         self.rows_sent[:, layer] += header[:, 2:]
-        send_order = torch.cat(segments) if segments else torch.empty(0, dtype=torch.int64)
+        send_order = (torch.cat(segments) if segments else torch.empty(0, dtype=torch.int64)).to(x.device)
         send = rows[send_order].to(self.device)  # (N, D) grouped by worker, then expert
         received = torch.empty_like(send)
         none = [0] * self.world
@@ -124,10 +124,10 @@ class ExpertDispatcher:
             self.broken = True
             self._closed.set()
             raise ExpertPathError(f"expert data path failed (a worker died or timed out): {exc}") from exc
-        out = torch.empty_like(flight.received)
-        out[flight.send_order] = flight.received  # back to expert-sorted order
-        return combine_rows(out.cpu(), flight.order, flight.weights, flight.num_tokens,
-                            self.config.experts_per_token)
+        received = flight.received.to(flight.order.device)
+        out = torch.empty_like(received)
+        out[flight.send_order] = received  # back to expert-sorted order
+        return combine_rows(out, flight.order, flight.weights, flight.num_tokens, self.config.experts_per_token)
 
     def run(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return self.finish(self.start(layer, x, weights, ids))

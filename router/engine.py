@@ -55,12 +55,12 @@ class Engine:
 
     @classmethod
     def local(cls, model_dir, dtype: torch.dtype = torch.float32, kv_blocks: int = 512,
-              block_size: int = 16) -> "Engine":
-        """The reference engine: every weight of the checkpoint in this process."""
+              block_size: int = 16, device: str | torch.device = "cpu") -> "Engine":
+        """The reference engine: every weight of the checkpoint in this process (on `device`)."""
         checkpoint = Checkpoint(model_dir)
-        model = RouterModel.from_checkpoint(checkpoint, dtype)
-        experts = LocalExperts.from_checkpoint(checkpoint, dtype)
-        return cls(model, experts, KVCache(checkpoint.config, kv_blocks, block_size, dtype))
+        model = RouterModel.from_checkpoint(checkpoint, dtype, device)
+        experts = LocalExperts.from_checkpoint(checkpoint, dtype, device)
+        return cls(model, experts, KVCache(checkpoint.config, kv_blocks, block_size, dtype, device))
 
     @torch.inference_mode()
     def step(self, seqs: list[Sequence], num_new: list[int] | None = None,
@@ -87,9 +87,9 @@ class Engine:
         for s, n in zip(seqs, num_new):
             s.num_cached += n
         if all_logits:
-            return list(self.model.logits(h).split(num_new))
+            return list(self.model.logits(h).cpu().split(num_new))
         ends = torch.tensor(num_new).cumsum(0)
-        return list(self.model.logits(h[ends - 1]))
+        return list(self.model.logits(h[ends - 1]).cpu())  # sampling runs on the CPU
 
     def _split(self, num_new: list[int]) -> bool:
         if len(num_new) < 2 or self.pingpong == "off":

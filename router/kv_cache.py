@@ -24,15 +24,15 @@ class OutOfBlocks(RuntimeError):
 
 class KVCache:
     def __init__(self, config: MixtralConfig, num_blocks: int, block_size: int = 16,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("num_blocks and block_size must be positive")
         self.block_size = block_size
         self.num_blocks = num_blocks
         slots = num_blocks * block_size
         shape = (config.num_layers, slots, config.num_kv_heads, config.head_dim)  # (L, S, G, Dh)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.ref_counts = [0] * num_blocks
         self._free = deque(range(num_blocks))  # oldest-freed first
         self._name_of: dict[int, int] = {}  # block -> hash of its full contents (prefix chain)
@@ -45,12 +45,12 @@ class KVCache:
 
     @classmethod
     def from_memory_budget(cls, config: MixtralConfig, budget_bytes: int, block_size: int = 16,
-                           dtype: torch.dtype = torch.float32) -> "KVCache":
+                           dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "KVCache":
         num_blocks = budget_bytes // cls.bytes_per_block(config, block_size, dtype)
         if num_blocks < 1:
             raise ValueError(f"KV cache budget of {budget_bytes} bytes holds no block of "
                              f"{cls.bytes_per_block(config, block_size, dtype)} bytes")
-        return cls(config, int(num_blocks), block_size, dtype)
+        return cls(config, int(num_blocks), block_size, dtype, device)
 
     @property
     def free_blocks(self) -> int:

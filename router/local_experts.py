@@ -15,10 +15,12 @@ class LocalExperts:
         self.weights = weights  # (layer, expert) -> (w1 (I, D), w2 (D, I), w3 (I, D))
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Checkpoint, dtype: torch.dtype) -> "LocalExperts":
+    def from_checkpoint(cls, checkpoint: Checkpoint, dtype: torch.dtype,
+                        device: str | torch.device = "cpu") -> "LocalExperts":
         c = checkpoint.config
         pairs = [(layer, e) for layer in range(c.num_layers) for e in range(c.num_experts)]
-        return cls(c, checkpoint.read_experts(pairs, dtype))
+        weights = checkpoint.read_experts(pairs, dtype)
+        return cls(c, {p: tuple(w.to(device) for w in ws) for p, ws in weights.items()})
 
     def run(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x (T, D), weights/ids (T, K) -> sum_k weights[:, k] * expert_{ids[:, k]}(x) (T, D) fp32."""

@@ -47,14 +47,16 @@ class RouterModel:
                 o=tensors[p + "self_attn.o_proj.weight"],
                 gate=tensors[p + "block_sparse_moe.gate.weight"],
             ))
-        self.rope = Rope(config.head_dim, config.rope_theta, config.max_position_embeddings)
+        self.device = self.embed.device
+        self.rope = Rope(config.head_dim, config.rope_theta, config.max_position_embeddings, self.device)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Checkpoint, dtype: torch.dtype) -> "RouterModel":
-        return cls(checkpoint.config, checkpoint.read_dense(dtype))
+    def from_checkpoint(cls, checkpoint: Checkpoint, dtype: torch.dtype,
+                        device: str | torch.device = "cpu") -> "RouterModel":
+        return cls(checkpoint.config, {k: t.to(device) for k, t in checkpoint.read_dense(dtype).items()})
 
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed[token_ids]  # (T,) -> (T, D)
+        return self.embed[token_ids.to(self.device)]  # (T,) -> (T, D)
 
     def attention_block(self, layer: int, h: torch.Tensor, batch: AttentionBatch,
                         cache: KVCache) -> torch.Tensor:

@@ -1,0 +1,99 @@
+"""GPU check of the reference engine at real Mixtral 8x7B layer sizes (hidden 4096, intermediate
+14336, 32 heads / 8 kv heads, 8 experts top-2, vocab 32000; a few layers), bf16, against
+transformers' MixtralForCausalLM on the same weights: greedy agreement and decode tokens/s.
+
+    python bench/engine_gpu.py [--layers 2]      # needs one CUDA GPU
+Last line: reference_over_transformers_decode_tokens_per_s_b16=<x>
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cluster.config import MixtralConfig  # noqa: E402
+from cluster.tiny_checkpoint import random_weights, save_hub  # noqa: E402
+from router.engine import Engine, Sequence  # noqa: E402
+
+
+def our_decode_tokens_per_s(engine: Engine, batch: int, prompt_len: int, steps: int) -> float:
+    gen = torch.Generator().manual_seed(batch)
+    seqs = [Sequence(torch.randint(3, 32000, (prompt_len,), generator=gen).tolist()) for _ in range(batch)]
+    engine.step(seqs)
+    for s in seqs:
+        s.token_ids.append(7)
+    engine.step(seqs)  # warm-up decode
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        for s in seqs:
+            s.token_ids.append(7)
+        engine.step(seqs)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    engine.release(seqs)
+    return batch * steps / elapsed
+
+
+def hf_decode_tokens_per_s(model, batch: int, prompt_len: int, steps: int) -> float:
+    ids = torch.randint(3, 32000, (batch, prompt_len), device="cuda")
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        torch.cuda.synchronize()
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False)
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start - prefill  # decode steps only
+    return batch * steps / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=32)
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    from transformers import MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=args.layers,
+                           num_heads=32, num_kv_heads=8, head_dim=128, num_experts=8, experts_per_token=2,
+                           dtype="bfloat16")
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, f"layers={args.layers} bf16")
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        save_hub(random_weights(config, seed=0, dtype=torch.bfloat16), config, Path(tmp), 4 << 30)
+        print(f"wrote the checkpoint in {time.perf_counter() - start:.1f}s")
+        engine = Engine.local(tmp, torch.bfloat16, kv_blocks=2048, device="cuda")
+        hf = MixtralForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).cuda().eval()
+        prompt = torch.randint(3, 32000, (1, 24), generator=torch.Generator().manual_seed(1))
+        ours = engine.generate([prompt[0].tolist()], 32, stop_at_eos=False)[0]
+        with torch.no_grad():
+            theirs = hf.generate(prompt.cuda(), max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, 24:].tolist()
+        agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
+        logits_ours = engine.prompt_logits(prompt[0].tolist())
+        with torch.no_grad():
+            logits_hf = hf(prompt.cuda()).logits[0].float().cpu()
+        print(f"greedy: first {agree} of 32 tokens identical (bf16); prefill logits max abs diff "
+              f"{(logits_ours - logits_hf).abs().max().item():.3f} (logit scale {logits_hf.abs().max().item():.1f})")
+        ratios = {}
+        print(f"{'batch':>5} {'ours tok/s':>10} {'transformers tok/s':>18} {'ratio':>6}")
+        for batch in (1, 16, 64):
+            ours_tps = our_decode_tokens_per_s(engine, batch, 128, args.steps)
+            hf_tps = hf_decode_tokens_per_s(hf, batch, 128, args.steps)
+            ratios[batch] = ours_tps / hf_tps
+            print(f"{batch:>5} {ours_tps:>10.1f} {hf_tps:>18.1f} {ratios[batch]:>6.2f}")
+    print(f"reference_over_transformers_decode_tokens_per_s_b16={ratios[16]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
