@@ -106,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="keep going past the end-of-sequence token")
             client.add_argument("--logprobs", type=int, help="also return this many top log-probabilities")
 
+    plan = sub.add_parser("plan", help="print a placement plan (to edit and pass to --placement)",
+                          description="Print the placement of a model's experts on N workers: readable, or "
+                          "as JSON for --placement.")
+    plan.add_argument("--model", help="checkpoint folder (default: the cached tiny Mixtral)")
+    plan.add_argument("--workers", type=int, required=True, help="expert workers")
+    plan.add_argument("--replicas", default=None, help="extra expert copies, as for serve")
+    plan.add_argument("--json", action="store_true", help="print JSON (a plan file) instead of text")
+
     tiny = sub.add_parser("tiny-checkpoint", help="write a random tiny Mixtral in hub layout",
                           description="Write a random-initialised Mixtral (hub layout: sharded "
                           "safetensors, index, config.json, Mixtral tokenizer files).")
@@ -187,6 +195,20 @@ def open_engine(args, model_dir, dtype):
         cluster.shutdown()
 
 
+def cmd_plan(args) -> int:
+    from cluster.config import load_config
+    from cluster.placement import PlacementPlan
+    from cluster.tiny_checkpoint import default_model_dir
+
+    config = load_config(args.model or default_model_dir())
+    plan = PlacementPlan.spread(args.workers, config.num_layers, config.num_experts)
+    if args.replicas:
+        plan = plan.with_replicas(args.replicas)
+    plan.validate()
+    print(plan.to_json() if args.json else plan.describe())
+    return 0
+
+
 def cmd_run(args) -> int:
     from cluster.config import load_config
     from cluster.tiny_checkpoint import default_model_dir
@@ -221,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.server import cmd_serve
     from router.dispatcher import ExpertPathError
 
-    handlers = {"tiny-checkpoint": cmd_tiny_checkpoint, "run": cmd_run, "serve": cmd_serve,
+    handlers = {"tiny-checkpoint": cmd_tiny_checkpoint, "run": cmd_run, "serve": cmd_serve, "plan": cmd_plan,
                 "generate": cmd_generate, "info": cmd_info}
     try:
         return handlers[args.command](args)

@@ -14,6 +14,7 @@ from pathlib import Path
 from cluster.chat import load_chat_template
 from cluster.checkpoint import Checkpoint
 from cluster.tokenizer import load_tokenizer
+from protos.expertmesh.v1 import generation_pb2 as pb
 
 log = logging.getLogger("expertmesh.serve")
 
@@ -72,9 +73,7 @@ def build_engine(args, model_dir: Path, dtype):
     return engine, cluster
 
 
-def model_info(name: str, config, cluster) -> "pb.ModelInfo":  # noqa: F821
-    from protos.expertmesh.v1 import generation_pb2 as pb
-
+def model_info(name: str, config, cluster) -> pb.ModelInfo:
     info = pb.ModelInfo(model_name=name, vocab_size=config.vocab_size, max_context=config.max_position_embeddings,
                         num_layers=config.num_layers, num_experts=config.num_experts,
                         experts_per_token=config.experts_per_token, hidden_size=config.hidden_size)

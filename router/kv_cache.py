@@ -43,15 +43,6 @@ class KVCache:
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * elem
 
-    @classmethod
-    def from_memory_budget(cls, config: MixtralConfig, budget_bytes: int, block_size: int = 16,
-                           dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "KVCache":
-        num_blocks = budget_bytes // cls.bytes_per_block(config, block_size, dtype)
-        if num_blocks < 1:
-            raise ValueError(f"KV cache budget of {budget_bytes} bytes holds no block of "
-                             f"{cls.bytes_per_block(config, block_size, dtype)} bytes")
-        return cls(config, int(num_blocks), block_size, dtype, device)
-
     @property
     def free_blocks(self) -> int:
         return len(self._free)
@@ -68,11 +59,6 @@ class KVCache:
             del self._block_named[name]
         self.ref_counts[block] = 1
         return block
-
-    def share(self, block: int) -> None:
-        """Another sequence uses this block too (prefix sharing)."""
-        assert self.ref_counts[block] > 0, "sharing a free block"
-        self.ref_counts[block] += 1
 
     def release(self, blocks: list[int]) -> None:
         for block in blocks:

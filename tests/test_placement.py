@@ -1,0 +1,63 @@
+"""Placement plans: spreading, replicas, validation, plan files through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cluster.placement import PlacementError, PlacementPlan
+from tests.test_cli import expertmesh
+
+
+def test_spread_covers_every_expert_once_and_balances_layers():
+    plan = PlacementPlan.spread(3, 2, 8)
+    plan.validate()
+    assert all(len(ws) == 1 for ws in plan.holders.values())
+    per_worker = [len(plan.worker_pairs(w)) for w in range(3)]
+    assert sorted(per_worker) == [4, 6, 6]  # 8 experts over 3 workers, in each of 2 layers
+
+
+def test_replicas_go_to_the_least_loaded_workers():
+    plan = PlacementPlan.spread(4, 2, 4).with_replicas("*:0x3,1:2x2")
+    assert plan.holders[(0, 0)] == (0, 1, 2) and plan.holders[(1, 0)][0] == 0
+    assert len(plan.holders[(1, 0)]) == 3 and len(plan.holders[(1, 2)]) == 2
+    assert len(set(plan.holders[(1, 0)])) == 3
+    plan.validate()
+    assert "replicated" in plan.describe()
+
+
+@pytest.mark.parametrize("spec, message", [("0:9", "no expert"), ("0:1x5", "only 4 workers"),
+                                           ("zero:1", "bad replica spec")])
+def test_bad_replica_specs(spec, message):
+    with pytest.raises(PlacementError, match=message):
+        PlacementPlan.spread(4, 2, 8).with_replicas(spec)
+
+
+def test_validation_errors():
+    plan = PlacementPlan.spread(2, 1, 4)
+    holders = dict(plan.holders)
+    del holders[(0, 3)]
+    with pytest.raises(PlacementError, match=r"expert \(0, 3\) is on no worker"):
+        PlacementPlan(2, 1, 4, holders).validate()
+    with pytest.raises(PlacementError, match="placed twice"):
+        PlacementPlan(2, 1, 4, {**plan.holders, (0, 1): (1, 1)}).validate()
+    with pytest.raises(PlacementError, match="unknown worker 5"):
+        PlacementPlan(2, 1, 4, {**plan.holders, (0, 1): (5,)}).validate()
+    with pytest.raises(PlacementError, match="over its budget"):
+        plan.validate(bytes_per_expert=100, worker_budget_bytes=150)
+
+
+def test_plan_file_from_the_cli_drives_a_run(tiny_checkpoint, tmp_path):
+    text = expertmesh("plan", "--model", str(tiny_checkpoint), "--workers", "2", "--replicas", "*:3x2",
+                      "--json").stdout
+    plan = PlacementPlan.from_json(text)
+    assert plan == PlacementPlan.spread(2, 2, 8).with_replicas("*:3x2")
+    raw = json.loads(text)
+    raw["holders"] = [[layer, e, [0]] if e < 6 else [layer, e, ws] for layer, e, ws in raw["holders"]]
+    (tmp_path / "plan.json").write_text(json.dumps(raw))  # an uneven, hand-edited plan
+    args = ["run", "--model", str(tiny_checkpoint), "--prompt-ids", "1,415,2936", "--max-new-tokens", "6",
+            "--json"]
+    local = json.loads(expertmesh(*args).stdout)
+    placed = json.loads(expertmesh(*args, "--workers", "2", "--placement", str(tmp_path / "plan.json")).stdout)
+    assert placed == local
