@@ -99,7 +99,7 @@ class ExpertCluster:
             raise
         device = torch.device("cuda" if gpus else "cpu")
         model = RouterModel.from_checkpoint(self.checkpoint, dtype, device)  # attention on the GPU too
-        self.dispatcher = ExpertDispatcher(config, plan, dtype, device,
+        self.dispatcher = ExpertDispatcher(config, plan, device,
                                            keepalive_s=max(collective_timeout_s / 4, 0.5))
         cache = KVCache(config, kv_blocks, block_size, dtype, device)
         self.engine = Engine(model, self.dispatcher, cache, pingpong=pingpong)

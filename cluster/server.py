@@ -16,8 +16,6 @@ from cluster.checkpoint import Checkpoint
 from cluster.tokenizer import load_tokenizer
 from protos.expertmesh.v1 import generation_pb2 as pb
 
-log = logging.getLogger("expertmesh.serve")
-
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2,
           "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30}
 

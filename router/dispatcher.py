@@ -36,11 +36,10 @@ class InFlight:
 
 
 class ExpertDispatcher:
-    def __init__(self, config: MixtralConfig, plan: PlacementPlan, dtype: torch.dtype,
-                 device: torch.device, keepalive_s: float = 2.0):
+    def __init__(self, config: MixtralConfig, plan: PlacementPlan, device: torch.device,
+                 keepalive_s: float = 2.0):
         self.config = config
         self.plan = plan
-        self.dtype = dtype
         self.device = device
         self.world = plan.num_workers + 1
         self.header_size = wire.header_size(config.num_experts)

@@ -66,8 +66,8 @@ class Engine:
     def step(self, seqs: list[Sequence], num_new: list[int] | None = None,
              all_logits: bool = False) -> list[torch.Tensor]:
         """Compute the next num_new[i] uncached tokens of each sequence (default: all of them);
-        their blocks must be in place (grow_for). Returns per sequence the logits after its last
-        computed token (V,), or after each computed token (n, V) with all_logits.
+        blocks are added as needed (the scheduler reserves them first when serving). Returns per
+        sequence the logits after its last computed token (V,), or after each one (n, V) with all_logits.
         """
         if num_new is None:
             num_new = [len(s.token_ids) - s.num_cached for s in seqs]

@@ -100,6 +100,8 @@ class KVCache:
     def name_full_blocks(self, block_table: list[int], tokens: list[int], num_cached: int) -> None:
         """Make the sequence's full, computed blocks findable by later prompts."""
         full = min(num_cached // self.block_size, len(block_table))
+        if full == 0 or block_table[full - 1] in self._name_of:
+            return  # nothing new became full since the last call: skip re-hashing the prefix
         for block, name in zip(block_table[:full], self._chain(tokens, full)):
             if block not in self._name_of and name not in self._block_named:
                 self._name_of[block] = name

@@ -91,11 +91,6 @@ class ExpertWorker:
                     self.rows_received[(layer, e)] += n
             dist.all_to_all_single(no_rows, out, nothing, [total] + nothing[1:])
 
-    def close(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 # The Ray actor: one thread runs `serve`, the other answers control calls (stats) meanwhile.
