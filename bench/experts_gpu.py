@@ -73,15 +73,15 @@ def main() -> None:
         order, counts = sort_by_expert(ids, E)
         rows = x[order // K]
         count_list = counts.tolist()
-        per_expert = [(layer.w1[e], layer.w2[e], layer.w3[e]) for e in range(E)]
+        per_expert = layer.mlps  # views into the stacks, torch (cuBLAS) per expert
         torch_fn = lambda: grouped_swiglu(rows, count_list, per_expert)  # noqa: E731
         reference = torch_fn().float()
         torch_ms = bench_ms(torch_fn)
         cells, best = [], float("inf")
         err = 0.0
         for bm, bn, bk, warps, stages in CONFIGS:
-            fn = lambda: triton_grouped_swiglu(rows, list(range(E)), count_list, layer.w1, layer.w2,  # noqa: E731
-                                               layer.w3, block_m=bm, block_n=bn, block_k=bk,
+            fn = lambda: triton_grouped_swiglu(rows, list(range(E)), count_list, layer.w13, layer.w2,  # noqa: E731
+                                               block_m=bm, block_n=bn, block_k=bk,
                                                num_warps=warps, num_stages=stages)
             got = fn().float()
             err = max(err, ((got - reference).abs().max() / reference.abs().max()).item())

@@ -88,6 +88,9 @@ class ExpertCluster:
             RemoteExpertWorker.options(
                 num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i),
+                # Ray starts workers at niceness 15, behind its own daemons; a worker is on the
+                # data path of every layer, so a daemon's wake-up would stall the whole step.
+                runtime_env={"env_vars": {"RAY_worker_niceness": "0"}},
             ).remote(i, str(model_dir), plan.worker_pairs(i), dtype_name)
             for i in range(num_workers)]
         self.serve_refs = []

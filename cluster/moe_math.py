@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cluster.linear import Linear
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in fp32, scaled in the input dtype (as Mixtral was trained)."""
@@ -38,22 +40,28 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Te
     return order, torch.bincount(flat, minlength=num_experts)
 
 
-def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """One expert: w2(silu(w1 x) * w3 x). x (n, D), w1/w3 (I, D), w2 (D, I) -> (n, D)."""
-    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+def fused_expert(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> tuple[Linear, Linear]:
+    """An expert as two linear layers: w13 = [w1; w3] (2I, D), one GEMM for gate and up, and w2."""
+    return Linear(torch.cat([w1, w3])), Linear(w2)
 
 
-def grouped_swiglu(rows: torch.Tensor, counts: list[int], experts: list[tuple]) -> torch.Tensor:
+def swiglu_expert(x: torch.Tensor, w13: Linear, w2: Linear) -> torch.Tensor:
+    """One expert: w2(silu(w1 x) * w3 x). x (n, D) -> (n, D)."""
+    gate, up = w13(x).chunk(2, dim=-1)  # (n, I) each
+    return w2(F.silu(gate) * up)
+
+
+def grouped_swiglu(rows: torch.Tensor, counts: list[int], experts: list[tuple[Linear, Linear]]) -> torch.Tensor:
     """SwiGLU experts over rows already grouped by expert (torch path).
 
-    rows (N, D) with counts[i] consecutive rows for experts[i] = (w1, w2, w3) -> (N, D).
+    rows (N, D) with counts[i] consecutive rows for experts[i] = (w13, w2) -> (N, D).
     One GEMM chain per expert over its contiguous rows: no per-row weight gathering.
     """
     out = torch.empty_like(rows)
     start = 0
-    for count, (w1, w2, w3) in zip(counts, experts):
+    for count, (w13, w2) in zip(counts, experts):
         if count:
-            out[start:start + count] = swiglu_expert(rows[start:start + count], w1, w2, w3)
+            out[start:start + count] = swiglu_expert(rows[start:start + count], w13, w2)
         start += count
     return out
 

@@ -27,7 +27,8 @@ class ExpertPathError(RuntimeError):
 
 @dataclass
 class InFlight:
-    works: list  # async collective handles, completed in order
+    works: list  # async send/recv handles, completed in order
+    keep: list  # tensors the pending sends read from, alive until they complete
     received: torch.Tensor  # (N, D) expert outputs in send order
     send_order: torch.Tensor  # (N,) position in the expert-sorted rows of each sent row
     order: torch.Tensor  # (N,) flattened (token, slot) pair of each expert-sorted row
@@ -41,34 +42,35 @@ class ExpertDispatcher:
         self.config = config
         self.plan = plan
         self.device = device
-        self.world = plan.num_workers + 1
         self.header_size = wire.header_size(config.num_experts)
         self.rows_sent = torch.zeros(plan.num_workers, config.num_layers, config.num_experts,
                                      dtype=torch.int64)  # load statistics for the controller
-        self._lock = threading.Lock()  # one message on the wire at a time
-        self._last_send = time.monotonic()
+        self._lock = threading.Lock()  # one message group on the wire at a time
+        self._last_send = [time.monotonic()] * plan.num_workers  # a worker may sit out many layers
         self._closed = threading.Event()
         self.broken = False  # the group failed; only tearing it down is left
         self._keepalive = threading.Thread(target=self._keep_alive, args=(keepalive_s,), daemon=True)
         self._keepalive.start()
 
-    def _send_header(self, per_worker: torch.Tensor, async_op: bool):
-        """per_worker (W, header) int64 -> one all_to_all_single of headers (router sends to itself 0s)."""
-        send = torch.zeros(self.world, self.header_size, dtype=torch.int64)
-        send[1:] = per_worker
-        recv = torch.empty(self.world * self.header_size, dtype=torch.int64, device=self.device)
-        self._last_send = time.monotonic()
-        return dist.all_to_all_single(recv, send.reshape(-1).to(self.device), async_op=async_op)
+    def _send_op(self, worker: int, op: int, layer: int = 0, counts: list[int] | None = None):
+        """Post one header to `worker`; returns (work, header tensor)."""
+        header = torch.zeros(self.header_size, dtype=torch.int64)
+        header[0], header[1] = op, layer
+        if counts:
+            header[2:] = torch.tensor(counts)
+        header = header.to(self.device)
+        self._last_send[worker] = time.monotonic()
+        return dist.isend(header, wire.worker_rank(worker)), header
 
     def _keep_alive(self, interval: float) -> None:
-        """While the router is idle, ping the workers so their wait for the next header never times out."""
+        """Ping each worker that has had no message for `interval`, so its wait never times out."""
         while not self._closed.wait(interval / 2):
-            if time.monotonic() - self._last_send >= interval and self._lock.acquire(blocking=False):
+            if self._lock.acquire(blocking=False):
                 try:
-                    if not self._closed.is_set():
-                        op = torch.full((self.world - 1, self.header_size), 0, dtype=torch.int64)
-                        op[:, 0] = wire.OP_PING
-                        self._send_header(op, async_op=False)
+                    idle = [w for w, t in enumerate(self._last_send) if time.monotonic() - t >= interval]
+                    works = [self._send_op(w, wire.OP_PING)[0] for w in idle if not self._closed.is_set()]
+                    for work in works:
+                        work.wait()
                 except Exception:  # noqa: BLE001 - a broken group surfaces on the next step
                     pass
                 finally:
@@ -92,27 +94,26 @@ class ExpertDispatcher:
                 if n:
                     pieces[w].append((e, start, n))
                 start += n
-        header = torch.zeros(num_workers, self.header_size, dtype=torch.int64)
-        header[:, 0], header[:, 1] = wire.OP_LAYER, layer
-        segments, split = [], [0]
+        per_worker = [[0] * num_experts for _ in range(num_workers)]  # the headers' counts
+        segments, split = [], []
         for w, items in enumerate(pieces):
             for e, start, n in items:
-                header[w, 2 + e] = n
+                per_worker[w][e] = n
                 segments.append(torch.arange(start, start + n))
             split.append(sum(n for _, _, n in items))
-        self.rows_sent[:, layer] += header[:, 2:]
-        send_order = (torch.cat(segments) if segments else torch.empty(0, dtype=torch.int64)).to(x.device)
+        self.rows_sent[:, layer] += torch.tensor(per_worker)
+        send_order = torch.cat(segments).to(x.device)
         send = rows[send_order].to(self.device)  # (N, D) grouped by worker, then expert
         received = torch.empty_like(send)
-        none = [0] * self.world
+        works, keep = [], [send]
         with self._lock:
-            works = [self._send_header(header, async_op=True),
-                     dist.all_to_all_single(torch.empty(0, send.shape[1], dtype=send.dtype, device=self.device),
-                                            send, none, split, async_op=True),
-                     dist.all_to_all_single(received, torch.empty(0, send.shape[1], dtype=send.dtype,
-                                                                  device=self.device),
-                                            split, none, async_op=True)]
-        return InFlight(works, received, send_order, order, weights, x.shape[0])
+            for w, (items, part, back) in enumerate(zip(pieces, send.split(split), received.split(split))):
+                if not items:
+                    continue  # nothing for this worker in this layer: no message at all
+                work, header = self._send_op(w, wire.OP_LAYER, layer, per_worker[w])
+                keep.append(header)
+                works += [work, dist.isend(part, wire.worker_rank(w)), dist.irecv(back, wire.worker_rank(w))]
+        return InFlight(works, keep, received, send_order, order, weights, x.shape[0])
 
     def finish(self, flight: InFlight) -> torch.Tensor:
         """Wait for the experts' results and combine them: -> (T, D) fp32."""
@@ -137,6 +138,5 @@ class ExpertDispatcher:
         if self.broken:
             return
         with self._lock:
-            op = torch.zeros(self.world - 1, self.header_size, dtype=torch.int64)
-            op[:, 0] = wire.OP_SHUTDOWN
-            self._send_header(op, async_op=False)
+            for work, _ in [self._send_op(w, wire.OP_SHUTDOWN) for w in range(self.plan.num_workers)]:
+                work.wait()

@@ -6,13 +6,14 @@ import torch
 
 from cluster.checkpoint import Checkpoint
 from cluster.config import MixtralConfig
-from cluster.moe_math import combine_rows, grouped_swiglu, sort_by_expert
+from cluster.linear import Linear
+from cluster.moe_math import combine_rows, fused_expert, grouped_swiglu, sort_by_expert
 
 
 class LocalExperts:
-    def __init__(self, config: MixtralConfig, weights: dict[tuple[int, int], tuple]):
+    def __init__(self, config: MixtralConfig, weights: dict[tuple[int, int], tuple[Linear, Linear]]):
         self.config = config
-        self.weights = weights  # (layer, expert) -> (w1 (I, D), w2 (D, I), w3 (I, D))
+        self.weights = weights  # (layer, expert) -> (w13 (2I, D), w2 (D, I)), see fused_expert
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, dtype: torch.dtype,
@@ -20,7 +21,7 @@ class LocalExperts:
         c = checkpoint.config
         pairs = [(layer, e) for layer in range(c.num_layers) for e in range(c.num_experts)]
         weights = checkpoint.read_experts(pairs, dtype)
-        return cls(c, {p: tuple(w.to(device) for w in ws) for p, ws in weights.items()})
+        return cls(c, {p: fused_expert(*(w.to(device) for w in ws)) for p, ws in weights.items()})
 
     def run(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x (T, D), weights/ids (T, K) -> sum_k weights[:, k] * expert_{ids[:, k]}(x) (T, D) fp32."""

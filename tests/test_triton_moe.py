@@ -20,11 +20,10 @@ def test_triton_matches_torch(counts):
     d, inter, num_experts = 48, 80, 6  # not multiples of the block sizes: masks are exercised
     experts = {e: (torch.randn(inter, d, generator=gen) * 0.1, torch.randn(d, inter, generator=gen) * 0.1,
                    torch.randn(inter, d, generator=gen) * 0.1) for e in range(0, num_experts, 2)}
-    layer = LayerExperts.stack(experts)  # holds experts 0, 2, 4 of the layer
+    layer = LayerExperts.stack(experts, keep_stacks=True)  # holds experts 0, 2, 4 of the layer
     expert_ids = [0, 2, 4, 2][: len(counts)]
     rows = torch.randn(sum(counts), d, generator=gen)
     expected = grouped_experts(rows, layer, expert_ids, counts)  # torch path (CPU tensors)
-    got = triton_grouped_swiglu(rows, [layer.local[e] for e in expert_ids], counts,
-                                layer.w1, layer.w2, layer.w3)
+    got = triton_grouped_swiglu(rows, [layer.local[e] for e in expert_ids], counts, layer.w13, layer.w2)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() < 1e-4

@@ -37,7 +37,7 @@ class ExpertWorker:
         for (layer, expert), ws in checkpoint.read_experts(self.pairs, self.dtype).items():
             by_layer.setdefault(layer, {})[expert] = tuple(w.to(self.device) for w in ws)
         self.layers = {layer: LayerExperts.stack(experts) for layer, experts in by_layer.items()}
-        return sum(t.numel() * t.element_size() for s in self.layers.values() for t in (s.w1, s.w2, s.w3))
+        return sum(layer.nbytes for layer in self.layers.values())
 
     def where(self) -> dict:
         """Where this worker runs: for placement checks and for finding leftover processes."""
@@ -61,36 +61,30 @@ class ExpertWorker:
         # Set on this thread: OpenMP thread counts are per calling thread, and a Ray threaded
         # actor runs each call on a pool thread.
         torch.set_num_threads(int(os.environ.get("EXPERTMESH_WORKER_THREADS", "1")))
-        world = dist.get_world_size()
-        num_experts, hidden = self.config.num_experts, self.config.hidden_size
-        size = wire.header_size(num_experts)
-        zeros_header = torch.zeros(world * size, dtype=torch.int64, device=self.device)
-        no_rows = torch.empty(0, hidden, dtype=self.dtype, device=self.device)
-        nothing = [0] * world
+        router = wire.ROUTER_RANK
+        hidden = self.config.hidden_size
         while True:
-            header = torch.empty(world * size, dtype=torch.int64, device=self.device)
-            dist.all_to_all_single(header, zeros_header)
-            mine = header[:size].tolist()  # the router's header to this worker
-            op, layer, counts = mine[0], mine[1], mine[2:]
+            header = torch.empty(wire.header_size(self.config.num_experts), dtype=torch.int64,
+                                 device=self.device)
+            dist.recv(header, router)
+            op, layer, *counts = header.tolist()
             if op == wire.OP_SHUTDOWN:
                 return "shutdown"
             if op == wire.OP_PING:
                 continue
-            total = sum(counts)
-            rows = torch.empty(total, hidden, dtype=self.dtype, device=self.device)
-            dist.all_to_all_single(rows, no_rows, [total] + nothing[1:], nothing)
             used = [(e, n) for e, n in enumerate(counts) if n]
+            rows = torch.empty(sum(counts), hidden, dtype=self.dtype, device=self.device)
+            dist.recv(rows, router)
             held = self.layers.get(layer)
             missing = [e for e, _ in used if held is None or e not in held.local]
             if missing:  # the router's plan and ours disagree: fail loudly, never compute garbage
                 raise RuntimeError(f"worker {self.worker} got rows for expert ({layer}, {missing[0]}) "
                                    "which it does not hold")
-            out = grouped_experts(rows, held, [e for e, _ in used], [n for _, n in used]) if used else rows
+            out = grouped_experts(rows, held, [e for e, _ in used], [n for _, n in used])
             with self._lock:  # counted before the results go back, so stats never lag the router
                 for e, n in used:
                     self.rows_received[(layer, e)] += n
-            dist.all_to_all_single(no_rows, out, nothing, [total] + nothing[1:])
-
+            dist.send(out, router)
 
 
 # The Ray actor: one thread runs `serve`, the other answers control calls (stats) meanwhile.

@@ -1,8 +1,9 @@
-"""The worker's experts of one layer, stacked, and the grouped MLP over them.
+"""The worker's experts of one layer, and the grouped MLP over them.
 
-On GPU, small steps (decode) use the Triton grouped kernel, one launch for all experts; larger ones
-use cuBLAS per expert, which was faster there on an H200 at Mixtral 8x7B sizes
-(bench/results/experts_gpu_h200.txt: Triton 1.17x faster at 64 tokens, 0.70x at 1024).
+On GPU, small steps (decode) use the Triton grouped kernel, one launch for all experts over the
+stacked weights; larger ones use cuBLAS per expert, which was faster there on an H200 at Mixtral
+8x7B sizes (bench/results/experts_gpu_h200.txt: Triton 1.17x faster at 64 tokens, 0.70x at 1024).
+On the CPU each expert is a pair of prepacked linear layers (cluster/linear.py) and no stacks are kept.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cluster.linear import Linear
 from cluster.moe_math import grouped_swiglu
 
 TRITON_MAX_ROWS = 128  # rows (tokens x top-k) up to which the Triton kernel beat cuBLAS
@@ -18,25 +20,39 @@ TRITON_MAX_ROWS = 128  # rows (tokens x top-k) up to which the Triton kernel bea
 
 @dataclass
 class LayerExperts:
-    """The experts a worker holds in one layer, stacked so one kernel launch serves them all."""
-    local: dict[int, int]  # global expert id -> index in the stacks
-    w1: torch.Tensor  # (L, I, D)
-    w2: torch.Tensor  # (L, D, I)
-    w3: torch.Tensor  # (L, I, D)
+    """The experts a worker holds in one layer."""
+    local: dict[int, int]  # global expert id -> local index
+    mlps: list[tuple[Linear, Linear]]  # per local index: (w13 (2I, D), w2 (D, I)), as fused_expert
+    w13: torch.Tensor | None  # (L, 2I, D): w1 then w3 of each expert, stacked for the Triton kernel
+    w2: torch.Tensor | None  # (L, D, I)
 
     @classmethod
-    def stack(cls, experts: dict[int, tuple]) -> "LayerExperts":
+    def stack(cls, experts: dict[int, tuple], keep_stacks: bool | None = None) -> "LayerExperts":
+        """experts: global id -> (w1 (I, D), w2 (D, I), w3 (I, D)). Stacks are kept on GPU (or when
+        asked), where the per-expert layers are views into them."""
         ids = sorted(experts)
-        return cls({e: i for i, e in enumerate(ids)},
-                   *(torch.stack([experts[e][j] for e in ids]).contiguous() for j in range(3)))
+        first = experts[ids[0]][0]
+        if keep_stacks is None:
+            keep_stacks = first.is_cuda
+        local = {e: i for i, e in enumerate(ids)}
+        if not keep_stacks:
+            return cls(local, [(Linear(torch.cat([w1, w3])), Linear(w2))
+                               for w1, w2, w3 in (experts[e] for e in ids)], None, None)
+        w13 = torch.stack([torch.cat([experts[e][0], experts[e][2]]) for e in ids]).contiguous()
+        w2 = torch.stack([experts[e][1] for e in ids]).contiguous()
+        return cls(local, [(Linear(w13[i]), Linear(w2[i])) for i in range(len(ids))], w13, w2)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w13.nbytes + w2.nbytes for w13, w2 in self.mlps)
 
 
 def grouped_experts(rows: torch.Tensor, layer: LayerExperts, expert_ids: list[int],
                     counts: list[int]) -> torch.Tensor:
     """rows (N, D) grouped by expert: counts[g] rows for global expert expert_ids[g] -> (N, D)."""
     index = [layer.local[e] for e in expert_ids]
-    if rows.is_cuda and rows.shape[0] <= TRITON_MAX_ROWS:
+    if rows.is_cuda and layer.w13 is not None and rows.shape[0] <= TRITON_MAX_ROWS:
         from workers.triton_moe import triton_grouped_swiglu
 
-        return triton_grouped_swiglu(rows, index, counts, layer.w1, layer.w2, layer.w3)
-    return grouped_swiglu(rows, counts, [(layer.w1[i], layer.w2[i], layer.w3[i]) for i in index])
+        return triton_grouped_swiglu(rows, index, counts, layer.w13, layer.w2)
+    return grouped_swiglu(rows, counts, [layer.mlps[i] for i in index])

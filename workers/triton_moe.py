@@ -62,22 +62,23 @@ def _tiles(expert_index: list[int], counts: list[int], block_m: int, device) -> 
 
 
 def triton_grouped_swiglu(rows: torch.Tensor, expert_index: list[int], counts: list[int],
-                          w1s: torch.Tensor, w2s: torch.Tensor, w3s: torch.Tensor,
+                          w13s: torch.Tensor, w2s: torch.Tensor,
                           block_m: int = 64, block_n: int = 128, block_k: int = 64,
                           num_warps: int = 8, num_stages: int = 4) -> torch.Tensor:
     """rows (N, D) grouped: counts[g] rows for stacked expert expert_index[g];
-    w1s/w3s (L, I, D), w2s (L, D, I) contiguous -> (N, D)."""
+    w13s (L, 2I, D) contiguous (w1 rows, then w3 rows), w2s (L, D, I) contiguous -> (N, D)."""
     n, d = rows.shape
-    inter = w1s.shape[1]
+    inter = w13s.shape[1] // 2
     out = torch.empty_like(rows)
     if n == 0:
         return out
     rows = rows.contiguous()
     starts, ends, experts = _tiles(expert_index, counts, block_m, rows.device)
     h = torch.empty(n, inter, dtype=rows.dtype, device=rows.device)  # (N, I)
+    # w1 and w3 of an expert share strides inside w13s; w3 starts `inter` rows further on.
     _grouped_gemm[(len(starts), triton.cdiv(inter, block_n))](
-        rows, w1s, w3s, h, starts, ends, experts, inter, d, rows.stride(0), w1s.stride(0),
-        w1s.stride(1), h.stride(0), FUSE_SWIGLU=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        rows, w13s, w13s[:, inter:], h, starts, ends, experts, inter, d, rows.stride(0), w13s.stride(0),
+        w13s.stride(1), h.stride(0), FUSE_SWIGLU=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps, num_stages=num_stages)
     _grouped_gemm[(len(starts), triton.cdiv(d, block_n))](
         h, w2s, w2s, out, starts, ends, experts, d, inter, h.stride(0), w2s.stride(0),
