@@ -105,7 +105,9 @@ class ExpertCluster:
         self.dispatcher = ExpertDispatcher(config, plan, device,
                                            keepalive_s=max(collective_timeout_s / 4, 0.5))
         cache = KVCache(config, kv_blocks, block_size, dtype, device)
-        self.engine = Engine(model, self.dispatcher, cache, pingpong=pingpong)
+        # CPU workers share this node's cores with the router (see Engine.layer_threads).
+        self.engine = Engine(model, self.dispatcher, cache, pingpong=pingpong,
+                             layer_threads=None if gpus else 1)
 
     def _join(self, gpus: bool, timeout_s: float) -> None:
         host = ray.util.get_node_ip_address()

@@ -107,13 +107,21 @@ class ExpertDispatcher:
         received = torch.empty_like(send)
         works, keep = [], [send]
         with self._lock:
-            for w, (items, part, back) in enumerate(zip(pieces, send.split(split), received.split(split))):
-                if not items:
-                    continue  # nothing for this worker in this layer: no message at all
-                work, header = self._send_op(w, wire.OP_LAYER, layer, per_worker[w])
-                keep.append(header)
-                works += [work, dist.isend(part, wire.worker_rank(w)), dist.irecv(back, wire.worker_rank(w))]
+            try:
+                for w, (items, part, back) in enumerate(zip(pieces, send.split(split), received.split(split))):
+                    if not items:
+                        continue  # nothing for this worker in this layer: no message at all
+                    work, header = self._send_op(w, wire.OP_LAYER, layer, per_worker[w])
+                    keep.append(header)
+                    works += [work, dist.isend(part, wire.worker_rank(w)), dist.irecv(back, wire.worker_rank(w))]
+            except Exception as exc:  # a closed connection can fail the send at once
+                raise self._lost(exc) from exc
         return InFlight(works, keep, received, send_order, order, weights, x.shape[0])
+
+    def _lost(self, exc: Exception) -> ExpertPathError:
+        self.broken = True
+        self._closed.set()
+        return ExpertPathError(f"expert data path failed (a worker died or timed out): {exc}")
 
     def finish(self, flight: InFlight) -> torch.Tensor:
         """Wait for the experts' results and combine them: -> (T, D) fp32."""
@@ -121,9 +129,7 @@ class ExpertDispatcher:
             for work in flight.works:
                 work.wait()
         except Exception as exc:  # gloo/nccl report a dead or slow peer as RuntimeError/DistBackendError
-            self.broken = True
-            self._closed.set()
-            raise ExpertPathError(f"expert data path failed (a worker died or timed out): {exc}") from exc
+            raise self._lost(exc) from exc
         received = flight.received.to(flight.order.device)
         out = torch.empty_like(received)
         out[flight.send_order] = received  # back to expert-sorted order

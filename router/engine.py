@@ -40,8 +40,12 @@ def split_in_two(seqs: list[Sequence], new: list[int]) -> list[list[Sequence]]:
 
 class Engine:
     def __init__(self, model: RouterModel, experts, cache: KVCache, pingpong: str = "off",
-                 pingpong_min_tokens: int = 256):
+                 pingpong_min_tokens: int = 256, layer_threads: int | None = None):
         self.model = model
+        # torch threads during the layer loop (None: leave as is). With expert workers on the same
+        # CPUs, 1 keeps OpenMP's idle threads, which spin for a while after each parallel op, off the
+        # cores the workers need while the router waits for them; the lm_head after it uses all.
+        self.layer_threads = layer_threads
         # Split a step in two micro-batches that overlap at the experts: "on", "off", or "auto" =
         # only for steps of at least pingpong_min_tokens new tokens. Below that the experts are
         # memory-bound and a split reads every expert's weights twice (bench/dispatch.py).
@@ -83,7 +87,12 @@ class Engine:
             token_ids = torch.tensor([t for s, n in zip(group, lens)
                                       for t in s.token_ids[s.num_cached:s.num_cached + n]])
             micro_batches.append((token_ids, batch))
-        h = torch.cat(self.model.forward(micro_batches, self.cache, self.experts))  # (T, D)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.layer_threads or threads)
+        try:
+            h = torch.cat(self.model.forward(micro_batches, self.cache, self.experts))  # (T, D)
+        finally:
+            torch.set_num_threads(threads)
         for s, n in zip(seqs, num_new):
             s.num_cached += n
         if all_logits:
