@@ -42,7 +42,7 @@ class ExpertDispatcher:
         self.config = config
         self.plan = plan
         self.device = device
-        self.header_size = wire.header_size(config.num_experts)
+        self.inline = wire.inlines_rows(dist.get_backend())  # rows in the header's message (gloo)
         self.rows_sent = torch.zeros(plan.num_workers, config.num_layers, config.num_experts,
                                      dtype=torch.int64)  # load statistics for the controller
         self._lock = threading.Lock()  # one message group on the wire at a time
@@ -52,15 +52,14 @@ class ExpertDispatcher:
         self._keepalive = threading.Thread(target=self._keep_alive, args=(keepalive_s,), daemon=True)
         self._keepalive.start()
 
-    def _send_op(self, worker: int, op: int, layer: int = 0, counts: list[int] | None = None):
-        """Post one header to `worker`; returns (work, header tensor)."""
-        header = torch.zeros(self.header_size, dtype=torch.int64)
-        header[0], header[1] = op, layer
-        if counts:
-            header[2:] = torch.tensor(counts)
-        header = header.to(self.device)
+    def _send(self, worker: int, op: int, layer: int = 0, counts: list[int] | None = None,
+              rows: torch.Tensor | None = None) -> tuple[list, list[torch.Tensor]]:
+        """Post one message to `worker` (see cluster/wire.py); returns (works, tensors they read)."""
+        inline = rows is not None and self.inline and rows.shape[0] <= wire.INLINE_MAX_ROWS
+        head = wire.header(op, layer, inline, counts, self.config.num_experts)
+        tensors = [wire.pack(head, rows)] if inline else [head.to(self.device)] + ([] if rows is None else [rows])
         self._last_send[worker] = time.monotonic()
-        return dist.isend(header, wire.worker_rank(worker)), header
+        return [dist.isend(t, wire.worker_rank(worker)) for t in tensors], tensors
 
     def _keep_alive(self, interval: float) -> None:
         """Ping each worker that has had no message for `interval`, so its wait never times out."""
@@ -68,7 +67,7 @@ class ExpertDispatcher:
             if self._lock.acquire(blocking=False):
                 try:
                     idle = [w for w, t in enumerate(self._last_send) if time.monotonic() - t >= interval]
-                    works = [self._send_op(w, wire.OP_PING)[0] for w in idle if not self._closed.is_set()]
+                    works = [work for w in idle if not self._closed.is_set() for work in self._send(w, wire.OP_PING)[0]]
                     for work in works:
                         work.wait()
                 except Exception:  # noqa: BLE001 - a broken group surfaces on the next step
@@ -111,9 +110,10 @@ class ExpertDispatcher:
                 for w, (items, part, back) in enumerate(zip(pieces, send.split(split), received.split(split))):
                     if not items:
                         continue  # nothing for this worker in this layer: no message at all
-                    work, header = self._send_op(w, wire.OP_LAYER, layer, per_worker[w])
-                    keep.append(header)
-                    works += [work, dist.isend(part, wire.worker_rank(w)), dist.irecv(back, wire.worker_rank(w))]
+                    works.append(dist.irecv(back, wire.worker_rank(w)))  # posted first: results flow at once
+                    sends, tensors = self._send(w, wire.OP_LAYER, layer, per_worker[w], part)
+                    keep += tensors
+                    works += sends
             except Exception as exc:  # a closed connection can fail the send at once
                 raise self._lost(exc) from exc
         return InFlight(works, keep, received, send_order, order, weights, x.shape[0])
@@ -144,5 +144,7 @@ class ExpertDispatcher:
         if self.broken:
             return
         with self._lock:
-            for work, _ in [self._send_op(w, wire.OP_SHUTDOWN) for w in range(self.plan.num_workers)]:
-                work.wait()
+            sent = [self._send(w, wire.OP_SHUTDOWN) for w in range(self.plan.num_workers)]
+            for works, _ in sent:
+                for work in works:
+                    work.wait()

@@ -62,19 +62,28 @@ class ExpertWorker:
         # actor runs each call on a pool thread.
         torch.set_num_threads(int(os.environ.get("EXPERTMESH_WORKER_THREADS", "1")))
         router = wire.ROUTER_RANK
-        hidden = self.config.hidden_size
+        hidden, num_experts = self.config.hidden_size, self.config.num_experts
+        # gloo: one receive buffer stays posted for header and rows together (cluster/wire.py)
+        buffer = (torch.empty(wire.message_capacity(num_experts, hidden, self.dtype), dtype=torch.uint8)
+                  if wire.inlines_rows(dist.get_backend()) else None)
         while True:
-            header = torch.empty(wire.header_size(self.config.num_experts), dtype=torch.int64,
-                                 device=self.device)
-            dist.recv(header, router)
-            op, layer, *counts = header.tolist()
+            if buffer is not None:
+                dist.recv(buffer, router)
+                op, layer, inline, *counts = wire.unpack_header(buffer, num_experts)
+            else:
+                header = torch.empty(wire.header_size(num_experts), dtype=torch.int64, device=self.device)
+                dist.recv(header, router)
+                op, layer, inline, *counts = header.tolist()
             if op == wire.OP_SHUTDOWN:
                 return "shutdown"
             if op == wire.OP_PING:
                 continue
             used = [(e, n) for e, n in enumerate(counts) if n]
-            rows = torch.empty(sum(counts), hidden, dtype=self.dtype, device=self.device)
-            dist.recv(rows, router)
+            if inline:
+                rows = wire.inline_rows(buffer, num_experts, sum(counts), hidden, self.dtype)
+            else:
+                rows = torch.empty(sum(counts), hidden, dtype=self.dtype, device=self.device)
+                dist.recv(rows, router)
             held = self.layers.get(layer)
             missing = [e for e, _ in used if held is None or e not in held.local]
             if missing:  # the router's plan and ours disagree: fail loudly, never compute garbage
