@@ -30,8 +30,7 @@ class InFlight:
     works: list  # async send/recv handles, completed in order
     keep: list  # tensors the pending sends read from, alive until they complete
     received: torch.Tensor  # (N, D) expert outputs in send order
-    send_order: torch.Tensor  # (N,) position in the expert-sorted rows of each sent row
-    order: torch.Tensor  # (N,) flattened (token, slot) pair of each expert-sorted row
+    pairs: torch.Tensor  # (N,) flattened (token, slot) pair of each sent row
     weights: torch.Tensor  # (T, K) gate weights
     num_tokens: int
 
@@ -80,9 +79,8 @@ class ExpertDispatcher:
         c, plan = self.config, self.plan
         k, num_experts, num_workers = c.experts_per_token, c.num_experts, plan.num_workers
         order, counts = sort_by_expert(ids, num_experts)  # (N,), (E,)
-        rows = x[order // k]  # (N, D) grouped by expert
         starts = torch.cumsum(counts, 0) - counts
-        # Per worker, per expert: the slice of the expert-sorted rows it serves. Replicas of an expert
+        # Per worker, per expert: the slice of the expert-sorted pairs it serves. Replicas of an expert
         # split its rows into contiguous, nearly equal parts.
         pieces: list[list[tuple[int, int, int]]] = [[] for _ in range(num_workers)]  # (expert, start, n)
         for e, (start, count) in enumerate(zip(starts.tolist(), counts.tolist())):
@@ -101,8 +99,8 @@ class ExpertDispatcher:
                 segments.append(torch.arange(start, start + n))
             split.append(sum(n for _, _, n in items))
         self.rows_sent[:, layer] += torch.tensor(per_worker)
-        send_order = torch.cat(segments).to(x.device)
-        send = rows[send_order].to(self.device)  # (N, D) grouped by worker, then expert
+        pairs = order[torch.cat(segments).to(x.device)]  # (N,) grouped by worker, then expert
+        send = x[pairs // k].to(self.device)  # (N, D)
         received = torch.empty_like(send)
         works, keep = [], [send]
         with self._lock:
@@ -116,7 +114,7 @@ class ExpertDispatcher:
                     works += sends
             except Exception as exc:  # a closed connection can fail the send at once
                 raise self._lost(exc) from exc
-        return InFlight(works, keep, received, send_order, order, weights, x.shape[0])
+        return InFlight(works, keep, received, pairs, weights, x.shape[0])
 
     def _lost(self, exc: Exception) -> ExpertPathError:
         self.broken = True
@@ -130,10 +128,8 @@ class ExpertDispatcher:
                 work.wait()
         except Exception as exc:  # gloo/nccl report a dead or slow peer as RuntimeError/DistBackendError
             raise self._lost(exc) from exc
-        received = flight.received.to(flight.order.device)
-        out = torch.empty_like(received)
-        out[flight.send_order] = received  # back to expert-sorted order
-        return combine_rows(out, flight.order, flight.weights, flight.num_tokens, self.config.experts_per_token)
+        return combine_rows(flight.received.to(flight.pairs.device), flight.pairs, flight.weights,
+                            flight.num_tokens, self.config.experts_per_token)
 
     def run(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return self.finish(self.start(layer, x, weights, ids))
