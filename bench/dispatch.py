@@ -98,10 +98,10 @@ def main() -> None:
                 prefill[workers] = (prefill_on, prefill_ms(cluster.engine, 16, 128))
     print(f"model: hidden={args.hidden} intermediate={args.intermediate} layers={args.layers} "
           f"experts=8 top2, fp32, CPU (gloo), torch threads {torch.get_num_threads()}")
-    print(f"{'workers':>7} {'batch':>5} {'a2a/layer ms':>12} {'ref step ms':>11} {'dist on ms':>10} "
+    print(f"{'workers':>7} {'batch':>5} {'trip/layer ms':>13} {'ref step ms':>11} {'dist on ms':>10} "
           f"{'dist off ms':>11} {'off/ref':>8} {'on/off':>6}")
     for (workers, b), (d, on, off) in sorted(results.items()):
-        print(f"{workers:>7} {b:>5} {d:>12.2f} {ref_ms[b]:>11.2f} {on:>10.2f} {off:>11.2f} "
+        print(f"{workers:>7} {b:>5} {d:>13.2f} {ref_ms[b]:>11.2f} {on:>10.2f} {off:>11.2f} "
               f"{off / ref_ms[b]:>8.2f} {on / off:>6.2f}")
     for workers, (on, off) in sorted(prefill.items()):
         print(f"prefill 16x128 tokens, {workers} workers: ping-pong on {on:.1f} ms, off {off:.1f} ms, "
