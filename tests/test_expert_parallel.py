@@ -12,6 +12,7 @@ import time
 import pytest
 import ray
 
+from cluster import wire
 from cluster.bringup import ExpertCluster, ensure_ray
 from cluster.placement import PlacementPlan
 from cluster.tiny_checkpoint import write_tiny_checkpoint
@@ -96,6 +97,18 @@ def test_distributed_engine_matches_reference(ray_cluster, checkpoint, reference
         if len(holders) > 1:
             got = [after.get((w, f"{layer}:{e}"), 0) for w in holders]
             assert all(g > 0 for g in got) or sum(got) < len(holders), (layer, e, got)
+
+
+def test_rows_beyond_the_inline_limit_travel_in_their_own_message(ray_cluster, checkpoint, reference,
+                                                                    monkeypatch):
+    # On gloo the router puts up to wire.INLINE_MAX_ROWS rows in the header's message; past that
+    # they follow in a message of their own, and the worker goes by the header's flag. A limit of 3
+    # sends some layers each way here.
+    monkeypatch.setattr(wire, "INLINE_MAX_ROWS", 3)
+    with ExpertCluster(checkpoint, num_workers=2, pingpong="off") as cluster:
+        assert cluster.dispatcher.inline
+        tokens = cluster.engine.generate(PROMPTS, NEW_TOKENS, stop_at_eos=False)
+    assert tokens == reference["tokens"]
 
 
 def test_killing_a_worker_fails_the_call_clearly_and_leaves_nothing(ray_cluster, checkpoint):

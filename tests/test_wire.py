@@ -1,0 +1,28 @@
+"""The data-path message layout (cluster/wire.py): what the router packs a worker can read back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cluster import wire
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inline_message_reads_back_from_a_larger_buffer(dtype):
+    experts, hidden = 8, 24
+    counts = [0, 3, 0, 0, 2, 0, 0, 1]
+    rows = torch.randn(sum(counts), hidden).to(dtype)
+    message = wire.pack(wire.header(wire.OP_LAYER, 5, True, counts), rows)
+    assert message.numel() == wire.header_size(experts) * 8 + rows.numel() * rows.element_size()
+    buffer = torch.zeros(wire.message_capacity(experts, hidden, dtype), dtype=torch.uint8)
+    buffer[:message.numel()] = message  # what a receive into the worker's posted buffer leaves
+    op, layer, inline, *got_counts = wire.unpack_header(buffer, experts)
+    assert (op, layer, inline, got_counts) == (wire.OP_LAYER, 5, 1, counts)
+    assert torch.equal(wire.inline_rows(buffer, experts, sum(counts), hidden, dtype), rows)
+
+
+def test_header_without_rows():
+    head = wire.header(wire.OP_PING, num_experts=8)
+    assert head.tolist() == [wire.OP_PING, 0, 0] + [0] * 8
+    assert head.numel() == wire.header_size(8)
