@@ -54,7 +54,7 @@ class ExpertCluster:
 
     def __init__(self, model_dir, num_workers: int, plan: PlacementPlan | None = None,
                  replicas: str | None = None, address: str | None = None,
-                 dtype: torch.dtype = torch.float32, pingpong: str = "auto",
+                 dtype: torch.dtype = torch.float32, pingpong: str = "auto", pingpong_min_tokens: int = 256,
                  collective_timeout_s: float = 30.0, kv_blocks: int = 512, block_size: int = 16,
                  placement_timeout_s: float = 60.0, device: str = "auto"):
         self.owns_ray = ensure_ray(address)
@@ -106,7 +106,7 @@ class ExpertCluster:
                                            keepalive_s=max(collective_timeout_s / 4, 0.5))
         cache = KVCache(config, kv_blocks, block_size, dtype, device)
         # CPU workers share this node's cores with the router (see Engine.layer_threads).
-        self.engine = Engine(model, self.dispatcher, cache, pingpong=pingpong,
+        self.engine = Engine(model, self.dispatcher, cache, pingpong=pingpong, pingpong_min_tokens=pingpong_min_tokens,
                              layer_threads=None if gpus else 1)
 
     def _join(self, gpus: bool, timeout_s: float) -> None:

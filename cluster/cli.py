@@ -36,7 +36,11 @@ def add_cluster_flags(parser: argparse.ArgumentParser, default_workers: int = 0)
                        help="Ray cluster to join (default: start an embedded local Ray)")
     group.add_argument("--pingpong", choices=["auto", "on", "off"], default="auto",
                        help="overlap two micro-batches at the experts: auto (default) splits steps of "
-                       "256+ new tokens, where expert GEMMs are compute-bound; on/off to measure")
+                       "--pingpong-min-tokens+ new tokens, where expert GEMMs are compute-bound; "
+                       "on/off to measure")
+    group.add_argument("--pingpong-min-tokens", type=int, default=256,
+                       help="with --pingpong auto, the new tokens a step needs to be split (default "
+                       "256, measured on a 2-core CPU by bench/dispatch.py; measure yours)")
     group.add_argument("--collective-timeout", type=float, default=30.0,
                        help="seconds before a dead or stuck worker fails a step (default 30)")
     group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -187,6 +191,7 @@ def open_engine(args, model_dir, dtype):
     plan = PlacementPlan.from_file(args.placement) if args.placement else None
     cluster = ExpertCluster(model_dir, args.workers, plan=plan, replicas=args.replicas,
                             address=args.address, dtype=dtype, pingpong=args.pingpong,
+                            pingpong_min_tokens=args.pingpong_min_tokens,
                             collective_timeout_s=args.collective_timeout, device=args.device,
                             placement_timeout_s=args.placement_timeout)
     try:

@@ -59,6 +59,7 @@ def build_engine(args, model_dir: Path, dtype):
         plan = PlacementPlan.from_file(args.placement) if args.placement else None
         cluster = ExpertCluster(model_dir, args.workers, plan=plan, replicas=args.replicas,
                                 address=args.address, dtype=dtype, pingpong=args.pingpong,
+                                pingpong_min_tokens=args.pingpong_min_tokens,
                                 collective_timeout_s=args.collective_timeout, kv_blocks=int(blocks),
                                 block_size=args.block_size, device=args.device,
                                 placement_timeout_s=args.placement_timeout)

@@ -51,6 +51,8 @@ class Engine:
         # memory-bound and a split reads every expert's weights twice (bench/dispatch.py).
         if pingpong not in ("on", "off", "auto"):
             raise ValueError(f"pingpong must be 'on', 'off' or 'auto', got {pingpong!r}")
+        if pingpong_min_tokens < 1:
+            raise ValueError(f"pingpong_min_tokens must be >= 1, got {pingpong_min_tokens}")
         self.pingpong = pingpong
         self.pingpong_min_tokens = pingpong_min_tokens
         self.experts = experts

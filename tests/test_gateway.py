@@ -33,8 +33,9 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
+    # Steps of 16+ new tokens run as two ping-pong micro-batches, smaller ones in one.
     proc = ServerProcess("--model", str(checkpoint), "--workers", "2", "--kv-cache-memory", "64MiB",
-                         "--max-seqs", "64", "--max-queue", "256")
+                         "--max-seqs", "64", "--max-queue", "256", "--pingpong-min-tokens", "16")
     yield proc
     assert proc.stop() == 0, "".join(proc.lines[-30:])
 
