@@ -41,7 +41,11 @@ class ExpertDispatcher:
         self.config = config
         self.plan = plan
         self.device = device
-        self.inline = wire.inlines_rows(dist.get_backend())  # rows in the header's message (gloo)
+        backend = dist.get_backend()
+        self.inline = wire.inlines_rows(backend)  # rows in the header's message (gloo)
+        # gloo: a receive posted before the sends lets the results flow without a rendezvous. NCCL
+        # runs the ops to one peer in order on one stream: a receive first would block the sends.
+        self.receive_first = backend == "gloo"
         self.rows_sent = torch.zeros(plan.num_workers, config.num_layers, config.num_experts,
                                      dtype=torch.int64)  # load statistics for the controller
         self._lock = threading.Lock()  # one message group on the wire at a time
@@ -108,10 +112,13 @@ class ExpertDispatcher:
                 for w, (items, part, back) in enumerate(zip(pieces, send.split(split), received.split(split))):
                     if not items:
                         continue  # nothing for this worker in this layer: no message at all
-                    works.append(dist.irecv(back, wire.worker_rank(w)))  # posted first: results flow at once
+                    if self.receive_first:
+                        works.append(dist.irecv(back, wire.worker_rank(w)))
                     sends, tensors = self._send(w, wire.OP_LAYER, layer, per_worker[w], part)
                     keep += tensors
                     works += sends
+                    if not self.receive_first:
+                        works.append(dist.irecv(back, wire.worker_rank(w)))
             except Exception as exc:  # a closed connection can fail the send at once
                 raise self._lost(exc) from exc
         return InFlight(works, keep, received, pairs, weights, x.shape[0])
