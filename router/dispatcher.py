@@ -144,9 +144,9 @@ class ExpertDispatcher:
     def shutdown_workers(self) -> None:
         """Tell the workers' serve loops to return (skipped when the group is already broken)."""
         self._closed.set()
-        if self.broken:
-            return
-        with self._lock:
+        with self._lock:  # after this no keep-alive ping is in flight, so the group can go
+            if self.broken:
+                return
             sent = [self._send(w, wire.OP_SHUTDOWN) for w in range(self.plan.num_workers)]
             for works, _ in sent:
                 for work in works:
