@@ -96,6 +96,8 @@ class ExpertCluster:
         self.serve_refs = []
         try:
             self.worker_bytes = ray.get([w.load.remote() for w in self.workers])
+            here = ray.get_runtime_context().get_node_id()
+            local = sum(w["node_id"] == here for w in ray.get([w.where.remote() for w in self.workers]))
             self._join(gpus, collective_timeout_s)
         except BaseException:
             self._kill_workers()
@@ -105,9 +107,9 @@ class ExpertCluster:
         self.dispatcher = ExpertDispatcher(config, plan, device,
                                            keepalive_s=max(collective_timeout_s / 4, 0.5))
         cache = KVCache(config, kv_blocks, block_size, dtype, device)
-        # CPU workers share this node's cores with the router (see Engine.layer_threads).
+        # CPU workers on this node share its cores with the router (see Engine.layer_threads).
         self.engine = Engine(model, self.dispatcher, cache, pingpong=pingpong, pingpong_min_tokens=pingpong_min_tokens,
-                             layer_threads=None if gpus else 1)
+                             layer_threads=1 if local and not gpus else None)
 
     def _join(self, gpus: bool, timeout_s: float) -> None:
         host = ray.util.get_node_ip_address()
