@@ -103,7 +103,8 @@ class ExpertDispatcher:
                 segments.append(torch.arange(start, start + n))
             split.append(sum(n for _, _, n in items))
         self.rows_sent[:, layer] += torch.tensor(per_worker)
-        pairs = order[torch.cat(segments).to(x.device)]  # (N,) grouped by worker, then expert
+        positions = torch.cat(segments) if segments else torch.empty(0, dtype=torch.int64)
+        pairs = order[positions.to(x.device)]  # (N,) grouped by worker, then expert
         send = x[pairs // k].to(self.device)  # (N, D)
         received = torch.empty_like(send)
         works, keep = [], [send]
