@@ -30,8 +30,6 @@ class Linear:
     """A bias-free linear layer; weight (out, in). Calling it maps x (n, in) -> (n, out)."""
 
     def __init__(self, weight: torch.Tensor):
-        self.out_features, self.in_features = weight.shape
-        self.dtype, self.device = weight.dtype, weight.device
         self.nbytes = weight.numel() * weight.element_size()
         self._packed = _prepack(weight)
         self.weight = weight if self._packed is None else None  # the packed copy replaces it
