@@ -70,10 +70,11 @@ class Engine:
 
     @torch.inference_mode()
     def step(self, seqs: list[Sequence], num_new: list[int] | None = None,
-             all_logits: bool = False) -> list[torch.Tensor]:
+             all_logits: bool = False) -> torch.Tensor | list[torch.Tensor]:
         """Compute the next num_new[i] uncached tokens of each sequence (default: all of them);
-        blocks are added as needed (the scheduler reserves them first when serving). Returns per
-        sequence the logits after its last computed token (V,), or after each one (n, V) with all_logits.
+        blocks are added as needed (the scheduler reserves them first when serving). Returns the
+        logits after each sequence's last computed token (S, V), row i for sequence i; with
+        all_logits, per sequence the logits after each of its tokens (n, V).
         """
         if num_new is None:
             num_new = [len(s.token_ids) - s.num_cached for s in seqs]
@@ -90,17 +91,19 @@ class Engine:
                                       for t in s.token_ids[s.num_cached:s.num_cached + n]])
             micro_batches.append((token_ids, batch))
         threads = torch.get_num_threads()
-        torch.set_num_threads(self.layer_threads or threads)
+        if self.layer_threads:
+            torch.set_num_threads(self.layer_threads)
         try:
             h = torch.cat(self.model.forward(micro_batches, self.cache, self.experts))  # (T, D)
         finally:
-            torch.set_num_threads(threads)
+            if self.layer_threads:
+                torch.set_num_threads(threads)
         for s, n in zip(seqs, num_new):
             s.num_cached += n
         if all_logits:
             return list(self.model.logits(h).cpu().split(num_new))
         ends = torch.tensor(num_new).cumsum(0)
-        return list(self.model.logits(h[ends - 1]).cpu())  # sampling runs on the CPU
+        return self.model.logits(h[ends - 1]).cpu()  # sampling runs on the CPU
 
     def _split(self, num_new: list[int]) -> bool:
         if len(num_new) < 2 or self.pingpong == "off":

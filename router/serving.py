@@ -202,21 +202,20 @@ class ServingEngine:
                     self._finish(request, FINISH_ERROR, error=f"{type(exc).__name__}: {exc}")
                 continue
             self.steps += 1
-            ready = []  # (request, logits row) of requests whose prompt is fully computed: they sample
-            for (request, _), row in zip(batch, logits):
+            ready = []  # (request, row of logits) of requests whose prompt is fully computed: they sample
+            for row, (request, _) in enumerate(batch):
                 seq = request.seq
                 self.engine.cache.name_full_blocks(seq.block_table, seq.token_ids, seq.num_cached)
                 if seq.num_cached == len(seq.token_ids):
                     ready.append((request, row))
-            greedy = [i for i, (request, _) in enumerate(ready) if request.sampler.plain_greedy]
-            chosen = dict(zip(greedy, torch.stack([ready[i][1] for i in greedy]).argmax(-1).tolist())) \
-                if greedy else {}
-            for i, (request, row) in enumerate(ready):
-                if i in chosen:
-                    request.sampler.accept(chosen[i])
-                    self._advance(request, chosen[i], None)
+            # Plain greedy requests share one argmax over the step's logits (S, V): no row copies.
+            best = logits.argmax(-1).tolist() if any(r.sampler.plain_greedy for r, _ in ready) else []
+            for request, row in ready:
+                if request.sampler.plain_greedy:
+                    request.sampler.accept(best[row])
+                    self._advance(request, best[row], None)
                 else:
-                    self._advance(request, *request.sampler.sample(row))
+                    self._advance(request, *request.sampler.sample(logits[row]))
 
     def _advance(self, request: Request, token: int, logprobs: TokenLogprobs | None) -> None:
         """Append a sampled token: stream its text, apply the stop conditions."""
