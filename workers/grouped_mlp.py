@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from cluster.linear import Linear
-from cluster.moe_math import grouped_swiglu
+from cluster.moe_math import fused_expert, grouped_swiglu
 
 TRITON_MAX_ROWS = 128  # rows (tokens x top-k) up to which the Triton kernel beat cuBLAS
 
@@ -31,13 +31,11 @@ class LayerExperts:
         """experts: global id -> (w1 (I, D), w2 (D, I), w3 (I, D)). Stacks are kept on GPU (or when
         asked), where the per-expert layers are views into them."""
         ids = sorted(experts)
-        first = experts[ids[0]][0]
         if keep_stacks is None:
-            keep_stacks = first.is_cuda
+            keep_stacks = experts[ids[0]][0].is_cuda
         local = {e: i for i, e in enumerate(ids)}
         if not keep_stacks:
-            return cls(local, [(Linear(torch.cat([w1, w3])), Linear(w2))
-                               for w1, w2, w3 in (experts[e] for e in ids)], None, None)
+            return cls(local, [fused_expert(*experts[e]) for e in ids], None, None)
         w13 = torch.stack([torch.cat([experts[e][0], experts[e][2]]) for e in ids]).contiguous()
         w2 = torch.stack([experts[e][1] for e in ids]).contiguous()
         return cls(local, [(Linear(w13[i]), Linear(w2[i])) for i in range(len(ids))], w13, w2)
