@@ -32,5 +32,5 @@ lint: install
 	$(BIN)/ruff check .
 
 protos: install  # regenerate the Python stubs after changing the .proto
-	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. \
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos --grpc_python_out=protos \
 		protos/expertmesh/v1/generation.proto

@@ -16,10 +16,11 @@ import tempfile
 import time
 
 import torch
+from raw_steps import release, step
 
-from cluster.bringup import ExpertCluster, ensure_ray
-from cluster.tiny_checkpoint import write_tiny_checkpoint
-from router.engine import Engine, Sequence
+from expertmesh.cluster.bringup import ExpertCluster, ensure_ray
+from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
+from expertmesh.router.engine import Engine, Sequence
 
 BATCHES = (1, 16, 64)
 
@@ -28,17 +29,17 @@ def decode_step_ms(engine: Engine, batch: int, steps: int, prompt_len: int = 32)
     """Median time of one decode step with `batch` running sequences."""
     gen = torch.Generator().manual_seed(batch)
     seqs = [Sequence(torch.randint(3, 32000, (prompt_len,), generator=gen).tolist()) for _ in range(batch)]
-    engine.step(seqs)  # prefill
+    step(engine, seqs)  # prefill
     times = []
     try:
         for _ in range(steps + 1):
             for s in seqs:
                 s.token_ids.append(7)
             start = time.perf_counter()
-            engine.step(seqs)
+            step(engine, seqs)
             times.append(time.perf_counter() - start)
     finally:
-        engine.release(seqs)
+        release(engine, seqs)
     return statistics.median(times[1:]) * 1e3
 
 
@@ -48,9 +49,9 @@ def prefill_ms(engine: Engine, seqs: int, prompt_len: int, repeats: int = 3) -> 
     for _ in range(repeats + 1):
         batch = [Sequence(list(range(3, 3 + prompt_len))) for _ in range(seqs)]
         start = time.perf_counter()
-        engine.step(batch)
+        step(engine, batch)
         times.append(time.perf_counter() - start)
-        engine.release(batch)
+        release(engine, batch)
     return statistics.median(times[1:]) * 1e3
 
 

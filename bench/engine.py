@@ -12,9 +12,10 @@ import tempfile
 import time
 
 import torch
+from raw_steps import greedy
 
-from cluster.tiny_checkpoint import write_tiny_checkpoint
-from router.engine import Engine
+from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
+from expertmesh.router.engine import Engine
 
 
 def timed(fn, repeats: int) -> float:
@@ -47,7 +48,7 @@ def main() -> None:
         tokens = args.batch * args.new_tokens
 
         def ours():
-            engine.generate(prompts.tolist(), args.new_tokens, stop_at_eos=False)
+            greedy(engine, prompts.tolist(), args.new_tokens)
 
         def theirs():
             with torch.no_grad():

@@ -17,27 +17,29 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cluster.config import MixtralConfig  # noqa: E402
-from cluster.tiny_checkpoint import random_weights, save_hub  # noqa: E402
-from router.engine import Engine, Sequence  # noqa: E402
+from raw_steps import greedy, prompt_logits, release, step  # noqa: E402
+
+from expertmesh.core.config import MixtralConfig  # noqa: E402
+from expertmesh.core.tiny_checkpoint import random_weights, save_hub  # noqa: E402
+from expertmesh.router.engine import Engine, Sequence  # noqa: E402
 
 
 def our_decode_tokens_per_s(engine: Engine, batch: int, prompt_len: int, steps: int) -> float:
     gen = torch.Generator().manual_seed(batch)
     seqs = [Sequence(torch.randint(3, 32000, (prompt_len,), generator=gen).tolist()) for _ in range(batch)]
-    engine.step(seqs)
+    step(engine, seqs)
     for s in seqs:
         s.token_ids.append(7)
-    engine.step(seqs)  # warm-up decode
+    step(engine, seqs)  # warm-up decode
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         for s in seqs:
             s.token_ids.append(7)
-        engine.step(seqs)
+        step(engine, seqs)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    engine.release(seqs)
+    release(engine, seqs)
     return batch * steps / elapsed
 
 
@@ -76,11 +78,11 @@ def main() -> None:
         engine = Engine.local(tmp, torch.bfloat16, kv_blocks=2048, device="cuda")
         hf = MixtralForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).cuda().eval()
         prompt = torch.randint(3, 32000, (1, 24), generator=torch.Generator().manual_seed(1))
-        ours = engine.generate([prompt[0].tolist()], 32, stop_at_eos=False)[0]
+        ours = greedy(engine, [prompt[0].tolist()], 32)[0]
         with torch.no_grad():
             theirs = hf.generate(prompt.cuda(), max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, 24:].tolist()
         agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
-        logits_ours = engine.prompt_logits(prompt[0].tolist())
+        logits_ours = prompt_logits(engine, prompt[0].tolist())
         with torch.no_grad():
             logits_hf = hf(prompt.cuda()).logits[0].float().cpu()
         print(f"greedy: first {agree} of 32 tokens identical (bf16); prefill logits max abs diff "

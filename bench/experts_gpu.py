@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cluster.moe_math import grouped_swiglu, sort_by_expert  # noqa: E402
-from workers.grouped_mlp import LayerExperts  # noqa: E402
-from workers.triton_moe import triton_grouped_swiglu  # noqa: E402
+from expertmesh.core.grouped_experts import grouped_swiglu  # noqa: E402
+from expertmesh.core.grouped_experts_triton import triton_grouped_swiglu  # noqa: E402
+from expertmesh.core.moe_math import sort_by_expert  # noqa: E402
+from expertmesh.workers.grouped_mlp import LayerExperts  # noqa: E402
 
 D, I, E, K = 4096, 14336, 8, 2
 CONFIGS = [(64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 2),
@@ -40,7 +41,7 @@ def bench_ms(fn, repeats: int = 10) -> float:
 def nccl_check() -> str:
     import torch.distributed as dist
 
-    from cluster import wire
+    from expertmesh.core import wire
 
     port = 29400 + os.getpid() % 1000
     wire.init_process_group(f"tcp://127.0.0.1:{port}", 0, 1, "nccl", 60)

@@ -23,13 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grpc  # noqa: E402
 
-from cluster.tiny_checkpoint import write_tiny_checkpoint  # noqa: E402
-from cluster.tokenizer import load_tokenizer  # noqa: E402
-from protos.expertmesh.v1 import generation_pb2 as pb  # noqa: E402
-from protos.expertmesh.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
-from router.engine import Engine  # noqa: E402
-from router.sampling import SamplingParams  # noqa: E402
-from router.serving import ServingEngine  # noqa: E402
+from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint  # noqa: E402
+from expertmesh.core.tokenizer import load_tokenizer  # noqa: E402
+from expertmesh.router.engine import Engine  # noqa: E402
+from expertmesh.router.requests import validate_request  # noqa: E402
+from expertmesh.router.sampling import SamplingParams  # noqa: E402
+from expertmesh.router.serving import ServingEngine  # noqa: E402
+from expertmesh.v1 import generation_pb2 as pb  # noqa: E402
+from expertmesh.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
 from tests.gateway_server import ServerProcess  # noqa: E402
 
 NEW_TOKENS = 32
@@ -69,7 +70,7 @@ def in_process(serving: ServingEngine, concurrency: int) -> dict:
             traces[i].extend([time.perf_counter()] * len(out.token_ids))
             if out.finish_reason:
                 launch()  # keep `concurrency` streams open, as the gRPC clients do
-        serving.submit(batch[i], params, sink)
+        serving.submit(validate_request(batch[i], params, serving.limits), sink)
 
     begin = time.perf_counter()
     for _ in range(concurrency):

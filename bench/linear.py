@@ -1,4 +1,4 @@
-"""Linear layers at this project's CPU shapes: oneDNN with prepacked weights (cluster/linear.py)
+"""Linear layers at this project's CPU shapes: oneDNN with prepacked weights (core/linear.py)
 against torch's default F.linear, in one run.
 
     python bench/linear.py
@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cluster.linear import Linear
+from expertmesh.core.linear import Linear
 
 SHAPES = ((384, 256), (1024, 256), (256, 512), (3584, 512), (512, 1792), (32000, 256))
 ROWS = (1, 8, 32, 128)

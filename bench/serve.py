@@ -1,13 +1,21 @@
 """Serving throughput, in-process (no network): this engine with continuous batching against
-transformers' generate over the same requests in static, left-padded batches.
+transformers' generate over the same requests, in two baselines.
 
     python bench/serve.py [--workers 2 --repeats 3]
 
 Requests have mixed prompt (8-64) and output (16-64) lengths; tokens/s counts each request's own
-output tokens. The three engines run in turn on the same requests; at 32 concurrent requests (the
-target) that is repeated --repeats times and each engine's median kept, as single runs on this
-machine drift by 20%. Last line: throughput_ratio_vs_transformers_c32=<x> (the distributed engine
-with 2 workers; the reference engine's ratio is printed above it).
+output tokens. Baselines (transformers' MixtralForCausalLM.generate, greedy, fp32):
+  - static: requests in arrival order, in left-padded batches of the concurrency; a batch runs until
+    its longest request is done, so shorter ones compute tokens nobody asked for;
+  - bucketed: what a careful user would run: requests sorted by output then prompt length first,
+    so a batch's requests need about as many tokens each.
+Each engine run starts on a fresh KV cache (no prefix blocks left from the run before) after a
+warm-up, and every engine's greedy tokens are checked equal to transformers' (the run fails if
+not). At 32 concurrent requests (the target) runs repeat --repeats times and each engine's median is
+kept, as single runs on this machine drift by 20%. Last line:
+throughput_ratio_vs_transformers_c32=<x> (the distributed engine with --workers workers over the
+static baseline; the reference engine's ratio and both engines' ratios over the bucketed baseline
+are printed above it).
 """
 
 from __future__ import annotations
@@ -20,11 +28,13 @@ import time
 
 import torch
 
-from cluster.tiny_checkpoint import write_tiny_checkpoint
-from cluster.tokenizer import load_tokenizer
-from router.engine import Engine
-from router.sampling import SamplingParams
-from router.serving import ServingEngine
+from expertmesh.core.settings import ServingConfig
+from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
+from expertmesh.core.tokenizer import load_tokenizer
+from expertmesh.router.engine import Engine
+from expertmesh.router.kv_cache import KVCache
+from expertmesh.router.sampling import SamplingParams
+from expertmesh.router.serving import ServingEngine
 
 CONCURRENCY = (1, 8, 32, 64)
 
@@ -35,30 +45,57 @@ def workload(n: int, seed: int) -> list[tuple[list[int], int]]:
             for _ in range(n)]
 
 
-def ours_tokens_per_s(engine: Engine, tokenizer, requests, concurrency: int) -> float:
+def fresh_cache(engine: Engine) -> None:
+    """Give the engine a new, empty KV cache of the same size: no prefix blocks from earlier runs."""
+    old = engine.cache
+    engine.cache = KVCache(engine.config, old.num_blocks, old.block_size, old.k.dtype, old.k.device)
+
+
+def ours(engine: Engine, tokenizer, requests, concurrency: int) -> tuple[float, list[list[int]]]:
+    """(tokens/s, greedy tokens per request) of the serving loop at this concurrency."""
+    fresh_cache(engine)
     # The loop runs on this thread, which loaded the model: one OpenMP team (see ServingEngine).
-    serving = ServingEngine(engine, tokenizer, max_batch_tokens=2048, max_seqs=concurrency, own_thread=False)
-    try:
-        params = [SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True) for _, n in requests]
-        start = time.perf_counter()
-        serving.generate([p for p, _ in requests], params)
-        return sum(n for _, n in requests) / (time.perf_counter() - start)
-    finally:
-        serving.shutdown()
-
-
-def transformers_tokens_per_s(model, requests, concurrency: int) -> float:
+    serving = ServingEngine(engine, tokenizer, ServingConfig(max_seqs=concurrency), own_thread=False)
+    params = [SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True) for _, n in requests]
+    serving.generate([[1, 5, 6]], SamplingParams(temperature=0, max_new_tokens=4))  # warm-up
     start = time.perf_counter()
-    for i in range(0, len(requests), concurrency):
-        batch = requests[i:i + concurrency]
-        width = max(len(p) for p, _ in batch)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch])
-        longest = max(n for _, n in batch)
+    chunks = serving.generate([p for p, _ in requests], params)
+    elapsed = time.perf_counter() - start
+    return sum(n for _, n in requests) / elapsed, [[t for c in r for t in c.token_ids] for r in chunks]
+
+
+def transformers(model, requests, concurrency: int, bucketed: bool) -> tuple[float, list[list[int]], float]:
+    """(tokens/s, greedy tokens per request, useful fraction of the generated tokens) of static
+    left-padded batches, in arrival order or bucketed by length."""
+    order = list(range(len(requests)))
+    if bucketed:
+        order.sort(key=lambda i: (requests[i][1], len(requests[i][0])))
+    outputs: list[list[int]] = [[] for _ in requests]
+    generated = 0
+    model.generate(input_ids=torch.tensor([[1, 5, 6]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    start = time.perf_counter()
+    for i in range(0, len(order), concurrency):
+        batch = order[i:i + concurrency]
+        width = max(len(requests[j][0]) for j in batch)
+        ids = torch.tensor([[0] * (width - len(requests[j][0])) + requests[j][0] for j in batch])
+        mask = torch.tensor([[0] * (width - len(requests[j][0])) + [1] * len(requests[j][0]) for j in batch])
+        longest = max(requests[j][1] for j in batch)
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest,
-                           min_new_tokens=longest, do_sample=False, pad_token_id=0)
-    return sum(n for _, n in requests) / (time.perf_counter() - start)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest,
+                                 min_new_tokens=longest, do_sample=False, pad_token_id=0)
+        for row, j in enumerate(batch):
+            outputs[j] = out[row, width:width + requests[j][1]].tolist()
+        generated += len(batch) * longest
+    elapsed = time.perf_counter() - start
+    useful = sum(n for _, n in requests)
+    return useful / elapsed, outputs, useful / generated
+
+
+def check_equal(name: str, got: list[list[int]], expected: list[list[int]]) -> None:
+    bad = [i for i, (a, b) in enumerate(zip(got, expected)) if a != b]
+    if bad:
+        raise SystemExit(f"{name}: greedy tokens of {len(bad)}/{len(got)} requests differ from transformers' "
+                         f"(first: request {bad[0]})")
 
 
 def main() -> None:
@@ -68,12 +105,14 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import MixtralForCausalLM
 
-    from cluster.bringup import ExpertCluster
+    from expertmesh.cluster.bringup import ExpertCluster
 
-    rows = {}
+    rows, useful = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
+        # init_std 0.1: sharper distributions than 0.02, so greedy tokens are not decided by near-ties
+        # that padding or batch shape could tip either way
         path = write_tiny_checkpoint(tmp, hidden_size=256, intermediate_size=512, num_layers=4,
-                                     num_heads=8, num_kv_heads=2, head_dim=32)
+                                     num_heads=8, num_kv_heads=2, head_dim=32, init_std=0.1)
         tokenizer = load_tokenizer(path)
         hf = MixtralForCausalLM.from_pretrained(path).eval()
         reference = Engine.local(path, kv_blocks=2048)
@@ -81,22 +120,31 @@ def main() -> None:
         try:
             for c in CONCURRENCY:
                 requests = workload(max(4 * c, 8), seed=c)
-                runs = [(transformers_tokens_per_s(hf, requests, c),
-                         ours_tokens_per_s(reference, tokenizer, requests, c),
-                         ours_tokens_per_s(cluster.engine, tokenizer, requests, c))
-                        for _ in range(args.repeats if c == 32 else 1)]
+                runs = []
+                for _ in range(args.repeats if c == 32 else 1):
+                    static, expected, useful[c] = transformers(hf, requests, c, bucketed=False)
+                    bucketed, bucketed_out, _ = transformers(hf, requests, c, bucketed=True)
+                    ref, ref_out = ours(reference, tokenizer, requests, c)
+                    dist, dist_out = ours(cluster.engine, tokenizer, requests, c)
+                    check_equal(f"transformers bucketed, c{c}", bucketed_out, expected)
+                    check_equal(f"reference engine, c{c}", ref_out, expected)
+                    check_equal(f"distributed engine, c{c}", dist_out, expected)
+                    runs.append((static, bucketed, ref, dist))
                 rows[c] = tuple(statistics.median(column) for column in zip(*runs))
         finally:
             cluster.shutdown()
     print("model: hidden=256 intermediate=512 layers=4 experts=8 top2 fp32, CPU; "
-          f"distributed = {args.workers} expert workers on local Ray (gloo)")
-    print(f"{'conc':>4} {'transformers tok/s':>18} {'reference tok/s':>15} {'distributed tok/s':>17} "
-          f"{'ref/tf':>6} {'dist/tf':>7}")
-    for c, (tf, ref, dist) in rows.items():
-        print(f"{c:>4} {tf:>18.1f} {ref:>15.1f} {dist:>17.1f} {ref / tf:>6.2f} {dist / tf:>7.2f}")
-    tf, ref, dist = rows[32]
-    print(f"reference_throughput_ratio_vs_transformers_c32={ref / tf:.2f}")
-    print(f"throughput_ratio_vs_transformers_c32={dist / tf:.2f}")
+          f"distributed = {args.workers} expert workers on local Ray (gloo); every engine's greedy tokens "
+          "equal transformers'")
+    print(f"{'conc':>4} {'tf static':>9} {'useful':>6} {'tf bucketed':>11} {'reference':>9} {'distributed':>11} "
+          f"{'ref/static':>10} {'dist/static':>11} {'ref/bucket':>10} {'dist/bucket':>11}   (tokens/s)")
+    for c, (static, bucketed, ref, dist) in rows.items():
+        print(f"{c:>4} {static:>9.1f} {useful[c]:>6.2f} {bucketed:>11.1f} {ref:>9.1f} {dist:>11.1f} "
+              f"{ref / static:>10.2f} {dist / static:>11.2f} {ref / bucketed:>10.2f} {dist / bucketed:>11.2f}")
+    static, bucketed, ref, dist = rows[32]
+    print(f"reference_throughput_ratio_vs_transformers_c32={ref / static:.2f} "
+          f"(over bucketed: {ref / bucketed:.2f}; distributed over bucketed: {dist / bucketed:.2f})")
+    print(f"throughput_ratio_vs_transformers_c32={dist / static:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """One layer's round trip on raw gloo, without Ray: three all-to-alls (counts, rows out, rows back)
-against point-to-point messages between the router and each worker (cluster/wire.py).
+against point-to-point messages between the router and each worker (core/wire.py).
 
     python bench/transport.py [--workers 2 --rows 32 --hidden 256 --rounds 400]
 

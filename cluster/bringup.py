@@ -1,8 +1,9 @@
-"""Bring up the expert-parallel cluster: Ray, the expert workers, the collective group, the router.
+"""Bring up the engine: in this process (--workers 0), or the expert-parallel cluster: Ray, the
+expert workers, the collective group, the router.
 
 The router (attention, KV cache, gate, dispatch/combine, sampling) runs in this process as rank 0;
 expert workers are Ray actors, one per placement-group bundle (one GPU each when the cluster has
-GPUs, one CPU otherwise), ranks 1..W.
+GPUs, one CPU otherwise), ranks 1..W. `start_engine` is the one factory that `run` and `serve` use.
 """
 
 from __future__ import annotations
@@ -10,23 +11,87 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import ray
 import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster import wire
-from cluster.checkpoint import Checkpoint
-from cluster.placement import PlacementPlan
-from router.dispatcher import ExpertDispatcher
-from router.engine import Engine
-from router.kv_cache import KVCache
-from router.model import RouterModel
-from workers.expert_worker import RemoteExpertWorker
+from expertmesh.cluster.placement import PlacementError, PlacementPlan
+from expertmesh.core import wire
+from expertmesh.core.checkpoint import Checkpoint
+from expertmesh.core.settings import DEFAULTS, ServingConfig
+from expertmesh.router.dispatcher import ExpertDispatcher
+from expertmesh.router.engine import DTYPES, Engine
+from expertmesh.router.kv_cache import KVCache
+from expertmesh.router.model import RouterModel
+from expertmesh.workers.expert_worker import RemoteExpertWorker
 
 log = logging.getLogger("expertmesh")
+
+
+def progress(message: str) -> None:
+    """Bring-up progress for the operator, on stderr (stdout carries results)."""
+    print(f"[expertmesh] {message}", file=sys.stderr, flush=True)
+
+
+class UsageError(ValueError):
+    """Options that do not go together; the message says which."""
+
+
+class PlacementTimeout(RuntimeError):
+    """Ray could not place the workers within --placement-timeout."""
+
+
+def use_gpus(device: str) -> bool:
+    """--device: cuda, cpu, or auto = a GPU when this process sees one."""
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
+def kv_blocks_for(config, settings: ServingConfig) -> int:
+    """KV blocks that settings.kv_cache_memory holds for this model."""
+    per_block = KVCache.bytes_per_block(config, settings.block_size, DTYPES[settings.dtype])
+    blocks = settings.kv_cache_bytes // per_block
+    if blocks < 1:
+        raise UsageError(f"--kv-cache-memory {settings.kv_cache_memory} holds no KV block of this model "
+                         f"({per_block} bytes each)")
+    return blocks
+
+
+def start_engine(model_dir: str | Path, settings: ServingConfig = DEFAULTS, workers: int = 0,
+                 replicas: str | None = None, placement: str | None = None,
+                 address: str | None = None) -> tuple[Engine, "ExpertCluster | None"]:
+    """The engine for `run` and `serve`: every weight in this process with workers=0, else expert
+    workers on Ray. Returns (engine, cluster or None); the caller shuts the cluster down."""
+    if workers < 0:
+        raise UsageError("--workers must be >= 0")
+    config = Checkpoint(model_dir).config
+    blocks = kv_blocks_for(config, settings)
+    start = time.monotonic()
+    if workers == 0:
+        if replicas or placement or address:
+            raise UsageError("--replicas, --placement and --address need --workers N (N >= 1)")
+        progress(f"loading {model_dir} in this process")
+        engine = Engine.local(model_dir, DTYPES[settings.dtype], kv_blocks=blocks, block_size=settings.block_size,
+                              device="cuda" if use_gpus(settings.device) else "cpu")
+        cluster = None
+    else:
+        progress(f"starting {workers} expert workers on Ray "
+                 f"({'joining ' + address if address else 'embedded local cluster'})")
+        plan = PlacementPlan.from_file(placement) if placement else None
+        cluster = ExpertCluster(model_dir, workers, plan=plan, replicas=replicas, address=address,
+                                settings=settings, kv_blocks=blocks)
+        engine = cluster.engine
+        for worker, nbytes in enumerate(cluster.worker_bytes):
+            progress(f"worker {worker}: {len(cluster.plan.worker_pairs(worker))} experts, "
+                     f"{nbytes / 2**20:.1f} MiB")
+    progress(f"model ready in {time.monotonic() - start:.1f}s: {config.num_layers} layers, "
+             f"{config.num_experts} experts, KV cache {blocks} blocks of {settings.block_size} tokens")
+    return engine, cluster
 
 
 def _free_port(host: str) -> int:
@@ -54,10 +119,9 @@ class ExpertCluster:
 
     def __init__(self, model_dir, num_workers: int, plan: PlacementPlan | None = None,
                  replicas: str | None = None, address: str | None = None,
-                 dtype: torch.dtype = torch.float32, pingpong: str = "auto", pingpong_min_tokens: int = 256,
-                 collective_timeout_s: float = 30.0, kv_blocks: int = 512, block_size: int = 16,
-                 placement_timeout_s: float = 60.0, device: str = "auto"):
+                 settings: ServingConfig = DEFAULTS, kv_blocks: int = 512):
         self.owns_ray = ensure_ray(address)
+        dtype = DTYPES[settings.dtype]
         self.checkpoint = Checkpoint(model_dir)
         config = self.checkpoint.config
         plan = plan or PlacementPlan.spread(num_workers, config.num_layers, config.num_experts)
@@ -65,25 +129,17 @@ class ExpertCluster:
             plan = plan.with_replicas(replicas)
         if (plan.num_workers, plan.num_layers, plan.num_experts) != (num_workers, config.num_layers,
                                                                      config.num_experts):
-            raise ValueError(f"placement plan is for {plan.num_workers} workers, {plan.num_layers} "
+            raise PlacementError(f"placement plan is for {plan.num_workers} workers, {plan.num_layers} "
                              f"layers, {plan.num_experts} experts; the run has {num_workers} workers "
                              f"and the model {config.num_layers} layers, {config.num_experts} experts")
         plan.validate()
         self.plan = plan
         # "auto": GPU workers (and NCCL) when this router process has a GPU, else CPU and gloo. GPU
         # bundles that the cluster lacks make Ray's autoscaler add GPU nodes (KubeRay: GPU pods).
-        if device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
-        gpus = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        gpus = use_gpus(settings.device)
         bundle = {"GPU": 1, "CPU": 1} if gpus else {"CPU": 1}
         self.placement_group = placement_group([bundle] * num_workers, strategy="SPREAD")
-        ready, _ = ray.wait([self.placement_group.ready()], timeout=placement_timeout_s)
-        if not ready:
-            remove_placement_group(self.placement_group)
-            raise RuntimeError(f"waited {placement_timeout_s:.0f}s for {num_workers} bundles of {bundle}; "
-                               f"the cluster has {ray.available_resources()} free: add nodes or "
-                               "lower --workers")
-        dtype_name = str(dtype).removeprefix("torch.")
+        self._wait_for_placement(num_workers, bundle, settings.placement_timeout_s)
         self.workers = [
             RemoteExpertWorker.options(
                 num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
@@ -91,25 +147,41 @@ class ExpertCluster:
                 # Ray starts workers at niceness 15, behind its own daemons; a worker is on the
                 # data path of every layer, so a daemon's wake-up would stall the whole step.
                 runtime_env={"env_vars": {"RAY_worker_niceness": "0"}},
-            ).remote(i, str(model_dir), plan.worker_pairs(i), dtype_name)
+            ).remote(i, str(model_dir), plan.worker_pairs(i), settings.dtype, settings.worker_threads)
             for i in range(num_workers)]
         self.serve_refs = []
         try:
             self.worker_bytes = ray.get([w.load.remote() for w in self.workers])
             here = ray.get_runtime_context().get_node_id()
             local = sum(w["node_id"] == here for w in ray.get([w.where.remote() for w in self.workers]))
-            self._join(gpus, collective_timeout_s)
+            self._join(gpus, settings.collective_timeout_s)
         except BaseException:
             self._kill_workers()
             raise
         device = torch.device("cuda" if gpus else "cpu")
         model = RouterModel.from_checkpoint(self.checkpoint, dtype, device)  # attention on the GPU too
-        self.dispatcher = ExpertDispatcher(config, plan, device,
-                                           keepalive_s=max(collective_timeout_s / 4, 0.5))
-        cache = KVCache(config, kv_blocks, block_size, dtype, device)
+        self.dispatcher = ExpertDispatcher(config, plan.holders, plan.num_workers, device,
+                                           keepalive_s=max(settings.collective_timeout_s / 4, 0.5))
+        cache = KVCache(config, kv_blocks, settings.block_size, dtype, device)
         # CPU workers on this node share its cores with the router (see Engine.layer_threads).
-        self.engine = Engine(model, self.dispatcher, cache, pingpong=pingpong, pingpong_min_tokens=pingpong_min_tokens,
+        self.engine = Engine(model, self.dispatcher, cache, pingpong=settings.pingpong,
+                             pingpong_min_tokens=settings.pingpong_min_tokens,
                              layer_threads=1 if local and not gpus else None)
+
+    def _wait_for_placement(self, num_workers: int, bundle: dict, timeout_s: float) -> None:
+        """Wait for Ray (and its autoscaler) to place the workers' bundles, saying what we wait for."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            ready, _ = ray.wait([self.placement_group.ready()], timeout=max(min(left, 10.0), 0))
+            if ready:
+                return
+            if time.monotonic() >= deadline:
+                remove_placement_group(self.placement_group)
+                raise PlacementTimeout(f"waited {timeout_s:.0f}s for {num_workers} bundles of {bundle}; the cluster "
+                                   f"has {ray.available_resources()} free: add nodes or lower --workers")
+            progress(f"waiting for {num_workers} bundles of {bundle} ({left:.0f}s left of "
+                     "--placement-timeout); `ray status` shows why")
 
     def _join(self, gpus: bool, timeout_s: float) -> None:
         host = ray.util.get_node_ip_address()

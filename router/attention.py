@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from router.kv_cache import KVCache
+from expertmesh.router.kv_cache import KVCache
 
 
 @dataclass

@@ -8,17 +8,22 @@ Shape legend: T tokens, K experts per token, N = T*K rows, D hidden, W workers.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from cluster import wire
-from cluster.config import MixtralConfig
-from cluster.moe_math import combine_rows, sort_by_expert
-from cluster.placement import PlacementPlan
+from expertmesh.core import wire
+from expertmesh.core.config import MixtralConfig
+from expertmesh.core.moe_math import combine_rows, sort_by_expert
+
+log = logging.getLogger("expertmesh.dispatcher")
+
+Pair = tuple[int, int]  # (layer, expert)
 
 
 class ExpertPathError(RuntimeError):
@@ -35,21 +40,45 @@ class InFlight:
     num_tokens: int
 
 
+def split_among_replicas(counts: list[int], holders: list[tuple[int, ...]],
+                         num_workers: int) -> list[list[tuple[int, int, int]]]:
+    """Which rows of one layer go to which worker.
+
+    counts[e]: rows for expert e, stored expert after expert; holders[e]: the workers holding a copy
+    of expert e. Replicas of an expert split its rows into contiguous, nearly equal parts, the first
+    holders taking one more row when the rows do not divide evenly. Returns per worker its pieces
+    (expert, first row, rows), in expert order; a worker with no rows gets [].
+    """
+    pieces: list[list[tuple[int, int, int]]] = [[] for _ in range(num_workers)]
+    start = 0
+    for e, count in enumerate(counts):
+        base, extra = divmod(count, len(holders[e]))
+        for r, w in enumerate(holders[e]):
+            n = base + (r < extra)
+            if n:
+                pieces[w].append((e, start, n))
+            start += n
+    return pieces
+
+
 class ExpertDispatcher:
-    def __init__(self, config: MixtralConfig, plan: PlacementPlan, device: torch.device,
-                 keepalive_s: float = 2.0):
+    def __init__(self, config: MixtralConfig, holders: Mapping[Pair, tuple[int, ...]], num_workers: int,
+                 device: torch.device, keepalive_s: float = 2.0):
         self.config = config
-        self.plan = plan
+        self.num_workers = num_workers
+        # per layer, per expert: the workers holding a copy (worker w is collective rank w + 1)
+        self.holders = [[tuple(holders[(layer, e)]) for e in range(config.num_experts)]
+                        for layer in range(config.num_layers)]
         self.device = device
         backend = dist.get_backend()
         self.inline = wire.inlines_rows(backend)  # rows in the header's message (gloo)
         # gloo: a receive posted before the sends lets the results flow without a rendezvous. NCCL
         # runs the ops to one peer in order on one stream: a receive first would block the sends.
         self.receive_first = backend == "gloo"
-        self.rows_sent = torch.zeros(plan.num_workers, config.num_layers, config.num_experts,
+        self.rows_sent = torch.zeros(num_workers, config.num_layers, config.num_experts,
                                      dtype=torch.int64)  # load statistics for the controller
         self._lock = threading.Lock()  # one message group on the wire at a time
-        self._last_send = [time.monotonic()] * plan.num_workers  # a worker may sit out many layers
+        self._last_send = [time.monotonic()] * num_workers  # a worker may sit out many layers
         self._closed = threading.Event()
         self.broken = False  # the group failed; only tearing it down is left
         self._keepalive = threading.Thread(target=self._keep_alive, args=(keepalive_s,), daemon=True)
@@ -57,7 +86,7 @@ class ExpertDispatcher:
 
     def _send(self, worker: int, op: int, layer: int = 0, counts: list[int] | None = None,
               rows: torch.Tensor | None = None) -> tuple[list, list[torch.Tensor]]:
-        """Post one message to `worker` (see cluster/wire.py); returns (works, tensors they read)."""
+        """Post one message to `worker` (see core/wire.py); returns (works, tensors they read)."""
         inline = rows is not None and self.inline and rows.shape[0] <= wire.INLINE_MAX_ROWS
         head = wire.header(op, layer, inline, counts, self.config.num_experts)
         tensors = [wire.pack(head, rows)] if inline else [head.to(self.device)] + ([] if rows is None else [rows])
@@ -73,29 +102,20 @@ class ExpertDispatcher:
                     works = [work for w in idle if not self._closed.is_set() for work in self._send(w, wire.OP_PING)[0]]
                     for work in works:
                         work.wait()
-                except Exception:  # noqa: BLE001 - a broken group surfaces on the next step
-                    pass
+                except Exception as exc:  # noqa: BLE001 - a broken group surfaces on the next step
+                    log.warning("keep-alive ping failed (the next step will report it): %s", exc)
                 finally:
                     self._lock.release()
 
     def start(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> InFlight:
         """Send x's rows to the workers holding their experts; returns without waiting."""
-        c, plan = self.config, self.plan
-        k, num_experts, num_workers = c.experts_per_token, c.num_experts, plan.num_workers
+        c = self.config
+        k, num_experts = c.experts_per_token, c.num_experts
+        assert x.dim() == 2 and x.shape[1] == c.hidden_size, x.shape  # (T, D)
+        assert weights.shape == ids.shape == (x.shape[0], k), (weights.shape, ids.shape)  # (T, K)
         order, counts = sort_by_expert(ids, num_experts)  # (N,), (E,)
-        starts = torch.cumsum(counts, 0) - counts
-        # Per worker, per expert: the slice of the expert-sorted pairs it serves. Replicas of an expert
-        # split its rows into contiguous, nearly equal parts.
-        pieces: list[list[tuple[int, int, int]]] = [[] for _ in range(num_workers)]  # (expert, start, n)
-        for e, (start, count) in enumerate(zip(starts.tolist(), counts.tolist())):
-            holders = plan.holders[(layer, e)]
-            base, extra = divmod(count, len(holders))
-            for r, w in enumerate(holders):
-                n = base + (r < extra)
-                if n:
-                    pieces[w].append((e, start, n))
-                start += n
-        per_worker = [[0] * num_experts for _ in range(num_workers)]  # the headers' counts
+        pieces = split_among_replicas(counts.tolist(), self.holders[layer], self.num_workers)
+        per_worker = [[0] * num_experts for _ in range(self.num_workers)]  # the headers' counts
         segments, split = [], []
         for w, items in enumerate(pieces):
             for e, start, n in items:
@@ -136,8 +156,9 @@ class ExpertDispatcher:
                 work.wait()
         except Exception as exc:  # gloo/nccl report a dead or slow peer as RuntimeError/DistBackendError
             raise self._lost(exc) from exc
-        return combine_rows(flight.received.to(flight.pairs.device), flight.pairs, flight.weights,
-                            flight.num_tokens, self.config.experts_per_token)
+        received = flight.received.to(flight.pairs.device)
+        assert received.shape == (flight.pairs.shape[0], self.config.hidden_size), received.shape  # (N, D)
+        return combine_rows(received, flight.pairs, flight.weights, flight.num_tokens, self.config.experts_per_token)
 
     def run(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return self.finish(self.start(layer, x, weights, ids))
@@ -148,7 +169,7 @@ class ExpertDispatcher:
         with self._lock:  # after this no keep-alive ping is in flight, so the group can go
             if self.broken:
                 return
-            sent = [self._send(w, wire.OP_SHUTDOWN) for w in range(self.plan.num_workers)]
+            sent = [self._send(w, wire.OP_SHUTDOWN) for w in range(self.num_workers)]
             for works, _ in sent:
                 for work in works:
                     work.wait()

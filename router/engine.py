@@ -1,7 +1,9 @@
-"""Generation in one process: batches of flat token rows through the model, the cache and sampling.
+"""One model step over flat token rows: the model, its experts and the KV cache.
 
-The experts object decides where experts run (`LocalExperts` here, expert workers in the
-distributed engine); everything else is the same code.
+The engine only computes. Which sequences run, how many tokens each, and which KV blocks they use is
+the scheduler's (router/scheduler.py); sampling and streaming are the serving loop's. The experts
+object decides where experts run (`LocalExperts` here, expert workers in the distributed engine);
+everything else is the same code.
 """
 
 from __future__ import annotations
@@ -10,21 +12,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cluster.checkpoint import Checkpoint
-from router.attention import AttentionBatch
-from router.kv_cache import KVCache
-from router.local_experts import LocalExperts
-from router.model import RouterModel
-from router.sampling import RequestSampler, SamplingParams
+from expertmesh.core.checkpoint import Checkpoint
+from expertmesh.core.settings import DEFAULTS
+from expertmesh.router.attention import AttentionBatch
+from expertmesh.router.kv_cache import KVCache
+from expertmesh.router.local_experts import LocalExperts
+from expertmesh.router.model import Experts, RouterModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
 class Sequence:
+    """A request's tokens and where their k/v live; changed only by the scheduler and the serving loop."""
     token_ids: list[int]  # prompt + generated so far
     num_cached: int = 0  # tokens whose k/v are in the cache
-    block_table: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)  # KV blocks, in order
 
 
 def split_in_two(seqs: list[Sequence], new: list[int]) -> list[list[Sequence]]:
@@ -39,8 +42,8 @@ def split_in_two(seqs: list[Sequence], new: list[int]) -> list[list[Sequence]]:
 
 
 class Engine:
-    def __init__(self, model: RouterModel, experts, cache: KVCache, pingpong: str = "off",
-                 pingpong_min_tokens: int = 256, layer_threads: int | None = None):
+    def __init__(self, model: RouterModel, experts: Experts, cache: KVCache, pingpong: str = "off",
+                 pingpong_min_tokens: int = DEFAULTS.pingpong_min_tokens, layer_threads: int | None = None):
         self.model = model
         # torch threads during the layer loop (None: leave as is). With expert workers on the same
         # CPUs, 1 keeps OpenMP's idle threads, which spin for a while after each parallel op, off the
@@ -49,19 +52,17 @@ class Engine:
         # Split a step in two micro-batches that overlap at the experts: "on", "off", or "auto" =
         # only for steps of at least pingpong_min_tokens new tokens. Below that the experts are
         # memory-bound and a split reads every expert's weights twice (bench/dispatch.py).
-        if pingpong not in ("on", "off", "auto"):
-            raise ValueError(f"pingpong must be 'on', 'off' or 'auto', got {pingpong!r}")
-        if pingpong_min_tokens < 1:
-            raise ValueError(f"pingpong_min_tokens must be >= 1, got {pingpong_min_tokens}")
+        assert pingpong in ("on", "off", "auto") and pingpong_min_tokens >= 1, (pingpong, pingpong_min_tokens)
         self.pingpong = pingpong
         self.pingpong_min_tokens = pingpong_min_tokens
         self.experts = experts
         self.cache = cache
         self.config = model.config
+        self.split_steps = 0  # steps run as two ping-pong micro-batches
 
     @classmethod
     def local(cls, model_dir, dtype: torch.dtype = torch.float32, kv_blocks: int = 512,
-              block_size: int = 16, device: str | torch.device = "cpu") -> "Engine":
+              block_size: int = DEFAULTS.block_size, device: str | torch.device = "cpu") -> "Engine":
         """The reference engine: every weight of the checkpoint in this process (on `device`)."""
         checkpoint = Checkpoint(model_dir)
         model = RouterModel.from_checkpoint(checkpoint, dtype, device)
@@ -69,19 +70,21 @@ class Engine:
         return cls(model, experts, KVCache(checkpoint.config, kv_blocks, block_size, dtype, device))
 
     @torch.inference_mode()
-    def step(self, seqs: list[Sequence], num_new: list[int] | None = None,
+    def step(self, seqs: list[Sequence], num_new: list[int],
              all_logits: bool = False) -> torch.Tensor | list[torch.Tensor]:
-        """Compute the next num_new[i] uncached tokens of each sequence (default: all of them);
-        blocks are added as needed (the scheduler reserves them first when serving). Returns the
-        logits after each sequence's last computed token (S, V), row i for sequence i; with
-        all_logits, per sequence the logits after each of its tokens (n, V).
+        """Compute the next num_new[i] uncached tokens of each sequence, whose block tables the
+        scheduler has already grown to hold them; the sequences are not changed (the scheduler
+        advances them). Returns the logits after each sequence's last computed token (S, V), row i
+        for sequence i; with all_logits, per sequence the logits after each of its tokens (n, V).
         """
-        if num_new is None:
-            num_new = [len(s.token_ids) - s.num_cached for s in seqs]
+        block_size = self.cache.block_size
         for s, n in zip(seqs, num_new):
-            self.cache.grow(s.block_table, s.num_cached + n)
+            assert 0 < n <= len(s.token_ids) - s.num_cached, (n, len(s.token_ids), s.num_cached)
+            assert len(s.block_table) * block_size >= s.num_cached + n, "blocks are reserved before a step"
         index = {id(s): i for i, s in enumerate(seqs)}
         groups = split_in_two(seqs, num_new) if self._split(num_new) else [seqs]
+        if len(groups) > 1:
+            self.split_steps += 1
         micro_batches = []
         for group in groups:
             lens = [num_new[index[id(s)]] for s in group]
@@ -98,8 +101,6 @@ class Engine:
         finally:
             if self.layer_threads:
                 torch.set_num_threads(threads)
-        for s, n in zip(seqs, num_new):
-            s.num_cached += n
         if all_logits:
             return list(self.model.logits(h).cpu().split(num_new))
         ends = torch.tensor(num_new).cumsum(0)
@@ -109,49 +110,3 @@ class Engine:
         if len(num_new) < 2 or self.pingpong == "off":
             return False
         return self.pingpong == "on" or sum(num_new) >= self.pingpong_min_tokens
-
-    def release(self, seqs: list[Sequence]) -> None:
-        for s in seqs:
-            self.cache.release(s.block_table)
-            s.block_table = []
-
-    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
-        """Logits at every position of one prompt, (n, V) fp32: a full prefill, cache freed after."""
-        seq = Sequence(list(token_ids))
-        try:
-            return self.step([seq], all_logits=True)[0]
-        finally:
-            self.release([seq])
-
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-                 seed: int | None = None, stop_at_eos: bool = True) -> list[list[int]]:
-        """New tokens for each prompt, all prompts batched together (eos included when hit).
-        The plain loop the tests and `expertmesh run` use; serving goes through router/serving.py."""
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        longest = max(len(p) for p in prompts) + max_new_tokens
-        if longest > self.config.max_position_embeddings:
-            raise ValueError(f"prompt + max_new_tokens ({longest}) exceeds the model's context "
-                             f"({self.config.max_position_embeddings})")
-        samplers = [RequestSampler(SamplingParams(temperature=temperature,
-                                                  seed=None if seed is None else seed + i), p,
-                                   self.config.vocab_size) for i, p in enumerate(prompts)]
-        seqs = [Sequence(list(p)) for p in prompts]
-        outputs: list[list[int]] = [[] for _ in prompts]
-        running = list(range(len(prompts)))
-        try:
-            while running:
-                logits = self.step([seqs[i] for i in running])
-                still = []
-                for i, row in zip(running, logits):
-                    token, _ = samplers[i].sample(row)
-                    outputs[i].append(token)
-                    seqs[i].token_ids.append(token)
-                    done = len(outputs[i]) >= max_new_tokens or (
-                        stop_at_eos and token == self.config.eos_token_id)
-                    if not done:
-                        still.append(i)
-                running = still
-        finally:
-            self.release(seqs)
-        return outputs

@@ -14,13 +14,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cluster.chat import ChatError, render_chat
-from cluster.tokenizer import TextTokenizer
-from protos.expertmesh.v1 import generation_pb2 as pb
-from protos.expertmesh.v1 import generation_pb2_grpc as pb_grpc
-from router.sampling import InvalidRequest, SamplingParams
-from router.scheduler import QueueFull
-from router.serving import RequestOutput, ServingEngine
+from expertmesh.core.chat import ChatError, render_chat
+from expertmesh.core.tokenizer import TextTokenizer
+from expertmesh.router.requests import InvalidRequest, ValidRequest, validate_request
+from expertmesh.router.sampling import SamplingParams
+from expertmesh.router.serving import EngineUnavailable, QueueFull, RequestOutput, ServingEngine
+from expertmesh.v1 import generation_pb2 as pb
+from expertmesh.v1 import generation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("expertmesh.gateway")
 
@@ -62,6 +62,10 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.chat_template = chat_template
         self.model_info = model_info
 
+    def _valid(self, request: pb.GenerateRequest) -> ValidRequest:
+        """The one check of a Generate call: prompt and sampling against the model and the pool."""
+        return validate_request(self._prompt_ids(request), sampling_from_proto(request.sampling), self.engine.limits)
+
     def _prompt_ids(self, request) -> list[int]:
         given = [name for name in ("prompt", "token_ids", "messages") if len(getattr(request, name))]
         if len(given) != 1:
@@ -84,15 +88,13 @@ class GenerationService(pb_grpc.GenerationServicer):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         try:
-            prompt_ids = self._prompt_ids(request)
-            params = sampling_from_proto(request.sampling)
-            request_id = self.engine.submit(prompt_ids, params, lambda out: loop.call_soon_threadsafe(
-                queue.put_nowait, out), request_id=request.request_id or None)
+            key = self.engine.submit(self._valid(request), lambda out: loop.call_soon_threadsafe(
+                queue.put_nowait, out), client_id=request.request_id)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except QueueFull as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except RuntimeError as exc:
+        except EngineUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         finished = False
         try:
@@ -107,7 +109,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                     return
         finally:
             if not finished:  # the client went away or the server is stopping: free the sequence
-                self.engine.cancel(request_id)
+                self.engine.cancel(key)
 
     async def GetModelInfo(self, request, context):
         return self.model_info

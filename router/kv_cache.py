@@ -15,7 +15,7 @@ from collections import deque
 
 import torch
 
-from cluster.config import MixtralConfig
+from expertmesh.core.config import MixtralConfig
 
 
 class OutOfBlocks(RuntimeError):
@@ -106,6 +106,11 @@ class KVCache:
             if block not in self._name_of and name not in self._block_named:
                 self._name_of[block] = name
                 self._block_named[name] = block
+
+    def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store a step's keys and values: k, v (T, G, Dh) at slots slot_mapping (T,) of `layer`."""
+        self.k[layer][slot_mapping] = k
+        self.v[layer][slot_mapping] = v
 
     def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
         """Slot ids of token positions [start, end) of a sequence. -> (end - start,) int64"""

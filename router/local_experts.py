@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from cluster.checkpoint import Checkpoint
-from cluster.config import MixtralConfig
-from cluster.linear import Linear
-from cluster.moe_math import combine_rows, fused_expert, grouped_swiglu, sort_by_expert
+from expertmesh.core.checkpoint import Checkpoint
+from expertmesh.core.config import MixtralConfig
+from expertmesh.core.grouped_experts import fused_expert, grouped_swiglu
+from expertmesh.core.linear import Linear
+from expertmesh.core.moe_math import combine_rows, sort_by_expert
 
 
 class LocalExperts:

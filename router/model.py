@@ -9,15 +9,27 @@ H/G query/kv heads, Dh head dim, K experts per token, V vocab.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
-from cluster.checkpoint import Checkpoint
-from cluster.config import MixtralConfig
-from cluster.linear import Linear
-from cluster.moe_math import rms_norm, top_k_gating
-from router.attention import AttentionBatch, Rope, paged_attention
-from router.kv_cache import KVCache
+from expertmesh.core.checkpoint import Checkpoint
+from expertmesh.core.config import MixtralConfig
+from expertmesh.core.linear import Linear
+from expertmesh.core.moe_math import rms_norm, top_k_gating
+from expertmesh.router.attention import AttentionBatch, Rope, paged_attention
+from expertmesh.router.kv_cache import KVCache
+
+
+class Experts(Protocol):
+    """Where the experts run: in this process (router/local_experts.py) or on expert workers
+    (router/dispatcher.py). start() may return before the result exists; finish() waits for it."""
+
+    def start(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> Any:
+        """x (T, D), gate weights (T, K) fp32, expert ids (T, K) -> a handle for finish()."""
+
+    def finish(self, handle: Any) -> torch.Tensor:
+        """-> sum over k of weights[:, k] * expert_{ids[:, k]}(x), (T, D) fp32."""
 
 
 @dataclass
@@ -67,8 +79,7 @@ class RouterModel:
             batch.rope = self.rope.tables(batch.positions, h.dtype)
         q = self.rope.apply(q.view(-1, c.num_heads, c.head_dim), *batch.rope)  # (T, H, Dh)
         k = self.rope.apply(k.view(-1, c.num_kv_heads, c.head_dim), *batch.rope)  # (T, G, Dh)
-        cache.k[layer][batch.slot_mapping] = k
-        cache.v[layer][batch.slot_mapping] = v.view(-1, c.num_kv_heads, c.head_dim)
+        cache.write(layer, batch.slot_mapping, k, v.view(-1, c.num_kv_heads, c.head_dim))
         o = paged_attention(q, cache.k[layer], cache.v[layer], batch)
         return h + w.o(o.reshape(-1, c.q_size))
 
@@ -80,13 +91,12 @@ class RouterModel:
         return x, weights, ids
 
     def forward(self, micro_batches: list[tuple[torch.Tensor, AttentionBatch]], cache: KVCache,
-                experts) -> list[torch.Tensor]:
+                experts: Experts) -> list[torch.Tensor]:
         """Each micro-batch's token_ids (T_i,) -> final hidden states (T_i, D).
 
         With two micro-batches this is the ping-pong schedule: while one is at the experts
         (experts.start ... experts.finish), the other runs its attention. With one it is the plain
-        layer-by-layer loop. `experts` has start(layer, x, weights, ids) -> handle and
-        finish(handle) -> (T, D).
+        layer-by-layer loop.
         """
         hs = [self.embed_tokens(ids) for ids, _ in micro_batches]
         pending = [None] * len(micro_batches)

@@ -1,5 +1,5 @@
-"""Per-request sampling: parameters (validated), penalties, temperature, top-k/top-p/min-p, seeds,
-log-probabilities.
+"""Per-request sampling: parameters (checked in router/requests.py), penalties, temperature,
+top-k/top-p/min-p, seeds, log-probabilities.
 
 Every request samples from its own torch.Generator, so a seed gives the same tokens whatever else is
 in the batch. Log-probabilities are those of the model's own distribution (log-softmax of the raw
@@ -13,10 +13,6 @@ from dataclasses import dataclass, field
 import torch
 
 MAX_LOGPROBS = 20
-
-
-class InvalidRequest(ValueError):
-    """A request parameter out of range; the message names the parameter."""
 
 
 @dataclass(frozen=True)
@@ -34,33 +30,6 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; n >= 0: chosen token's plus the n most likely
-
-    def validate(self, vocab_size: int) -> None:
-        def bad(name: str, why: str):
-            raise InvalidRequest(f"{name} {why}, got {getattr(self, name)!r}")
-
-        if not self.temperature >= 0:
-            bad("temperature", "must be >= 0")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1]")
-        if self.top_k < 0:
-            bad("top_k", "must be >= 0 (0 disables it)")
-        if not 0 <= self.min_p <= 1:
-            bad("min_p", "must be in [0, 1]")
-        if not self.repetition_penalty > 0:
-            bad("repetition_penalty", "must be > 0")
-        if not -2 <= self.presence_penalty <= 2:
-            bad("presence_penalty", "must be in [-2, 2]")
-        if not -2 <= self.frequency_penalty <= 2:
-            bad("frequency_penalty", "must be in [-2, 2]")
-        if self.max_new_tokens < 1:
-            bad("max_new_tokens", "must be >= 1")
-        if any(not s for s in self.stop):
-            bad("stop", "must not contain an empty string")
-        if any(not 0 <= t < vocab_size for t in self.stop_token_ids):
-            bad("stop_token_ids", f"must be token ids in [0, {vocab_size})")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            bad("logprobs", f"must be in [0, {MAX_LOGPROBS}]")
 
 
 @dataclass

@@ -1,4 +1,9 @@
-"""Continuous batching: which requests run in the next step, and how many tokens each computes.
+"""Continuous batching, and the one owner of request and KV-block state.
+
+`schedule()` picks the next step and reserves its blocks; `update_from_output()` takes the step's
+result (sequences advance, full blocks get their prefix names) and says which requests sample now;
+`finish()` frees a request's blocks. Nothing else allocates, grows or frees blocks (as vLLM's
+scheduler owns its KV-cache manager); the engine only computes.
 
 Every step: running requests first, oldest first (a decode token each, or their next prompt chunk),
 then waiting requests in arrival order while the token budget, the seat cap and the KV pool allow.
@@ -12,12 +17,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from router.engine import Sequence
-from router.kv_cache import KVCache
-
-
-class QueueFull(RuntimeError):
-    """The waiting queue is at its bound; the request was not accepted."""
+from expertmesh.core.settings import DEFAULTS
+from expertmesh.router.engine import Sequence
+from expertmesh.router.kv_cache import KVCache
 
 
 @dataclass(eq=False)
@@ -30,22 +32,22 @@ class Scheduled:
     prompt_tokens_computed: int = 0  # prompt positions run through the model (recomputes included)
 
 
+Batch = list[tuple[Scheduled, int]]  # (request, tokens it computes this step), in row order
+
+
 class Scheduler:
-    def __init__(self, cache: KVCache, max_batch_tokens: int = 2048, max_seqs: int = 64,
-                 max_queue: int = 1024):
-        if max_batch_tokens < 1 or max_seqs < 1 or max_queue < 0:
-            raise ValueError("max_batch_tokens and max_seqs must be >= 1, max_queue >= 0")
+    def __init__(self, cache: KVCache, max_batch_tokens: int = DEFAULTS.max_batch_tokens,
+                 max_seqs: int = DEFAULTS.max_seqs):
+        assert max_batch_tokens >= 1 and max_seqs >= 1, (max_batch_tokens, max_seqs)
         self.cache = cache
         self.max_batch_tokens = max_batch_tokens
         self.max_seqs = max_seqs
-        self.max_queue = max_queue
-        self.waiting: deque = deque()
-        self.running: list = []
+        self.waiting: deque[Scheduled] = deque()
+        self.running: list[Scheduled] = []
         self.preemptions = 0
 
     def add(self, request: Scheduled) -> None:
-        if len(self.waiting) >= self.max_queue:
-            raise QueueFull(f"queue is full ({self.max_queue} waiting)")
+        """A new request joins the end of the queue (the serving loop bounds the queue)."""
         self.waiting.append(request)
 
     def has_work(self) -> bool:
@@ -54,26 +56,28 @@ class Scheduler:
     def _fits(self, seq: Sequence, n: int) -> bool:
         return self.cache.blocks_needed(seq.num_cached + n) - len(seq.block_table) <= self.cache.free_blocks
 
-    def _preempt(self, request: Scheduled) -> None:
+    def _free_blocks_of(self, request: Scheduled) -> None:
         self.cache.release(request.seq.block_table)
         request.seq.block_table = []
+
+    def _preempt(self, request: Scheduled) -> None:
+        self._free_blocks_of(request)
         request.seq.num_cached = 0
         request.preemptions += 1
         self.preemptions += 1
         self.running.remove(request)
         self.waiting.appendleft(request)
 
-    def remove(self, request: Scheduled) -> None:
+    def finish(self, request: Scheduled) -> None:
         """A finished or cancelled request leaves; its blocks go back to the pool at once."""
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.cache.release(request.seq.block_table)
-        request.seq.block_table = []
+        self._free_blocks_of(request)
 
-    def schedule(self) -> list[tuple[Scheduled, int]]:
-        """The next step: (request, tokens to compute) pairs, in order."""
+    def schedule(self) -> Batch:
+        """The next step: (request, tokens to compute) pairs, with the blocks for them reserved."""
         budget, batch = self.max_batch_tokens, []
         preempted = False
         for request in list(self.running):
@@ -114,3 +118,16 @@ class Scheduler:
             start = request.seq.num_cached
             request.prompt_tokens_computed += max(0, min(start + n, request.prompt_len) - start)
         return batch
+
+    def update_from_output(self, batch: Batch) -> list[tuple[Scheduled, int]]:
+        """The step of `batch` ran: its sequences advance and their full blocks become findable by
+        later prompts. Returns (request, logits row) of the requests whose every token is now
+        computed: they sample their next token."""
+        ready = []
+        for row, (request, n) in enumerate(batch):
+            seq = request.seq
+            seq.num_cached += n
+            self.cache.name_full_blocks(seq.block_table, seq.token_ids, seq.num_cached)
+            if seq.num_cached == len(seq.token_ids):
+                ready.append((request, row))
+        return ready

@@ -2,8 +2,11 @@
 
 submit() and cancel() may be called from any thread; they only touch the inbox. The engine loop
 (run(), on a thread of its own or on the caller's) drains the inbox at every step boundary, asks
-the scheduler for the next batch, runs one model step, samples, detokenises, applies stop
-conditions and hands each request its output chunk.
+the scheduler for the next batch, runs one model step, hands the result to the scheduler, samples,
+detokenises, applies stop conditions and hands each request its output chunk.
+
+Requests are keyed by the server (a fresh id per submit); a client's own id is only echoed back, so
+no client can reach another's request by naming its id.
 """
 
 from __future__ import annotations
@@ -18,15 +21,25 @@ from typing import Callable
 
 import torch
 
-from cluster.tokenizer import IncrementalDetokenizer, TextTokenizer
-from router.engine import Engine, Sequence
-from router.sampling import InvalidRequest, RequestSampler, SamplingParams, TokenLogprobs
-from router.scheduler import QueueFull, Scheduled, Scheduler
+from expertmesh.core.settings import DEFAULTS, ServingConfig
+from expertmesh.core.tokenizer import IncrementalDetokenizer, TextTokenizer
+from expertmesh.router.engine import Engine, Sequence
+from expertmesh.router.requests import RequestLimits, ValidRequest, validate_request
+from expertmesh.router.sampling import RequestSampler, SamplingParams, TokenLogprobs
+from expertmesh.router.scheduler import Scheduled, Scheduler
 
 log = logging.getLogger("expertmesh.serving")
 
 FINISH_STOP, FINISH_LENGTH, FINISH_EOS, FINISH_CANCELLED, FINISH_ERROR = (
     "stop", "length", "eos", "cancelled", "error")
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound; the request was not accepted."""
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine cannot take requests now (its expert path failed, or it is stopping)."""
 
 
 @dataclass
@@ -39,7 +52,7 @@ class Usage:
 @dataclass
 class RequestOutput:
     """One streamed chunk of a request; the last one has finish_reason and usage."""
-    request_id: str
+    request_id: str  # the client's id when it gave one, else the server's key
     token_ids: list[int]
     text: str
     logprobs: list[TokenLogprobs] = field(default_factory=list)
@@ -50,7 +63,8 @@ class RequestOutput:
 
 @dataclass(eq=False)
 class Request(Scheduled):
-    request_id: str = ""
+    key: str = ""  # the server's id of this request
+    client_id: str = ""  # echoed in every output
     params: SamplingParams = field(default_factory=SamplingParams)
     sampler: RequestSampler | None = None
     detokenizer: IncrementalDetokenizer | None = None
@@ -62,20 +76,24 @@ class Request(Scheduled):
 
 
 class ServingEngine:
-    def __init__(self, engine: Engine, tokenizer: TextTokenizer, max_batch_tokens: int = 2048,
-                 max_seqs: int = 64, max_queue: int = 1024, own_thread: bool = True,
-                 engine_threads: int | None = None):
+    def __init__(self, engine: Engine, tokenizer: TextTokenizer, settings: ServingConfig = DEFAULTS,
+                 own_thread: bool = True, engine_threads: int | None = None):
         self.engine = engine
         self.tokenizer = tokenizer
         self.config = engine.config
-        self.scheduler = Scheduler(engine.cache, max_batch_tokens, max_seqs, max_queue)
-        self._inbox: deque = deque()  # ("add", request) | ("cancel", request_id)
+        self.max_queue = settings.max_queue
+        self.scheduler = Scheduler(engine.cache, settings.max_batch_tokens, settings.max_seqs)
+        cache = engine.cache
+        self.limits = RequestLimits(self.config.vocab_size, self.config.max_position_embeddings,
+                                    cache.num_blocks * cache.block_size)
+        self._inbox: deque = deque()  # ("add", request) | ("cancel", key)
         self._wake = threading.Condition()
-        self._requests: dict[str, Request] = {}  # live requests, by id (engine thread only)
+        self._waiting = 0  # requests in the scheduler's queue, as of the last step boundary
+        self._requests: dict[str, Request] = {}  # live requests, by key (engine thread only)
         self._stopping = False
         self.healthy = True
         self.steps = 0
-        self.last_prompt_tokens_computed = 0  # of the last finished request: prefix-cache checks
+        self.tokens_computed = 0  # token positions run through the model, all steps
         # torch (OpenMP) threads of the loop. Thread counts are per calling thread, and a second
         # OpenMP team beside the one that loaded the model halved step speed on a 2-core machine;
         # so a loop on its own thread defaults to 1, and the fastest set-up runs the loop on the
@@ -88,45 +106,30 @@ class ServingEngine:
 
     # ---- any thread ----------------------------------------------------------------------------
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[RequestOutput], None],
-               request_id: str | None = None) -> str:
-        """Queue a request; raises InvalidRequest or QueueFull at once instead of dropping it."""
-        c = self.config
-        if not prompt_ids:
-            raise InvalidRequest("prompt is empty")
-        bad = next((t for t in prompt_ids if not 0 <= t < c.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {c.vocab_size})")
-        params.validate(c.vocab_size)
-        total = len(prompt_ids) + params.max_new_tokens
-        if len(prompt_ids) >= c.max_position_embeddings:
-            raise InvalidRequest(f"prompt has {len(prompt_ids)} tokens; the context is "
-                                 f"{c.max_position_embeddings}")
-        if total > c.max_position_embeddings:
-            raise InvalidRequest(f"max_new_tokens {params.max_new_tokens} with a prompt of {len(prompt_ids)} "
-                                 f"tokens exceeds the context of {c.max_position_embeddings}")
-        cache = self.engine.cache
-        if cache.blocks_needed(total) > cache.num_blocks:
-            raise InvalidRequest(f"max_new_tokens {params.max_new_tokens} with a prompt of {len(prompt_ids)} "
-                                 f"tokens needs more KV cache than the pool holds "
-                                 f"({cache.num_blocks * cache.block_size} tokens)")
-        request = Request(seq=Sequence(list(prompt_ids)), prompt_len=len(prompt_ids),
-                          request_id=request_id or uuid.uuid4().hex, params=params,
-                          sampler=RequestSampler(params, prompt_ids, c.vocab_size),
+    def submit(self, valid: ValidRequest, sink: Callable[[RequestOutput], None], client_id: str = "") -> str:
+        """Queue a request checked by validate_request; returns its key (for cancel). Raises
+        QueueFull or EngineUnavailable at once instead of dropping it."""
+        assert isinstance(valid, ValidRequest), "requests are checked at the boundary (validate_request)"
+        prompt_ids, params = list(valid.prompt_ids), valid.params
+        key = uuid.uuid4().hex
+        request = Request(seq=Sequence(prompt_ids), prompt_len=len(prompt_ids), key=key,
+                          client_id=client_id or key, params=params,
+                          sampler=RequestSampler(params, prompt_ids, self.config.vocab_size),
                           detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids), sink=sink)
         with self._wake:
-            if not self.healthy:
-                raise RuntimeError("the engine is not serving (its expert path failed)")
-            if len(self._inbox) + len(self.scheduler.waiting) >= self.scheduler.max_queue:
-                raise QueueFull(f"queue is full ({self.scheduler.max_queue} waiting)")
+            if not self.healthy or self._stopping:
+                raise EngineUnavailable("the engine is not serving (its expert path failed, or it is stopping)")
+            if len(self._inbox) + self._waiting >= self.max_queue:
+                raise QueueFull(f"queue is full ({self.max_queue} waiting)")
             self._inbox.append(("add", request))
             self._wake.notify()
-        return request.request_id
+        return key
 
-    def cancel(self, request_id: str) -> None:
-        """Abort a request; its blocks return to the pool at the next step boundary."""
+    def cancel(self, key: str) -> None:
+        """Abort a request by the key submit() returned; its blocks return to the pool at the next
+        step boundary."""
         with self._wake:
-            self._inbox.append(("cancel", request_id))
+            self._inbox.append(("cancel", key))
             self._wake.notify()
 
     def stop(self) -> None:
@@ -142,9 +145,11 @@ class ServingEngine:
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams] | SamplingParams,
                  timeout: float = 600) -> list[list[RequestOutput]]:
-        """Submit all prompts and wait for all: each request's output chunks, in order."""
+        """Check, submit and wait for all prompts (the in-process boundary: `expertmesh run`, tests,
+        benches): each request's output chunks, in order."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
+        valid = [validate_request(prompt, p, self.limits) for prompt, p in zip(prompts, params)]
         chunks: list[list[RequestOutput]] = [[] for _ in prompts]
         done = threading.Semaphore(0)
 
@@ -155,8 +160,8 @@ class ServingEngine:
                     done.release()
             return sink
 
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            self.submit(prompt, p, sink_for(i))
+        for i, request in enumerate(valid):
+            self.submit(request, sink_for(i))
         if self._thread is None:  # no loop of its own: drive it here until these are done
             self.run(until=lambda: all(c and c[-1].finish_reason is not None for c in chunks))
         deadline = time.monotonic() + timeout
@@ -171,10 +176,11 @@ class ServingEngine:
         while self._inbox:
             kind, item = self._inbox.popleft()
             if kind == "add":
-                self._requests[item.request_id] = item
-                self.scheduler.waiting.append(item)
+                self._requests[item.key] = item
+                self.scheduler.add(item)
             elif item in self._requests:
                 self._finish(self._requests[item], FINISH_CANCELLED)
+        self._waiting = len(self.scheduler.waiting)
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
         """The engine loop: until stop() (or until `until()` is true)."""
@@ -202,20 +208,20 @@ class ServingEngine:
                     self._finish(request, FINISH_ERROR, error=f"{type(exc).__name__}: {exc}")
                 continue
             self.steps += 1
-            ready = []  # (request, row of logits) of requests whose prompt is fully computed: they sample
-            for row, (request, _) in enumerate(batch):
-                seq = request.seq
-                self.engine.cache.name_full_blocks(seq.block_table, seq.token_ids, seq.num_cached)
-                if seq.num_cached == len(seq.token_ids):
-                    ready.append((request, row))
+            self.tokens_computed += sum(n for _, n in batch)
+            ready = self.scheduler.update_from_output(batch)
             # Plain greedy requests share one argmax over the step's logits (S, V): no row copies.
             best = logits.argmax(-1).tolist() if any(r.sampler.plain_greedy for r, _ in ready) else []
             for request, row in ready:
-                if request.sampler.plain_greedy:
-                    request.sampler.accept(best[row])
-                    self._advance(request, best[row], None)
-                else:
-                    self._advance(request, *request.sampler.sample(logits[row]))
+                try:
+                    if request.sampler.plain_greedy:
+                        request.sampler.accept(best[row])
+                        self._advance(request, best[row], None)
+                    else:
+                        self._advance(request, *request.sampler.sample(logits[row]))
+                except Exception as exc:  # noqa: BLE001 - one request's failure stays in that request
+                    log.exception("request %s failed while sampling", request.key)
+                    self._finish(request, FINISH_ERROR, error=f"{type(exc).__name__}: {exc}")
 
     def _advance(self, request: Request, token: int, logprobs: TokenLogprobs | None) -> None:
         """Append a sampled token: stream its text, apply the stop conditions."""
@@ -241,7 +247,7 @@ class ServingEngine:
             end -= _held_back(request.text, p.stop)  # might be the start of a stop string
         delta = request.text[request.emitted:end]
         request.emitted = max(request.emitted, end)
-        out = RequestOutput(request.request_id, [token], delta, [logprobs] if logprobs else [])
+        out = RequestOutput(request.client_id, [token], delta, [logprobs] if logprobs else [])
         if finish is not None:
             self._finish(request, finish, out)
         else:
@@ -252,13 +258,15 @@ class ServingEngine:
         if request.finished:
             return
         request.finished = True
-        self.last_prompt_tokens_computed = request.prompt_tokens_computed
-        self.scheduler.remove(request)
-        self._requests.pop(request.request_id, None)
-        out = out or RequestOutput(request.request_id, [], "")
+        self.scheduler.finish(request)
+        self._requests.pop(request.key, None)
+        out = out or RequestOutput(request.client_id, [], "")
         out.finish_reason, out.error = reason, error
         out.usage = Usage(request.prompt_len, len(request.output_ids), max(request.cached_prompt_tokens, 0))
-        request.sink(out)
+        try:
+            request.sink(out)
+        except Exception:  # noqa: BLE001 - a caller that went away must not stop the loop
+            log.exception("request %s: its last output could not be delivered", request.key)
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:

@@ -48,6 +48,6 @@ def hf_checkpoint(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A tiny Mixtral written by our own writer, with the real Mixtral tokenizer."""
-    from cluster.tiny_checkpoint import write_tiny_checkpoint
+    from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=1)

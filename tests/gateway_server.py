@@ -14,7 +14,7 @@ import time
 class ServerProcess:
     def __init__(self, *args: str, startup_timeout: float = 180):
         env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-        self.proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--port", "0", *args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "expertmesh.cli", "serve", "--port", "0", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: list[str] = []
         self.target = None

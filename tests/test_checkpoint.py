@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cluster.checkpoint import Checkpoint, CheckpointError, expert_keys
-from cluster.tiny_checkpoint import write_tiny_checkpoint
-from router.engine import Engine
+from expertmesh.core.checkpoint import Checkpoint, CheckpointError, expert_keys
+from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
+from expertmesh.router.engine import Engine
+from tests.helpers import prompt_logits
 
 SMALL = dict(vocab_size=32000, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
              num_kv_heads=2, head_dim=8, num_experts=4)
@@ -29,8 +30,8 @@ def test_consolidated_layout_gives_the_same_logits_as_hub(tmp_path):
     raw = load_file(consolidated / "consolidated.safetensors")
     assert "layers.0.feed_forward.experts.3.w2.weight" in raw and "layers.1.attention.wq.weight" in raw
     prompt = [1, 415, 2936, 9060, 285, 1142, 28705, 28770, 28734]
-    a = Engine.local(hub).prompt_logits(prompt)
-    b = Engine.local(consolidated).prompt_logits(prompt)
+    a = prompt_logits(Engine.local(hub), prompt)
+    b = prompt_logits(Engine.local(consolidated), prompt)
     assert torch.equal(a, b)
 
 

@@ -11,7 +11,7 @@ import torch
 
 
 def expertmesh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "expertmesh.cli", *args], capture_output=True,
                             text=True, timeout=300)
     if check:
         assert result.returncode == 0, result.stderr

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cluster.config import ConfigError, from_hf_config, from_mistral_params
+from expertmesh.core.config import ConfigError, from_hf_config, from_mistral_params
 
 REAL_MIXTRAL_8X7B = {  # config.json of mistralai/Mixtral-8x7B-v0.1
     "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1,

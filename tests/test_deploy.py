@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.cli import DEFAULT_PORT, build_parser
+from expertmesh.cli import DEFAULT_PORT, build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

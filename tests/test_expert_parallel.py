@@ -12,12 +12,16 @@ import time
 import pytest
 import ray
 
-from cluster import wire
-from cluster.bringup import ExpertCluster, ensure_ray
-from cluster.placement import PlacementPlan
-from cluster.tiny_checkpoint import write_tiny_checkpoint
-from router.dispatcher import ExpertPathError
-from router.engine import Engine
+from expertmesh.cluster.bringup import ExpertCluster, ensure_ray
+from expertmesh.cluster.placement import PlacementError, PlacementPlan
+from expertmesh.core import wire
+from expertmesh.core.settings import ServingConfig
+from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
+from expertmesh.router.dispatcher import ExpertPathError
+from expertmesh.router.engine import Engine
+from expertmesh.router.sampling import SamplingParams
+from expertmesh.router.serving import FINISH_ERROR, ServingEngine
+from tests.helpers import greedy_tokens, prompt_logits, text_tokenizer
 
 LAYERS, EXPERTS = 2, 8
 PROMPTS = [[1, 415, 2936, 9060], [1, 22557], [1, *range(100, 117)], [1, 3, 4, 5, 6, 7, 8]]
@@ -41,8 +45,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(checkpoint):
     engine = Engine.local(checkpoint)
-    return {"tokens": engine.generate(PROMPTS, NEW_TOKENS, stop_at_eos=False),
-            "logits": engine.prompt_logits(PROMPTS[2])}
+    return {"tokens": greedy_tokens(engine, PROMPTS, NEW_TOKENS), "logits": prompt_logits(engine, PROMPTS[2])}
 
 
 def uneven_plan(num_workers: int) -> PlacementPlan:
@@ -54,13 +57,14 @@ def uneven_plan(num_workers: int) -> PlacementPlan:
     return PlacementPlan(num_workers, LAYERS, EXPERTS, holders)
 
 
+ON, OFF = ServingConfig(pingpong="on"), ServingConfig(pingpong="off")
 CASES = {
-    "1w": dict(num_workers=1, pingpong="on"),
-    "2w_no_pingpong": dict(num_workers=2, pingpong="off"),
-    "2w_replicas": dict(num_workers=2, replicas="*:0x2,1:3x2", pingpong="on"),
-    "4w": dict(num_workers=4, pingpong="on"),
-    "4w_replicas_no_pingpong": dict(num_workers=4, replicas="*:1x3,0:6x4", pingpong="off"),
-    "3w_uneven": dict(num_workers=3, plan=uneven_plan(3), pingpong="on"),
+    "1w": dict(num_workers=1, settings=ON),
+    "2w_no_pingpong": dict(num_workers=2, settings=OFF),
+    "2w_replicas": dict(num_workers=2, replicas="*:0x2,1:3x2", settings=ON),
+    "4w": dict(num_workers=4, settings=ON),
+    "4w_replicas_no_pingpong": dict(num_workers=4, replicas="*:1x3,0:6x4", settings=OFF),
+    "3w_uneven": dict(num_workers=3, plan=uneven_plan(3), settings=ON),
 }
 
 
@@ -73,10 +77,13 @@ def test_distributed_engine_matches_reference(ray_cluster, checkpoint, reference
     with ExpertCluster(checkpoint, **CASES[name]) as cluster:
         engine = cluster.engine
         before = _rows(cluster.stats())
-        tokens = engine.generate(PROMPTS, NEW_TOKENS, stop_at_eos=False)
+        split_before = engine.split_steps
+        tokens = greedy_tokens(engine, PROMPTS, NEW_TOKENS)
         stats = cluster.stats()
         sent = cluster.dispatcher.rows_sent.sum().item()  # the router's own count, same moment
-        logits = engine.prompt_logits(PROMPTS[2])
+        # ping-pong on: every step of two or more sequences really ran as two micro-batches
+        assert (engine.split_steps - split_before == NEW_TOKENS) == (engine.pingpong == "on")
+        logits = prompt_logits(engine, PROMPTS[2])
         assert engine.cache.free_blocks == engine.cache.num_blocks
     assert tokens == reference["tokens"]
     assert (logits - reference["logits"]).abs().max().item() < 1e-5
@@ -105,22 +112,21 @@ def test_rows_beyond_the_inline_limit_travel_in_their_own_message(ray_cluster, c
     # they follow in a message of their own, and the worker goes by the header's flag. A limit of 3
     # sends some layers each way here.
     monkeypatch.setattr(wire, "INLINE_MAX_ROWS", 3)
-    with ExpertCluster(checkpoint, num_workers=2, pingpong="off") as cluster:
+    with ExpertCluster(checkpoint, num_workers=2, settings=OFF) as cluster:
         assert cluster.dispatcher.inline
-        tokens = cluster.engine.generate(PROMPTS, NEW_TOKENS, stop_at_eos=False)
+        tokens = greedy_tokens(cluster.engine, PROMPTS, NEW_TOKENS)
     assert tokens == reference["tokens"]
 
 
 def test_killing_a_worker_fails_the_call_clearly_and_leaves_nothing(ray_cluster, checkpoint):
-    cluster = ExpertCluster(checkpoint, num_workers=2, collective_timeout_s=5)
+    cluster = ExpertCluster(checkpoint, num_workers=2, settings=ServingConfig(collective_timeout_s=5))
     pids = [w["pid"] for w in ray.get([w.where.remote() for w in cluster.workers])]
     errors = []
+    serving = ServingEngine(cluster.engine, text_tokenizer(cluster.engine))  # its own loop thread
 
     def generate():
-        try:
-            cluster.engine.generate([[1, 2, 3]], 3000, stop_at_eos=False)
-        except Exception as exc:  # noqa: BLE001 - the test inspects it
-            errors.append(exc)
+        params = SamplingParams(temperature=0, max_new_tokens=3000, ignore_eos=True)
+        errors.append(serving.generate([[1, 2, 3]], params)[0][-1])
 
     thread = threading.Thread(target=generate)
     thread.start()
@@ -130,8 +136,10 @@ def test_killing_a_worker_fails_the_call_clearly_and_leaves_nothing(ray_cluster,
     thread.join(timeout=60)
     assert not thread.is_alive(), "generation hung after a worker died"
     assert time.monotonic() - killed_at < 5 + 10  # within the collective timeout, with slack
-    assert errors and isinstance(errors[0], ExpertPathError)
-    assert "worker died or timed out" in str(errors[0])
+    assert errors and errors[0].finish_reason == FINISH_ERROR
+    assert ExpertPathError.__name__ in errors[0].error and "worker died or timed out" in errors[0].error
+    assert not serving.healthy
+    serving.shutdown()
     cluster.shutdown()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
@@ -149,7 +157,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_plan_errors(checkpoint, ray_cluster):
-    with pytest.raises(ValueError, match="placement plan is for 3 workers"):
+    with pytest.raises(PlacementError, match="placement plan is for 3 workers"):
         ExpertCluster(checkpoint, num_workers=2, plan=uneven_plan(3))
-    with pytest.raises(ValueError, match="copies but only 2 workers"):
+    with pytest.raises(PlacementError, match="copies but only 2 workers"):
         ExpertCluster(checkpoint, num_workers=2, replicas="*:0x3")

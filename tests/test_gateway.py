@@ -15,10 +15,10 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from cluster.chat import MIXTRAL_INSTRUCT_TEMPLATE
-from cluster.tiny_checkpoint import write_tiny_checkpoint
-from protos.expertmesh.v1 import generation_pb2 as pb
-from protos.expertmesh.v1 import generation_pb2_grpc as pb_grpc
+from expertmesh.core.chat import MIXTRAL_INSTRUCT_TEMPLATE
+from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
+from expertmesh.v1 import generation_pb2 as pb
+from expertmesh.v1 import generation_pb2_grpc as pb_grpc
 from tests.gateway_server import ServerProcess
 
 
@@ -233,7 +233,7 @@ def _node_modules():
     import subprocess
     from pathlib import Path
 
-    from cluster.tokenizer import cache_dir
+    from expertmesh.core.tokenizer import cache_dir
 
     if not (shutil.which("node") and shutil.which("npm")):
         pytest.skip("node and npm are not installed")

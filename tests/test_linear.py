@@ -1,4 +1,4 @@
-"""Linear layers with prepacked weights (cluster/linear.py) against F.linear."""
+"""Linear layers with prepacked weights (core/linear.py) against F.linear."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cluster.linear import Linear
+from expertmesh.core.linear import Linear
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

@@ -6,9 +6,10 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from cluster.bringup import ExpertCluster
-from cluster.tiny_checkpoint import write_tiny_checkpoint
-from router.engine import Engine
+from expertmesh.cluster.bringup import ExpertCluster
+from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
+from expertmesh.router.engine import Engine
+from tests.helpers import greedy_tokens
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,8 @@ def two_nodes():
 def test_workers_on_two_nodes_match_reference(two_nodes, tmp_path):
     path = write_tiny_checkpoint(tmp_path / "ck", seed=4, num_experts=4)
     prompts = [[1, 1014, 2936], [1, *range(200, 209)]]
-    expected = Engine.local(path).generate(prompts, 6, stop_at_eos=False)
+    expected = greedy_tokens(Engine.local(path), prompts, 6)
     with ExpertCluster(path, num_workers=2, replicas="*:2x2") as cluster:
         nodes = {w["node_id"] for w in ray.get([w.where.remote() for w in cluster.workers])}
         assert len(nodes) == 2, "the placement group should spread the workers over both nodes"
-        assert cluster.engine.generate(prompts, 6, stop_at_eos=False) == expected
+        assert greedy_tokens(cluster.engine, prompts, 6) == expected

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cluster.placement import PlacementError, PlacementPlan
+from expertmesh.cluster.placement import PlacementError, PlacementPlan
 from tests.test_cli import expertmesh
 
 

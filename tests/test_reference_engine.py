@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from router.engine import Engine
+from expertmesh.router.engine import Engine
+from tests.helpers import greedy_tokens, prompt_logits
 
 
 def _prompt(n: int, seed: int) -> list[int]:
@@ -17,7 +18,7 @@ def test_prefill_logits_match_transformers(hf_checkpoint):
     prompt = _prompt(17, 0)  # longer than the sliding window of 6
     with torch.no_grad():
         expected = model(torch.tensor([prompt])).logits[0]
-    ours = engine.prompt_logits(prompt)
+    ours = prompt_logits(engine, prompt)
     assert ours.shape == expected.shape
     assert (ours - expected).abs().max().item() < 1e-4
 
@@ -29,15 +30,15 @@ def test_greedy_generation_matches_transformers(hf_checkpoint):
     with torch.no_grad():
         expected = model.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32,
                                   do_sample=False)[0, len(prompt):].tolist()
-    assert engine.generate([prompt], 32, stop_at_eos=False)[0] == expected
+    assert greedy_tokens(engine, [prompt], 32)[0] == expected
 
 
 def test_cached_decoding_agrees_with_full_prefill(hf_checkpoint):
     _, path = hf_checkpoint
     engine = Engine.local(path)
     prompt = _prompt(5, 2)
-    generated = engine.generate([prompt], 24, stop_at_eos=False)[0]
-    full = engine.prompt_logits(prompt + generated)  # (n, V): logits after every position
+    generated = greedy_tokens(engine, [prompt], 24)[0]
+    full = prompt_logits(engine, prompt + generated)  # (n, V): logits after every position
     # The greedy token after each prefix, recomputed without the cache, is the one we generated.
     assert full[len(prompt) - 1:-1].argmax(-1).tolist() == generated
 
@@ -46,8 +47,8 @@ def test_batched_prompts_of_different_lengths_equal_each_alone(hf_checkpoint):
     _, path = hf_checkpoint
     engine = Engine.local(path)
     prompts = [_prompt(n, 10 + n) for n in (3, 11, 7, 1)]
-    together = engine.generate(prompts, 12, stop_at_eos=False)
-    alone = [engine.generate([p], 12, stop_at_eos=False)[0] for p in prompts]
+    together = greedy_tokens(engine, prompts, 12)
+    alone = [greedy_tokens(engine, [p], 12)[0] for p in prompts]
     assert together == alone
     assert engine.cache.free_blocks == engine.cache.num_blocks  # nothing leaked
 
@@ -55,8 +56,8 @@ def test_batched_prompts_of_different_lengths_equal_each_alone(hf_checkpoint):
 def test_bfloat16_runs_and_tracks_float32(hf_checkpoint):
     _, path = hf_checkpoint
     prompt = _prompt(12, 3)
-    fp32 = Engine.local(path, torch.float32).prompt_logits(prompt)
-    bf16 = Engine.local(path, torch.bfloat16).prompt_logits(prompt)
+    fp32 = prompt_logits(Engine.local(path, torch.float32), prompt)
+    bf16 = prompt_logits(Engine.local(path, torch.bfloat16), prompt)
     assert bf16.dtype == torch.float32  # logits always come out in fp32
     # bf16 keeps ~3 significant digits: the distributions stay close.
     p32, p16 = fp32.softmax(-1), bf16.softmax(-1)

@@ -9,12 +9,14 @@ import time
 import pytest
 import torch
 
-from cluster.tiny_checkpoint import write_tiny_checkpoint
-from cluster.tokenizer import load_tokenizer
-from router.engine import Engine
-from router.sampling import InvalidRequest, RequestSampler, SamplingParams
-from router.scheduler import QueueFull
-from router.serving import ServingEngine
+from expertmesh.core.settings import ServingConfig
+from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
+from expertmesh.core.tokenizer import load_tokenizer
+from expertmesh.router.engine import Engine
+from expertmesh.router.requests import InvalidRequest, validate_request
+from expertmesh.router.sampling import RequestSampler, SamplingParams
+from expertmesh.router.serving import QueueFull, ServingEngine
+from tests.helpers import prompt_logits
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +31,12 @@ def tokenizer(model_dir):
     return load_tokenizer(model_dir)
 
 
-def serving(model_dir, tokenizer, kv_blocks=512, **kw) -> ServingEngine:
-    return ServingEngine(Engine.local(model_dir, kv_blocks=kv_blocks), tokenizer, **kw)
+def serving(model_dir, tokenizer, kv_blocks=512, **settings) -> ServingEngine:
+    return ServingEngine(Engine.local(model_dir, kv_blocks=kv_blocks), tokenizer, ServingConfig(**settings))
+
+
+def submit(engine: ServingEngine, prompt: list[int], params: SamplingParams, sink) -> str:
+    return engine.submit(validate_request(prompt, params, engine.limits), sink)
 
 
 def mixed_prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -94,14 +100,12 @@ def test_prefix_caching_skips_the_shared_prompt(model_dir, tokenizer):
             computed.append(chunks[-1].usage.cached_prompt_tokens)
         assert computed == [0, 32]
         assert outputs[0] == outputs[1]
-        # Count what the model computed: only the 8 prompt tokens past the shared blocks.
-        done = threading.Event()
-        got = []
-        fresh.submit(prompt, params, lambda out: (got.append(out), out.finish_reason and done.set()))
-        assert done.wait(30)
-        request_counts = [got[-1].usage.cached_prompt_tokens]
-        assert request_counts == [32]
-        assert fresh.last_prompt_tokens_computed == 8
+        # Count what the model computed: the 8 prompt tokens past the shared blocks, then one
+        # position per new token but the last (which is sampled, never fed back).
+        before = fresh.tokens_computed
+        chunks = fresh.generate([prompt], params)[0]
+        assert chunks[-1].usage.cached_prompt_tokens == 32
+        assert fresh.tokens_computed - before == 8 + 9
     finally:
         fresh.shutdown()
 
@@ -141,7 +145,7 @@ def test_logprobs_sum_to_the_sequence_log_likelihood(engine, model_dir):
     for lp in lps:
         assert len(lp.top) == 3 and lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1]
         assert lp.logprob <= lp.top[0][1] + 1e-6
-    full = Engine.local(model_dir).prompt_logits(prompt + out).log_softmax(-1)  # (n, V)
+    full = prompt_logits(Engine.local(model_dir), prompt + out).log_softmax(-1)  # (n, V)
     expected = sum(full[len(prompt) - 1 + i, t].item() for i, t in enumerate(out))
     assert abs(sum(lp.logprob for lp in lps) - expected) < 1e-4
 
@@ -172,16 +176,18 @@ def test_penalties_and_truncation():
 ])
 def test_bad_parameters_are_refused_by_name(engine, field, value):
     with pytest.raises(InvalidRequest, match=field):
-        engine.submit([1, 2, 3], SamplingParams(**{field: value}), lambda out: None)
+        validate_request([1, 2, 3], SamplingParams(**{field: value}), engine.limits)
 
 
 def test_bad_prompts_are_refused(engine):
     with pytest.raises(InvalidRequest, match="empty"):
-        engine.submit([], SamplingParams(), lambda out: None)
+        validate_request([], SamplingParams(), engine.limits)
     with pytest.raises(InvalidRequest, match="32000"):
-        engine.submit([1, 32000], SamplingParams(), lambda out: None)
+        validate_request([1, 32000], SamplingParams(), engine.limits)
     with pytest.raises(InvalidRequest, match="max_new_tokens 5000"):
-        engine.submit([1, 2], SamplingParams(max_new_tokens=5000), lambda out: None)
+        validate_request([1, 2], SamplingParams(max_new_tokens=5000), engine.limits)
+    with pytest.raises(AssertionError, match="validate_request"):  # below the boundary nothing re-checks
+        engine.submit(([1, 2], SamplingParams()), lambda out: None)
 
 
 def test_random_cancellations_leak_no_blocks(model_dir, tokenizer):
@@ -196,8 +202,8 @@ def test_random_cancellations_leak_no_blocks(model_dir, tokenizer):
                 if out.finish_reason:
                     finished[i] = out.finish_reason
                     done.release()
-            ids.append(fresh.submit(prompt, SamplingParams(temperature=0, max_new_tokens=60, ignore_eos=True),
-                                    sink))
+            ids.append(submit(fresh, prompt, SamplingParams(temperature=0, max_new_tokens=60, ignore_eos=True),
+                              sink))
         for request_id in rng.sample(ids, 12):
             time.sleep(rng.random() * 0.05)
             fresh.cancel(request_id)
@@ -223,7 +229,7 @@ def test_full_queue_refuses_at_once_and_loses_nothing(model_dir, tokenizer):
                 if out.finish_reason:
                     done.release()
             try:
-                fresh.submit([1, 5, 6], SamplingParams(temperature=0, max_new_tokens=50, ignore_eos=True), sink)
+                submit(fresh, [1, 5, 6], SamplingParams(temperature=0, max_new_tokens=50, ignore_eos=True), sink)
                 accepted.append(i)
             except QueueFull:
                 refused += 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.tokenizer import IncrementalDetokenizer, load_tokenizer, mixtral_sentencepiece_path
+from expertmesh.core.tokenizer import IncrementalDetokenizer, load_tokenizer, mixtral_sentencepiece_path
 
 TEXTS = {
     "english": "The quick brown fox jumps over the lazy dog. It's 3:45pm -- isn't it?",

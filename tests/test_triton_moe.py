@@ -10,8 +10,8 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: run kernels on the CPU
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]' brings it)")
 
-from workers.grouped_mlp import LayerExperts, grouped_experts  # noqa: E402
-from workers.triton_moe import triton_grouped_swiglu  # noqa: E402
+from expertmesh.core.grouped_experts_triton import triton_grouped_swiglu  # noqa: E402
+from expertmesh.workers.grouped_mlp import LayerExperts, grouped_experts  # noqa: E402
 
 
 @pytest.mark.parametrize("counts", [[5, 0, 17, 1], [1], [0, 0, 3], [33, 16]])

@@ -1,11 +1,11 @@
-"""The data-path message layout (cluster/wire.py): what the router packs a worker can read back."""
+"""The data-path message layout (core/wire.py): what the router packs a worker can read back."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from cluster import wire
+from expertmesh.core import wire
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -13,14 +13,15 @@ from collections import Counter
 import ray
 import torch
 
-from cluster import wire
-from cluster.checkpoint import Checkpoint
-from workers.grouped_mlp import LayerExperts, grouped_experts
+from expertmesh.core import wire
+from expertmesh.core.checkpoint import Checkpoint
+from expertmesh.workers.grouped_mlp import LayerExperts, grouped_experts
 
 
 class ExpertWorker:
-    def __init__(self, worker: int, model_dir: str, pairs: list[tuple[int, int]], dtype: str):
+    def __init__(self, worker: int, model_dir: str, pairs: list[tuple[int, int]], dtype: str, threads: int):
         self.worker = worker
+        self.threads = threads  # torch threads of the serve loop (ServingConfig.worker_threads)
         self.model_dir = model_dir
         self.pairs = [tuple(p) for p in pairs]
         self.dtype = getattr(torch, dtype)
@@ -60,10 +61,10 @@ class ExpertWorker:
 
         # Set on this thread: OpenMP thread counts are per calling thread, and a Ray threaded
         # actor runs each call on a pool thread.
-        torch.set_num_threads(int(os.environ.get("EXPERTMESH_WORKER_THREADS", "1")))
+        torch.set_num_threads(self.threads)
         router = wire.ROUTER_RANK
         hidden, num_experts = self.config.hidden_size, self.config.num_experts
-        # gloo: one receive buffer stays posted for header and rows together (cluster/wire.py)
+        # gloo: one receive buffer stays posted for header and rows together (core/wire.py)
         buffer = (torch.empty(wire.message_capacity(num_experts, hidden, self.dtype), dtype=torch.uint8)
                   if wire.inlines_rows(dist.get_backend()) else None)
         while True:
@@ -89,7 +90,9 @@ class ExpertWorker:
             if missing:  # the router's plan and ours disagree: fail loudly, never compute garbage
                 raise RuntimeError(f"worker {self.worker} got rows for expert ({layer}, {missing[0]}) "
                                    "which it does not hold")
+            assert rows.shape == (sum(counts), hidden), rows.shape  # (N, D), grouped by expert
             out = grouped_experts(rows, held, [e for e, _ in used], [n for _, n in used])
+            assert out.shape == rows.shape, out.shape
             with self._lock:  # counted before the results go back, so stats never lag the router
                 for e, n in used:
                     self.rows_received[(layer, e)] += n

@@ -3,7 +3,7 @@
 On GPU, small steps (decode) use the Triton grouped kernel, one launch for all experts over the
 stacked weights; larger ones use cuBLAS per expert, which was faster there on an H200 at Mixtral
 8x7B sizes (bench/results/experts_gpu_h200.txt: Triton 1.17x faster at 64 tokens, 0.70x at 1024).
-On the CPU each expert is a pair of prepacked linear layers (cluster/linear.py) and no stacks are kept.
+On the CPU each expert is a pair of prepacked linear layers (core/linear.py) and no stacks are kept.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.linear import Linear
-from cluster.moe_math import fused_expert, grouped_swiglu
+from expertmesh.core.grouped_experts import fused_expert, grouped_swiglu
+from expertmesh.core.linear import Linear
 
 TRITON_MAX_ROWS = 128  # rows (tokens x top-k) up to which the Triton kernel beat cuBLAS
 
@@ -50,7 +50,7 @@ def grouped_experts(rows: torch.Tensor, layer: LayerExperts, expert_ids: list[in
     """rows (N, D) grouped by expert: counts[g] rows for global expert expert_ids[g] -> (N, D)."""
     index = [layer.local[e] for e in expert_ids]
     if rows.is_cuda and layer.w13 is not None and rows.shape[0] <= TRITON_MAX_ROWS:
-        from workers.triton_moe import triton_grouped_swiglu
+        from expertmesh.core.grouped_experts_triton import triton_grouped_swiglu
 
         return triton_grouped_swiglu(rows, index, counts, layer.w13, layer.w2)
     return grouped_swiglu(rows, counts, [layer.mlps[i] for i in index])

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.expertmesh.v1 import generation_pb2 as protos_dot_expertmesh_dot_v1_dot_generation__pb2
+from expertmesh.v1 import generation_pb2 as expertmesh_dot_v1_dot_generation__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/expertmesh/v1/generation_pb2_grpc.py depends on'
+        + ' but the generated code in expertmesh/v1/generation_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class GenerationStub:
         """
         self.Generate = channel.unary_stream(
                 '/expertmesh.v1.Generation/Generate',
-                request_serializer=protos_dot_expertmesh_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_expertmesh_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
+                request_serializer=expertmesh_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=expertmesh_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/expertmesh.v1.Generation/GetModelInfo',
-                request_serializer=protos_dot_expertmesh_dot_v1_dot_generation__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=protos_dot_expertmesh_dot_v1_dot_generation__pb2.ModelInfo.FromString,
+                request_serializer=expertmesh_dot_v1_dot_generation__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=expertmesh_dot_v1_dot_generation__pb2.ModelInfo.FromString,
                 _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/expertmesh.v1.Generation/Tokenize',
-                request_serializer=protos_dot_expertmesh_dot_v1_dot_generation__pb2.TokenizeRequest.SerializeToString,
-                response_deserializer=protos_dot_expertmesh_dot_v1_dot_generation__pb2.TokenizeResponse.FromString,
+                request_serializer=expertmesh_dot_v1_dot_generation__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=expertmesh_dot_v1_dot_generation__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
         self.GetServerStats = channel.unary_unary(
                 '/expertmesh.v1.Generation/GetServerStats',
-                request_serializer=protos_dot_expertmesh_dot_v1_dot_generation__pb2.GetServerStatsRequest.SerializeToString,
-                response_deserializer=protos_dot_expertmesh_dot_v1_dot_generation__pb2.ServerStats.FromString,
+                request_serializer=expertmesh_dot_v1_dot_generation__pb2.GetServerStatsRequest.SerializeToString,
+                response_deserializer=expertmesh_dot_v1_dot_generation__pb2.ServerStats.FromString,
                 _registered_method=True)
 
 
@@ -93,23 +93,23 @@ def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=protos_dot_expertmesh_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
-                    response_serializer=protos_dot_expertmesh_dot_v1_dot_generation__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=expertmesh_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
+                    response_serializer=expertmesh_dot_v1_dot_generation__pb2.GenerateResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=protos_dot_expertmesh_dot_v1_dot_generation__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=protos_dot_expertmesh_dot_v1_dot_generation__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=expertmesh_dot_v1_dot_generation__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=expertmesh_dot_v1_dot_generation__pb2.ModelInfo.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
-                    request_deserializer=protos_dot_expertmesh_dot_v1_dot_generation__pb2.TokenizeRequest.FromString,
-                    response_serializer=protos_dot_expertmesh_dot_v1_dot_generation__pb2.TokenizeResponse.SerializeToString,
+                    request_deserializer=expertmesh_dot_v1_dot_generation__pb2.TokenizeRequest.FromString,
+                    response_serializer=expertmesh_dot_v1_dot_generation__pb2.TokenizeResponse.SerializeToString,
             ),
             'GetServerStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerStats,
-                    request_deserializer=protos_dot_expertmesh_dot_v1_dot_generation__pb2.GetServerStatsRequest.FromString,
-                    response_serializer=protos_dot_expertmesh_dot_v1_dot_generation__pb2.ServerStats.SerializeToString,
+                    request_deserializer=expertmesh_dot_v1_dot_generation__pb2.GetServerStatsRequest.FromString,
+                    response_serializer=expertmesh_dot_v1_dot_generation__pb2.ServerStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,8 +137,8 @@ class Generation:
             request,
             target,
             '/expertmesh.v1.Generation/Generate',
-            protos_dot_expertmesh_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
-            protos_dot_expertmesh_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
+            expertmesh_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
+            expertmesh_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -164,8 +164,8 @@ class Generation:
             request,
             target,
             '/expertmesh.v1.Generation/GetModelInfo',
-            protos_dot_expertmesh_dot_v1_dot_generation__pb2.GetModelInfoRequest.SerializeToString,
-            protos_dot_expertmesh_dot_v1_dot_generation__pb2.ModelInfo.FromString,
+            expertmesh_dot_v1_dot_generation__pb2.GetModelInfoRequest.SerializeToString,
+            expertmesh_dot_v1_dot_generation__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -191,8 +191,8 @@ class Generation:
             request,
             target,
             '/expertmesh.v1.Generation/Tokenize',
-            protos_dot_expertmesh_dot_v1_dot_generation__pb2.TokenizeRequest.SerializeToString,
-            protos_dot_expertmesh_dot_v1_dot_generation__pb2.TokenizeResponse.FromString,
+            expertmesh_dot_v1_dot_generation__pb2.TokenizeRequest.SerializeToString,
+            expertmesh_dot_v1_dot_generation__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -218,8 +218,8 @@ class Generation:
             request,
             target,
             '/expertmesh.v1.Generation/GetServerStats',
-            protos_dot_expertmesh_dot_v1_dot_generation__pb2.GetServerStatsRequest.SerializeToString,
-            protos_dot_expertmesh_dot_v1_dot_generation__pb2.ServerStats.FromString,
+            expertmesh_dot_v1_dot_generation__pb2.GetServerStatsRequest.SerializeToString,
+            expertmesh_dot_v1_dot_generation__pb2.ServerStats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from cluster.config import MixtralConfig, from_hf_config, from_mistral_params
+from expertmesh.core.config import MixtralConfig, from_hf_config, from_mistral_params
 
 INDEX_FILE = "model.safetensors.index.json"
 

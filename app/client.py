@@ -9,8 +9,8 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 
-from protos.expertmesh.v1 import generation_pb2 as pb
-from protos.expertmesh.v1 import generation_pb2_grpc as pb_grpc
+from expertmesh.v1 import generation_pb2 as pb
+from expertmesh.v1 import generation_pb2_grpc as pb_grpc
 
 
 def _channel(args) -> grpc.Channel:

@@ -60,9 +60,6 @@ class MixtralConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
 
 def _required(raw: dict, key: str, source: Path):
     if key not in raw or raw[key] is None:

@@ -4,72 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import signal
-import sys
 import threading
-import time
 from pathlib import Path
 
-from cluster.chat import load_chat_template
-from cluster.checkpoint import Checkpoint
-from cluster.tokenizer import load_tokenizer
-from protos.expertmesh.v1 import generation_pb2 as pb
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2,
-          "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30}
-
-
-def parse_bytes(text: str) -> int:
-    """'512MiB', '2GiB', '1000000' -> bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"not a size: {text!r} (use e.g. 512MiB or 2GiB)")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-
-
-def progress(message: str) -> None:
-    print(f"[expertmesh] {message}", file=sys.stderr, flush=True)
-
-
-def build_engine(args, model_dir: Path, dtype):
-    """The model engine, its KV cache sized from --kv-cache-memory; returns (engine, cluster or None)."""
-    from router.engine import Engine
-    from router.kv_cache import KVCache
-
-    config = Checkpoint(model_dir).config
-    budget = parse_bytes(args.kv_cache_memory)
-    blocks = budget // KVCache.bytes_per_block(config, args.block_size, dtype)
-    if blocks < 1:
-        raise ValueError(f"--kv-cache-memory {args.kv_cache_memory} holds no KV block of this model")
-    start = time.monotonic()
-    if args.workers == 0:
-        progress(f"loading {model_dir} in this process")
-        from cluster.cli import local_device
-
-        engine = Engine.local(model_dir, dtype, kv_blocks=int(blocks), block_size=args.block_size,
-                              device=local_device(args.device))
-        cluster = None
-    else:
-        from cluster.bringup import ExpertCluster
-        from cluster.placement import PlacementPlan
-
-        progress(f"starting {args.workers} expert workers on Ray "
-                 f"({'joining ' + args.address if args.address else 'embedded local cluster'})")
-        plan = PlacementPlan.from_file(args.placement) if args.placement else None
-        cluster = ExpertCluster(model_dir, args.workers, plan=plan, replicas=args.replicas,
-                                address=args.address, dtype=dtype, pingpong=args.pingpong,
-                                pingpong_min_tokens=args.pingpong_min_tokens,
-                                collective_timeout_s=args.collective_timeout, kv_blocks=int(blocks),
-                                block_size=args.block_size, device=args.device,
-                                placement_timeout_s=args.placement_timeout)
-        engine = cluster.engine
-        for worker, nbytes in enumerate(cluster.worker_bytes):
-            progress(f"worker {worker}: {len(cluster.plan.worker_pairs(worker))} experts, "
-                     f"{nbytes / 2**20:.1f} MiB")
-    progress(f"model ready in {time.monotonic() - start:.1f}s: {config.num_layers} layers, "
-             f"{config.num_experts} experts, KV cache {int(blocks)} blocks of {args.block_size} tokens")
-    return engine, cluster
+from expertmesh.cluster.bringup import UsageError, progress, start_engine
+from expertmesh.core.chat import load_chat_template
+from expertmesh.core.tokenizer import load_tokenizer
+from expertmesh.flags import serving_config
+from expertmesh.v1 import generation_pb2 as pb
 
 
 def model_info(name: str, config, cluster) -> pb.ModelInfo:
@@ -109,7 +52,7 @@ class GatewayThread:
         self._loop.run_until_complete(self._serve(service, token, tls))
 
     async def _serve(self, service, token, tls) -> None:
-        from router.gateway import set_health, start_gateway
+        from expertmesh.router.gateway import set_health, start_gateway
 
         self._stop = asyncio.Event()
         try:
@@ -136,7 +79,7 @@ class GatewayThread:
 
     def mark_warmed(self) -> None:
         """The engine has run a real step: health says SERVING from now on (and before we return)."""
-        from router.gateway import set_health
+        from expertmesh.router.gateway import set_health
 
         self.warmed = True
         asyncio.run_coroutine_threadsafe(set_health(self._health, self.serving.healthy), self._loop).result(10)
@@ -147,11 +90,10 @@ class GatewayThread:
 
 
 def cmd_serve(args) -> int:
-    from cluster.tiny_checkpoint import default_model_dir
-    from router.engine import DTYPES
-    from router.gateway import GenerationService
-    from router.sampling import SamplingParams
-    from router.serving import ServingEngine
+    from expertmesh.core.tiny_checkpoint import default_model_dir
+    from expertmesh.router.gateway import GenerationService
+    from expertmesh.router.sampling import SamplingParams
+    from expertmesh.router.serving import ServingEngine
 
     logging.basicConfig(level=logging.WARNING)
     if args.model:
@@ -165,14 +107,14 @@ def cmd_serve(args) -> int:
     tls = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
-            raise ValueError("--tls-cert and --tls-key go together")
+            raise UsageError("--tls-cert and --tls-key go together")
         tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes())
-    engine, cluster = build_engine(args, model_dir, DTYPES[args.dtype])
+    settings = serving_config(args)
+    engine, cluster = start_engine(model_dir, settings, args.workers, args.replicas, args.placement, args.address)
     try:
         config = engine.config
         tokenizer = load_tokenizer(model_dir, config.bos_token_id, config.eos_token_id)
-        serving = ServingEngine(engine, tokenizer, max_batch_tokens=args.max_batch_tokens,
-                                max_seqs=args.max_seqs, max_queue=args.max_queue, own_thread=False)
+        serving = ServingEngine(engine, tokenizer, settings, own_thread=False)
         service = GenerationService(serving, tokenizer, load_chat_template(model_dir),
                                     model_info(model_dir.name, config, cluster))
         gateway = GatewayThread(service, serving, args, token, tls)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 
-from cluster.tiny_checkpoint import TINY_DEFAULTS
+from expertmesh.core.settings import DEFAULTS
+from expertmesh.core.tiny_checkpoint import TINY_DEFAULTS
+from expertmesh.flags import add_engine_flags, serving_config
 
 DEFAULT_PORT = 50051  # gRPC's customary port
 
@@ -22,35 +23,6 @@ def _token_ids(text: str) -> list[int]:
     return ids
 
 
-def add_cluster_flags(parser: argparse.ArgumentParser, default_workers: int = 0) -> None:
-    group = parser.add_argument_group("expert parallelism (Ray)")
-    group.add_argument("--workers", type=int, default=default_workers,
-                       help=f"expert workers (Ray actors); 0 runs every expert in this process "
-                       f"(default {default_workers})")
-    group.add_argument("--replicas", default=None,
-                       help="extra expert copies: LAYER:EXPERT[xCOPIES],... with LAYER '*' for all "
-                       "layers, e.g. '*:0x2' (needs --workers)")
-    group.add_argument("--placement", default=None,
-                       help="placement plan JSON file (which worker holds which (layer, expert))")
-    group.add_argument("--address", default=None,
-                       help="Ray cluster to join (default: start an embedded local Ray)")
-    group.add_argument("--pingpong", choices=["auto", "on", "off"], default="auto",
-                       help="overlap two micro-batches at the experts: auto (default) splits steps of "
-                       "--pingpong-min-tokens+ new tokens, where expert GEMMs are compute-bound; "
-                       "on/off to measure")
-    group.add_argument("--pingpong-min-tokens", type=int, default=256,
-                       help="with --pingpong auto, the new tokens a step needs to be split (default "
-                       "256, measured on a 2-core CPU by bench/dispatch.py; measure yours)")
-    group.add_argument("--collective-timeout", type=float, default=30.0,
-                       help="seconds before a dead or stuck worker fails a step (default 30)")
-    group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                       help="run on GPUs (router, and expert workers one GPU each with NCCL) or CPUs "
-                       "(gloo); auto (default): GPUs when this process sees one")
-    group.add_argument("--placement-timeout", type=float, default=600.0,
-                       help="seconds to wait for Ray (and its autoscaler) to provide the workers' "
-                       "resources (default 600)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertmesh", description=(
         "Expert-parallel serving of Mixtral-style mixture-of-experts models on Ray."))
@@ -59,18 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the model over gRPC (the main job)",
                            description="Bring up the model (experts on Ray workers with --workers) and serve "
                            "expertmesh.v1.Generation, health and reflection over gRPC.")
-    serve.add_argument("--model", help="checkpoint folder (default: the cached tiny Mixtral)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT,
                        help=f"gRPC port (default {DEFAULT_PORT}; 0 picks one)")
-    serve.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                       help="compute dtype (default float32)")
-    serve.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens computed per step (default 2048)")
-    serve.add_argument("--max-seqs", type=int, default=64, help="running sequences at most (default 64)")
-    serve.add_argument("--max-queue", type=int, default=1024,
-                       help="waiting requests at most; past it RESOURCE_EXHAUSTED (default 1024)")
-    serve.add_argument("--kv-cache-memory", default="1GiB", help="KV cache size, e.g. 512MiB (default 1GiB)")
-    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default 16)")
+    serve.add_argument("--max-queue", type=int, default=DEFAULTS.max_queue,
+                       help=f"waiting requests at most; past it RESOURCE_EXHAUSTED (default {DEFAULTS.max_queue})")
     serve.add_argument("--auth-token", help="require 'authorization: Bearer TOKEN' on every call")
     serve.add_argument("--auth-token-file", help="read the bearer token from this file")
     serve.add_argument("--tls-cert", help="TLS certificate chain (PEM); with --tls-key")
@@ -79,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest gRPC message accepted (default 4 MiB)")
     serve.add_argument("--grace", type=float, default=10.0,
                        help="seconds in-flight streams get to finish on shutdown (default 10)")
-    add_cluster_flags(serve, default_workers=2)
+    add_engine_flags(serve, default_workers=2)
 
     for name, helptext in (("generate", "stream a generation from a server"), ("info", "model and placement")):
         client = sub.add_parser(name, help=helptext, description=helptext)
@@ -139,22 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="generate in-process from a prompt",
                          description="Generate from one prompt and print the text (or JSON).")
-    run.add_argument("--model", help="checkpoint folder (default: the cached tiny Mixtral)")
     prompt = run.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (BOS is added)")
     prompt.add_argument("--prompt-ids", type=_token_ids, help="prompt token ids, e.g. 1,415,2936")
     run.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     run.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
     run.add_argument("--seed", type=int, default=None, help="sampling seed")
-    run.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                     help="compute dtype (default float32)")
     run.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": "..."}')
-    add_cluster_flags(run)
+    add_engine_flags(run, default_workers=0)
     return parser
 
 
 def cmd_tiny_checkpoint(args) -> int:
-    from cluster.tiny_checkpoint import write_tiny_checkpoint
+    from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
 
     out = write_tiny_checkpoint(
         args.dir, seed=args.seed, dtype=args.dtype, layout=args.layout, num_layers=args.layers,
@@ -166,44 +128,10 @@ def cmd_tiny_checkpoint(args) -> int:
     return 0
 
 
-def local_device(flag: str) -> str:
-    """Where an in-process engine runs: --device, with auto meaning a GPU when there is one."""
-    import torch
-
-    return "cuda" if flag == "cuda" or (flag == "auto" and torch.cuda.is_available()) else "cpu"
-
-
-@contextlib.contextmanager
-def open_engine(args, model_dir, dtype):
-    """The reference engine with --workers 0, else a Ray cluster of expert workers (shut down after)."""
-    from router.engine import Engine
-
-    if args.workers < 0:
-        raise ValueError("--workers must be >= 0")
-    if args.workers == 0:
-        if args.replicas or args.placement or args.address:
-            raise ValueError("--replicas, --placement and --address need --workers N (N >= 1)")
-        yield Engine.local(model_dir, dtype, device=local_device(args.device))
-        return
-    from cluster.bringup import ExpertCluster
-    from cluster.placement import PlacementPlan
-
-    plan = PlacementPlan.from_file(args.placement) if args.placement else None
-    cluster = ExpertCluster(model_dir, args.workers, plan=plan, replicas=args.replicas,
-                            address=args.address, dtype=dtype, pingpong=args.pingpong,
-                            pingpong_min_tokens=args.pingpong_min_tokens,
-                            collective_timeout_s=args.collective_timeout, device=args.device,
-                            placement_timeout_s=args.placement_timeout)
-    try:
-        yield cluster.engine
-    finally:
-        cluster.shutdown()
-
-
 def cmd_plan(args) -> int:
-    from cluster.config import load_config
-    from cluster.placement import PlacementPlan
-    from cluster.tiny_checkpoint import default_model_dir
+    from expertmesh.cluster.placement import PlacementPlan
+    from expertmesh.core.config import load_config
+    from expertmesh.core.tiny_checkpoint import default_model_dir
 
     config = load_config(args.model or default_model_dir())
     plan = PlacementPlan.spread(args.workers, config.num_layers, config.num_experts)
@@ -215,24 +143,31 @@ def cmd_plan(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from cluster.config import load_config
-    from cluster.tiny_checkpoint import default_model_dir
-    from cluster.tokenizer import load_tokenizer
-    from router.engine import DTYPES
+    """One generation through the same serving loop as `serve`, in this process."""
+    from expertmesh.cluster.bringup import start_engine
+    from expertmesh.core.tiny_checkpoint import default_model_dir
+    from expertmesh.core.tokenizer import load_tokenizer
+    from expertmesh.router.sampling import SamplingParams
+    from expertmesh.router.serving import ServingEngine
 
-    if args.max_new_tokens <= 0:
-        raise SystemExit("expertmesh run: --max-new-tokens must be positive")
-    if args.temperature < 0:
-        raise SystemExit("expertmesh run: --temperature must be >= 0")
+    settings = serving_config(args)
     model_dir = args.model or default_model_dir()
-    config = load_config(model_dir)
-    tokenizer = load_tokenizer(model_dir, config.bos_token_id, config.eos_token_id)
-    prompt = args.prompt_ids if args.prompt_ids is not None else tokenizer.encode(args.prompt)
-    if max(prompt) >= config.vocab_size or min(prompt) < 0:
-        raise SystemExit(f"expertmesh run: token ids must be in [0, {config.vocab_size})")
-    with open_engine(args, model_dir, DTYPES[args.dtype]) as engine:
-        new_ids = engine.generate([prompt], args.max_new_tokens, args.temperature, args.seed)[0]
-    text = tokenizer.decode(new_ids)
+    engine, cluster = start_engine(model_dir, settings, args.workers, args.replicas, args.placement, args.address)
+    try:
+        config = engine.config
+        tokenizer = load_tokenizer(model_dir, config.bos_token_id, config.eos_token_id)
+        prompt = args.prompt_ids if args.prompt_ids is not None else tokenizer.encode(args.prompt)
+        params = SamplingParams(temperature=args.temperature, seed=args.seed, max_new_tokens=args.max_new_tokens)
+        # The loop runs on this thread, the one that loaded the model (see ServingEngine).
+        chunks = ServingEngine(engine, tokenizer, settings, own_thread=False).generate([prompt], params)[0]
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
+    if chunks[-1].error:
+        print(f"expertmesh run: generation failed: {chunks[-1].error}", file=sys.stderr)
+        return 1
+    new_ids = [t for c in chunks for t in c.token_ids]
+    text = "".join(c.text for c in chunks)
     if args.json:
         print(json.dumps({"token_ids": new_ids, "text": text}))
     else:
@@ -240,19 +175,32 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors the user can fix (bad flags, checkpoint, plan, prompt; a lost worker): reported in one
+    line with exit status 2. Anything else is a bug and keeps its traceback. Imported only when an
+    error is being matched, so the client commands never load torch or Ray."""
+    from expertmesh.cluster.bringup import PlacementTimeout, UsageError
+    from expertmesh.cluster.placement import PlacementError
+    from expertmesh.core.checkpoint import CheckpointError
+    from expertmesh.core.config import ConfigError
+    from expertmesh.core.settings import SettingsError
+    from expertmesh.router.dispatcher import ExpertPathError
+    from expertmesh.router.requests import InvalidRequest
+
+    return (CheckpointError, ConfigError, SettingsError, PlacementError, UsageError, PlacementTimeout,
+            InvalidRequest, ExpertPathError, FileNotFoundError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from cluster.checkpoint import CheckpointError
-    from cluster.client import cmd_generate, cmd_info
-    from cluster.config import ConfigError
-    from cluster.server import cmd_serve
-    from router.dispatcher import ExpertPathError
+    from expertmesh.client import cmd_generate, cmd_info
+    from expertmesh.server import cmd_serve
 
     handlers = {"tiny-checkpoint": cmd_tiny_checkpoint, "run": cmd_run, "serve": cmd_serve, "plan": cmd_plan,
                 "generate": cmd_generate, "info": cmd_info}
     try:
         return handlers[args.command](args)
-    except (CheckpointError, ConfigError, ValueError, ExpertPathError) as exc:
+    except _user_errors() as exc:  # what the user can fix: one line, no traceback
         print(f"expertmesh {args.command}: {exc}", file=sys.stderr)
         return 2
 

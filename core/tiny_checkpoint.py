@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from cluster.checkpoint import (
+from expertmesh.core.checkpoint import (
     INDEX_FILE,
     expected_shapes,
     half_split_to_interleaved,
     hub_to_consolidated_name,
 )
-from cluster.config import MixtralConfig
-from cluster.tokenizer import cache_dir, write_tokenizer_files
+from expertmesh.core.config import MixtralConfig
+from expertmesh.core.tokenizer import cache_dir, write_tokenizer_files
 
 TINY_DEFAULTS = dict(  # small enough for a 2-core CPU, the real 32000-token vocabulary
     vocab_size=32000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,

@@ -1,4 +1,4 @@
-"""Model math that both the router and the expert workers need: RMSNorm, gating, grouped SwiGLU.
+"""Model math that both the router and the expert workers need: RMSNorm, gating, sort, combine.
 
 Shape legend: T tokens, D hidden, I expert intermediate, E experts, K experts per token,
 N rows sent to experts (N = T * K before any split across workers).
@@ -7,9 +7,6 @@ N rows sent to experts (N = T * K before any split across workers).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-
-from cluster.linear import Linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -38,32 +35,6 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Te
     flat = expert_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
     return order, torch.bincount(flat, minlength=num_experts)
-
-
-def fused_expert(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> tuple[Linear, Linear]:
-    """An expert as two linear layers: w13 = [w1; w3] (2I, D), one GEMM for gate and up, and w2."""
-    return Linear(torch.cat([w1, w3])), Linear(w2)
-
-
-def swiglu_expert(x: torch.Tensor, w13: Linear, w2: Linear) -> torch.Tensor:
-    """One expert: w2(silu(w1 x) * w3 x). x (n, D) -> (n, D)."""
-    gate, up = w13(x).chunk(2, dim=-1)  # (n, I) each
-    return w2(F.silu(gate) * up)
-
-
-def grouped_swiglu(rows: torch.Tensor, counts: list[int], experts: list[tuple[Linear, Linear]]) -> torch.Tensor:
-    """SwiGLU experts over rows already grouped by expert (torch path).
-
-    rows (N, D) with counts[i] consecutive rows for experts[i] = (w13, w2) -> (N, D).
-    One GEMM chain per expert over its contiguous rows: no per-row weight gathering.
-    """
-    out = torch.empty_like(rows)
-    start = 0
-    for count, (w13, w2) in zip(counts, experts):
-        if count:
-            out[start:start + count] = swiglu_expert(rows[start:start + count], w13, w2)
-        start += count
-    return out
 
 
 def combine_rows(expert_out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,

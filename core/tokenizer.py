@@ -138,7 +138,6 @@ class IncrementalDetokenizer:
         # ids[prefix:read] was already emitted; ids[prefix:] is decoded together for context.
         self.prefix_offset = max(len(self.ids) - 5, 0)
         self.read_offset = len(self.ids)
-        self.emitted = ""  # text emitted since the prompt, for tests and final flushes
 
     def add(self, new_ids: list[int]) -> str:
         self.ids.extend(new_ids)
@@ -150,7 +149,6 @@ class IncrementalDetokenizer:
         delta = full_text[len(prefix_text):]
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.ids)
-        self.emitted += delta
         return delta
 
     def flush(self) -> str:
@@ -158,5 +156,4 @@ class IncrementalDetokenizer:
         decode = self.tokenizer.decode
         rest = decode(self.ids[self.prefix_offset:])[len(decode(self.ids[self.prefix_offset:self.read_offset])):]
         self.read_offset = len(self.ids)
-        self.emitted += rest
         return rest

@@ -1,0 +1,61 @@
+"""The flags that `run` and `serve` share, and the ServingConfig they describe."""
+
+from __future__ import annotations
+
+import argparse
+
+from expertmesh.core.settings import DEFAULTS, DEVICES, DTYPES, PINGPONG_MODES, ServingConfig
+
+
+def add_engine_flags(parser: argparse.ArgumentParser, default_workers: int) -> None:
+    """The flags `run` and `serve` share: the model, the KV cache, the scheduler, expert parallelism.
+    Their defaults are ServingConfig's (core/settings.py)."""
+    d = DEFAULTS
+    parser.add_argument("--model", help="checkpoint folder (default: the cached tiny Mixtral)")
+    parser.add_argument("--dtype", choices=DTYPES, default=d.dtype, help=f"compute dtype (default {d.dtype})")
+    parser.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
+                        help=f"tokens computed per step (default {d.max_batch_tokens})")
+    parser.add_argument("--max-seqs", type=int, default=d.max_seqs,
+                        help=f"running sequences at most (default {d.max_seqs})")
+    parser.add_argument("--kv-cache-memory", default=d.kv_cache_memory,
+                        help=f"KV cache size, e.g. 512MiB (default {d.kv_cache_memory})")
+    parser.add_argument("--block-size", type=int, default=d.block_size,
+                        help=f"tokens per KV cache block (default {d.block_size})")
+    group = parser.add_argument_group("expert parallelism (Ray)")
+    group.add_argument("--workers", type=int, default=default_workers,
+                       help=f"expert workers (Ray actors); 0 runs every expert in this process "
+                       f"(default {default_workers})")
+    group.add_argument("--replicas", default=None,
+                       help="extra expert copies: LAYER:EXPERT[xCOPIES],... with LAYER '*' for all "
+                       "layers, e.g. '*:0x2' (needs --workers)")
+    group.add_argument("--placement", default=None,
+                       help="placement plan JSON file (which worker holds which (layer, expert))")
+    group.add_argument("--address", default=None,
+                       help="Ray cluster to join (default: start an embedded local Ray)")
+    group.add_argument("--pingpong", choices=PINGPONG_MODES, default=d.pingpong,
+                       help="overlap two micro-batches at the experts: auto (default) splits steps of "
+                       "--pingpong-min-tokens+ new tokens, where expert GEMMs are compute-bound; "
+                       "on/off to measure")
+    group.add_argument("--pingpong-min-tokens", type=int, default=d.pingpong_min_tokens,
+                       help=f"with --pingpong auto, the new tokens a step needs to be split (default "
+                       f"{d.pingpong_min_tokens}, measured on a 2-core CPU by bench/dispatch.py; measure yours)")
+    group.add_argument("--collective-timeout", type=float, default=d.collective_timeout_s,
+                       help=f"seconds before a dead or stuck worker fails a step (default {d.collective_timeout_s:g})")
+    group.add_argument("--device", choices=DEVICES, default=d.device,
+                       help="run on GPUs (router, and expert workers one GPU each with NCCL) or CPUs "
+                       "(gloo); auto (default): GPUs when this process sees one")
+    group.add_argument("--placement-timeout", type=float, default=d.placement_timeout_s,
+                       help=f"seconds to wait for Ray (and its autoscaler) to provide the workers' "
+                       f"resources (default {d.placement_timeout_s:g})")
+    group.add_argument("--worker-threads", type=int, default=d.worker_threads,
+                       help=f"torch threads per CPU expert worker (default {d.worker_threads})")
+
+
+def serving_config(args) -> ServingConfig:
+    """The ServingConfig the flags describe (checked by ServingConfig itself)."""
+    return ServingConfig(
+        dtype=args.dtype, device=args.device, max_batch_tokens=args.max_batch_tokens, max_seqs=args.max_seqs,
+        max_queue=getattr(args, "max_queue", DEFAULTS.max_queue), kv_cache_memory=args.kv_cache_memory,
+        block_size=args.block_size, pingpong=args.pingpong, pingpong_min_tokens=args.pingpong_min_tokens,
+        collective_timeout_s=args.collective_timeout, placement_timeout_s=args.placement_timeout,
+        worker_threads=args.worker_threads)

@@ -1,0 +1,74 @@
+"""The serving configuration: every tunable of the engine, the scheduler, bring-up and the workers,
+with its default, in one place. The CLI's flags, the cluster bring-up, the engine, the scheduler and
+the expert workers all read it; nothing else writes a default of its own.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30}
+
+DTYPES = ("float32", "bfloat16")
+PINGPONG_MODES = ("auto", "on", "off")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class SettingsError(ValueError):
+    """A serving setting out of range; the message names it."""
+
+
+def parse_bytes(text: str) -> int:
+    """'512MiB', '2GiB', '1000000' -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise SettingsError(f"not a size: {text!r} (use e.g. 512MiB or 2GiB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    # --- the model -------------------------------------------------------------------------------
+    dtype: str = "float32"  # compute dtype; bf16 halves memory but on the CPU gained little (bench/)
+    device: str = "auto"  # auto: GPUs (router and one per worker, NCCL) when this process sees one
+    # --- the scheduler ---------------------------------------------------------------------------
+    max_batch_tokens: int = 2048  # tokens computed per step: bounds a step's time and memory
+    max_seqs: int = 64  # running sequences at most: the decode batch
+    max_queue: int = 1024  # waiting requests at most; past it a request is refused, never dropped
+    kv_cache_memory: str = "1GiB"  # KV cache size; the pool's blocks are derived from it
+    block_size: int = 16  # tokens per KV block: vLLM's default, small enough for prefix sharing
+    # --- expert parallelism ----------------------------------------------------------------------
+    pingpong: str = "auto"  # two micro-batches overlapping at the experts: auto splits big steps
+    # With pingpong auto, the new tokens a step needs to be split: below it decode expert GEMMs are
+    # memory-bound and a split reads every expert's weights twice (bench/dispatch.py, 2-core CPU).
+    pingpong_min_tokens: int = 256
+    collective_timeout_s: float = 30.0  # a dead or stuck worker fails a step after this, never a hang
+    placement_timeout_s: float = 600.0  # wait for Ray (and its autoscaler) to provide workers' resources
+    # torch threads per CPU expert worker: its cores are shared with the router; 2 was 2x slower here
+    worker_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise SettingsError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise SettingsError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.pingpong not in PINGPONG_MODES:
+            raise SettingsError(f"pingpong must be one of {', '.join(PINGPONG_MODES)}, got {self.pingpong!r}")
+        for name in ("max_batch_tokens", "max_seqs", "block_size", "pingpong_min_tokens", "worker_threads"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue < 0:
+            raise SettingsError(f"max_queue must be >= 0, got {self.max_queue}")
+        for name in ("collective_timeout_s", "placement_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise SettingsError(f"{name} must be > 0, got {getattr(self, name)}")
+        parse_bytes(self.kv_cache_memory)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return parse_bytes(self.kv_cache_memory)
+
+
+DEFAULTS = ServingConfig()

@@ -1,0 +1,44 @@
+"""Small drivers the tests share: greedy generation through the serving loop, and full-prompt logits."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from tokenizers import Tokenizer
+
+from expertmesh.core.tokenizer import TextTokenizer, mixtral_tokenizer_json
+from expertmesh.router.engine import Engine, Sequence
+from expertmesh.router.sampling import SamplingParams
+from expertmesh.router.serving import ServingEngine
+
+
+@functools.cache
+def _mixtral_tokenizer() -> Tokenizer:
+    return Tokenizer.from_file(str(mixtral_tokenizer_json()))
+
+
+def text_tokenizer(engine: Engine) -> TextTokenizer:
+    """Mixtral's tokenizer, for streaming text of any test checkpoint (their ids are below 32000)."""
+    return TextTokenizer(_mixtral_tokenizer(), engine.config.bos_token_id, engine.config.eos_token_id)
+
+
+def greedy_tokens(engine: Engine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """`new_tokens` greedy tokens per prompt (EOS ignored), all prompts batched, through the same
+    serving loop as `serve` and `run`, driven on this thread."""
+    serving = ServingEngine(engine, text_tokenizer(engine), own_thread=False)
+    params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
+    chunks = serving.generate(prompts, params)
+    assert all(c[-1].error is None for c in chunks), [c[-1].error for c in chunks]
+    return [[t for c in request for t in c.token_ids] for request in chunks]
+
+
+def prompt_logits(engine: Engine, token_ids: list[int]) -> torch.Tensor:
+    """Logits after every position of one prompt, (n, V) fp32: one full prefill (no prefix cache),
+    on blocks taken from the pool and given back."""
+    seq = Sequence(list(token_ids))
+    engine.cache.grow(seq.block_table, len(token_ids))
+    try:
+        return engine.step([seq], [len(token_ids)], all_logits=True)[0]
+    finally:
+        engine.cache.release(seq.block_table)
