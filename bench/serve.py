@@ -91,11 +91,23 @@ def transformers(model, requests, concurrency: int, bucketed: bool) -> tuple[flo
     return useful / elapsed, outputs, useful / generated
 
 
-def check_equal(name: str, got: list[list[int]], expected: list[list[int]]) -> None:
-    bad = [i for i, (a, b) in enumerate(zip(got, expected)) if a != b]
-    if bad:
-        raise SystemExit(f"{name}: greedy tokens of {len(bad)}/{len(got)} requests differ from transformers' "
-                         f"(first: request {bad[0]})")
+def check_equal(name: str, got: list[list[int]], expected: list[list[int]], model, requests) -> int:
+    """Fail unless every request's greedy tokens equal transformers'. The batched baseline's tokens
+    come from left-padded batches, whose rounding can tip a near-tie; a request that differs from
+    them is checked against transformers run on that request alone, the real oracle. Returns how
+    many needed that."""
+    redone = 0
+    for i, (a, b) in enumerate(zip(got, expected)):
+        if a == b:
+            continue
+        prompt, n = requests[i]
+        with torch.no_grad():
+            alone = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
+                                   do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+        if a != alone:
+            raise SystemExit(f"{name}: request {i}'s greedy tokens differ from transformers' on it alone")
+        redone += 1
+    return redone
 
 
 def main() -> None:
@@ -107,7 +119,7 @@ def main() -> None:
 
     from expertmesh.cluster.bringup import ExpertCluster
 
-    rows, useful = {}, {}
+    rows, useful, redone = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         # init_std 0.1: sharper distributions than 0.02, so greedy tokens are not decided by near-ties
         # that padding or batch shape could tip either way
@@ -126,16 +138,18 @@ def main() -> None:
                     bucketed, bucketed_out, _ = transformers(hf, requests, c, bucketed=True)
                     ref, ref_out = ours(reference, tokenizer, requests, c)
                     dist, dist_out = ours(cluster.engine, tokenizer, requests, c)
-                    check_equal(f"transformers bucketed, c{c}", bucketed_out, expected)
-                    check_equal(f"reference engine, c{c}", ref_out, expected)
-                    check_equal(f"distributed engine, c{c}", dist_out, expected)
+                    redone[c] = max(redone.get(c, 0), *(
+                        check_equal(f"{name}, c{c}", out, expected, hf, requests)
+                        for name, out in (("transformers bucketed", bucketed_out), ("reference engine", ref_out),
+                                          ("distributed engine", dist_out))))
                     runs.append((static, bucketed, ref, dist))
                 rows[c] = tuple(statistics.median(column) for column in zip(*runs))
         finally:
             cluster.shutdown()
     print("model: hidden=256 intermediate=512 layers=4 experts=8 top2 fp32, CPU; "
           f"distributed = {args.workers} expert workers on local Ray (gloo); every engine's greedy tokens "
-          "equal transformers'")
+          "equal transformers' (checked on the request alone where a padded batch tipped a near-tie: "
+          + ", ".join(f"c{c}: {n}" for c, n in redone.items()) + ")")
     print(f"{'conc':>4} {'tf static':>9} {'useful':>6} {'tf bucketed':>11} {'reference':>9} {'distributed':>11} "
           f"{'ref/static':>10} {'dist/static':>11} {'ref/bucket':>10} {'dist/bucket':>11}   (tokens/s)")
     for c, (static, bucketed, ref, dist) in rows.items():

@@ -1,6 +1,8 @@
 """Per-request sampling: parameters (checked in router/requests.py), penalties, temperature,
 top-k/top-p/min-p, seeds, log-probabilities.
 
+Filters apply in this order, each to the distribution the ones before it left (renormalised):
+penalties, temperature, top-k, min-p, top-p (tests/test_sampling.py checks the frequencies).
 Every request samples from its own torch.Generator, so a seed gives the same tokens whatever else is
 in the batch. Log-probabilities are those of the model's own distribution (log-softmax of the raw
 logits, before penalties and temperature), so they add up to the sequence's log-likelihood.
@@ -83,6 +85,7 @@ class RequestSampler:
             probs = torch.softmax(scores, dim=-1)
             if p.min_p > 0:
                 probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+                probs = probs / probs.sum()  # top-p measures mass within what min-p kept
             if p.top_p < 1.0:
                 sorted_probs, order = torch.sort(probs, descending=True)
                 before = torch.cumsum(sorted_probs, 0) - sorted_probs  # mass of better tokens

@@ -6,6 +6,7 @@ One Ray instance serves the whole module; each case brings up its own workers on
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
@@ -19,6 +20,7 @@ from expertmesh.core.settings import ServingConfig
 from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
 from expertmesh.router.dispatcher import ExpertPathError
 from expertmesh.router.engine import Engine
+from expertmesh.router.requests import validate_request
 from expertmesh.router.sampling import SamplingParams
 from expertmesh.router.serving import FINISH_ERROR, ServingEngine
 from tests.helpers import greedy_tokens, prompt_logits, text_tokenizer
@@ -145,6 +147,38 @@ def test_killing_a_worker_fails_the_call_clearly_and_leaves_nothing(ray_cluster,
     while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
         time.sleep(0.2)
     assert not any(_alive(pid) for pid in pids), "a worker process outlived the cluster"
+
+
+def test_a_stalled_worker_fails_the_step_by_the_timeout(ray_cluster, checkpoint):
+    """SIGSTOP: the worker's process lives and its sockets stay open, so only the collective
+    timeout can tell; the step fails with ExpertPathError after it, never hangs."""
+    timeout = 4
+    cluster = ExpertCluster(checkpoint, num_workers=2, settings=ServingConfig(collective_timeout_s=timeout))
+    pid = ray.get(cluster.workers[1].where.remote())["pid"]
+    serving = ServingEngine(cluster.engine, text_tokenizer(cluster.engine))  # its own loop thread
+    chunks, done = [], threading.Event()
+
+    def sink(out):
+        chunks.append(out)
+        if out.finish_reason:
+            done.set()
+
+    params = SamplingParams(temperature=0, max_new_tokens=3000, ignore_eos=True)
+    serving.submit(validate_request([1, 2, 3], params, serving.limits), sink)
+    try:
+        while len(chunks) < 3:
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        assert done.wait(timeout + 20), "the step hung on a stalled worker"
+        waited = time.monotonic() - stopped_at
+        assert timeout - 1 <= waited <= timeout + 15, waited  # the timeout path, not an early error
+        assert chunks[-1].finish_reason == FINISH_ERROR and "timed out" in chunks[-1].error
+        assert not serving.healthy
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        serving.shutdown()
+        cluster.shutdown()
 
 
 def _alive(pid: int) -> bool:

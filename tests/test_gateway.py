@@ -126,8 +126,10 @@ def test_64_concurrent_streams_with_half_cancelled(server):
             stub = pb_grpc.GenerationStub(channel)
 
             async def one(i: int):
-                call = stub.Generate(pb.GenerateRequest(token_ids=[1, 100 + i, 200 + i],
-                                                        sampling=greedy(24 + i % 8)), timeout=120)
+                # the cancelled half asks for 2000 tokens: only cancelling ends them early
+                n = 2000 if i % 2 else 24 + i % 8
+                call = stub.Generate(pb.GenerateRequest(token_ids=[1, 100 + i, 200 + i], sampling=greedy(n)),
+                                     timeout=120)
                 got = []
                 async for response in call:
                     got.append(response)
@@ -137,8 +139,18 @@ def test_64_concurrent_streams_with_half_cancelled(server):
                 return i, got, "done"
 
             results = await asyncio.gather(*(one(i) for i in range(64)))
-            await asyncio.sleep(0.5)
-            stats = await stub.GetServerStats(pb.GetServerStatsRequest())
+            # The cancelled requests leave at the next step boundary: poll until they have.
+            deadline = time.monotonic() + 10
+            while True:
+                stats = await stub.GetServerStats(pb.GetServerStatsRequest())
+                idle = stats.running == 0 and stats.waiting == 0 and stats.kv_blocks_free == stats.kv_blocks_total
+                if idle or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+            # ... and compute no more: no step runs once nothing is left
+            await asyncio.sleep(0.3)
+            after = await stub.GetServerStats(pb.GetServerStatsRequest())
+            assert after.steps == stats.steps
             return results, stats
 
     results, stats = asyncio.run(run())

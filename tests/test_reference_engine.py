@@ -53,12 +53,35 @@ def test_batched_prompts_of_different_lengths_equal_each_alone(hf_checkpoint):
     assert engine.cache.free_blocks == engine.cache.num_blocks  # nothing leaked
 
 
-def test_bfloat16_runs_and_tracks_float32(hf_checkpoint):
-    _, path = hf_checkpoint
-    prompt = _prompt(12, 3)
-    fp32 = prompt_logits(Engine.local(path, torch.float32), prompt)
-    bf16 = prompt_logits(Engine.local(path, torch.bfloat16), prompt)
-    assert bf16.dtype == torch.float32  # logits always come out in fp32
-    # bf16 keeps ~3 significant digits: the distributions stay close.
-    p32, p16 = fp32.softmax(-1), bf16.softmax(-1)
-    assert (p32 - p16).abs().sum(-1).max().item() < 0.1
+def _kl(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """KL(reference || other) at each position, both (n, V) logits -> (n,)."""
+    p = reference.float().log_softmax(-1)
+    return (p.exp() * (p - other.float().log_softmax(-1))).sum(-1)
+
+
+def test_bfloat16_is_as_close_to_float32_as_transformers_bfloat16(hf_checkpoint):
+    """Exact bf16 tokens are no fair promise between two implementations (rounding differs at every
+    op); what is shown: our bf16 distribution is as close to the fp32 one as transformers' bf16 is.
+    The median over positions of three prompts: a gate near-tie (two experts within bf16's 0.4%)
+    may route one position differently in either implementation, and that is rounding luck."""
+    import copy
+
+    model, path = hf_checkpoint
+    fp32, bf16 = Engine.local(path, torch.float32), Engine.local(path, torch.bfloat16)
+    # the weights, experts and cache really are bf16: half the bytes of the fp32 engine's
+    assert bf16.model.embed.dtype == bf16.cache.k.dtype == torch.bfloat16
+    assert bf16.experts.weights[(0, 0)][0].nbytes * 2 == fp32.experts.weights[(0, 0)][0].nbytes
+    assert bf16.model.layers[0].qkv.nbytes * 2 == fp32.model.layers[0].qkv.nbytes
+    model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    ours_kl, theirs_kl = [], []
+    for seed in (3, 4, 5):
+        prompt = _prompt(24, seed)
+        with torch.no_grad():
+            reference = model(torch.tensor([prompt])).logits[0]  # transformers, fp32
+            theirs = model_bf16(torch.tensor([prompt])).logits[0]
+        ours = prompt_logits(bf16, prompt)
+        assert ours.dtype == torch.float32  # logits always come out in fp32
+        ours_kl.append(_kl(reference, ours))
+        theirs_kl.append(_kl(reference, theirs))
+    ours_median, theirs_median = torch.cat(ours_kl).median().item(), torch.cat(theirs_kl).median().item()
+    assert 0 < theirs_median and 0 < ours_median <= 1.5 * theirs_median, (ours_median, theirs_median)

@@ -20,7 +20,13 @@ TEXTS = {
 
 @pytest.fixture(scope="module")
 def ours(tmp_path_factory):
-    return load_tokenizer(tmp_path_factory.mktemp("no_tokenizer_json"))  # falls back to Mixtral's
+    """Mixtral's tokenizer converted afresh in this run (an empty cache folder), not a cached copy."""
+    cache = tmp_path_factory.mktemp("fresh_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EXPERTMESH_CACHE", str(cache))
+        tokenizer = load_tokenizer(tmp_path_factory.mktemp("no_tokenizer_json"))  # falls back to Mixtral's
+    assert (cache / "mixtral-tokenizer-v1.json").exists()  # the conversion ran here
+    return tokenizer
 
 
 @pytest.fixture(scope="module")
