@@ -11,8 +11,9 @@ output tokens. Baselines (transformers' MixtralForCausalLM.generate, greedy, fp3
     so a batch's requests need about as many tokens each.
 Each engine run starts on a fresh KV cache (no prefix blocks left from the run before) after a
 warm-up, and every engine's greedy tokens are checked equal to transformers' (the run fails if
-not). At 32 concurrent requests (the target) runs repeat --repeats times and each engine's median is
-kept, as single runs on this machine drift by 20%. Last line:
+not; a request may part from them only at a tie of transformers' own two best logits). At 32
+concurrent requests (the target) runs repeat --repeats times and each engine's median is kept, as
+single runs on this machine drift by 20%. Last line:
 throughput_ratio_vs_transformers_c32=<x> (the distributed engine with --workers workers over the
 static baseline; the reference engine's ratio and both engines' ratios over the bucketed baseline
 are printed above it).
@@ -91,23 +92,32 @@ def transformers(model, requests, concurrency: int, bucketed: bool) -> tuple[flo
     return useful / elapsed, outputs, useful / generated
 
 
+TIE = 1e-4  # logits closer than this are a tie: which one wins is rounding, in any implementation
+
+
 def check_equal(name: str, got: list[list[int]], expected: list[list[int]], model, requests) -> int:
     """Fail unless every request's greedy tokens equal transformers'. The batched baseline's tokens
     come from left-padded batches, whose rounding can tip a near-tie; a request that differs from
-    them is checked against transformers run on that request alone, the real oracle. Returns how
-    many needed that."""
-    redone = 0
+    them is checked against transformers run on that request alone, the real oracle, and there it may
+    part only where transformers' own best two logits tie (within TIE). Returns how many parted so."""
+    ties = 0
     for i, (a, b) in enumerate(zip(got, expected)):
         if a == b:
             continue
         prompt, n = requests[i]
         with torch.no_grad():
-            alone = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
-                                   do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
-        if a != alone:
-            raise SystemExit(f"{name}: request {i}'s greedy tokens differ from transformers' on it alone")
-        redone += 1
-    return redone
+            out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        alone = out.sequences[0, len(prompt):].tolist()
+        if a == alone:
+            continue
+        d = next(j for j, (x, y) in enumerate(zip(a, alone)) if x != y)
+        scores = out.scores[d][0].float()
+        if scores.max() - scores[a[d]] > TIE:
+            raise SystemExit(f"{name}: request {i} parts from transformers' greedy tokens at token {d} "
+                             f"(ours {a[d]}, theirs {alone[d]}, logit gap {scores.max() - scores[a[d]]:.2e})")
+        ties += 1
+    return ties
 
 
 def main() -> None:
@@ -119,7 +129,7 @@ def main() -> None:
 
     from expertmesh.cluster.bringup import ExpertCluster
 
-    rows, useful, redone = {}, {}, {}
+    rows, useful, ties = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         # init_std 0.1: sharper distributions than 0.02, so greedy tokens are not decided by near-ties
         # that padding or batch shape could tip either way
@@ -138,7 +148,7 @@ def main() -> None:
                     bucketed, bucketed_out, _ = transformers(hf, requests, c, bucketed=True)
                     ref, ref_out = ours(reference, tokenizer, requests, c)
                     dist, dist_out = ours(cluster.engine, tokenizer, requests, c)
-                    redone[c] = max(redone.get(c, 0), *(
+                    ties[c] = max(ties.get(c, 0), *(
                         check_equal(f"{name}, c{c}", out, expected, hf, requests)
                         for name, out in (("transformers bucketed", bucketed_out), ("reference engine", ref_out),
                                           ("distributed engine", dist_out))))
@@ -148,8 +158,9 @@ def main() -> None:
             cluster.shutdown()
     print("model: hidden=256 intermediate=512 layers=4 experts=8 top2 fp32, CPU; "
           f"distributed = {args.workers} expert workers on local Ray (gloo); every engine's greedy tokens "
-          "equal transformers' (checked on the request alone where a padded batch tipped a near-tie: "
-          + ", ".join(f"c{c}: {n}" for c, n in redone.items()) + ")")
+          "equal transformers' (on the request alone where a padded batch differs), up to logit ties "
+          f"(gap < {TIE:g}; requests that parted at one, most of any engine: "
+          + ", ".join(f"c{c} {n}" for c, n in ties.items()) + ")")
     print(f"{'conc':>4} {'tf static':>9} {'useful':>6} {'tf bucketed':>11} {'reference':>9} {'distributed':>11} "
           f"{'ref/static':>10} {'dist/static':>11} {'ref/bucket':>10} {'dist/bucket':>11}   (tokens/s)")
     for c, (static, bucketed, ref, dist) in rows.items():

@@ -169,19 +169,23 @@ class ExpertCluster:
                              layer_threads=1 if local and not gpus else None)
 
     def _wait_for_placement(self, num_workers: int, bundle: dict, timeout_s: float) -> None:
-        """Wait for Ray (and its autoscaler) to place the workers' bundles, saying what we wait for."""
+        """Wait for Ray (and its autoscaler) to place the workers' bundles, saying what we wait for:
+        after a second, then every 10 s."""
         deadline = time.monotonic() + timeout_s
+        wait = 1.0
         while True:
             left = deadline - time.monotonic()
-            ready, _ = ray.wait([self.placement_group.ready()], timeout=max(min(left, 10.0), 0))
+            ready, _ = ray.wait([self.placement_group.ready()], timeout=max(min(left, wait), 0))
             if ready:
                 return
-            if time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 remove_placement_group(self.placement_group)
                 raise PlacementTimeout(f"waited {timeout_s:.0f}s for {num_workers} bundles of {bundle}; the cluster "
-                                   f"has {ray.available_resources()} free: add nodes or lower --workers")
-            progress(f"waiting for {num_workers} bundles of {bundle} ({left:.0f}s left of "
-                     "--placement-timeout); `ray status` shows why")
+                                       f"has {ray.available_resources()} free: add nodes or lower --workers")
+            progress(f"waiting for {num_workers} bundles of {bundle} ({left:.0f}s left of --placement-timeout); "
+                     "`ray status` shows why")
+            wait = 10.0
 
     def _join(self, gpus: bool, timeout_s: float) -> None:
         host = ray.util.get_node_ip_address()

@@ -13,7 +13,7 @@ import time
 import pytest
 import ray
 
-from expertmesh.cluster.bringup import ExpertCluster, ensure_ray
+from expertmesh.cluster.bringup import ExpertCluster, PlacementTimeout, ensure_ray
 from expertmesh.cluster.placement import PlacementError, PlacementPlan
 from expertmesh.core import wire
 from expertmesh.core.settings import ServingConfig
@@ -188,6 +188,14 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:  # a zombie is dead, just not reaped yet
         return f.read().split()[2] != "Z"
+
+
+def test_a_placement_ray_cannot_satisfy_says_what_it_waits_for_then_fails(checkpoint, ray_cluster, capfd):
+    settings = ServingConfig(device="cuda", placement_timeout_s=3)  # GPU bundles on a CPU-only cluster
+    with pytest.raises(PlacementTimeout, match=r"waited 3s for 2 bundles of \{'GPU': 1, 'CPU': 1\}"):
+        ExpertCluster(checkpoint, num_workers=2, settings=settings)
+    err = capfd.readouterr().err
+    assert "waiting for 2 bundles of {'GPU': 1, 'CPU': 1}" in err and "`ray status` shows why" in err
 
 
 def test_plan_errors(checkpoint, ray_cluster):

@@ -239,3 +239,13 @@ def test_full_queue_refuses_at_once_and_loses_nothing(model_dir, tokenizer):
         assert all(len(tokens(outs[i])) == 50 for i in accepted)
     finally:
         fresh.shutdown()
+
+
+def test_stop_token_ids_end_a_request(engine):
+    """(EOS is shown over gRPC, on a checkpoint whose EOS the greedy path reaches:
+    tests/test_gateway_lifecycle.py.)"""
+    prompt = mixed_prompts(1, seed=17)[0]
+    out = tokens(engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True))[0])
+    j = next(i for i in range(1, 12) if out[i] not in out[:i])
+    stopped = engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=(out[j],)))[0]
+    assert tokens(stopped) == out[:j + 1] and stopped[-1].finish_reason == "stop"
