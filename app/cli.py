@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", help="TLS private key (PEM)")
     serve.add_argument("--max-message-bytes", type=int, default=4 << 20,
                        help="largest gRPC message accepted (default 4 MiB)")
+    serve.add_argument("--stall-timeout", type=float, default=DEFAULTS.stall_timeout_s,
+                       help="health says NOT_SERVING while a step runs longer than this many seconds (default "
+                       f"{DEFAULTS.stall_timeout_s:g})")
     serve.add_argument("--grace", type=float, default=10.0,
                        help="seconds in-flight streams get to finish on shutdown (default 10)")
     add_engine_flags(serve, default_workers=2)

@@ -56,6 +56,7 @@ def serving_config(args) -> ServingConfig:
     return ServingConfig(
         dtype=args.dtype, device=args.device, max_batch_tokens=args.max_batch_tokens, max_seqs=args.max_seqs,
         max_queue=getattr(args, "max_queue", DEFAULTS.max_queue), kv_cache_memory=args.kv_cache_memory,
+        stall_timeout_s=getattr(args, "stall_timeout", DEFAULTS.stall_timeout_s),
         block_size=args.block_size, pingpong=args.pingpong, pingpong_min_tokens=args.pingpong_min_tokens,
         collective_timeout_s=args.collective_timeout, placement_timeout_s=args.placement_timeout,
         worker_threads=args.worker_threads)

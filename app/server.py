@@ -66,7 +66,7 @@ class GatewayThread:
         self._ready.set()
         try:
             while not self._stop.is_set():  # health follows the engine: NOT_SERVING while it cannot step
-                await set_health(self._health, self.warmed and self.serving.healthy)
+                await set_health(self._health, self.serving_now())
                 try:
                     await asyncio.wait_for(self._stop.wait(), timeout=1.0)
                 except asyncio.TimeoutError:
@@ -77,12 +77,16 @@ class GatewayThread:
             await server.stop(self.args.grace)
             self.serving.stop()  # ends the engine loop on the main thread
 
+    def serving_now(self) -> bool:
+        """SERVING: warmed up, the expert path intact, and no step stuck past --stall-timeout."""
+        return self.warmed and self.serving.healthy and not self.serving.stalled(self.args.stall_timeout)
+
     def mark_warmed(self) -> None:
         """The engine has run a real step: health says SERVING from now on (and before we return)."""
         from expertmesh.router.gateway import set_health
 
         self.warmed = True
-        asyncio.run_coroutine_threadsafe(set_health(self._health, self.serving.healthy), self._loop).result(10)
+        asyncio.run_coroutine_threadsafe(set_health(self._health, self.serving_now()), self._loop).result(10)
 
     def begin_shutdown(self, *_signal_args) -> None:
         """Graceful stop; safe from a signal handler."""

@@ -50,7 +50,7 @@ def render_chat(template: str, messages: list[dict], bos_token: str = "<s>", eos
         raise ChatError("messages is empty")
     for i, m in enumerate(messages):
         if m["role"] not in ROLES:
-            raise ChatError(f"messages[{i}].role {m['role']!r} is not one of {', '.join(ROLES)}")
+            raise ChatError(f"messages[{i}].role {m['role'][:40]!r} is not one of {', '.join(ROLES)}")
     if messages[0]["role"] == "system" and template == MIXTRAL_INSTRUCT_TEMPLATE:
         # Mixtral Instruct has no system role; like Mistral's later templates, fold it into the
         # first user message.

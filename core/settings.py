@@ -46,6 +46,9 @@ class ServingConfig:
     pingpong_min_tokens: int = 256
     collective_timeout_s: float = 30.0  # a dead or stuck worker fails a step after this, never a hang
     placement_timeout_s: float = 600.0  # wait for Ray (and its autoscaler) to provide workers' resources
+    # health says NOT_SERVING while a step runs longer than this (a stalled worker, before the
+    # collective timeout fails the step); a step of the tiny model takes milliseconds, a GPU's too
+    stall_timeout_s: float = 10.0
     # torch threads per CPU expert worker: its cores are shared with the router; 2 was 2x slower here
     worker_threads: int = 1
 
@@ -61,7 +64,7 @@ class ServingConfig:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue < 0:
             raise SettingsError(f"max_queue must be >= 0, got {self.max_queue}")
-        for name in ("collective_timeout_s", "placement_timeout_s"):
+        for name in ("collective_timeout_s", "placement_timeout_s", "stall_timeout_s"):
             if not getattr(self, name) > 0:
                 raise SettingsError(f"{name} must be > 0, got {getattr(self, name)}")
         parse_bytes(self.kv_cache_memory)

@@ -3,20 +3,33 @@
 Each Generate call becomes one request of the serving engine; its chunks come back through an
 asyncio queue and stream out as they are produced. A client that goes away (cancel, deadline) has
 its request cancelled at once, which frees its KV blocks at the next step boundary.
+
+Hostile input: CPU work per request (tokenising, chat rendering) runs on a small thread pool, never
+on the event loop; undecodable bytes answer INVALID_ARGUMENT; every status detail is cut to fit the
+trailer; a call can only ever cancel its own request (the engine keys requests, not the client).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from expertmesh.core.chat import ChatError, render_chat
 from expertmesh.core.tokenizer import TextTokenizer
-from expertmesh.router.requests import InvalidRequest, ValidRequest, validate_request
+from expertmesh.router.requests import (
+    MAX_CHAT_MESSAGES,
+    MAX_REQUEST_ID_CHARS,
+    InvalidRequest,
+    ValidRequest,
+    validate_request,
+)
 from expertmesh.router.sampling import SamplingParams
 from expertmesh.router.serving import EngineUnavailable, QueueFull, RequestOutput, ServingEngine
 from expertmesh.v1 import generation_pb2 as pb
@@ -29,14 +42,21 @@ FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "eos
           "cancelled": pb.FINISH_REASON_CANCELLED}
 
 
+def _decimal(value: float) -> float:
+    """A proto float (float32) as the decimal the client wrote: 0.01 arrives as 0.00999999977..., which
+    would fail a check of >= 0.01; the shortest repr that round-trips float32 gives 0.01 back."""
+    return float(str(np.float32(value)))
+
+
 def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
     """Proto fields -> SamplingParams; unset optional fields take the defaults."""
     defaults = SamplingParams()
     pick = lambda name: getattr(s, name) if s.HasField(name) else getattr(defaults, name)  # noqa: E731
     return SamplingParams(
-        temperature=pick("temperature"), top_p=pick("top_p"), top_k=s.top_k, min_p=s.min_p,
-        repetition_penalty=pick("repetition_penalty"), presence_penalty=s.presence_penalty,
-        frequency_penalty=s.frequency_penalty, seed=s.seed if s.HasField("seed") else None,
+        temperature=_decimal(pick("temperature")), top_p=_decimal(pick("top_p")), top_k=s.top_k,
+        min_p=_decimal(s.min_p), repetition_penalty=_decimal(pick("repetition_penalty")),
+        presence_penalty=_decimal(s.presence_penalty), frequency_penalty=_decimal(s.frequency_penalty),
+        seed=s.seed if s.HasField("seed") else None,
         max_new_tokens=pick("max_new_tokens"), stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
         ignore_eos=s.ignore_eos, logprobs=s.logprobs if s.HasField("logprobs") else None)
 
@@ -54,16 +74,89 @@ def response_from_output(out: RequestOutput) -> pb.GenerateResponse:
     return msg
 
 
+MAX_DETAIL_CHARS = 1024  # status details stay far below gRPC's 16 KiB trailer limit
+
+
+def _detail(text: str) -> str:
+    return text if len(text) <= MAX_DETAIL_CHARS else f"{text[:MAX_DETAIL_CHARS - 20]}... (cut)"
+
+
+class Undecodable:
+    """A request whose bytes are not the method's message (what the guarded deserializer returns)."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+
+def _guarded(deserialize):
+    def decode(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, or anything else protobuf meets in junk
+            return Undecodable(f"{type(exc).__name__}: {str(exc)[:200]}")
+    return decode
+
+
+class RefuseUndecodable(grpc.aio.ServerInterceptor):
+    """Bytes that are not the method's message answer INVALID_ARGUMENT, on every service (health and
+    reflection included); grpc itself would answer UNKNOWN with a Python class name."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method, decode, encode = details.method, _guarded(handler.request_deserializer), handler.response_serializer
+
+        async def refuse(request, context):
+            if isinstance(request, Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"the request is not a valid message for {method} ({request.why})")
+
+        def checked(requests, context):
+            async def each():
+                async for request in requests:
+                    await refuse(request, context)
+                    yield request
+            return each()
+
+        if handler.unary_unary:
+            async def unary_unary(request, context, behavior=handler.unary_unary):
+                await refuse(request, context)
+                return await behavior(request, context)
+            return grpc.unary_unary_rpc_method_handler(unary_unary, decode, encode)
+        if handler.unary_stream:
+            async def unary_stream(request, context, behavior=handler.unary_stream):
+                await refuse(request, context)
+                async for response in behavior(request, context):
+                    yield response
+            return grpc.unary_stream_rpc_method_handler(unary_stream, decode, encode)
+        if handler.stream_unary:
+            async def stream_unary(requests, context, behavior=handler.stream_unary):
+                return await behavior(checked(requests, context), context)
+            return grpc.stream_unary_rpc_method_handler(stream_unary, decode, encode)
+
+        async def stream_stream(requests, context, behavior=handler.stream_stream):
+            async for response in behavior(checked(requests, context), context):
+                yield response
+        return grpc.stream_stream_rpc_method_handler(stream_stream, decode, encode)
+
+
 class GenerationService(pb_grpc.GenerationServicer):
     def __init__(self, engine: ServingEngine, tokenizer: TextTokenizer, chat_template: str,
-                 model_info: pb.ModelInfo):
+                 model_info: pb.ModelInfo, prepare_threads: int = 2):
         self.engine = engine
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.model_info = model_info
+        # Tokenising and chat rendering run here, off the event loop, so a big prompt never holds up
+        # other streams or the health check; a small pool bounds how much of it runs at once.
+        self._prepare = ThreadPoolExecutor(prepare_threads, thread_name_prefix="expertmesh-prepare")
 
     def _valid(self, request: pb.GenerateRequest) -> ValidRequest:
         """The one check of a Generate call: prompt and sampling against the model and the pool."""
+        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+            raise InvalidRequest(f"request_id has {len(request.request_id)} characters; at most "
+                                 f"{MAX_REQUEST_ID_CHARS}")
         return validate_request(self._prompt_ids(request), sampling_from_proto(request.sampling), self.engine.limits)
 
     def _prompt_ids(self, request) -> list[int]:
@@ -72,12 +165,24 @@ class GenerationService(pb_grpc.GenerationServicer):
             raise InvalidRequest("exactly one of prompt, token_ids, messages must be set"
                                  + (f" (got {', '.join(given)})" if given else " (got none)"))
         if request.prompt:
-            return self.tokenizer.encode(request.prompt)
+            return self._encode(request.prompt, "prompt")
         if request.token_ids:
             return list(request.token_ids)
         return self._chat_ids(request.messages)
 
+    def _encode(self, text: str, field: str) -> list[int]:
+        limit = self.engine.limits.max_prompt_chars
+        if len(text) > limit:
+            raise InvalidRequest(f"{field} has {len(text)} characters; at most {limit} can fit the context")
+        return self.tokenizer.encode(text)
+
     def _chat_ids(self, messages) -> list[int]:
+        if len(messages) > MAX_CHAT_MESSAGES:
+            raise InvalidRequest(f"messages has {len(messages)} messages; at most {MAX_CHAT_MESSAGES}")
+        limit = self.engine.limits.max_prompt_chars
+        chars = sum(len(m.content) for m in messages)
+        if chars > limit:
+            raise InvalidRequest(f"messages have {chars} characters; at most {limit} can fit the context")
         try:
             text = render_chat(self.chat_template, [{"role": m.role, "content": m.content} for m in messages])
         except ChatError as exc:
@@ -87,29 +192,31 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def Generate(self, request, context):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        key, finished = None, False
         try:
-            key = self.engine.submit(self._valid(request), lambda out: loop.call_soon_threadsafe(
-                queue.put_nowait, out), client_id=request.request_id)
-        except InvalidRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except QueueFull as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except EngineUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        finished = False
-        try:
+            try:
+                valid = await loop.run_in_executor(self._prepare, self._valid, request)
+                key = self.engine.submit(valid, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
+                                         client_id=request.request_id)
+            except InvalidRequest as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _detail(str(exc)))
+            except QueueFull as exc:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _detail(str(exc)))
+            except EngineUnavailable as exc:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, _detail(str(exc)))
             while True:
                 out: RequestOutput = await queue.get()
                 if out.error:
                     finished = True
-                    await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {out.error}")
+                    code = grpc.StatusCode.UNAVAILABLE if out.retryable else grpc.StatusCode.INTERNAL
+                    await context.abort(code, _detail(f"generation failed: {out.error}"))
                 yield response_from_output(out)
                 if out.finish_reason is not None:
                     finished = True
                     return
         finally:
-            if not finished:  # the client went away or the server is stopping: free the sequence
-                self.engine.cancel(key)
+            if key is not None and not finished:  # the client went away or the server is stopping
+                self.engine.cancel(key)  # by the server's key: only this call's own request
 
     async def GetModelInfo(self, request, context):
         return self.model_info
@@ -117,10 +224,14 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def Tokenize(self, request, context):
         if request.text and request.messages:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "set text or messages, not both")
+
+        def tokenize() -> list[int]:
+            return self._chat_ids(request.messages) if request.messages else self._encode(request.text, "text")
+
         try:
-            ids = self._chat_ids(request.messages) if request.messages else self.tokenizer.encode(request.text)
+            ids = await asyncio.get_running_loop().run_in_executor(self._prepare, tokenize)
         except InvalidRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _detail(str(exc)))
         return pb.TokenizeResponse(token_ids=ids)
 
     async def GetServerStats(self, request, context):
@@ -133,10 +244,11 @@ class GenerationService(pb_grpc.GenerationServicer):
 
 
 class BearerTokenAuth(grpc.aio.ServerInterceptor):
-    """Requires `authorization: Bearer <token>` on every call except health checks."""
+    """Requires `authorization: Bearer <token>` on every call except health checks; the token is
+    compared in constant time."""
 
     def __init__(self, token: str):
-        self.expected = f"Bearer {token}"
+        self.expected = f"Bearer {token}".encode()
 
         async def deny(request, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
@@ -147,8 +259,8 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, details):
         if details.method.startswith("/grpc.health.v1.Health/"):
             return await continuation(details)
-        metadata = dict(details.invocation_metadata or ())
-        if metadata.get("authorization") == self.expected:
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        if isinstance(given, str) and hmac.compare_digest(given.encode(), self.expected):
             return await continuation(details)
         return self._deny_stream if details.method.endswith("/Generate") else self._deny_unary
 
@@ -156,7 +268,7 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
 async def start_gateway(service: GenerationService, host: str, port: int, *, auth_token: str | None = None,
                         tls: tuple[bytes, bytes] | None = None, max_message_bytes: int = 4 << 20):
     """Start the server; returns (server, bound port, health servicer)."""
-    interceptors = [BearerTokenAuth(auth_token)] if auth_token else []
+    interceptors = [RefuseUndecodable()] + ([BearerTokenAuth(auth_token)] if auth_token else [])
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),

@@ -58,7 +58,8 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     usage: Usage | None = None
-    error: str | None = None
+    error: str | None = None  # with FINISH_ERROR: what failed, for the client (no server internals)
+    retryable: bool = False  # the failure was the cluster's (expert path), not this request's
 
 
 @dataclass(eq=False)
@@ -92,6 +93,7 @@ class ServingEngine:
         self._requests: dict[str, Request] = {}  # live requests, by key (engine thread only)
         self._stopping = False
         self.healthy = True
+        self._step_started: float | None = None  # monotonic start of the step in progress
         self.steps = 0
         self.tokens_computed = 0  # token positions run through the model, all steps
         # torch (OpenMP) threads of the loop. Thread counts are per calling thread, and a second
@@ -131,6 +133,12 @@ class ServingEngine:
         with self._wake:
             self._inbox.append(("cancel", key))
             self._wake.notify()
+
+    def stalled(self, after_s: float) -> bool:
+        """A step has been running for longer than after_s (a stalled worker, a hung device): the
+        loop cannot serve now, though nothing has failed yet. Callable from any thread."""
+        started = self._step_started
+        return started is not None and time.monotonic() - started > after_s
 
     def stop(self) -> None:
         """Ask the loop to cancel what is left and return (callable from any thread)."""
@@ -199,14 +207,18 @@ class ServingEngine:
             batch = self.scheduler.schedule()
             if not batch:
                 continue
+            self._step_started = time.monotonic()
             try:
                 logits = self.engine.step([r.seq for r, _ in batch], [n for _, n in batch])
             except Exception as exc:  # noqa: BLE001 - every request in flight learns why
                 log.exception("step failed")
                 self.healthy = False
+                why = f"the expert path failed ({type(exc).__name__}: a worker died or timed out); retry later"
                 for request in list(self._requests.values()):
-                    self._finish(request, FINISH_ERROR, error=f"{type(exc).__name__}: {exc}")
+                    self._finish(request, FINISH_ERROR, error=why, retryable=True)
                 continue
+            finally:
+                self._step_started = None
             self.steps += 1
             self.tokens_computed += sum(n for _, n in batch)
             ready = self.scheduler.update_from_output(batch)
@@ -221,7 +233,7 @@ class ServingEngine:
                         self._advance(request, *request.sampler.sample(logits[row]))
                 except Exception as exc:  # noqa: BLE001 - one request's failure stays in that request
                     log.exception("request %s failed while sampling", request.key)
-                    self._finish(request, FINISH_ERROR, error=f"{type(exc).__name__}: {exc}")
+                    self._finish(request, FINISH_ERROR, error=f"sampling failed ({type(exc).__name__})")
 
     def _advance(self, request: Request, token: int, logprobs: TokenLogprobs | None) -> None:
         """Append a sampled token: stream its text, apply the stop conditions."""
@@ -254,14 +266,14 @@ class ServingEngine:
             request.sink(out)
 
     def _finish(self, request: Request, reason: str, out: RequestOutput | None = None,
-                error: str | None = None) -> None:
+                error: str | None = None, retryable: bool = False) -> None:
         if request.finished:
             return
         request.finished = True
         self.scheduler.finish(request)
         self._requests.pop(request.key, None)
         out = out or RequestOutput(request.client_id, [], "")
-        out.finish_reason, out.error = reason, error
+        out.finish_reason, out.error, out.retryable = reason, error, retryable
         out.usage = Usage(request.prompt_len, len(request.output_ids), max(request.cached_prompt_tokens, 0))
         try:
             request.sink(out)

@@ -317,7 +317,7 @@ def _expert_worker_pids(server_pid: int) -> list[int]:
     return [pid for pid, (_, cmd) in table.items() if "ExpertWorker" in cmd and descends(pid)]
 
 
-def test_a_dead_worker_fails_requests_clearly_and_health_says_so(checkpoint):
+def test_a_dead_worker_fails_requests_retryably_and_health_says_so(checkpoint):
     proc = ServerProcess("--model", str(checkpoint), "--workers", "2", "--kv-cache-memory", "16MiB",
                          "--collective-timeout", "10")
     try:
@@ -332,8 +332,9 @@ def test_a_dead_worker_fails_requests_clearly_and_health_says_so(checkpoint):
             with pytest.raises(grpc.RpcError) as err:
                 for _ in stream:
                     pass
-            assert err.value.code() == grpc.StatusCode.INTERNAL
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # the cluster's failure: retryable
             assert "worker died or timed out" in err.value.details()
+            assert "/" not in err.value.details()  # no server internals (torch's source paths)
             deadline = time.monotonic() + 15
             status = None
             while time.monotonic() < deadline:
@@ -352,3 +353,41 @@ def test_a_dead_worker_fails_requests_clearly_and_health_says_so(checkpoint):
         time.sleep(0.2)
     assert not [p for p in pids if p in _processes() and "ExpertWorker" in _processes()[p][1]], \
         "an expert worker outlived the server"
+
+
+def test_health_follows_a_stalled_step_and_comes_back(checkpoint):
+    """SIGSTOP a worker mid-stream: no step can finish, so health says NOT_SERVING after
+    --stall-timeout (long before --collective-timeout would fail the step); SIGCONT within the
+    timeout and the step completes, health is SERVING again and the stream ends whole."""
+    proc = ServerProcess("--model", str(checkpoint), "--workers", "2", "--kv-cache-memory", "16MiB",
+                         "--collective-timeout", "40", "--stall-timeout", "1")
+    try:
+        with grpc.insecure_channel(proc.target) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+
+            def status():
+                return health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+            stream = stub.Generate(pb.GenerateRequest(token_ids=[1, 2, 3], sampling=greedy(400)), timeout=120)
+            got = [next(stream)]
+            pid = _expert_worker_pids(proc.proc.pid)[0]
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                stopped_at, seen = time.monotonic(), None
+                while time.monotonic() - stopped_at < 10:
+                    seen = status()
+                    if seen == health_pb2.HealthCheckResponse.NOT_SERVING:
+                        break
+                    time.sleep(0.1)
+                assert seen == health_pb2.HealthCheckResponse.NOT_SERVING
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            got += list(stream)
+            assert len(ids_of(got)) == 400 and got[-1].finish_reason == pb.FINISH_REASON_LENGTH
+            deadline = time.monotonic() + 10
+            while status() != health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline, "health did not come back after the stall"
+                time.sleep(0.1)
+    finally:
+        assert proc.stop() == 0
