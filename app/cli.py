@@ -182,8 +182,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """Errors the user can fix (bad flags, checkpoint, plan, prompt; a lost worker): reported in one
     line with exit status 2. Anything else is a bug and keeps its traceback. Imported only when an
     error is being matched, so the client commands never load torch or Ray."""
-    from expertmesh.cluster.bringup import PlacementTimeout, UsageError
+    from expertmesh.cluster.bringup import UsageError
     from expertmesh.cluster.placement import PlacementError
+    from expertmesh.cluster.worker_pool import PlacementTimeout
     from expertmesh.core.checkpoint import CheckpointError
     from expertmesh.core.config import ConfigError
     from expertmesh.core.settings import SettingsError

@@ -18,7 +18,8 @@ import time
 import torch
 from raw_steps import release, step
 
-from expertmesh.cluster.bringup import ExpertCluster, ensure_ray
+from expertmesh.cluster.elastic import ExpertCluster
+from expertmesh.cluster.worker_pool import ensure_ray
 from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
 from expertmesh.router.engine import Engine, Sequence
 

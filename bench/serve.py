@@ -127,7 +127,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import MixtralForCausalLM
 
-    from expertmesh.cluster.bringup import ExpertCluster
+    from expertmesh.cluster.elastic import ExpertCluster
 
     rows, useful, ties = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:

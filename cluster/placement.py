@@ -84,6 +84,67 @@ class PlacementPlan:
                     holders[(layer, expert)] += (min(free, key=lambda w: (load[w], w)),)
         return PlacementPlan(self.num_workers, self.num_layers, self.num_experts, holders)
 
+    def _load(self, holders: dict[Pair, tuple[int, ...]]) -> list[int]:
+        return [sum(w in ws for ws in holders.values()) for w in range(self.num_workers)]
+
+    def with_replica_spec(self, spec: str) -> "PlacementPlan":
+        """The plan whose extra copies are exactly SPEC's (same syntax as with_replicas; '' for
+        none), moving as few weights as possible: each expert keeps its first holder and as many
+        of its current copies as it still wants, new copies go to the least-loaded workers."""
+        wanted = PlacementPlan(self.num_workers, self.num_layers, self.num_experts,
+                               {p: ws[:1] for p, ws in self.holders.items()}).with_replicas(spec)
+        holders = {}
+        for pair, ws in self.holders.items():
+            holders[pair] = ws[:len(wanted.holders[pair])]
+        for pair, ws in sorted(wanted.holders.items()):
+            while len(holders[pair]) < len(ws):
+                load = self._load(holders)
+                free = [w for w in range(self.num_workers) if w not in holders[pair]]
+                holders[pair] += (min(free, key=lambda w: (load[w], w)),)
+        return PlacementPlan(self.num_workers, self.num_layers, self.num_experts, holders)
+
+    def without_worker(self, worker: int) -> "PlacementPlan":
+        """The plan once `worker` is gone: its copies are dropped, an expert left with no holder goes
+        to the least-loaded survivor, and workers after it move down one index."""
+        if self.num_workers < 2:
+            raise PlacementError("the last worker cannot go: every expert needs a holder")
+        renumber = {w: w - (w > worker) for w in range(self.num_workers) if w != worker}
+        holders = {p: tuple(renumber[w] for w in ws if w != worker) for p, ws in self.holders.items()}
+        smaller = PlacementPlan(self.num_workers - 1, self.num_layers, self.num_experts, holders)
+        for pair in sorted(p for p, ws in holders.items() if not ws):
+            load = smaller._load(holders)
+            holders[pair] = (min(range(smaller.num_workers), key=lambda w: (load[w], w)),)
+        return PlacementPlan(self.num_workers - 1, self.num_layers, self.num_experts, holders)
+
+    def with_new_worker(self) -> "PlacementPlan":
+        """One more worker, and single-copy experts moved to it from the busiest workers until it
+        holds its share (a copy moves, it is not duplicated: no expert gains or loses copies)."""
+        workers = self.num_workers + 1
+        holders = dict(self.holders)
+        share = sum(len(ws) for ws in holders.values()) // workers
+        new = self.num_workers
+        bigger = PlacementPlan(workers, self.num_layers, self.num_experts, holders)
+        while sum(new in ws for ws in holders.values()) < share:
+            load = bigger._load(holders)
+            busiest = max(range(self.num_workers), key=lambda w: (load[w], -w))
+            movable = sorted(p for p, ws in holders.items() if busiest in ws and new not in ws)
+            if not movable:
+                break
+            pair = movable[0]
+            holders[pair] = tuple(new if w == busiest else w for w in holders[pair])
+        return PlacementPlan(workers, self.num_layers, self.num_experts, holders)
+
+    def moves_from(self, old: "PlacementPlan", old_index: dict[int, int]) -> tuple[dict, dict]:
+        """What changing from `old` to this plan asks of each worker: (loads, drops), each
+        worker index of this plan -> its (layer, expert) pairs. old_index maps this plan's worker
+        indices to the old plan's (absent: a new worker, which loads all it holds)."""
+        loads, drops = {}, {}
+        for w in range(self.num_workers):
+            mine = set(self.worker_pairs(w))
+            before = set(old.worker_pairs(old_index[w])) if w in old_index else set()
+            loads[w], drops[w] = sorted(mine - before), sorted(before - mine)
+        return loads, drops
+
     def to_json(self) -> str:
         return json.dumps({"num_workers": self.num_workers, "num_layers": self.num_layers,
                            "num_experts": self.num_experts,

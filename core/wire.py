@@ -1,6 +1,12 @@
 """The data-path protocol between the router (rank 0) and expert workers (ranks 1..W).
 
-Point-to-point messages on one torch.distributed group, in order per (router, worker) pair:
+Membership epochs: the router and the workers of one epoch talk over a process group of that epoch
+only, built directly on one long-lived store (the router hosts it) under the prefix "epoch{N}/",
+ranks numbered afresh each epoch. The next epoch's group forms while the current one serves; an
+OP_SWITCH on the current group moves a worker to the next one, so no message of an old epoch is
+ever read in a new one.
+
+Point-to-point messages on an epoch's group, in order per (router, worker) pair:
   router -> worker: header, int64 (header_size,): [op, layer, inline, rows for expert 0..E-1]
   router -> worker: for OP_LAYER, the rows (sum of counts, D), grouped by expert
   worker -> router: the expert outputs, same shape and order
@@ -21,6 +27,7 @@ import torch
 OP_LAYER = 1  # run experts of `layer` on the rows that follow
 OP_PING = 2  # keep-alive while the router is idle; no rows follow
 OP_SHUTDOWN = 3  # leave the serve loop
+OP_SWITCH = 4  # go on in the epoch named by the header's layer field (its group is already formed)
 
 ROUTER_RANK = 0
 INLINE_MAX_ROWS = 4096  # rows per message that travel inline (2048 tokens x top-2)
@@ -69,10 +76,30 @@ def inline_rows(message: torch.Tensor, num_experts: int, rows: int, hidden: int,
     return message[start:start + rows * hidden * dtype.itemsize].view(dtype).view(rows, hidden)
 
 
-def init_process_group(init_method: str, rank: int, world_size: int, backend: str,
-                       timeout_s: float) -> None:
-    """Join the group; every send/recv on it fails after timeout_s instead of hanging."""
+def open_store(host: str, port: int, is_router: bool, timeout_s: float):
+    """The long-lived store every epoch's group forms on: the router hosts it, workers connect."""
     import torch.distributed as dist
 
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))
+    return dist.TCPStore(host, port, is_master=is_router, wait_for_workers=False,
+                         timeout=timedelta(seconds=timeout_s))
+
+
+def open_group(store, epoch: int, rank: int, world_size: int, backend: str, timeout_s: float):
+    """This process's member of epoch `epoch`'s group (blocks until every member has joined). Every
+    send and receive on it fails after timeout_s instead of hanging."""
+    import torch.distributed as dist
+
+    prefixed = dist.PrefixStore(f"epoch{epoch}/", store)
+    timeout = timedelta(seconds=timeout_s)
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
+    return dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+
+
+def close_group(group, backend: str) -> None:
+    """Let an epoch's group go. NCCL: abort its communicators (a collective destroy could hang on a
+    dead peer); gloo: its sockets close with it."""
+    if backend == "nccl":
+        group.abort()

@@ -1,4 +1,4 @@
-"""Dispatch and combine: the router's side of the expert data path, over one collective group.
+"""Dispatch and combine: the router's side of the expert data path, over one epoch's group.
 
 router -> dispatch (rows grouped by worker, then expert; replicas share an expert's rows)
        -> experts on the workers -> combine (weighted sum back on the router).
@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from expertmesh.core import wire
 from expertmesh.core.config import MixtralConfig
@@ -63,14 +62,16 @@ def split_among_replicas(counts: list[int], holders: list[tuple[int, ...]],
 
 class ExpertDispatcher:
     def __init__(self, config: MixtralConfig, holders: Mapping[Pair, tuple[int, ...]], num_workers: int,
-                 device: torch.device, keepalive_s: float = 2.0):
+                 device: torch.device, group, backend: str, keepalive_s: float = 2.0):
+        """group: this epoch's process group (core/wire.py), the router its rank 0 and worker w its
+        rank w + 1; holders: (layer, expert) -> the workers holding a copy."""
         self.config = config
+        self.group = group
         self.num_workers = num_workers
         # per layer, per expert: the workers holding a copy (worker w is collective rank w + 1)
         self.holders = [[tuple(holders[(layer, e)]) for e in range(config.num_experts)]
                         for layer in range(config.num_layers)]
         self.device = device
-        backend = dist.get_backend()
         self.inline = wire.inlines_rows(backend)  # rows in the header's message (gloo)
         # gloo: a receive posted before the sends lets the results flow without a rendezvous. NCCL
         # runs the ops to one peer in order on one stream: a receive first would block the sends.
@@ -84,6 +85,11 @@ class ExpertDispatcher:
         self._keepalive = threading.Thread(target=self._keep_alive, args=(keepalive_s,), daemon=True)
         self._keepalive.start()
 
+    def use_plan(self, holders: Mapping[Pair, tuple[int, ...]]) -> None:
+        """Send the next step's rows by these holders (same workers; called between steps)."""
+        self.holders = [[tuple(holders[(layer, e)]) for e in range(self.config.num_experts)]
+                        for layer in range(self.config.num_layers)]
+
     def _send(self, worker: int, op: int, layer: int = 0, counts: list[int] | None = None,
               rows: torch.Tensor | None = None) -> tuple[list, list[torch.Tensor]]:
         """Post one message to `worker` (see core/wire.py); returns (works, tensors they read)."""
@@ -91,7 +97,7 @@ class ExpertDispatcher:
         head = wire.header(op, layer, inline, counts, self.config.num_experts)
         tensors = [wire.pack(head, rows)] if inline else [head.to(self.device)] + ([] if rows is None else [rows])
         self._last_send[worker] = time.monotonic()
-        return [dist.isend(t, wire.worker_rank(worker)) for t in tensors], tensors
+        return [self.group.send([t], wire.worker_rank(worker), 0) for t in tensors], tensors
 
     def _keep_alive(self, interval: float) -> None:
         """Ping each worker that has had no message for `interval`, so its wait never times out."""
@@ -134,12 +140,12 @@ class ExpertDispatcher:
                     if not items:
                         continue  # nothing for this worker in this layer: no message at all
                     if self.receive_first:
-                        works.append(dist.irecv(back, wire.worker_rank(w)))
+                        works.append(self.group.recv([back], wire.worker_rank(w), 0))
                     sends, tensors = self._send(w, wire.OP_LAYER, layer, per_worker[w], part)
                     keep += tensors
                     works += sends
                     if not self.receive_first:
-                        works.append(dist.irecv(back, wire.worker_rank(w)))
+                        works.append(self.group.recv([back], wire.worker_rank(w), 0))
             except Exception as exc:  # a closed connection can fail the send at once
                 raise self._lost(exc) from exc
         return InFlight(works, keep, received, pairs, weights, x.shape[0])
@@ -163,13 +169,32 @@ class ExpertDispatcher:
     def run(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return self.finish(self.start(layer, x, weights, ids))
 
+    def end_epoch(self, next_epoch: int | None, moving: set[int] = frozenset()) -> list[int]:
+        """The last messages of this epoch: OP_SWITCH to `next_epoch` for the workers in `moving`,
+        OP_SHUTDOWN for the others (next_epoch None: all leave). Best effort: a worker that is gone
+        is skipped. Returns the workers that could not be told."""
+        self._closed.set()
+        failed = []
+        with self._lock:  # after this no keep-alive ping is in flight
+            sent = []
+            for w in range(self.num_workers):
+                switch = next_epoch is not None and w in moving
+                try:
+                    sent.append((w, self._send(w, wire.OP_SWITCH if switch else wire.OP_SHUTDOWN,
+                                               next_epoch if switch else 0)[0]))
+                except Exception:  # noqa: BLE001 - a dead worker's connection is closed
+                    failed.append(w)
+            for w, works in sent:
+                try:
+                    for work in works:
+                        work.wait()
+                except Exception:  # noqa: BLE001
+                    failed.append(w)
+        return sorted(failed)
+
     def shutdown_workers(self) -> None:
         """Tell the workers' serve loops to return (skipped when the group is already broken)."""
-        self._closed.set()
-        with self._lock:  # after this no keep-alive ping is in flight, so the group can go
-            if self.broken:
-                return
-            sent = [self._send(w, wire.OP_SHUTDOWN) for w in range(self.num_workers)]
-            for works, _ in sent:
-                for work in works:
-                    work.wait()
+        if not self.broken:
+            self.end_epoch(None)
+        else:
+            self._closed.set()

@@ -8,7 +8,9 @@ everything else is the same code.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -59,6 +61,25 @@ class Engine:
         self.cache = cache
         self.config = model.config
         self.split_steps = 0  # steps run as two ping-pong micro-batches
+        # Set by the control plane: called with the error when the experts fail a step; True when
+        # they were recovered and the same step may run again (cluster/elastic.py).
+        self.recover: Callable[[Exception], bool] | None = None
+        self._step_lock = threading.Lock()  # held through a step
+        self._boundary = threading.Condition()
+        self._waiting_callers = 0  # threads waiting to run something between two steps
+
+    def run_between_steps(self, fn: Callable[[], object]) -> object:
+        """Run fn on this thread between two steps, never during one (a step waits for it); for
+        changing the experts while a serving loop steps on another thread."""
+        with self._boundary:
+            self._waiting_callers += 1
+        try:
+            with self._step_lock:
+                return fn()
+        finally:
+            with self._boundary:
+                self._waiting_callers -= 1
+                self._boundary.notify_all()
 
     @classmethod
     def local(cls, model_dir, dtype: torch.dtype = torch.float32, kv_blocks: int = 512,
@@ -81,6 +102,12 @@ class Engine:
         for s, n in zip(seqs, num_new):
             assert 0 < n <= len(s.token_ids) - s.num_cached, (n, len(s.token_ids), s.num_cached)
             assert len(s.block_table) * block_size >= s.num_cached + n, "blocks are reserved before a step"
+        with self._boundary:  # a change waiting for a step boundary goes first
+            self._boundary.wait_for(lambda: self._waiting_callers == 0)
+        with self._step_lock:
+            return self._step(seqs, num_new, all_logits)
+
+    def _step(self, seqs: list[Sequence], num_new: list[int], all_logits: bool) -> torch.Tensor | list[torch.Tensor]:
         index = {id(s): i for i, s in enumerate(seqs)}
         groups = split_in_two(seqs, num_new) if self._split(num_new) else [seqs]
         if len(groups) > 1:

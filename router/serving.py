@@ -32,6 +32,7 @@ log = logging.getLogger("expertmesh.serving")
 
 FINISH_STOP, FINISH_LENGTH, FINISH_EOS, FINISH_CANCELLED, FINISH_ERROR = (
     "stop", "length", "eos", "cancelled", "error")
+MAX_STEP_ATTEMPTS = 4  # a step's first run and three recoveries (each loses at least one worker)
 
 
 class QueueFull(RuntimeError):
@@ -209,16 +210,11 @@ class ServingEngine:
                 continue
             self._step_started = time.monotonic()
             try:
-                logits = self.engine.step([r.seq for r, _ in batch], [n for _, n in batch])
-            except Exception as exc:  # noqa: BLE001 - every request in flight learns why
-                log.exception("step failed")
-                self.healthy = False
-                why = f"the expert path failed ({type(exc).__name__}: a worker died or timed out); retry later"
-                for request in list(self._requests.values()):
-                    self._finish(request, FINISH_ERROR, error=why, retryable=True)
-                continue
+                logits = self._step(batch)
             finally:
                 self._step_started = None
+            if logits is None:
+                continue
             self.steps += 1
             self.tokens_computed += sum(n for _, n in batch)
             ready = self.scheduler.update_from_output(batch)
@@ -234,6 +230,27 @@ class ServingEngine:
                 except Exception as exc:  # noqa: BLE001 - one request's failure stays in that request
                     log.exception("request %s failed while sampling", request.key)
                     self._finish(request, FINISH_ERROR, error=f"sampling failed ({type(exc).__name__})")
+
+    def _step(self, batch) -> torch.Tensor | None:
+        """One model step; when the experts fail it, the control plane's recovery (if any) gets to
+        mend them and the same step runs again from its inputs. None when it cannot: every request
+        in flight then fails with the reason."""
+        seqs, num_new = [r.seq for r, _ in batch], [n for _, n in batch]
+        failure = "unknown"
+        for attempt in range(MAX_STEP_ATTEMPTS):
+            try:
+                return self.engine.step(seqs, num_new)
+            except Exception as exc:  # noqa: BLE001 - recovered below, or every request learns why
+                log.warning("step failed (attempt %d): %s: %s", attempt + 1, type(exc).__name__, exc)
+                failure = type(exc).__name__
+                if self.engine.recover is None or attempt + 1 == MAX_STEP_ATTEMPTS or not self.engine.recover(exc):
+                    log.error("step failed for good", exc_info=exc)
+                    break
+        self.healthy = False
+        why = f"the expert path failed ({failure}: a worker died or timed out); retry later"
+        for request in list(self._requests.values()):
+            self._finish(request, FINISH_ERROR, error=why, retryable=True)
+        return None
 
     def _advance(self, request: Request, token: int, logprobs: TokenLogprobs | None) -> None:
         """Append a sampled token: stream its text, apply the stop conditions."""

@@ -6,7 +6,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from expertmesh.cluster.bringup import ExpertCluster
+from expertmesh.cluster.elastic import ExpertCluster
 from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
 from expertmesh.router.engine import Engine
 from tests.helpers import greedy_tokens
@@ -31,6 +31,6 @@ def test_workers_on_two_nodes_match_reference(two_nodes, tmp_path):
     prompts = [[1, 1014, 2936], [1, *range(200, 209)]]
     expected = greedy_tokens(Engine.local(path), prompts, 6)
     with ExpertCluster(path, num_workers=2, replicas="*:2x2") as cluster:
-        nodes = {w["node_id"] for w in ray.get([w.where.remote() for w in cluster.workers])}
+        nodes = {w["node_id"] for w in ray.get([h.actor.where.remote() for h in cluster.workers])}
         assert len(nodes) == 2, "the placement group should spread the workers over both nodes"
         assert greedy_tokens(cluster.engine, prompts, 6) == expected

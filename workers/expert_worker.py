@@ -1,11 +1,17 @@
 """The expert worker: a Ray actor that owns some (layer, expert) weights and serves rows for them.
 
-Control arrives by Ray calls (load, join the group, serve, stats); hidden states arrive only over
-the collective group, in the loop of `serve`, which runs until the router sends OP_SHUTDOWN.
+Control arrives by Ray calls, on threads of their own while `serve` runs: load or drop experts, join
+the next epoch's group, stats. Hidden states arrive only over the current epoch's group, in the loop
+of `serve`, which moves to the next epoch on OP_SWITCH and returns on OP_SHUTDOWN.
+
+Experts change while serving: new ones load off the data path and their layer's table is swapped in
+whole (the router sends them rows only once its new plan is live); dropped ones go only after the
+router's plan no longer names them.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import Counter
@@ -17,66 +23,136 @@ from expertmesh.core import wire
 from expertmesh.core.checkpoint import Checkpoint
 from expertmesh.workers.grouped_mlp import LayerExperts, grouped_experts
 
+log = logging.getLogger("expertmesh.worker")
+
 
 class ExpertWorker:
-    def __init__(self, worker: int, model_dir: str, pairs: list[tuple[int, int]], dtype: str, threads: int):
-        self.worker = worker
-        self.threads = threads  # torch threads of the serve loop (ServingConfig.worker_threads)
+    def __init__(self, worker: int, model_dir: str, dtype: str, threads: int):
+        self.worker = worker  # a stable name for logs; the rank changes with every epoch
         self.model_dir = model_dir
-        self.pairs = [tuple(p) for p in pairs]
         self.dtype = getattr(torch, dtype)
+        self.threads = threads  # torch threads of the serve loop (ServingConfig.worker_threads)
+        self.checkpoint = Checkpoint(model_dir)
+        self.config = self.checkpoint.config
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.pairs: set[tuple[int, int]] = set()
         self.layers: dict[int, LayerExperts] = {}  # layer -> its experts held here, stacked
         self.rows_received: Counter = Counter()  # (layer, expert) -> rows served
-        self._lock = threading.Lock()
+        self._store = None
+        self._groups: dict[int, tuple] = {}  # epoch -> (group, rank, backend)
+        self._group_ready = threading.Condition()
+        self._lock = threading.Lock()  # the experts table and the counters
 
-    def load(self) -> int:
-        """Read this worker's experts straight from the safetensors files; returns bytes held."""
-        checkpoint = Checkpoint(self.model_dir)
-        self.config = checkpoint.config
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    def _rebuild(self, layers: set[int], pairs: set[tuple[int, int]]) -> None:
+        """Read the experts of `layers` that `pairs` names straight from the safetensors files and
+        swap each layer's table in whole (a step in flight keeps the table it started with)."""
+        wanted = sorted(p for p in pairs if p[0] in layers)
         by_layer: dict[int, dict[int, tuple]] = {}
-        for (layer, expert), ws in checkpoint.read_experts(self.pairs, self.dtype).items():
+        for (layer, expert), ws in self.checkpoint.read_experts(wanted, self.dtype).items():
             by_layer.setdefault(layer, {})[expert] = tuple(w.to(self.device) for w in ws)
-        self.layers = {layer: LayerExperts.stack(experts) for layer, experts in by_layer.items()}
-        return sum(layer.nbytes for layer in self.layers.values())
+        with self._lock:
+            for layer in layers:
+                if layer in by_layer:
+                    self.layers[layer] = LayerExperts.stack(by_layer[layer])
+                else:
+                    self.layers.pop(layer, None)
+            self.pairs = set(pairs)
+
+    def load(self, pairs: list[tuple[int, int]]) -> int:
+        """Hold these experts too; returns the bytes held."""
+        new = {tuple(p) for p in pairs} - self.pairs
+        if new:
+            self._rebuild({layer for layer, _ in new}, self.pairs | new)
+        return self.nbytes()
+
+    def drop(self, pairs: list[tuple[int, int]]) -> int:
+        """Let these experts go (the router's plan no longer names them); returns the bytes held."""
+        gone = {tuple(p) for p in pairs} & self.pairs
+        if gone:
+            self._rebuild({layer for layer, _ in gone}, self.pairs - gone)
+        return self.nbytes()
+
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(layer.nbytes for layer in self.layers.values())
 
     def where(self) -> dict:
-        """Where this worker runs: for placement checks and for finding leftover processes."""
-        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+        """Where this worker runs: for placement, liveness checks and finding leftover processes."""
+        return {"worker": self.worker, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                 "ip": ray.util.get_node_ip_address()}
 
-    def join_group(self, init_method: str, world_size: int, backend: str, timeout_s: float) -> None:
+    def join_epoch(self, epoch: int, rank: int, world_size: int, store_host: str, store_port: int,
+                   backend: str, timeout_s: float) -> None:
+        """Form this worker's member of epoch `epoch`'s group (while the current epoch serves)."""
         if self.device.type == "cuda":
             torch.cuda.set_device(0)  # Ray exposes this actor's GPU as device 0
-        wire.init_process_group(init_method, wire.worker_rank(self.worker), world_size, backend, timeout_s)
+        if self._store is None:
+            self._store = wire.open_store(store_host, store_port, False, timeout_s)
+        group = wire.open_group(self._store, epoch, rank, world_size, backend, timeout_s)
+        with self._group_ready:
+            self._groups[epoch] = (group, rank, backend)
+            self._group_ready.notify_all()
 
     def stats(self) -> dict:
         with self._lock:
-            return {"worker": self.worker, "pairs": self.pairs,
+            return {"worker": self.worker, "pairs": sorted(self.pairs),
                     "rows_received": {f"{l}:{e}": n for (l, e), n in self.rows_received.items()}}
 
-    def serve(self) -> str:
-        """The data-path loop. Returns how it ended; raises when a peer is lost or times out."""
-        import torch.distributed as dist
+    def _group(self, epoch: int, wait_s: float):
+        with self._group_ready:
+            self._group_ready.wait_for(lambda: epoch in self._groups, timeout=wait_s)
+            return self._groups.get(epoch)
 
+    def serve(self, epoch: int, timeout_s: float) -> str:
+        """The data-path loop, from epoch `epoch` on. Returns how it ended."""
         # Set on this thread: OpenMP thread counts are per calling thread, and a Ray threaded
         # actor runs each call on a pool thread.
         torch.set_num_threads(self.threads)
+        while True:
+            joined = self._group(epoch, timeout_s)
+            if joined is None:
+                return f"epoch {epoch} never formed"
+            group, rank, backend = joined
+            try:
+                ended = self._serve_epoch(group, backend)
+            except Exception as exc:  # noqa: BLE001 - a lost router or peer ends this epoch, not the worker
+                log.warning("worker %d: epoch %d ended: %s", self.worker, epoch, exc)
+                ended = None
+            with self._group_ready:
+                self._groups.pop(epoch, None)
+            wire.close_group(group, backend)
+            if isinstance(ended, int):  # OP_SWITCH: go on in the next epoch
+                epoch = ended
+                continue
+            if ended is None:  # the group failed (a peer died): the router is forming the next epoch
+                with self._group_ready:
+                    self._group_ready.wait_for(lambda: any(e > epoch for e in self._groups), timeout=2 * timeout_s + 30)
+                    newer = [e for e in self._groups if e > epoch]
+                if not newer:
+                    return "lost"
+                epoch = min(newer)
+                continue
+            return ended
+
+    def _serve_epoch(self, group, backend: str) -> str | int:
+        """Serve one epoch's group until OP_SWITCH (-> the next epoch) or OP_SHUTDOWN."""
         router = wire.ROUTER_RANK
         hidden, num_experts = self.config.hidden_size, self.config.num_experts
         # gloo: one receive buffer stays posted for header and rows together (core/wire.py)
         buffer = (torch.empty(wire.message_capacity(num_experts, hidden, self.dtype), dtype=torch.uint8)
-                  if wire.inlines_rows(dist.get_backend()) else None)
+                  if wire.inlines_rows(backend) else None)
         while True:
             if buffer is not None:
-                dist.recv(buffer, router)
+                group.recv([buffer], router, 0).wait()
                 op, layer, inline, *counts = wire.unpack_header(buffer, num_experts)
             else:
                 header = torch.empty(wire.header_size(num_experts), dtype=torch.int64, device=self.device)
-                dist.recv(header, router)
+                group.recv([header], router, 0).wait()
                 op, layer, inline, *counts = header.tolist()
             if op == wire.OP_SHUTDOWN:
                 return "shutdown"
+            if op == wire.OP_SWITCH:
+                return layer  # the next epoch
             if op == wire.OP_PING:
                 continue
             used = [(e, n) for e, n in enumerate(counts) if n]
@@ -84,7 +160,7 @@ class ExpertWorker:
                 rows = wire.inline_rows(buffer, num_experts, sum(counts), hidden, self.dtype)
             else:
                 rows = torch.empty(sum(counts), hidden, dtype=self.dtype, device=self.device)
-                dist.recv(rows, router)
+                group.recv([rows], router, 0).wait()
             held = self.layers.get(layer)
             missing = [e for e, _ in used if held is None or e not in held.local]
             if missing:  # the router's plan and ours disagree: fail loudly, never compute garbage
@@ -96,9 +172,10 @@ class ExpertWorker:
             with self._lock:  # counted before the results go back, so stats never lag the router
                 for e, n in used:
                     self.rows_received[(layer, e)] += n
-            dist.send(out, router)
+            group.send([out], router, 0).wait()
 
 
-# The Ray actor: one thread runs `serve`, the other answers control calls (stats) meanwhile.
-# Made here rather than with a decorator so Ray pickles the class by reference, not by value.
-RemoteExpertWorker = ray.remote(max_concurrency=2)(ExpertWorker)
+# The Ray actor: one thread runs `serve`, the others answer control calls (load, join the next
+# epoch, stats) meanwhile. Made here rather than with a decorator so Ray pickles the class by
+# reference, not by value.
+RemoteExpertWorker = ray.remote(max_concurrency=4)(ExpertWorker)

@@ -1,0 +1,136 @@
+"""Expert workers as Ray actors, each in a placement group of its own (one bundle: one GPU, or one
+CPU here), so that adding a worker is a resource request Ray's autoscaler (and KubeRay) can answer
+with a new node, and removing one gives its node back."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from expertmesh.core.settings import ServingConfig
+from expertmesh.workers.expert_worker import RemoteExpertWorker
+
+log = logging.getLogger("expertmesh.cluster")
+
+
+def progress(message: str) -> None:
+    """Bring-up progress for the operator, on stderr (stdout carries results)."""
+    print(f"[expertmesh] {message}", file=sys.stderr, flush=True)
+
+
+def use_gpus(device: str) -> bool:
+    """--device: cuda, cpu, or auto = a GPU when this process sees one."""
+    import torch
+
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
+class PlacementTimeout(RuntimeError):
+    """Ray could not place the workers within --placement-timeout."""
+
+
+@dataclass
+class WorkerHandle:
+    worker: int  # a stable name: worker ids are never reused
+    actor: object
+    placement_group: PlacementGroup
+    node_id: str = ""
+    pid: int = 0
+    serving: object = None  # the ObjectRef of its serve loop
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Join `address`, or start an embedded local Ray. Returns True when we started it."""
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return False
+    # Keep the embedded cluster on loopback; workers' CPU bundles are logical, not cores.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # else Ray swaps in the NIC address
+    ray.init(address="local", num_cpus=num_cpus or max(8, os.cpu_count() or 1),
+             include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    return True
+
+
+def _wait_for_placement(groups: list[PlacementGroup], bundle: dict, timeout_s: float) -> None:
+    """Wait for Ray (and its autoscaler) to place the bundles, saying what we wait for: after a
+    second, then every 10 s."""
+    deadline = time.monotonic() + timeout_s
+    wait, pending = 1.0, [g.ready() for g in groups]
+    while True:
+        left = deadline - time.monotonic()
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=max(min(left, wait), 0))
+        if not pending:
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            for g in groups:
+                remove_placement_group(g)
+            raise PlacementTimeout(f"waited {timeout_s:.0f}s for {len(groups)} bundles of {bundle}; the cluster "
+                                   f"has {ray.available_resources()} free: add nodes or lower --workers")
+        progress(f"waiting for {len(pending)} bundles of {bundle} ({left:.0f}s left of --placement-timeout); "
+                 "`ray status` shows why")
+        wait = 10.0
+
+
+def start_workers(ids: list[int], pairs: dict[int, list], model_dir: str, settings: ServingConfig,
+                  gpus: bool) -> list[WorkerHandle]:
+    """Place and start workers `ids`, each loading its `pairs[id]` from the checkpoint."""
+    bundle = {"GPU": 1, "CPU": 1} if gpus else {"CPU": 1}
+    groups = [placement_group([bundle]) for _ in ids]
+    _wait_for_placement(groups, bundle, settings.placement_timeout_s)
+    handles = [WorkerHandle(i, RemoteExpertWorker.options(
+        num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+        scheduling_strategy=PlacementGroupSchedulingStrategy(g, 0),
+        # Ray starts workers at niceness 15, behind its own daemons; a worker is on the data path of
+        # every layer, so a daemon's wake-up would stall the whole step.
+        runtime_env={"env_vars": {"RAY_worker_niceness": "0"}},
+    ).remote(i, str(model_dir), settings.dtype, settings.worker_threads), g) for i, g in zip(ids, groups)]
+    try:
+        ray.get([h.actor.load.remote(pairs[h.worker]) for h in handles])
+        for h, where in zip(handles, ray.get([h.actor.where.remote() for h in handles])):
+            h.node_id, h.pid = where["node_id"], where["pid"]
+    except BaseException:
+        for h in handles:
+            stop_worker(h)
+        raise
+    return handles
+
+
+def stop_worker(handle: WorkerHandle) -> None:
+    """End the actor and give its bundle (and so, maybe, its node) back."""
+    try:
+        ray.kill(handle.actor)
+    finally:
+        remove_placement_group(handle.placement_group)
+
+
+def unresponsive(handles: list[WorkerHandle], timeout_s: float) -> list[WorkerHandle]:
+    """The workers that do not answer a control call within timeout_s: dead, or stopped."""
+    refs = [h.actor.where.remote() for h in handles]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    lost = []
+    for h, ref in zip(handles, refs):
+        if ref not in ready:
+            lost.append(h)
+            continue
+        try:
+            ray.get(ref)
+        except Exception:  # noqa: BLE001 - RayActorError and kin: the actor is gone
+            lost.append(h)
+    return lost
