@@ -49,12 +49,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds in-flight streams get to finish on shutdown (default 10)")
     add_engine_flags(serve, default_workers=2)
 
-    for name, helptext in (("generate", "stream a generation from a server"), ("info", "model and placement")):
+    for name, helptext in (("generate", "stream a generation from a server"), ("info", "model and placement"),
+                           ("scale", "change a running server's replicas or workers")):
         client = sub.add_parser(name, help=helptext, description=helptext)
         client.add_argument("--target", default=f"127.0.0.1:{DEFAULT_PORT}", help="server HOST:PORT")
         client.add_argument("--auth-token", help="bearer token, if the server wants one")
         client.add_argument("--tls-ca", help="CA certificate (PEM) to reach a TLS server")
         client.add_argument("--timeout", type=float, default=600, help="deadline in seconds (default 600)")
+        if name == "info":
+            client.add_argument("--json", action="store_true",
+                                help="print the model and the live placement as JSON (for scripts)")
+        if name == "scale":
+            target = client.add_mutually_exclusive_group(required=True)
+            target.add_argument("--replicas", help="extra expert copies, as for serve (LAYER:EXPERT[xCOPIES],...); "
+                                "'' removes them all")
+            target.add_argument("--workers", type=int, help="grow or shrink to this many expert workers")
+            client.add_argument("--json", action="store_true", help="print the new placement as JSON")
         if name == "generate":
             client.add_argument("prompt", help="prompt text")
             client.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
@@ -197,11 +207,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from expertmesh.client import cmd_generate, cmd_info
+    from expertmesh.client import cmd_generate, cmd_info, cmd_scale
     from expertmesh.server import cmd_serve
 
     handlers = {"tiny-checkpoint": cmd_tiny_checkpoint, "run": cmd_run, "serve": cmd_serve, "plan": cmd_plan,
-                "generate": cmd_generate, "info": cmd_info}
+                "generate": cmd_generate, "info": cmd_info, "scale": cmd_scale}
     try:
         return handlers[args.command](args)
     except _user_errors() as exc:  # what the user can fix: one line, no traceback

@@ -58,21 +58,60 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _placement_dict(placement: pb.Placement) -> dict:
+    return {"epoch": placement.epoch, "recoveries": placement.recoveries,
+            "workers": [{"worker": w.worker, "node": w.node, "pid": w.pid,
+                         "experts": [f"{e.layer}:{e.expert}" for e in w.experts],
+                         "rows": {f"{e.layer}:{e.expert}": e.rows for e in w.experts}} for w in placement.workers]}
+
+
+def _print_placement(placement: pb.Placement) -> None:
+    print(f"epoch {placement.epoch}, {len(placement.workers)} workers, {placement.recoveries} recoveries")
+    for w in placement.workers:
+        replicated = sum(e.copies > 1 for e in w.experts)
+        pairs = " ".join(f"{e.layer}:{e.expert}" + (f"(x{e.copies})" if e.copies > 1 else "") for e in w.experts)
+        print(f"worker {w.worker} (pid {w.pid}): {len(w.experts)} experts, {replicated} replicated: {pairs}")
+
+
 def cmd_info(args) -> int:
     with _channel(args) as channel:
         try:
             info = pb_grpc.GenerationStub(channel).GetModelInfo(pb.GetModelInfoRequest(), metadata=_metadata(args),
                                                                 timeout=args.timeout)
+            placement = None
+            if info.workers:
+                placement = pb_grpc.AdminStub(channel).GetPlacement(pb.GetPlacementRequest(),
+                                                                   metadata=_metadata(args), timeout=args.timeout)
         except grpc.RpcError as exc:
             print(f"expertmesh info: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
+    if args.json:
+        model = json_format.MessageToDict(info, preserving_proto_field_name=True)
+        model.pop("workers", None)
+        live = _placement_dict(placement) if placement else {"epoch": 0, "recoveries": 0, "workers": []}
+        print(json.dumps({"model": model, **live}))
+        return 0
     print(f"model {info.model_name}: {info.num_layers} layers, {info.num_experts} experts "
           f"(top-{info.experts_per_token}), hidden {info.hidden_size}, vocab {info.vocab_size}, "
           f"context {info.max_context}")
-    if not info.workers:
+    if placement is None:
         print("experts: all in the router process (no expert workers)")
-    for w in info.workers:
-        replicated = sum(e.copies > 1 for e in w.experts)
-        pairs = " ".join(f"{e.layer}:{e.expert}" + (f"(x{e.copies})" if e.copies > 1 else "") for e in w.experts)
-        print(f"worker {w.worker}: {len(w.experts)} experts, {replicated} replicated: {pairs}")
+    else:
+        _print_placement(placement)
+    return 0
+
+
+def cmd_scale(args) -> int:
+    request = pb.ScaleRequest(replicas=args.replicas) if args.replicas is not None else pb.ScaleRequest(
+        workers=args.workers)
+    with _channel(args) as channel:
+        try:
+            placement = pb_grpc.AdminStub(channel).Scale(request, metadata=_metadata(args), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"expertmesh scale: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(_placement_dict(placement)))
+    else:
+        _print_placement(placement)
     return 0

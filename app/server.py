@@ -12,6 +12,7 @@ from expertmesh.cluster.bringup import UsageError, progress, start_engine
 from expertmesh.core.chat import load_chat_template
 from expertmesh.core.tokenizer import load_tokenizer
 from expertmesh.flags import serving_config
+from expertmesh.router.admin_service import AdminService, placement_to_proto
 from expertmesh.v1 import generation_pb2 as pb
 
 
@@ -20,11 +21,8 @@ def model_info(name: str, config, cluster) -> pb.ModelInfo:
                         num_layers=config.num_layers, num_experts=config.num_experts,
                         experts_per_token=config.experts_per_token, hidden_size=config.hidden_size)
     if cluster is not None:
-        plan = cluster.plan
-        for worker in range(plan.num_workers):
-            info.workers.append(pb.WorkerPlacement(worker=worker, experts=[
-                pb.ExpertRef(layer=layer, expert=e, copies=len(plan.holders[(layer, e)]))
-                for layer, e in plan.worker_pairs(worker)]))
+        for w in placement_to_proto(cluster.placement()).workers:
+            info.workers.append(pb.WorkerPlacement(worker=w.worker, experts=w.experts))
     return info
 
 
@@ -56,8 +54,9 @@ class GatewayThread:
 
         self._stop = asyncio.Event()
         try:
+            generation, admin = service
             server, self.port, self._health = await start_gateway(
-                service, self.args.host, self.args.port, auth_token=token, tls=tls,
+                generation, self.args.host, self.args.port, admin=admin, auth_token=token, tls=tls,
                 max_message_bytes=self.args.max_message_bytes)
         except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
             self._error = exc
@@ -119,9 +118,13 @@ def cmd_serve(args) -> int:
         config = engine.config
         tokenizer = load_tokenizer(model_dir, config.bos_token_id, config.eos_token_id)
         serving = ServingEngine(engine, tokenizer, settings, own_thread=False)
-        service = GenerationService(serving, tokenizer, load_chat_template(model_dir),
-                                    model_info(model_dir.name, config, cluster))
-        gateway = GatewayThread(service, serving, args, token, tls)
+        generation = GenerationService(serving, tokenizer, load_chat_template(model_dir),
+                                       lambda: model_info(model_dir.name, config, cluster))
+        if cluster is None:
+            admin = AdminService(None, None, None)
+        else:
+            admin = AdminService(cluster.placement, cluster.scale_replicas, cluster.scale_workers)
+        gateway = GatewayThread((generation, admin), serving, args, token, tls)
         # One real step before saying SERVING: the whole path (and every worker) works.
         serving.generate([[config.bos_token_id]], SamplingParams(max_new_tokens=1))
         gateway.mark_warmed()

@@ -270,11 +270,20 @@ class ExpertCluster:
     def placement(self) -> dict:
         """The live placement: epoch, and per worker its id, node, pid and experts."""
         with self._membership:
-            plan, workers = self.plan, list(self.workers)
-        return {"epoch": self.epoch, "recoveries": self.recoveries,
+            plan, workers, epoch = self.plan, list(self.workers), self.epoch
+        refs = [h.actor.stats.remote() for h in workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=LIVENESS_TIMEOUT_S)
+        rows = {}
+        for h, ref in zip(workers, refs):
+            try:
+                rows[h.worker] = ray.get(ref)["rows_received"] if ref in ready else {}
+            except Exception:  # noqa: BLE001 - a worker lost just now: recovery is on it
+                rows[h.worker] = {}
+        return {"epoch": epoch, "recoveries": self.recoveries,
                 "workers": [{"worker": h.worker, "node": h.node_id, "pid": h.pid,
                              "experts": [f"{l}:{e}" for l, e in plan.worker_pairs(i)],
-                             "copies": {f"{l}:{e}": len(plan.holders[(l, e)]) for l, e in plan.worker_pairs(i)}}
+                             "copies": {f"{l}:{e}": len(plan.holders[(l, e)]) for l, e in plan.worker_pairs(i)},
+                             "rows": rows[h.worker]}
                             for i, h in enumerate(workers)]}
 
     def stats(self) -> list[dict]:

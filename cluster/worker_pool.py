@@ -33,7 +33,7 @@ def use_gpus(device: str) -> bool:
     return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 
 
-class PlacementTimeout(RuntimeError):
+class PlacementTimeout(TimeoutError):
     """Ray could not place the workers within --placement-timeout."""
 
 

@@ -15,6 +15,7 @@ import asyncio
 import hmac
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import grpc
 import numpy as np
@@ -38,6 +39,7 @@ from expertmesh.v1 import generation_pb2_grpc as pb_grpc
 log = logging.getLogger("expertmesh.gateway")
 
 SERVICE = "expertmesh.v1.Generation"
+ADMIN_SERVICE = "expertmesh.v1.Admin"
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS,
           "cancelled": pb.FINISH_REASON_CANCELLED}
 
@@ -143,11 +145,11 @@ class RefuseUndecodable(grpc.aio.ServerInterceptor):
 
 class GenerationService(pb_grpc.GenerationServicer):
     def __init__(self, engine: ServingEngine, tokenizer: TextTokenizer, chat_template: str,
-                 model_info: pb.ModelInfo, prepare_threads: int = 2):
+                 model_info: Callable[[], pb.ModelInfo], prepare_threads: int = 2):
         self.engine = engine
         self.tokenizer = tokenizer
         self.chat_template = chat_template
-        self.model_info = model_info
+        self.model_info = model_info  # built per call: the placement changes while serving
         # Tokenising and chat rendering run here, off the event loop, so a big prompt never holds up
         # other streams or the health check; a small pool bounds how much of it runs at once.
         self._prepare = ThreadPoolExecutor(prepare_threads, thread_name_prefix="expertmesh-prepare")
@@ -219,7 +221,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                 self.engine.cancel(key)  # by the server's key: only this call's own request
 
     async def GetModelInfo(self, request, context):
-        return self.model_info
+        return self.model_info()
 
     async def Tokenize(self, request, context):
         if request.text and request.messages:
@@ -265,7 +267,8 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
         return self._deny_stream if details.method.endswith("/Generate") else self._deny_unary
 
 
-async def start_gateway(service: GenerationService, host: str, port: int, *, auth_token: str | None = None,
+async def start_gateway(service: GenerationService, host: str, port: int, *, admin=None,
+                        auth_token: str | None = None,
                         tls: tuple[bytes, bytes] | None = None, max_message_bytes: int = 4 << 20):
     """Start the server; returns (server, bound port, health servicer)."""
     interceptors = [RefuseUndecodable()] + ([BearerTokenAuth(auth_token)] if auth_token else [])
@@ -274,9 +277,11 @@ async def start_gateway(service: GenerationService, host: str, port: int, *, aut
         ("grpc.max_send_message_length", max_message_bytes),
     ])
     pb_grpc.add_GenerationServicer_to_server(service, server)
+    if admin is not None:
+        pb_grpc.add_AdminServicer_to_server(admin, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection([SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"{host}:{port}"
     if tls:
         bound = server.add_secure_port(address, grpc.ssl_server_credentials([(tls[1], tls[0])]))

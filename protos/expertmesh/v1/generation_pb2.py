@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65xpertmesh/v1/generation.proto\x12\rexpertmesh.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x8d\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x03\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\t \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\x05\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x11\n\x0f_max_new_tokensB\x0b\n\t_logprobs\"\xa7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12,\n\x08messages\x18\x04 \x03(\x0b\x32\x1a.expertmesh.v1.ChatMessage\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.expertmesh.v1.SamplingParams\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.expertmesh.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xcf\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.expertmesh.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.expertmesh.v1.FinishReason\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.expertmesh.v1.Usage\"\x15\n\x13GetModelInfoRequest\":\n\tExpertRef\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x0e\n\x06\x63opies\x18\x03 \x01(\r\"L\n\x0fWorkerPlacement\x12\x0e\n\x06worker\x18\x01 \x01(\r\x12)\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x18.expertmesh.v1.ExpertRef\"\xd2\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x13\n\x0bnum_experts\x18\x05 \x01(\r\x12\x19\n\x11\x65xperts_per_token\x18\x06 \x01(\r\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12/\n\x07workers\x18\x08 \x03(\x0b\x32\x1e.expertmesh.v1.WorkerPlacement\"M\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12,\n\x08messages\x18\x02 \x03(\x0b\x32\x1a.expertmesh.v1.ChatMessage\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x17\n\x15GetServerStatsRequest\"\xac\x01\n\x0bServerStats\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x03 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x04 \x01(\r\x12\x15\n\rkv_block_size\x18\x05 \x01(\r\x12\x13\n\x0bpreemptions\x18\x06 \x01(\x04\x12\r\n\x05steps\x18\x07 \x01(\x04\x12\x0f\n\x07healthy\x18\x08 \x01(\x08*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xca\x02\n\nGeneration\x12M\n\x08Generate\x12\x1e.expertmesh.v1.GenerateRequest\x1a\x1f.expertmesh.v1.GenerateResponse0\x01\x12L\n\x0cGetModelInfo\x12\".expertmesh.v1.GetModelInfoRequest\x1a\x18.expertmesh.v1.ModelInfo\x12K\n\x08Tokenize\x12\x1e.expertmesh.v1.TokenizeRequest\x1a\x1f.expertmesh.v1.TokenizeResponse\x12R\n\x0eGetServerStats\x12$.expertmesh.v1.GetServerStatsRequest\x1a\x1a.expertmesh.v1.ServerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65xpertmesh/v1/generation.proto\x12\rexpertmesh.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x8d\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x03\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\t \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\x05\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x11\n\x0f_max_new_tokensB\x0b\n\t_logprobs\"\xa7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12,\n\x08messages\x18\x04 \x03(\x0b\x32\x1a.expertmesh.v1.ChatMessage\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.expertmesh.v1.SamplingParams\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.expertmesh.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xcf\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.expertmesh.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.expertmesh.v1.FinishReason\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.expertmesh.v1.Usage\"\x15\n\x13GetModelInfoRequest\"H\n\tExpertRef\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x0e\n\x06\x63opies\x18\x03 \x01(\r\x12\x0c\n\x04rows\x18\x04 \x01(\x04\"L\n\x0fWorkerPlacement\x12\x0e\n\x06worker\x18\x01 \x01(\r\x12)\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x18.expertmesh.v1.ExpertRef\"\xd2\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x13\n\x0bnum_experts\x18\x05 \x01(\r\x12\x19\n\x11\x65xperts_per_token\x18\x06 \x01(\r\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12/\n\x07workers\x18\x08 \x03(\x0b\x32\x1e.expertmesh.v1.WorkerPlacement\"M\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12,\n\x08messages\x18\x02 \x03(\x0b\x32\x1a.expertmesh.v1.ChatMessage\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x17\n\x15GetServerStatsRequest\"\xac\x01\n\x0bServerStats\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x03 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x04 \x01(\r\x12\x15\n\rkv_block_size\x18\x05 \x01(\r\x12\x13\n\x0bpreemptions\x18\x06 \x01(\x04\x12\r\n\x05steps\x18\x07 \x01(\x04\x12\x0f\n\x07healthy\x18\x08 \x01(\x08\"\x15\n\x13GetPlacementRequest\"b\n\nWorkerInfo\x12\x0e\n\x06worker\x18\x01 \x01(\r\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12)\n\x07\x65xperts\x18\x04 \x03(\x0b\x32\x18.expertmesh.v1.ExpertRef\"Z\n\tPlacement\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12*\n\x07workers\x18\x02 \x03(\x0b\x32\x19.expertmesh.v1.WorkerInfo\x12\x12\n\nrecoveries\x18\x03 \x01(\x04\"?\n\x0cScaleRequest\x12\x12\n\x08replicas\x18\x01 \x01(\tH\x00\x12\x11\n\x07workers\x18\x02 \x01(\rH\x00\x42\x08\n\x06target*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xca\x02\n\nGeneration\x12M\n\x08Generate\x12\x1e.expertmesh.v1.GenerateRequest\x1a\x1f.expertmesh.v1.GenerateResponse0\x01\x12L\n\x0cGetModelInfo\x12\".expertmesh.v1.GetModelInfoRequest\x1a\x18.expertmesh.v1.ModelInfo\x12K\n\x08Tokenize\x12\x1e.expertmesh.v1.TokenizeRequest\x1a\x1f.expertmesh.v1.TokenizeResponse\x12R\n\x0eGetServerStats\x12$.expertmesh.v1.GetServerStatsRequest\x1a\x1a.expertmesh.v1.ServerStats2\x95\x01\n\x05\x41\x64min\x12L\n\x0cGetPlacement\x12\".expertmesh.v1.GetPlacementRequest\x1a\x18.expertmesh.v1.Placement\x12>\n\x05Scale\x12\x1b.expertmesh.v1.ScaleRequest\x1a\x18.expertmesh.v1.Placementb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'expertmesh.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1797
-  _globals['_FINISHREASON']._serialized_end=1944
+  _globals['_FINISHREASON']._serialized_start=2091
+  _globals['_FINISHREASON']._serialized_end=2238
   _globals['_CHATMESSAGE']._serialized_start=49
   _globals['_CHATMESSAGE']._serialized_end=93
   _globals['_SAMPLINGPARAMS']._serialized_start=96
@@ -50,19 +50,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELINFOREQUEST']._serialized_start=1104
   _globals['_GETMODELINFOREQUEST']._serialized_end=1125
   _globals['_EXPERTREF']._serialized_start=1127
-  _globals['_EXPERTREF']._serialized_end=1185
-  _globals['_WORKERPLACEMENT']._serialized_start=1187
-  _globals['_WORKERPLACEMENT']._serialized_end=1263
-  _globals['_MODELINFO']._serialized_start=1266
-  _globals['_MODELINFO']._serialized_end=1476
-  _globals['_TOKENIZEREQUEST']._serialized_start=1478
-  _globals['_TOKENIZEREQUEST']._serialized_end=1555
-  _globals['_TOKENIZERESPONSE']._serialized_start=1557
-  _globals['_TOKENIZERESPONSE']._serialized_end=1594
-  _globals['_GETSERVERSTATSREQUEST']._serialized_start=1596
-  _globals['_GETSERVERSTATSREQUEST']._serialized_end=1619
-  _globals['_SERVERSTATS']._serialized_start=1622
-  _globals['_SERVERSTATS']._serialized_end=1794
-  _globals['_GENERATION']._serialized_start=1947
-  _globals['_GENERATION']._serialized_end=2277
+  _globals['_EXPERTREF']._serialized_end=1199
+  _globals['_WORKERPLACEMENT']._serialized_start=1201
+  _globals['_WORKERPLACEMENT']._serialized_end=1277
+  _globals['_MODELINFO']._serialized_start=1280
+  _globals['_MODELINFO']._serialized_end=1490
+  _globals['_TOKENIZEREQUEST']._serialized_start=1492
+  _globals['_TOKENIZEREQUEST']._serialized_end=1569
+  _globals['_TOKENIZERESPONSE']._serialized_start=1571
+  _globals['_TOKENIZERESPONSE']._serialized_end=1608
+  _globals['_GETSERVERSTATSREQUEST']._serialized_start=1610
+  _globals['_GETSERVERSTATSREQUEST']._serialized_end=1633
+  _globals['_SERVERSTATS']._serialized_start=1636
+  _globals['_SERVERSTATS']._serialized_end=1808
+  _globals['_GETPLACEMENTREQUEST']._serialized_start=1810
+  _globals['_GETPLACEMENTREQUEST']._serialized_end=1831
+  _globals['_WORKERINFO']._serialized_start=1833
+  _globals['_WORKERINFO']._serialized_end=1931
+  _globals['_PLACEMENT']._serialized_start=1933
+  _globals['_PLACEMENT']._serialized_end=2023
+  _globals['_SCALEREQUEST']._serialized_start=2025
+  _globals['_SCALEREQUEST']._serialized_end=2088
+  _globals['_GENERATION']._serialized_start=2241
+  _globals['_GENERATION']._serialized_end=2571
+  _globals['_ADMIN']._serialized_start=2574
+  _globals['_ADMIN']._serialized_end=2723
 # @@protoc_insertion_point(module_scope)

@@ -121,14 +121,16 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExpertRef(_message.Message):
-    __slots__ = ("layer", "expert", "copies")
+    __slots__ = ("layer", "expert", "copies", "rows")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     COPIES_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     layer: int
     expert: int
     copies: int
-    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., copies: _Optional[int] = ...) -> None: ...
+    rows: int
+    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., copies: _Optional[int] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class WorkerPlacement(_message.Message):
     __slots__ = ("worker", "experts")
@@ -195,3 +197,37 @@ class ServerStats(_message.Message):
     steps: int
     healthy: bool
     def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., preemptions: _Optional[int] = ..., steps: _Optional[int] = ..., healthy: _Optional[bool] = ...) -> None: ...
+
+class GetPlacementRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerInfo(_message.Message):
+    __slots__ = ("worker", "node", "pid", "experts")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    worker: int
+    node: str
+    pid: int
+    experts: _containers.RepeatedCompositeFieldContainer[ExpertRef]
+    def __init__(self, worker: _Optional[int] = ..., node: _Optional[str] = ..., pid: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ...) -> None: ...
+
+class Placement(_message.Message):
+    __slots__ = ("epoch", "workers", "recoveries")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    RECOVERIES_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
+    recoveries: int
+    def __init__(self, epoch: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., recoveries: _Optional[int] = ...) -> None: ...
+
+class ScaleRequest(_message.Message):
+    __slots__ = ("replicas", "workers")
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    replicas: str
+    workers: int
+    def __init__(self, replicas: _Optional[str] = ..., workers: _Optional[int] = ...) -> None: ...

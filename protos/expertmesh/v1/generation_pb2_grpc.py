@@ -229,3 +229,126 @@ class Generation:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminStub:
+    """Operating the cluster: where the experts are, and changing it while serving. Behind the same
+    bearer token as Generation.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetPlacement = channel.unary_unary(
+                '/expertmesh.v1.Admin/GetPlacement',
+                request_serializer=expertmesh_dot_v1_dot_generation__pb2.GetPlacementRequest.SerializeToString,
+                response_deserializer=expertmesh_dot_v1_dot_generation__pb2.Placement.FromString,
+                _registered_method=True)
+        self.Scale = channel.unary_unary(
+                '/expertmesh.v1.Admin/Scale',
+                request_serializer=expertmesh_dot_v1_dot_generation__pb2.ScaleRequest.SerializeToString,
+                response_deserializer=expertmesh_dot_v1_dot_generation__pb2.Placement.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """Operating the cluster: where the experts are, and changing it while serving. Behind the same
+    bearer token as Generation.
+    """
+
+    def GetPlacement(self, request, context):
+        """The live placement: its epoch, and every worker with the experts it holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Scale(self, request, context):
+        """Set the extra expert replicas, or the number of workers; returns once the new plan is live.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetPlacement': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPlacement,
+                    request_deserializer=expertmesh_dot_v1_dot_generation__pb2.GetPlacementRequest.FromString,
+                    response_serializer=expertmesh_dot_v1_dot_generation__pb2.Placement.SerializeToString,
+            ),
+            'Scale': grpc.unary_unary_rpc_method_handler(
+                    servicer.Scale,
+                    request_deserializer=expertmesh_dot_v1_dot_generation__pb2.ScaleRequest.FromString,
+                    response_serializer=expertmesh_dot_v1_dot_generation__pb2.Placement.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'expertmesh.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('expertmesh.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """Operating the cluster: where the experts are, and changing it while serving. Behind the same
+    bearer token as Generation.
+    """
+
+    @staticmethod
+    def GetPlacement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/expertmesh.v1.Admin/GetPlacement',
+            expertmesh_dot_v1_dot_generation__pb2.GetPlacementRequest.SerializeToString,
+            expertmesh_dot_v1_dot_generation__pb2.Placement.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Scale(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/expertmesh.v1.Admin/Scale',
+            expertmesh_dot_v1_dot_generation__pb2.ScaleRequest.SerializeToString,
+            expertmesh_dot_v1_dot_generation__pb2.Placement.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

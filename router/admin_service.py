@@ -1,0 +1,67 @@
+"""expertmesh.v1.Admin over grpc.aio: the live placement, and changing it while serving.
+
+The control plane is handed in as plain callables (the application wires the cluster's), so this
+adapter knows nothing of Ray. A change blocks until the new plan is live, so it runs on a thread of
+its own, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+import grpc
+
+from expertmesh.v1 import generation_pb2 as pb
+from expertmesh.v1 import generation_pb2_grpc as pb_grpc
+
+log = logging.getLogger("expertmesh.admin")
+
+
+def placement_to_proto(placement: dict) -> pb.Placement:
+    """The cluster's placement() dict -> Placement."""
+    msg = pb.Placement(epoch=placement["epoch"], recoveries=placement["recoveries"])
+    for w in placement["workers"]:
+        experts = []
+        for name in w["experts"]:
+            layer, expert = map(int, name.split(":"))
+            experts.append(pb.ExpertRef(layer=layer, expert=expert, copies=w["copies"][name],
+                                        rows=w.get("rows", {}).get(name, 0)))
+        msg.workers.append(pb.WorkerInfo(worker=w["worker"], node=w["node"], pid=w["pid"], experts=experts))
+    return msg
+
+
+class AdminService(pb_grpc.AdminServicer):
+    def __init__(self, placement: Callable[[], dict] | None, scale_replicas: Callable[[str], object] | None,
+                 scale_workers: Callable[[int], object] | None):
+        self.placement = placement  # None: every expert runs in the server process (--workers 0)
+        self.scale_replicas = scale_replicas
+        self.scale_workers = scale_workers
+
+    async def _refuse_without_workers(self, context) -> None:
+        if self.placement is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this server runs every expert in its own process (--workers 0): nothing to place")
+
+    async def GetPlacement(self, request, context):
+        await self._refuse_without_workers(context)
+        return placement_to_proto(self.placement())
+
+    async def Scale(self, request, context):
+        await self._refuse_without_workers(context)
+        target = request.WhichOneof("target")
+        if target is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "set replicas or workers")
+        change = (lambda: self.scale_replicas(request.replicas)) if target == "replicas" else (
+            lambda: self.scale_workers(request.workers))
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, change)
+        except ValueError as exc:  # an impossible plan: an expert with no holder, more copies than workers
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc)[:1000])
+        except TimeoutError as exc:  # Ray could not place the workers in time
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc)[:1000])
+        except Exception as exc:  # noqa: BLE001 - e.g. a worker lost while preparing: try again
+            log.exception("scale failed")
+            await context.abort(grpc.StatusCode.ABORTED, f"the change was not applied: {str(exc)[:900]}")
+        return placement_to_proto(self.placement())
