@@ -43,6 +43,34 @@ def split_in_two(seqs: list[Sequence], new: list[int]) -> list[list[Sequence]]:
     return [seqs[:cut], seqs[cut:]]
 
 
+IDLE_WAIT_S = 0.2  # how long run_between_steps waits for a step before running the change itself
+
+
+class _BetweenSteps:
+    """A function to run once, at a step boundary, by whichever thread gets to it first."""
+
+    def __init__(self, fn: Callable[[], object]):
+        self.fn, self.done = fn, threading.Event()
+        self._claim = threading.Lock()
+        self._value, self._error = None, None
+
+    def run(self) -> None:
+        if not self._claim.acquire(blocking=False):
+            return  # the other thread has it
+        try:
+            self._value = self.fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller of run_between_steps
+            self._error = exc
+        finally:
+            self.done.set()
+
+    def result(self) -> object:
+        self.done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 class Engine:
     def __init__(self, model: RouterModel, experts: Experts, cache: KVCache, pingpong: str = "off",
                  pingpong_min_tokens: int = DEFAULTS.pingpong_min_tokens, layer_threads: int | None = None):
@@ -65,21 +93,19 @@ class Engine:
         # they were recovered and the same step may run again (cluster/elastic.py).
         self.recover: Callable[[Exception], bool] | None = None
         self._step_lock = threading.Lock()  # held through a step
-        self._boundary = threading.Condition()
-        self._waiting_callers = 0  # threads waiting to run something between two steps
+        self._jobs: list[_BetweenSteps] = []  # to run at the next step boundary
 
     def run_between_steps(self, fn: Callable[[], object]) -> object:
-        """Run fn on this thread between two steps, never during one (a step waits for it); for
-        changing the experts while a serving loop steps on another thread."""
-        with self._boundary:
-            self._waiting_callers += 1
-        try:
+        """Run fn between two steps, never during one; for changing the experts while a serving
+        loop steps on another thread. The next step runs it first, on the loop's own thread (no
+        handoff between threads inside the step); when no step comes (an idle loop) it runs here."""
+        job = _BetweenSteps(fn)
+        with self._step_lock:
+            self._jobs.append(job)
+        if not job.done.wait(IDLE_WAIT_S):
             with self._step_lock:
-                return fn()
-        finally:
-            with self._boundary:
-                self._waiting_callers -= 1
-                self._boundary.notify_all()
+                job.run()
+        return job.result()
 
     @classmethod
     def local(cls, model_dir, dtype: torch.dtype = torch.float32, kv_blocks: int = 512,
@@ -102,9 +128,10 @@ class Engine:
         for s, n in zip(seqs, num_new):
             assert 0 < n <= len(s.token_ids) - s.num_cached, (n, len(s.token_ids), s.num_cached)
             assert len(s.block_table) * block_size >= s.num_cached + n, "blocks are reserved before a step"
-        with self._boundary:  # a change waiting for a step boundary goes first
-            self._boundary.wait_for(lambda: self._waiting_callers == 0)
         with self._step_lock:
+            jobs, self._jobs = self._jobs, []
+            for job in jobs:  # changes waiting for a step boundary go first
+                job.run()
             return self._step(seqs, num_new, all_logits)
 
     def _step(self, seqs: list[Sequence], num_new: list[int], all_logits: bool) -> torch.Tensor | list[torch.Tensor]:

@@ -43,33 +43,46 @@ class ExpertWorker:
         self._group_ready = threading.Condition()
         self._lock = threading.Lock()  # the experts table and the counters
 
-    def _rebuild(self, layers: set[int], pairs: set[tuple[int, int]]) -> None:
-        """Read the experts of `layers` that `pairs` names straight from the safetensors files and
-        swap each layer's table in whole (a step in flight keeps the table it started with)."""
-        wanted = sorted(p for p in pairs if p[0] in layers)
+    def _change(self, add: set[tuple[int, int]], drop: set[tuple[int, int]]) -> None:
+        """Read experts `add` straight from the safetensors files, let `drop` go, and swap each
+        changed layer's table in whole (a step in flight keeps the table it started with); the
+        experts a layer keeps are not read or packed again."""
+        # Off the data path in CPU time too: this control thread yields to the serve loop (nice 19 for
+        # this thread only, one torch thread), which shares the cores with the router.
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        torch.set_num_threads(1)
         by_layer: dict[int, dict[int, tuple]] = {}
-        for (layer, expert), ws in self.checkpoint.read_experts(wanted, self.dtype).items():
+        for (layer, expert), ws in self.checkpoint.read_experts(sorted(add), self.dtype).items():
             by_layer.setdefault(layer, {})[expert] = tuple(w.to(self.device) for w in ws)
-        with self._lock:
-            for layer in layers:
-                if layer in by_layer:
-                    self.layers[layer] = LayerExperts.stack(by_layer[layer])
-                else:
+        gone: dict[int, set[int]] = {}
+        for layer, expert in drop:
+            gone.setdefault(layer, set()).add(expert)
+        for layer in set(by_layer) | set(gone):
+            held = self.layers.get(layer)
+            if held is None:
+                table = LayerExperts.stack(by_layer[layer])
+            else:
+                table = held.changed(by_layer.get(layer, {}), gone.get(layer, set()))
+            with self._lock:
+                if table is None:
                     self.layers.pop(layer, None)
-            self.pairs = set(pairs)
+                else:
+                    self.layers[layer] = table
+        with self._lock:
+            self.pairs = (self.pairs | add) - drop
 
     def load(self, pairs: list[tuple[int, int]]) -> int:
         """Hold these experts too; returns the bytes held."""
         new = {tuple(p) for p in pairs} - self.pairs
         if new:
-            self._rebuild({layer for layer, _ in new}, self.pairs | new)
+            self._change(new, set())
         return self.nbytes()
 
     def drop(self, pairs: list[tuple[int, int]]) -> int:
         """Let these experts go (the router's plan no longer names them); returns the bytes held."""
         gone = {tuple(p) for p in pairs} & self.pairs
         if gone:
-            self._rebuild({layer for layer, _ in gone}, self.pairs - gone)
+            self._change(set(), gone)
         return self.nbytes()
 
     def nbytes(self) -> int:

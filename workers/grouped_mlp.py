@@ -40,6 +40,23 @@ class LayerExperts:
         w2 = torch.stack([experts[e][1] for e in ids]).contiguous()
         return cls(local, [(Linear(w13[i]), Linear(w2[i])) for i in range(len(ids))], w13, w2)
 
+    def changed(self, new: dict[int, tuple], gone: set[int]) -> "LayerExperts | None":
+        """This layer with experts `new` (global id -> raw (w1, w2, w3)) added and `gone` removed;
+        the experts that stay keep their prepared weights (nothing is read or packed again).
+        None when no expert is left."""
+        kept = [e for e in sorted(self.local) if e not in gone]
+        ids = sorted(set(kept) | set(new))
+        if not ids:
+            return None
+        local = {e: i for i, e in enumerate(ids)}
+        if self.w13 is None:
+            mlps = [self.mlps[self.local[e]] if e in self.local else fused_expert(*new[e]) for e in ids]
+            return LayerExperts(local, mlps, None, None)
+        w13 = torch.stack([self.w13[self.local[e]] if e in self.local else torch.cat([new[e][0], new[e][2]])
+                           for e in ids]).contiguous()
+        w2 = torch.stack([self.w2[self.local[e]] if e in self.local else new[e][1] for e in ids]).contiguous()
+        return LayerExperts(local, [(Linear(w13[i]), Linear(w2[i])) for i in range(len(ids))], w13, w2)
+
     @property
     def nbytes(self) -> int:
         return sum(w13.nbytes + w2.nbytes for w13, w2 in self.mlps)
