@@ -85,6 +85,8 @@ class ExpertCluster:
         self._old_groups: list = []  # earlier epochs' groups: let go only when the cluster stops
         self.recoveries = 0
         self.epoch = 0
+        self._stopping = threading.Event()  # shutdown: no change may start a worker any more
+        self._restorer: threading.Thread | None = None
         self.workers = start_workers(list(range(num_workers)), {w: plan.worker_pairs(w) for w in range(num_workers)},
                                      self.model_dir, settings, self.gpus)
         try:
@@ -139,7 +141,10 @@ class ExpertCluster:
         old = self.engine.experts
         staying = {h.worker for h in members}
         old.end_epoch(epoch, {i for i, h in enumerate(self.workers) if h.worker in staying})
-        self._old_groups.append(old.group)
+        if self.backend == "nccl":  # abort its communicators: a destroy could hang on a lost peer
+            wire.close_group(old.group, self.backend)
+        else:  # gloo: its sockets go when the process does (a pending receive on a lost peer stays)
+            self._old_groups.append(old.group)
         self.engine.experts = self._dispatcher(group, plan)
         self.plan, self.workers, self.epoch = plan, members, epoch
 
@@ -178,8 +183,9 @@ class ExpertCluster:
             names = ", ".join(f"worker {h.worker} (pid {h.pid})" for h in lost) or "no worker"
             progress(f"recovery: lost {names} ({type(exc).__name__}); epoch {epoch} with {len(survivors)} "
                      f"workers in {time.monotonic() - start:.2f}s; the interrupted step runs again")
-        if len(self.workers) < self.target_workers:
-            threading.Thread(target=self._restore, name="expertmesh-restore", daemon=True).start()
+        if len(self.workers) < self.target_workers and not self._stopping.is_set():
+            self._restorer = threading.Thread(target=self._restore, name="expertmesh-restore", daemon=True)
+            self._restorer.start()
         return True
 
     def _restore(self) -> None:
@@ -197,8 +203,10 @@ class ExpertCluster:
         return worker
 
     def _start(self, ids: list[int], plan: PlacementPlan, first: int = 0) -> list[WorkerHandle]:
+        if self._stopping.is_set():
+            raise ChangeInterrupted("the cluster is stopping")
         return start_workers(ids, {w: plan.worker_pairs(first + i) for i, w in enumerate(ids)}, self.model_dir,
-                             self.settings, self.gpus)
+                             self.settings, self.gpus, cancel=self._stopping)
 
     def _reconfigure(self, plan: PlacementPlan, keep: list[WorkerHandle], add: int, reason: str) -> None:
         """Change to `plan`, whose workers are `keep` (current workers, in order) then `add` new ones."""
@@ -218,6 +226,8 @@ class ExpertCluster:
 
                 def switch():
                     with self._membership:
+                        if self._stopping.is_set():
+                            raise ChangeInterrupted("the cluster is stopping")
                         if self.epoch != old_epoch:
                             raise ChangeInterrupted("a worker was lost meanwhile; ask again")
                         if new_epoch:
@@ -291,6 +301,11 @@ class ExpertCluster:
 
     def shutdown(self) -> None:
         """Stop the serve loops, free the workers and (if ours) Ray itself."""
+        self._stopping.set()
+        if self._restorer is not None:  # a replacement being started: it gives up, then we go on
+            self._restorer.join(timeout=60)
+        with self._change_lock:  # no planned change is half done
+            pass
         try:
             self.engine.experts.shutdown_workers()
             ray.wait([h.serving for h in self.workers if h.serving is not None], num_returns=len(self.workers),

@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -67,33 +68,38 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     return True
 
 
-def _wait_for_placement(groups: list[PlacementGroup], bundle: dict, timeout_s: float) -> None:
+def _wait_for_placement(groups: list[PlacementGroup], bundle: dict, timeout_s: float,
+                        cancel: threading.Event | None) -> None:
     """Wait for Ray (and its autoscaler) to place the bundles, saying what we wait for: after a
-    second, then every 10 s."""
+    second, then every 10 s. `cancel` set (the cluster is stopping) ends the wait."""
     deadline = time.monotonic() + timeout_s
-    wait, pending = 1.0, [g.ready() for g in groups]
+    said, pending = time.monotonic(), [g.ready() for g in groups]
+    next_word = 1.0
     while True:
         left = deadline - time.monotonic()
-        _, pending = ray.wait(pending, num_returns=len(pending), timeout=max(min(left, wait), 0))
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=max(min(left, 1.0), 0))
         if not pending:
             return
         left = deadline - time.monotonic()
-        if left <= 0:
+        if left <= 0 or (cancel is not None and cancel.is_set()):
             for g in groups:
                 remove_placement_group(g)
+            if left > 0:
+                raise PlacementTimeout("the cluster is stopping: placement abandoned")
             raise PlacementTimeout(f"waited {timeout_s:.0f}s for {len(groups)} bundles of {bundle}; the cluster "
                                    f"has {ray.available_resources()} free: add nodes or lower --workers")
-        progress(f"waiting for {len(pending)} bundles of {bundle} ({left:.0f}s left of --placement-timeout); "
-                 "`ray status` shows why")
-        wait = 10.0
+        if time.monotonic() - said >= next_word:
+            progress(f"waiting for {len(pending)} bundles of {bundle} ({left:.0f}s left of --placement-timeout); "
+                     "`ray status` shows why")
+            said, next_word = time.monotonic(), 10.0
 
 
 def start_workers(ids: list[int], pairs: dict[int, list], model_dir: str, settings: ServingConfig,
-                  gpus: bool) -> list[WorkerHandle]:
+                  gpus: bool, cancel: threading.Event | None = None) -> list[WorkerHandle]:
     """Place and start workers `ids`, each loading its `pairs[id]` from the checkpoint."""
     bundle = {"GPU": 1, "CPU": 1} if gpus else {"CPU": 1}
     groups = [placement_group([bundle]) for _ in ids]
-    _wait_for_placement(groups, bundle, settings.placement_timeout_s)
+    _wait_for_placement(groups, bundle, settings.placement_timeout_s, cancel)
     handles = [WorkerHandle(i, RemoteExpertWorker.options(
         num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
         scheduling_strategy=PlacementGroupSchedulingStrategy(g, 0),
