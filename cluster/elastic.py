@@ -154,8 +154,9 @@ class ExpertCluster:
 
     # ---- recovery (the serving loop's thread, after a failed step) ----------------------------
 
-    def recover(self, exc: Exception) -> bool:
-        """Form the next epoch without the workers that are gone; True when the step may run again."""
+    def recover(self, exc: Exception | None) -> bool:
+        """Form the next epoch without the workers that are gone; True when the step may run again
+        (exc None: the serving loop asks again after a recovery that failed)."""
         with self._membership:
             start = time.monotonic()
             try:
@@ -181,7 +182,8 @@ class ExpertCluster:
                 return False
             self.recoveries += 1
             names = ", ".join(f"worker {h.worker} (pid {h.pid})" for h in lost) or "no worker"
-            progress(f"recovery: lost {names} ({type(exc).__name__}); epoch {epoch} with {len(survivors)} "
+            why = type(exc).__name__ if exc is not None else "retrying an earlier recovery"
+            progress(f"recovery: lost {names} ({why}); epoch {epoch} with {len(survivors)} "
                      f"workers in {time.monotonic() - start:.2f}s; the interrupted step runs again")
         if len(self.workers) < self.target_workers and not self._stopping.is_set():
             self._restorer = threading.Thread(target=self._restore, name="expertmesh-restore", daemon=True)

@@ -33,6 +33,7 @@ log = logging.getLogger("expertmesh.serving")
 FINISH_STOP, FINISH_LENGTH, FINISH_EOS, FINISH_CANCELLED, FINISH_ERROR = (
     "stop", "length", "eos", "cancelled", "error")
 MAX_STEP_ATTEMPTS = 4  # a step's first run and three recoveries (each loses at least one worker)
+REPAIR_EVERY_S = 2.0  # while the experts cannot serve, how often the loop asks the control plane again
 
 
 class QueueFull(RuntimeError):
@@ -95,6 +96,7 @@ class ServingEngine:
         self._stopping = False
         self.healthy = True
         self._step_started: float | None = None  # monotonic start of the step in progress
+        self._next_repair = 0.0
         self.steps = 0
         self.tokens_computed = 0  # token positions run through the model, all steps
         # torch (OpenMP) threads of the loop. Thread counts are per calling thread, and a second
@@ -196,6 +198,7 @@ class ServingEngine:
         if self.engine_threads is not None:
             torch.set_num_threads(self.engine_threads)  # for this thread (OpenMP)
         while until is None or not until():
+            self._repair()
             with self._wake:
                 self._drain_inbox()
                 if self._stopping:
@@ -230,6 +233,16 @@ class ServingEngine:
                 except Exception as exc:  # noqa: BLE001 - one request's failure stays in that request
                     log.exception("request %s failed while sampling", request.key)
                     self._finish(request, FINISH_ERROR, error=f"sampling failed ({type(exc).__name__})")
+
+    def _repair(self) -> None:
+        """Not serving (a recovery failed, e.g. no worker could be placed): ask the control plane
+        again now and then; serving again as soon as it mends the experts."""
+        if self.healthy or self.engine.recover is None or time.monotonic() < self._next_repair:
+            return
+        self._next_repair = time.monotonic() + REPAIR_EVERY_S
+        if self.engine.recover(None):
+            log.warning("the expert path is whole again: serving")
+            self.healthy = True
 
     def _step(self, batch) -> torch.Tensor | None:
         """One model step; when the experts fail it, the control plane's recovery (if any) gets to

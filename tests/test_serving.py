@@ -249,3 +249,49 @@ def test_stop_token_ids_end_a_request(engine):
     j = next(i for i in range(1, 12) if out[i] not in out[:i])
     stopped = engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=(out[j],)))[0]
     assert tokens(stopped) == out[:j + 1] and stopped[-1].finish_reason == "stop"
+
+
+def test_the_loop_serves_again_once_the_control_plane_mends_the_experts(model_dir, tokenizer, monkeypatch):
+    """A failed step whose recovery fails: the requests in flight fail retryably, new ones are
+    refused while the experts cannot serve, and the loop asks again until it can serve again."""
+    from expertmesh.router import serving as serving_module
+    from expertmesh.router.serving import EngineUnavailable
+
+    monkeypatch.setattr(serving_module, "REPAIR_EVERY_S", 0.2)
+    engine = Engine.local(model_dir)
+    experts, state = engine.experts, {"broken": True, "fixable": False, "asked": 0}
+
+    class Failing:  # the experts of a cluster that lost its workers
+        def start(self, *args):
+            if state["broken"]:
+                raise RuntimeError("expert data path failed")
+            return experts.start(*args)
+
+        def finish(self, handle):
+            return experts.finish(handle)
+
+    def recover(exc):
+        state["asked"] += 1
+        if state["fixable"]:
+            state["broken"] = False
+        return state["fixable"]
+
+    engine.experts, engine.recover = Failing(), recover
+    fresh = ServingEngine(engine, tokenizer)
+    try:
+        params = SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)
+        failed = fresh.generate([[1, 5, 6]], params)[0]
+        assert failed[-1].finish_reason == "error" and failed[-1].retryable
+        assert not fresh.healthy
+        with pytest.raises(EngineUnavailable):
+            submit(fresh, [1, 5, 6], params, lambda out: None)
+        asked = state["asked"]
+        state["fixable"] = True
+        deadline = time.monotonic() + 10
+        while not fresh.healthy:
+            assert time.monotonic() < deadline, "the loop never asked again"
+            time.sleep(0.05)
+        assert state["asked"] > asked
+        assert len(tokens(fresh.generate([[1, 5, 6]], params)[0])) == 4
+    finally:
+        fresh.shutdown()
