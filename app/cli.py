@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT,
                        help=f"gRPC port (default {DEFAULT_PORT}; 0 picks one)")
+    serve.add_argument("--http-port", type=int, default=None,
+                       help="also serve the OpenAI-compatible HTTP API on this port (default off; 0 picks one)")
     serve.add_argument("--max-queue", type=int, default=DEFAULTS.max_queue,
                        help=f"waiting requests at most; past it RESOURCE_EXHAUSTED (default {DEFAULTS.max_queue})")
     serve.add_argument("--auth-token", help="require 'authorization: Bearer TOKEN' on every call")

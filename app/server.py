@@ -34,6 +34,7 @@ class GatewayThread:
         self.serving = serving
         self.args = args
         self.warmed = False
+        self.http_port: int | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._loop = asyncio.new_event_loop()
@@ -53,11 +54,16 @@ class GatewayThread:
         from expertmesh.router.gateway import set_health, start_gateway
 
         self._stop = asyncio.Event()
+        http_server = http_task = None
         try:
-            generation, admin = service
+            generation, admin, http_app = service
             server, self.port, self._health = await start_gateway(
                 generation, self.args.host, self.args.port, admin=admin, auth_token=token, tls=tls,
                 max_message_bytes=self.args.max_message_bytes)
+            if http_app is not None:
+                http_server, sock = self._http_server(http_app)
+                self.http_port = sock.getsockname()[1]
+                http_task = asyncio.ensure_future(http_server.serve(sockets=[sock]))
         except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
             self._error = exc
             self._ready.set()
@@ -73,8 +79,26 @@ class GatewayThread:
             progress(f"stopping: finishing in-flight streams for up to {self.args.grace:.0f}s")
         finally:
             await set_health(self._health, False)
+            if http_server is not None:  # stops accepting; open responses get the grace period
+                http_server.should_exit = True
             await server.stop(self.args.grace)
+            if http_task is not None:
+                await asyncio.wait([http_task], timeout=self.args.grace)
             self.serving.stop()  # ends the engine loop on the main thread
+
+    def _http_server(self, app):
+        """uvicorn for the HTTP API on its own listening socket (so port 0 picks a free one)."""
+        import socket
+
+        import uvicorn
+
+        sock = socket.socket(socket.AF_INET6 if ":" in self.args.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.args.host, self.args.http_port))
+        sock.listen(128)
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=self.args.grace,
+                                ssl_certfile=self.args.tls_cert, ssl_keyfile=self.args.tls_key)
+        return uvicorn.Server(config), sock
 
     def serving_now(self) -> bool:
         """SERVING: warmed up, the expert path intact, and no step stuck past --stall-timeout."""
@@ -124,13 +148,22 @@ def cmd_serve(args) -> int:
             admin = AdminService(None, None, None)
         else:
             admin = AdminService(cluster.placement, cluster.scale_replicas, cluster.scale_workers)
-        gateway = GatewayThread((generation, admin), serving, args, token, tls)
+        http_app = None
+        if args.http_port is not None:
+            from expertmesh.router.http_api import OpenAIApi
+
+            http_app = OpenAIApi(serving, generation.prompts, model_dir.name, lambda: gateway.serving_now(),
+                                 auth_token=token, max_body_bytes=args.max_message_bytes).app()
+        gateway = GatewayThread((generation, admin, http_app), serving, args, token, tls)
         # One real step before saying SERVING: the whole path (and every worker) works.
         serving.generate([[config.bos_token_id]], SamplingParams(max_new_tokens=1))
         gateway.mark_warmed()
         target = f"{args.host}:{gateway.port}"
         print(f"expertmesh serving {model_dir} on {target} (gRPC{', TLS' if tls else ''}"
               f"{', bearer token' if token else ''})", flush=True)
+        if gateway.http_port is not None:
+            scheme = "https" if tls else "http"
+            print(f"expertmesh HTTP (OpenAI API) on {scheme}://{args.host}:{gateway.http_port}/v1", flush=True)
         print(f"try: expertmesh generate --target {target} \"The capital of France is\"", flush=True)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, gateway.begin_shutdown)

@@ -1,11 +1,13 @@
-"""Gateway overhead: the same load over gRPC (loopback) and in-process, same model and engine.
+"""Gateway overhead: the same load over gRPC (loopback), over the OpenAI-compatible HTTP API
+(streaming, loopback) and in-process, same model and engine.
 
     python bench/grpc_load.py
 
 For 1, 16 and 64 concurrent streams: p50/p99 time to first token (TTFT), p50/p99 inter-token
-latency (ITL) and generated tokens/s. The server is `expertmesh serve --workers 0` in a subprocess;
-in-process is the same ServingEngine called directly. Last line:
+latency (ITL) and generated tokens/s. The server is `expertmesh serve --workers 0 --http-port 0` in
+a subprocess; in-process is the same ServingEngine called directly. Last two lines:
 gateway_overhead_ratio_c16=<in-process tokens/s over gRPC tokens/s at 16 streams; 1.0 is no overhead>
+http_overhead_ratio_c16=<in-process tokens/s over HTTP tokens/s at 16 streams>
 """
 
 from __future__ import annotations
@@ -100,12 +102,49 @@ async def over_grpc(target: str, concurrency: int) -> dict:
         return summarize(traces, starts, time.perf_counter() - begin)
 
 
+async def over_http(base: str, concurrency: int) -> dict:
+    """The same load over the OpenAI-compatible HTTP API, streaming (server-sent events)."""
+    import json
+
+    import aiohttp
+
+    batch = prompts(2 * concurrency)
+    traces: list[list[float]] = [[] for _ in batch]
+    starts = [0.0] * len(batch)
+    queue = list(range(len(batch)))
+    async with aiohttp.ClientSession() as session:
+
+        async def client():
+            while queue:
+                i = queue.pop(0)
+                starts[i] = time.perf_counter()
+                body = {"prompt": batch[i], "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True,
+                        "stream": True}
+                async with session.post(f"{base}/completions", json=body) as reply:
+                    async for line in reply.content:
+                        if line.startswith(b"data: {"):
+                            chunk = json.loads(line[6:])
+                            if chunk["choices"] and chunk["choices"][0]["text"] is not None:
+                                traces[i].append(time.perf_counter())
+
+        begin = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return summarize(traces, starts, time.perf_counter() - begin)
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = write_tiny_checkpoint(tmp, hidden_size=128, intermediate_size=256, num_layers=2)
-        server = ServerProcess("--model", str(path), "--workers", "0", "--kv-cache-memory", "256MiB")
+        server = ServerProcess("--model", str(path), "--workers", "0", "--kv-cache-memory", "256MiB",
+                               "--http-port", "0")
         try:
             remote = {c: asyncio.run(over_grpc(server.target, c)) for c in CONCURRENCY}
+            deadline = time.monotonic() + 30
+            while not any("HTTP (OpenAI API) on" in line for line in server.lines):
+                assert time.monotonic() < deadline, "no HTTP address printed"
+                time.sleep(0.05)
+            base = next(line for line in server.lines if "HTTP (OpenAI API) on" in line).rsplit(" ", 1)[1].strip()
+            http = {c: asyncio.run(over_http(base, c)) for c in CONCURRENCY}
         finally:
             server.stop()
         serving = ServingEngine(Engine.local(path, kv_blocks=4096), load_tokenizer(path), own_thread=False)
@@ -118,10 +157,12 @@ def main() -> None:
     print(f"{'where':>10} {'conc':>4} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11} {'ITL p50 ms':>10} "
           f"{'ITL p99 ms':>10} {'tok/s':>8}")
     for c in CONCURRENCY:
-        for where, r in (("in-process", local[c]), ("gRPC", remote[c])):
+        for where, r in (("in-process", local[c]), ("gRPC", remote[c]), ("HTTP", http[c])):
             print(f"{where:>10} {c:>4} {r['ttft50'] * 1e3:>11.1f} {r['ttft99'] * 1e3:>11.1f} "
                   f"{r['itl50'] * 1e3:>10.1f} {r['itl99'] * 1e3:>10.1f} {r['tok_s']:>8.1f}")
-    print(f"gateway_overhead_ratio_c16={local[16]['tok_s'] / remote[16]['tok_s']:.2f}")
+    print(f"gateway_overhead_ratio_c16={local[16]['tok_s'] / remote[16]['tok_s']:.2f} "
+          f"(HTTP over gRPC tokens/s: {http[16]['tok_s'] / remote[16]['tok_s']:.2f})")
+    print(f"http_overhead_ratio_c16={local[16]['tok_s'] / http[16]['tok_s']:.2f}")
 
 
 if __name__ == "__main__":

@@ -22,10 +22,9 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from expertmesh.core.chat import ChatError, render_chat
 from expertmesh.core.tokenizer import TextTokenizer
+from expertmesh.router.prompts import PromptBuilder
 from expertmesh.router.requests import (
-    MAX_CHAT_MESSAGES,
     MAX_REQUEST_ID_CHARS,
     InvalidRequest,
     ValidRequest,
@@ -147,8 +146,7 @@ class GenerationService(pb_grpc.GenerationServicer):
     def __init__(self, engine: ServingEngine, tokenizer: TextTokenizer, chat_template: str,
                  model_info: Callable[[], pb.ModelInfo], prepare_threads: int = 2):
         self.engine = engine
-        self.tokenizer = tokenizer
-        self.chat_template = chat_template
+        self.prompts = PromptBuilder(tokenizer, chat_template, engine.limits)
         self.model_info = model_info  # built per call: the placement changes while serving
         # Tokenising and chat rendering run here, off the event loop, so a big prompt never holds up
         # other streams or the health check; a small pool bounds how much of it runs at once.
@@ -173,23 +171,10 @@ class GenerationService(pb_grpc.GenerationServicer):
         return self._chat_ids(request.messages)
 
     def _encode(self, text: str, field: str) -> list[int]:
-        limit = self.engine.limits.max_prompt_chars
-        if len(text) > limit:
-            raise InvalidRequest(f"{field} has {len(text)} characters; at most {limit} can fit the context")
-        return self.tokenizer.encode(text)
+        return self.prompts.text(text, field)
 
     def _chat_ids(self, messages) -> list[int]:
-        if len(messages) > MAX_CHAT_MESSAGES:
-            raise InvalidRequest(f"messages has {len(messages)} messages; at most {MAX_CHAT_MESSAGES}")
-        limit = self.engine.limits.max_prompt_chars
-        chars = sum(len(m.content) for m in messages)
-        if chars > limit:
-            raise InvalidRequest(f"messages have {chars} characters; at most {limit} can fit the context")
-        try:
-            text = render_chat(self.chat_template, [{"role": m.role, "content": m.content} for m in messages])
-        except ChatError as exc:
-            raise InvalidRequest(str(exc)) from None
-        return self.tokenizer.encode_rendered(text)
+        return self.prompts.chat([{"role": m.role, "content": m.content} for m in messages])
 
     async def Generate(self, request, context):
         loop = asyncio.get_running_loop()

@@ -108,6 +108,7 @@ def test_commands_and_flags_exist_and_ports_agree():
                     assert args.host == "0.0.0.0"
                     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
                     assert ports["grpc"] == args.port == DEFAULT_PORT
+                    assert ports["http"] == args.http_port  # the OpenAI-compatible API, exposed too
                     assert container["readinessProbe"]["grpc"]["port"] == args.port
                     assert group["rayStartParams"].get("num-gpus", "0") == "0" or args.device == "cpu"
             if group is obj["spec"]["headGroupSpec"]:
@@ -117,7 +118,8 @@ def test_commands_and_flags_exist_and_ports_agree():
     assert served == 2
     for path, obj in objects():
         if obj["kind"] == "Service":
-            assert obj["spec"]["ports"][0]["port"] == DEFAULT_PORT
+            ports = {p["name"]: p["port"] for p in obj["spec"]["ports"]}
+            assert ports == {"grpc": DEFAULT_PORT, "http": 8000}
 
 
 def test_expert_groups_autoscale_one_gpu_per_worker():

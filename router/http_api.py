@@ -1,0 +1,339 @@
+"""The OpenAI-compatible HTTP API, a second door to the same serving engine as the gRPC gateway.
+
+POST /v1/completions and /v1/chat/completions (server-sent events with "stream": true), GET
+/v1/models, GET /health. A Starlette app, served by uvicorn on the gateway's event loop. Fields are
+OpenAI's where the engine supports them, plus the common extensions top_k, min_p,
+repetition_penalty and ignore_eos; anything it cannot honour (n > 1, echo, suffix, logit_bias,
+tools) is refused with 400 naming the field, never ignored. Errors come in the API's shape:
+{"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from expertmesh.router.prompts import PromptBuilder
+from expertmesh.router.requests import MAX_REQUEST_ID_CHARS, InvalidRequest, ValidRequest, validate_request
+from expertmesh.router.sampling import SamplingParams
+from expertmesh.router.serving import EngineUnavailable, QueueFull, RequestOutput, ServingEngine
+
+FINISH = {"stop": "stop", "eos": "stop", "length": "length", "cancelled": "stop"}
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # the completions API's own default
+CHAT_DEFAULT_MAX_TOKENS = 256  # the chat API has none: this engine's usual one
+# Our names where they differ from the API's: error messages name the field the client sent.
+API_NAMES = {"max_new_tokens": "max_tokens", "stop_token_ids": "stop", "token": "prompt"}
+UNSUPPORTED = {"echo": "echo is not supported", "suffix": "suffix is not supported",
+               "logit_bias": "logit_bias is not supported", "tools": "tools are not supported",
+               "functions": "functions are not supported", "tool_choice": "tools are not supported"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message[:1000], param, kind
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
+                                       "code": None}}, status_code=self.status)
+
+
+def _number(body: dict, name: str, default, integer: bool = False):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise ApiError(400, f"{name} must be {'an integer' if integer else 'a number'}, got {json.dumps(value)[:80]}",
+                       name)
+    return value
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise ApiError(400, f"{name} must be true or false", name)
+    return value
+
+
+def sampling_from_body(body: dict, chat: bool) -> SamplingParams:
+    """The API's sampling fields -> SamplingParams (types here; ranges in validate_request)."""
+    for name, why in UNSUPPORTED.items():
+        if body.get(name) not in (None, False, {}, [], ""):
+            raise ApiError(400, why, name)
+    for name in ("n", "best_of"):
+        if _number(body, name, 1, integer=True) != 1:
+            raise ApiError(400, f"{name} must be 1: one completion per request", name)
+    stop = body.get("stop")
+    if stop is None:
+        stop = ()
+    elif isinstance(stop, str):
+        stop = (stop,)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stop = tuple(stop)
+    else:
+        raise ApiError(400, "stop must be a string or a list of strings", "stop")
+    if chat:
+        max_tokens = _number(body, "max_completion_tokens", None, integer=True)
+        max_tokens = _number(body, "max_tokens", max_tokens if max_tokens is not None else CHAT_DEFAULT_MAX_TOKENS,
+                             integer=True)
+        logprobs = _number(body, "top_logprobs", 0, integer=True) if _flag(body, "logprobs") else None
+    else:
+        max_tokens = _number(body, "max_tokens", COMPLETION_DEFAULT_MAX_TOKENS, integer=True)
+        logprobs = _number(body, "logprobs", None, integer=True)
+    seed = _number(body, "seed", None, integer=True)
+    return SamplingParams(
+        temperature=_number(body, "temperature", 1.0), top_p=_number(body, "top_p", 1.0),
+        top_k=_number(body, "top_k", 0, integer=True), min_p=_number(body, "min_p", 0.0),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0),
+        presence_penalty=_number(body, "presence_penalty", 0.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0), seed=seed, max_new_tokens=max_tokens,
+        stop=stop, ignore_eos=_flag(body, "ignore_eos"), logprobs=logprobs)
+
+
+def _param_of(message: str) -> str | None:
+    """The field an InvalidRequest names (its first word), by the API's name."""
+    first = message.split(" ", 1)[0].split("[", 1)[0]
+    return API_NAMES.get(first, first) if first.isidentifier() else None
+
+
+class OpenAIApi:
+    def __init__(self, engine: ServingEngine, prompts: PromptBuilder, model_name: str,
+                 healthy: Callable[[], bool], auth_token: str | None = None, max_body_bytes: int = 4 << 20):
+        self.engine = engine
+        self.prompts = prompts
+        self.model_name = model_name
+        self.healthy = healthy
+        self.expected = f"Bearer {auth_token}".encode() if auth_token else None
+        self.max_body_bytes = max_body_bytes
+        self._prepare = ThreadPoolExecutor(2, thread_name_prefix="expertmesh-http-prepare")
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+        ])
+
+    # ---- endpoints ----------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        ok = self.healthy()
+        return JSONResponse({"status": "serving" if ok else "not serving"}, status_code=200 if ok else 503)
+
+    async def models(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+        except ApiError as exc:
+            return exc.response()
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.model_name, "object": "model", "created": 0, "owned_by": "expertmesh"}]})
+
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._serve(request, chat=True)
+
+    # ---- the common path ----------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if self.expected is None:
+            return
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, self.expected):
+            raise ApiError(401, "missing or wrong bearer token", kind="authentication_error")
+
+    async def _body(self, request: Request) -> dict:
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > self.max_body_bytes:
+                raise ApiError(413, f"the request body is larger than {self.max_body_bytes} bytes")
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise ApiError(400, f"the body is not valid JSON ({str(exc)[:100]})") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        return body
+
+    def _valid(self, body: dict, chat: bool) -> ValidRequest:
+        """Prompt and sampling of one API request, checked (runs off the event loop)."""
+        model = body.get("model")
+        if model is not None and model != self.model_name:
+            raise ApiError(404, f"model {json.dumps(model)[:80]} is not served here; this server serves "
+                           f"{self.model_name!r}", "model", kind="not_found_error")
+        params = sampling_from_body(body, chat)
+        try:
+            ids = self._chat_ids(body) if chat else self._prompt_ids(body)
+            return validate_request(ids, params, self.engine.limits)
+        except InvalidRequest as exc:
+            raise ApiError(400, str(exc), _param_of(str(exc))) from None
+
+    def _prompt_ids(self, body: dict) -> list[int]:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str):
+            return self.prompts.text(prompt)
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return prompt
+        raise ApiError(400, "prompt must be a string or a list of token ids (one prompt per request)", "prompt")
+
+    def _chat_ids(self, body: dict) -> list[int]:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "messages must be a non-empty list", "messages")
+        plain = []
+        for i, m in enumerate(messages):
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, list):  # content parts: text only
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                           for p in content):
+                    raise ApiError(400, f"messages[{i}].content: only text parts are supported", "messages")
+                content = "".join(p["text"] for p in content)
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
+                raise ApiError(400, f"messages[{i}] must have a string role and content", "messages")
+            plain.append({"role": m["role"], "content": content})
+        return self.prompts.chat(plain)
+
+    async def _serve(self, request: Request, chat: bool) -> Response:
+        loop = asyncio.get_running_loop()
+        try:
+            self._authorize(request)
+            body = await self._body(request)
+            stream = _flag(body, "stream")
+            options = body.get("stream_options") or {}
+            include_usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
+            user = body.get("user")
+            if user is not None and (not isinstance(user, str) or len(user) > MAX_REQUEST_ID_CHARS):
+                raise ApiError(400, f"user must be a string of at most {MAX_REQUEST_ID_CHARS} characters", "user")
+            valid = await loop.run_in_executor(self._prepare, self._valid, body, chat)
+            queue: asyncio.Queue = asyncio.Queue()
+            key = self.engine.submit(valid, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+        except ApiError as exc:
+            return exc.response()
+        except QueueFull as exc:
+            return ApiError(429, str(exc), kind="rate_limit_error").response()
+        except EngineUnavailable as exc:
+            return ApiError(503, str(exc), kind="service_unavailable").response()
+        reply = _Reply(chat, self.model_name, len(valid.prompt_ids), self.engine.tokenizer)
+        if stream:
+            return StreamingResponse(self._events(queue, key, reply, include_usage), media_type="text/event-stream")
+        return await self._collect(request, queue, key, reply)
+
+    async def _events(self, queue: asyncio.Queue, key: str, reply: "_Reply", include_usage: bool):
+        """Server-sent events: a chunk per output, the usage (if asked), then [DONE]. A client that
+        goes away cancels the request (Starlette cancels this generator)."""
+        finished = False
+        try:
+            while True:
+                out: RequestOutput = await queue.get()
+                if out.error:
+                    finished = True
+                    yield _event({"error": {"message": f"generation failed: {out.error}", "type": "server_error",
+                                            "param": None, "code": None}})
+                    return
+                yield _event(reply.chunk(out))
+                if out.finish_reason is not None:
+                    finished = True
+                    if include_usage:
+                        yield _event(reply.usage_chunk())
+                    yield "data: [DONE]\n\n"
+                    return
+        finally:
+            if not finished:
+                self.engine.cancel(key)
+
+    async def _collect(self, request: Request, queue: asyncio.Queue, key: str, reply: "_Reply") -> Response:
+        """The whole answer in one response; a client that disconnects meanwhile cancels it."""
+        outs: list[RequestOutput] = []
+        try:
+            while not outs or outs[-1].finish_reason is None:
+                try:
+                    outs.append(await asyncio.wait_for(queue.get(), timeout=0.5))
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        self.engine.cancel(key)
+                        return Response(status_code=499)
+        except asyncio.CancelledError:
+            self.engine.cancel(key)
+            raise
+        if outs[-1].error:
+            kind = "service_unavailable" if outs[-1].retryable else "server_error"
+            return ApiError(503 if outs[-1].retryable else 500, f"generation failed: {outs[-1].error}",
+                            kind=kind).response()
+        return JSONResponse(reply.whole(outs))
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+class _Reply:
+    """The API's response objects for one request."""
+
+    def __init__(self, chat: bool, model: str, prompt_tokens: int, tokenizer):
+        self.chat, self.model, self.prompt_tokens, self.tokenizer = chat, model, prompt_tokens, tokenizer
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.completion_tokens = 0
+        self.first = True
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def _logprobs(self, outs: list[RequestOutput]):
+        lps = [lp for out in outs for lp in out.logprobs]
+        if not lps:
+            return None
+        piece = lambda t: self.tokenizer.decode([t])  # noqa: E731
+        if self.chat:
+            return {"content": [{"token": piece(lp.token_id), "logprob": lp.logprob,
+                                 "bytes": list(piece(lp.token_id).encode()),
+                                 "top_logprobs": [{"token": piece(t), "logprob": v, "bytes": list(piece(t).encode())}
+                                                  for t, v in lp.top]} for lp in lps]}
+        return {"tokens": [piece(lp.token_id) for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
+                "top_logprobs": [{piece(t): v for t, v in lp.top} for lp in lps], "text_offset": []}
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    def chunk(self, out: RequestOutput) -> dict:
+        self.completion_tokens += len(out.token_ids)
+        finish = FINISH.get(out.finish_reason) if out.finish_reason else None
+        if self.chat:
+            delta = {"role": "assistant", "content": out.text} if self.first else {"content": out.text}
+            self.first = False
+            choice = {"index": 0, "delta": delta, "logprobs": self._logprobs([out]), "finish_reason": finish}
+            return {**self._head("chat.completion.chunk"), "choices": [choice]}
+        choice = {"index": 0, "text": out.text, "logprobs": self._logprobs([out]), "finish_reason": finish}
+        return {**self._head("text_completion"), "choices": [choice]}
+
+    def usage_chunk(self) -> dict:
+        return {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [],
+                "usage": self.usage()}
+
+    def whole(self, outs: list[RequestOutput]) -> dict:
+        self.completion_tokens = sum(len(out.token_ids) for out in outs)
+        text = "".join(out.text for out in outs)
+        finish = FINISH.get(outs[-1].finish_reason)
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": self._logprobs(outs), "finish_reason": finish}
+            return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage()}
+        choice = {"index": 0, "text": text, "logprobs": self._logprobs(outs), "finish_reason": finish}
+        return {**self._head("text_completion"), "choices": [choice], "usage": self.usage()}

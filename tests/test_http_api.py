@@ -1,0 +1,256 @@
+"""The OpenAI-compatible HTTP API with the official `openai` client against a real `expertmesh serve`
+(HTTP beside gRPC, one engine); transformers is the oracle."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from urllib.parse import urlsplit
+
+import grpc
+import openai
+import pytest
+import torch
+
+from expertmesh.core.chat import MIXTRAL_INSTRUCT_TEMPLATE
+from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
+from expertmesh.v1 import generation_pb2 as pb
+from expertmesh.v1 import generation_pb2_grpc as pb_grpc
+from tests.gateway_server import ServerProcess
+
+PROMPT = [1, 415, 2936, 9060, 285, 1142]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = write_tiny_checkpoint(tmp_path_factory.mktemp("http"), seed=71, init_std=0.1, num_experts=4)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] = MIXTRAL_INSTRUCT_TEMPLATE  # so transformers renders chats the same way
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoint):
+    from transformers import AutoTokenizer, MixtralForCausalLM
+
+    return MixtralForCausalLM.from_pretrained(checkpoint).eval(), AutoTokenizer.from_pretrained(checkpoint)
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def continuation(tokenizer, prompt: list[int], new: list[int]) -> str:
+    """The text the new tokens add after the prompt (a streamed text's exact form)."""
+    before = tokenizer.decode(prompt, skip_special_tokens=True)
+    return tokenizer.decode(prompt + new, skip_special_tokens=True)[len(before):]
+
+
+def http_target(server: ServerProcess) -> str:
+    """The server's HTTP base URL, http://host:port/v1, from the line it prints after the gRPC one."""
+    deadline = time.monotonic() + 30
+    while True:
+        line = next((line for line in server.lines if "HTTP (OpenAI API) on" in line), None)
+        if line is not None:
+            return line.rsplit(" ", 1)[1].strip()
+        assert time.monotonic() < deadline, "".join(server.lines[-20:])
+        time.sleep(0.05)
+
+
+def post(url: str, body: bytes | dict, timeout: float = 30) -> tuple[int, dict]:
+    """(status, JSON body) of a plain HTTP POST: what any client, not only `openai`, sends."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn.request("POST", parts.path, data, {"content-type": "application/json"})
+    reply = conn.getresponse()
+    status, payload = reply.status, reply.read()
+    conn.close()
+    return status, json.loads(payload) if payload else {}
+
+
+def get_status(url: str) -> int:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    conn.request("GET", parts.path)
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    proc = ServerProcess("--model", str(checkpoint), "--workers", "0", "--kv-cache-memory", "32MiB",
+                         "--http-port", "0")
+    yield proc
+    assert proc.stop() == 0, "".join(proc.lines[-30:])
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=http_target(server), api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model_name(client):
+    models = client.models.list().data
+    assert len(models) == 1
+    return models[0].id
+
+
+def test_greedy_completion_and_chat_equal_transformers(client, model_name, hf):
+    model, tokenizer = hf
+    out = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=20, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    expected = hf_greedy(model, PROMPT, 20)
+    assert out.choices[0].text == continuation(tokenizer, PROMPT, expected)
+    assert out.choices[0].finish_reason == "length"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (6, 20, 26)
+
+    messages = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Tell me a story."}]
+    chat_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    answer = client.chat.completions.create(model=model_name, messages=messages, max_tokens=16, temperature=0,
+                                            extra_body={"ignore_eos": True})
+    expected = hf_greedy(model, list(chat_ids), 16)
+    assert answer.choices[0].message.content == continuation(tokenizer, list(chat_ids), expected)
+    assert answer.choices[0].message.role == "assistant"
+    assert answer.usage.prompt_tokens == len(chat_ids) and answer.usage.completion_tokens == 16
+
+
+def test_streams_arrive_in_several_chunks_and_add_up(client, model_name):
+    whole = client.completions.create(model=model_name, prompt="Once upon a time", max_tokens=24, temperature=0,
+                                      extra_body={"ignore_eos": True}).choices[0].text
+    chunks = list(client.completions.create(model=model_name, prompt="Once upon a time", max_tokens=24,
+                                            temperature=0, stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}))
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert len(texts) >= 5 and "".join(texts) == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 24 and not chunks[-1].choices
+
+    parts = list(client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=12, temperature=0, stream=True,
+                                                extra_body={"ignore_eos": True}))
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert len(parts) >= 5 and parts[-1].choices[0].finish_reason == "length"
+
+
+def test_logprobs_and_seeds(client, model_name):
+    out = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2,
+                                    extra_body={"ignore_eos": True})
+    lp = out.choices[0].logprobs
+    assert len(lp.token_logprobs) == 4 and all(x <= 0 for x in lp.token_logprobs)
+    assert all(len(top) >= 1 for top in lp.top_logprobs)
+    chat = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=3, temperature=0, logprobs=True, top_logprobs=2,
+                                          extra_body={"ignore_eos": True})
+    assert len(chat.choices[0].logprobs.content) == 3
+    assert all(len(t.top_logprobs) == 2 for t in chat.choices[0].logprobs.content)
+    seeded = [client.completions.create(model=model_name, prompt="Bonjour", max_tokens=8, temperature=0.9,
+                                        seed=5).choices[0].text for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+BAD_FIELDS = [
+    ({"temperature": -1}, "temperature"), ({"top_p": 2}, "top_p"), ({"n": 2}, "n"), ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 100000}, "max_tokens"), ({"logprobs": 30}, "logprobs"), ({"presence_penalty": 5},
+                                                                            "presence_penalty"),
+    ({"frequency_penalty": -5}, "frequency_penalty"), ({"stop": ["x"] * 20}, "stop"), ({"stop": 5}, "stop"),
+    ({"seed": "x"}, "seed"), ({"top_k": -1}, "top_k"), ({"min_p": 2}, "min_p"), ({"repetition_penalty": 0},
+                                                                                    "repetition_penalty"),
+    ({"prompt": [1, 99999]}, "prompt"), ({"prompt": [[1, 2], [3, 4]]}, "prompt"), ({"echo": True}, "echo"),
+    ({"best_of": 3}, "best_of"), ({"stream": "yes"}, "stream"),
+]
+
+
+@pytest.mark.parametrize("fields, param", BAD_FIELDS, ids=[p for _, p in BAD_FIELDS])
+def test_every_bad_field_gets_400_with_its_name(server, model_name, fields, param):
+    body = {"model": model_name, "prompt": [1, 2, 3], "max_tokens": 4, **fields}
+    status, reply = post(f"{http_target(server)}/completions", body)
+    assert status == 400, reply
+    error = reply["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error", error
+
+
+def test_bad_chat_requests_and_a_wrong_model(server, client, model_name):
+    for body, param in (({"messages": []}, "messages"), ({"messages": [{"role": "wizard", "content": "x"}]},
+                                                          "messages"),
+                        ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2, "logprobs": True,
+                          "tools": [{"type": "function"}]}, "tools"),
+                        ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "max_tokens")):
+        status, reply = post(f"{http_target(server)}/chat/completions", {"model": model_name, **body})
+        assert status == 400 and reply["error"]["param"] == param, reply
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    assert post(f"{http_target(server)}/completions", b"{not json")[0] == 400
+
+
+def test_a_disconnected_stream_frees_its_blocks(server, model_name):
+    body = {"model": model_name, "prompt": [1, 5, 6], "max_tokens": 2000, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    parts = urlsplit(f"{http_target(server)}/completions")
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    conn.request("POST", parts.path, json.dumps(body).encode(), {"content-type": "application/json"})
+    reply = conn.getresponse()
+    assert reply.status == 200 and reply.getheader("content-type").startswith("text/event-stream")
+    got = []
+    while len(got) < 3:
+        line = reply.readline().decode()
+        if line.startswith("data: "):
+            got.append(line)
+    conn.close()  # the client goes away mid-stream
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        deadline = time.monotonic() + 10
+        while True:
+            stats = stub.GetServerStats(pb.GetServerStatsRequest(), timeout=10)
+            if stats.running == 0 and stats.kv_blocks_free == stats.kv_blocks_total:
+                break
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.05)
+        steps = stats.steps
+        time.sleep(0.3)
+        assert stub.GetServerStats(pb.GetServerStatsRequest(), timeout=10).steps == steps  # it stopped computing
+
+
+def test_auth_and_a_full_queue(checkpoint):
+    proc = ServerProcess("--model", str(checkpoint), "--workers", "0", "--kv-cache-memory", "16MiB",
+                         "--http-port", "0", "--auth-token", "s3cret", "--max-seqs", "1", "--max-queue", "1")
+    try:
+        base = http_target(proc)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).models.list()
+        assert get_status(base.removesuffix("/v1") + "/health") == 200  # probes need no token
+        good = openai.OpenAI(base_url=base, api_key="s3cret", max_retries=0, timeout=60)
+        name = good.models.list().data[0].id
+        assert good.completions.create(model=name, prompt=[1, 2], max_tokens=2).usage.completion_tokens == 2
+        # one running, one waiting: the next is refused with 429 at once
+        holding, started = [], threading.Semaphore(0)
+
+        def hold():
+            stream = good.completions.create(model=name, prompt=[1, 7], max_tokens=400, stream=True,
+                                             extra_body={"ignore_eos": True})
+            for i, _ in enumerate(stream):
+                if i == 0:
+                    started.release()
+            holding.append(True)
+
+        first = threading.Thread(target=hold)
+        first.start()
+        assert started.acquire(timeout=30)
+        second = threading.Thread(target=hold)
+        second.start()
+        time.sleep(0.3)
+        with pytest.raises(openai.RateLimitError):
+            good.completions.create(model=name, prompt=[1, 9], max_tokens=2)
+        first.join(timeout=120)
+        second.join(timeout=120)
+        assert holding == [True, True]  # nothing accepted was lost
+    finally:
+        assert proc.stop() == 0
