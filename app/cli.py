@@ -36,6 +36,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"gRPC port (default {DEFAULT_PORT}; 0 picks one)")
     serve.add_argument("--http-port", type=int, default=None,
                        help="also serve the OpenAI-compatible HTTP API on this port (default off; 0 picks one)")
+    serve.add_argument("--metrics-port", type=int, default=None,
+                       help="serve Prometheus metrics on http://HOST:PORT/metrics (default off; 0 picks one)")
+    scale = serve.add_argument_group("autoscaling (off by default)")
+    scale.add_argument("--autoscale", action="store_true",
+                       help="let the controller add and remove expert replicas and workers as the load moves")
+    scale.add_argument("--min-workers", type=int, default=1, help="never fewer workers (default 1)")
+    scale.add_argument("--max-workers", type=int, default=None,
+                       help="never more workers; each is a placement-group request Ray's autoscaler (KubeRay) "
+                       "answers with a node (default: twice --workers)")
+    scale.add_argument("--scale-window", type=float, default=30.0,
+                       help="seconds of load the controller reads before each decision (default 30)")
+    scale.add_argument("--scale-up-busy", type=float, default=0.8,
+                       help="add a worker when the busiest spends more than this fraction of the window "
+                       "computing experts, two windows in a row (default 0.8: a GPU that is the bottleneck)")
+    scale.add_argument("--scale-down-busy", type=float, default=0.2,
+                       help="retire a worker when all spend less than this fraction computing (default 0.2)")
+    scale.add_argument("--scale-down-delay", type=float, default=300.0,
+                       help="...for this many seconds in a row (default 300: GPUs are slow to get back)")
     serve.add_argument("--max-queue", type=int, default=DEFAULTS.max_queue,
                        help=f"waiting requests at most; past it RESOURCE_EXHAUSTED (default {DEFAULTS.max_queue})")
     serve.add_argument("--auth-token", help="require 'authorization: Bearer TOKEN' on every call")
@@ -66,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
             target.add_argument("--replicas", help="extra expert copies, as for serve (LAYER:EXPERT[xCOPIES],...); "
                                 "'' removes them all")
             target.add_argument("--workers", type=int, help="grow or shrink to this many expert workers")
+            target.add_argument("--auto", action="store_true",
+                                help="hand the placement back to the controller (after a manual scale)")
             client.add_argument("--json", action="store_true", help="print the new placement as JSON")
         if name == "generate":
             client.add_argument("prompt", help="prompt text")

@@ -102,8 +102,12 @@ def cmd_info(args) -> int:
 
 
 def cmd_scale(args) -> int:
-    request = pb.ScaleRequest(replicas=args.replicas) if args.replicas is not None else pb.ScaleRequest(
-        workers=args.workers)
+    if args.auto:
+        request = pb.ScaleRequest(auto=True)
+    elif args.replicas is not None:
+        request = pb.ScaleRequest(replicas=args.replicas)
+    else:
+        request = pb.ScaleRequest(workers=args.workers)
     with _channel(args) as channel:
         try:
             placement = pb_grpc.AdminStub(channel).Scale(request, metadata=_metadata(args), timeout=args.timeout)

@@ -9,10 +9,12 @@ import threading
 from pathlib import Path
 
 from expertmesh.cluster.bringup import UsageError, progress, start_engine
+from expertmesh.cluster.controller import AutoscaleSettings, Controller
 from expertmesh.core.chat import load_chat_template
 from expertmesh.core.tokenizer import load_tokenizer
 from expertmesh.flags import serving_config
 from expertmesh.router.admin_service import AdminService, placement_to_proto
+from expertmesh.router.metrics import Metrics
 from expertmesh.v1 import generation_pb2 as pb
 
 
@@ -137,17 +139,30 @@ def cmd_serve(args) -> int:
             raise UsageError("--tls-cert and --tls-key go together")
         tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes())
     settings = serving_config(args)
+    autoscale = autoscale_settings(args)
     engine, cluster = start_engine(model_dir, settings, args.workers, args.replicas, args.placement, args.address)
+    controller = None
     try:
         config = engine.config
         tokenizer = load_tokenizer(model_dir, config.bos_token_id, config.eos_token_id)
         serving = ServingEngine(engine, tokenizer, settings, own_thread=False)
         generation = GenerationService(serving, tokenizer, load_chat_template(model_dir),
                                        lambda: model_info(model_dir.name, config, cluster))
+        if autoscale is not None:
+            controller = Controller(cluster, autoscale)
         if cluster is None:
             admin = AdminService(None, None, None)
         else:
-            admin = AdminService(cluster.placement, cluster.scale_replicas, cluster.scale_workers)
+            admin = AdminService(cluster.placement, cluster.scale_replicas, cluster.scale_workers,
+                                 pin=None if controller is None else lambda on: setattr(controller, "pinned", on))
+        if args.metrics_port is not None:
+            metrics = Metrics()
+            serving.metrics = metrics
+            metrics.watch_serving(serving)
+            if cluster is not None:
+                cluster.metrics = metrics
+                metrics.watch_cluster(cluster)
+            metrics_port = metrics.serve(args.host, args.metrics_port)
         http_app = None
         if args.http_port is not None:
             from expertmesh.router.http_api import OpenAIApi
@@ -164,12 +179,34 @@ def cmd_serve(args) -> int:
         if gateway.http_port is not None:
             scheme = "https" if tls else "http"
             print(f"expertmesh HTTP (OpenAI API) on {scheme}://{args.host}:{gateway.http_port}/v1", flush=True)
+        if args.metrics_port is not None:
+            print(f"expertmesh metrics on http://{args.host}:{metrics_port}/metrics", flush=True)
+        if controller is not None:
+            controller.start()
+            progress(f"autoscaling between {autoscale.min_workers} and {autoscale.max_workers} workers, "
+                     f"window {autoscale.window_s:g}s")
         print(f"try: expertmesh generate --target {target} \"The capital of France is\"", flush=True)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, gateway.begin_shutdown)
         serving.run()  # the engine loop, on this thread, until the gateway has stopped
         gateway.thread.join(timeout=args.grace + 30)
     finally:
+        if controller is not None:
+            controller.stop()
         if cluster is not None:
             cluster.shutdown()
     return 0
+
+
+def autoscale_settings(args) -> AutoscaleSettings | None:
+    """The controller's settings from serve's flags; None without --autoscale."""
+    if not args.autoscale:
+        return None
+    if args.workers < 1:
+        raise UsageError("--autoscale needs expert workers (--workers N, N >= 1)")
+    try:
+        return AutoscaleSettings(min_workers=args.min_workers, max_workers=args.max_workers or 2 * args.workers,
+                                 window_s=args.scale_window, scale_up_busy=args.scale_up_busy,
+                                 scale_down_busy=args.scale_down_busy, scale_down_delay_s=args.scale_down_delay)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None

@@ -86,6 +86,8 @@ class ExpertCluster:
         self.recoveries = 0
         self.epoch = 0
         self._stopping = threading.Event()  # shutdown: no change may start a worker any more
+        self.metrics = None  # router/metrics.py's Metrics, when the server exports them
+        self.expert_rows = torch.zeros(config.num_layers, config.num_experts, dtype=torch.int64)  # (L, E)
         self._restorer: threading.Thread | None = None
         self.workers = start_workers(list(range(num_workers)), {w: plan.worker_pairs(w) for w in range(num_workers)},
                                      self.model_dir, settings, self.gpus)
@@ -118,7 +120,8 @@ class ExpertCluster:
 
     def _dispatcher(self, group, plan: PlacementPlan) -> ExpertDispatcher:
         return ExpertDispatcher(self.checkpoint.config, plan.holders, plan.num_workers, self.device, group,
-                                self.backend, keepalive_s=max(self.settings.collective_timeout_s / 4, 0.5))
+                                self.backend, keepalive_s=max(self.settings.collective_timeout_s / 4, 0.5),
+                                expert_rows=self.expert_rows)
 
     def _form_epoch(self, epoch: int, members: list[WorkerHandle]):
         """Form epoch `epoch`'s group: router rank 0, members ranks 1.. in order; starts the serve
@@ -147,6 +150,8 @@ class ExpertCluster:
             self._old_groups.append(old.group)
         self.engine.experts = self._dispatcher(group, plan)
         self.plan, self.workers, self.epoch = plan, members, epoch
+        if self.metrics is not None:
+            self.metrics.epoch_changes.inc()
 
     def _allocate_epoch(self) -> int:
         epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
@@ -181,6 +186,8 @@ class ExpertCluster:
                 log.exception("recovery failed")
                 return False
             self.recoveries += 1
+            if self.metrics is not None:
+                self.metrics.recoveries.inc()
             names = ", ".join(f"worker {h.worker} (pid {h.pid})" for h in lost) or "no worker"
             why = type(exc).__name__ if exc is not None else "retrying an earlier recovery"
             progress(f"recovery: lost {names} ({why}); epoch {epoch} with {len(survivors)} "
@@ -253,6 +260,23 @@ class ExpertCluster:
             what = f"epoch {old_epoch} -> {epoch}" if new_epoch else f"epoch {epoch}"
             progress(f"plan change ({reason}): {what}, {len(members)} workers, {moved} expert copies loaded, "
                      f"{sum(len(v) for v in drops.values())} dropped, in {time.monotonic() - start:.2f}s")
+
+    def apply_plan(self, plan: PlacementPlan, reason: str) -> PlacementPlan:
+        """Change to `plan` on the current workers (the controller's rebalance)."""
+        if plan.num_workers != len(self.workers):
+            raise PlacementError(f"the plan is for {plan.num_workers} workers; the cluster has {len(self.workers)}")
+        self._reconfigure(plan, list(self.workers), 0, reason)
+        return self.plan
+
+    def load_sample(self) -> dict:
+        """Cumulative load now: rows per (layer, expert) and busy seconds per worker id; the
+        controller takes differences of two samples."""
+        rows = self.expert_rows.clone()
+        busy = {}
+        for stats in self.stats():
+            busy[stats["worker"]] = stats["busy_s"]
+        return {"time": time.monotonic(), "busy": busy,
+                "rows": {(l, e): int(rows[l, e]) for l in range(rows.shape[0]) for e in range(rows.shape[1])}}
 
     def scale_replicas(self, spec: str) -> PlacementPlan:
         """Extra copies exactly as SPEC says ('' removes them all); returns once the plan is live."""

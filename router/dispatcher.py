@@ -62,7 +62,8 @@ def split_among_replicas(counts: list[int], holders: list[tuple[int, ...]],
 
 class ExpertDispatcher:
     def __init__(self, config: MixtralConfig, holders: Mapping[Pair, tuple[int, ...]], num_workers: int,
-                 device: torch.device, group, backend: str, keepalive_s: float = 2.0):
+                 device: torch.device, group, backend: str, keepalive_s: float = 2.0,
+                 expert_rows: torch.Tensor | None = None):
         """group: this epoch's process group (core/wire.py), the router its rank 0 and worker w its
         rank w + 1; holders: (layer, expert) -> the workers holding a copy."""
         self.config = config
@@ -77,7 +78,10 @@ class ExpertDispatcher:
         # runs the ops to one peer in order on one stream: a receive first would block the sends.
         self.receive_first = backend == "gloo"
         self.rows_sent = torch.zeros(num_workers, config.num_layers, config.num_experts,
-                                     dtype=torch.int64)  # load statistics for the controller
+                                     dtype=torch.int64)  # rows sent to each worker, this epoch
+        # rows routed to each (layer, expert), across epochs: the controller's load (L, E)
+        self.expert_rows = expert_rows if expert_rows is not None else torch.zeros(
+            config.num_layers, config.num_experts, dtype=torch.int64)
         self._lock = threading.Lock()  # one message group on the wire at a time
         self._last_send = [time.monotonic()] * num_workers  # a worker may sit out many layers
         self._closed = threading.Event()
@@ -120,7 +124,8 @@ class ExpertDispatcher:
         assert x.dim() == 2 and x.shape[1] == c.hidden_size, x.shape  # (T, D)
         assert weights.shape == ids.shape == (x.shape[0], k), (weights.shape, ids.shape)  # (T, K)
         order, counts = sort_by_expert(ids, num_experts)  # (N,), (E,)
-        pieces = split_among_replicas(counts.tolist(), self.holders[layer], self.num_workers)
+        counts_list = counts.tolist()  # (E,) on the host, for the plan of the messages
+        pieces = split_among_replicas(counts_list, self.holders[layer], self.num_workers)
         per_worker = [[0] * num_experts for _ in range(self.num_workers)]  # the headers' counts
         segments, split = [], []
         for w, items in enumerate(pieces):
@@ -129,6 +134,7 @@ class ExpertDispatcher:
                 segments.append(torch.arange(start, start + n))
             split.append(sum(n for _, _, n in items))
         self.rows_sent[:, layer] += torch.tensor(per_worker)
+        self.expert_rows[layer] += torch.tensor(counts_list)
         positions = torch.cat(segments) if segments else torch.empty(0, dtype=torch.int64)
         pairs = order[positions.to(x.device)]  # (N,) grouped by worker, then expert
         send = x[pairs // k].to(self.device)  # (N, D)

@@ -76,6 +76,8 @@ class Request(Scheduled):
     text: str = ""  # generated text so far (stop strings not yet cut)
     emitted: int = 0  # characters of `text` already sent
     finished: bool = False
+    arrived: float = 0.0  # monotonic time of submit
+    last_token_at: float | None = None  # monotonic time of the last token out
 
 
 class ServingEngine:
@@ -99,6 +101,7 @@ class ServingEngine:
         self._next_repair = 0.0
         self.steps = 0
         self.tokens_computed = 0  # token positions run through the model, all steps
+        self.metrics = None  # router/metrics.py's Metrics, when the server exports them
         # torch (OpenMP) threads of the loop. Thread counts are per calling thread, and a second
         # OpenMP team beside the one that loaded the model halved step speed on a 2-core machine;
         # so a loop on its own thread defaults to 1, and the fastest set-up runs the loop on the
@@ -120,7 +123,8 @@ class ServingEngine:
         request = Request(seq=Sequence(prompt_ids), prompt_len=len(prompt_ids), key=key,
                           client_id=client_id or key, params=params,
                           sampler=RequestSampler(params, prompt_ids, self.config.vocab_size),
-                          detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids), sink=sink)
+                          detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids), sink=sink,
+                          arrived=time.monotonic())
         with self._wake:
             if not self.healthy or self._stopping:
                 raise EngineUnavailable("the engine is not serving (its expert path failed, or it is stopping)")
@@ -211,13 +215,16 @@ class ServingEngine:
             batch = self.scheduler.schedule()
             if not batch:
                 continue
-            self._step_started = time.monotonic()
+            self._step_started = started = time.monotonic()
             try:
                 logits = self._step(batch)
             finally:
                 self._step_started = None
             if logits is None:
                 continue
+            if self.metrics is not None:
+                self.metrics.step.observe(time.monotonic() - started)
+                self.metrics.batch_tokens.observe(sum(n for _, n in batch))
             self.steps += 1
             self.tokens_computed += sum(n for _, n in batch)
             ready = self.scheduler.update_from_output(batch)
@@ -270,6 +277,13 @@ class ServingEngine:
         p = request.params
         request.seq.token_ids.append(token)
         request.output_ids.append(token)
+        now = time.monotonic()
+        if self.metrics is not None:
+            if request.last_token_at is None:
+                self.metrics.ttft.observe(now - request.arrived)
+            else:
+                self.metrics.itl.observe(now - request.last_token_at)
+        request.last_token_at = now
         request.text += request.detokenizer.add([token])
         finish = None
         if token == self.config.eos_token_id and not p.ignore_eos:
@@ -300,6 +314,8 @@ class ServingEngine:
         if request.finished:
             return
         request.finished = True
+        if self.metrics is not None:
+            self.metrics.requests.labels(finish_reason=reason).inc()
         self.scheduler.finish(request)
         self._requests.pop(request.key, None)
         out = out or RequestOutput(request.client_id, [], "")

@@ -47,9 +47,10 @@ def cli(server: ServerProcess, *args: str) -> dict:
 
 
 class Streams:
-    """STREAMS greedy streams of TOKENS tokens each, on threads; `join()` returns their tokens."""
+    """STREAMS greedy streams of `tokens` tokens each, on threads; `join()` returns their tokens."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, tokens: int = TOKENS):
+        self.tokens = tokens
         self.channel = grpc.insecure_channel(target)
         self.stub = pb_grpc.GenerationStub(self.channel)
         self.results: dict[int, list] = {}
@@ -59,7 +60,7 @@ class Streams:
             t.start()
 
     def _one(self, i: int) -> None:
-        sampling = pb.SamplingParams(temperature=0, max_new_tokens=TOKENS, ignore_eos=True)
+        sampling = pb.SamplingParams(temperature=0, max_new_tokens=self.tokens, ignore_eos=True)
         got = []
         try:
             for r in self.stub.Generate(pb.GenerateRequest(token_ids=PROMPTS[i], sampling=sampling), timeout=300):

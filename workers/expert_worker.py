@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import Counter
 
 import ray
@@ -38,6 +39,7 @@ class ExpertWorker:
         self.pairs: set[tuple[int, int]] = set()
         self.layers: dict[int, LayerExperts] = {}  # layer -> its experts held here, stacked
         self.rows_received: Counter = Counter()  # (layer, expert) -> rows served
+        self.busy_s = 0.0  # time spent computing experts (the controller's measure of load)
         self._store = None
         self._groups: dict[int, tuple] = {}  # epoch -> (group, rank, backend)
         self._group_ready = threading.Condition()
@@ -108,7 +110,7 @@ class ExpertWorker:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"worker": self.worker, "pairs": sorted(self.pairs),
+            return {"worker": self.worker, "pairs": sorted(self.pairs), "busy_s": self.busy_s,
                     "rows_received": {f"{l}:{e}": n for (l, e), n in self.rows_received.items()}}
 
     def _group(self, epoch: int, wait_s: float):
@@ -180,9 +182,14 @@ class ExpertWorker:
                 raise RuntimeError(f"worker {self.worker} got rows for expert ({layer}, {missing[0]}) "
                                    "which it does not hold")
             assert rows.shape == (sum(counts), hidden), rows.shape  # (N, D), grouped by expert
+            start = time.perf_counter()
             out = grouped_experts(rows, held, [e for e, _ in used], [n for _, n in used])
+            if out.is_cuda:
+                torch.cuda.synchronize()
+            busy = time.perf_counter() - start
             assert out.shape == rows.shape, out.shape
             with self._lock:  # counted before the results go back, so stats never lag the router
+                self.busy_s += busy
                 for e, n in used:
                     self.rows_received[(layer, e)] += n
             group.send([out], router, 0).wait()

@@ -225,9 +225,11 @@ class Placement(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., recoveries: _Optional[int] = ...) -> None: ...
 
 class ScaleRequest(_message.Message):
-    __slots__ = ("replicas", "workers")
+    __slots__ = ("replicas", "workers", "auto")
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    AUTO_FIELD_NUMBER: _ClassVar[int]
     replicas: str
     workers: int
-    def __init__(self, replicas: _Optional[str] = ..., workers: _Optional[int] = ...) -> None: ...
+    auto: bool
+    def __init__(self, replicas: _Optional[str] = ..., workers: _Optional[int] = ..., auto: _Optional[bool] = ...) -> None: ...
