@@ -109,6 +109,15 @@ def test_commands_and_flags_exist_and_ports_agree():
                     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
                     assert ports["grpc"] == args.port == DEFAULT_PORT
                     assert ports["http"] == args.http_port  # the OpenAI-compatible API, exposed too
+                    # the controller runs, within the expert group's bounds, its metrics scraped
+                    experts = next(g for g in obj["spec"]["workerGroupSpecs"] if g["groupName"] == "experts")
+                    assert args.autoscale
+                    assert (args.min_workers, args.max_workers) == (experts["minReplicas"], experts["maxReplicas"])
+                    assert args.min_workers <= args.workers <= args.max_workers
+                    assert ports["em-metrics"] == args.metrics_port
+                    notes = group["template"]["metadata"]["annotations"]
+                    assert notes["prometheus.io/scrape"] == "true"
+                    assert int(notes["prometheus.io/port"]) == args.metrics_port
                     assert container["readinessProbe"]["grpc"]["port"] == args.port
                     assert group["rayStartParams"].get("num-gpus", "0") == "0" or args.device == "cpu"
             if group is obj["spec"]["headGroupSpec"]:
@@ -128,6 +137,7 @@ def test_expert_groups_autoscale_one_gpu_per_worker():
             continue
         assert obj["spec"]["enableInTreeAutoscaling"] is True
         assert {"upscalingMode", "idleTimeoutSeconds"} <= set(obj["spec"]["autoscalerOptions"])
+        assert obj["spec"]["autoscalerOptions"]["version"] == "v2"
         experts = next(g for g in obj["spec"]["workerGroupSpecs"] if g["groupName"] == "experts")
         assert experts["minReplicas"] <= experts["maxReplicas"]
         container = experts["template"]["spec"]["containers"][0]
