@@ -1,0 +1,157 @@
+"""Ray's own autoscaler, for real: a head started with a fake multi-node autoscaling config
+(`fake_multinode`, ../shared/RAY-NOTES.md) has room for one expert worker only. `serve --address`
+joins it (token auth), the controller asks for a second worker under load, the autoscaler starts a
+node for its placement group, the worker lands there and takes copies of the hottest experts; when
+the load stops the worker is retired and the autoscaler removes the idle node. No request fails or
+changes a token. Only the processes this test started are ended (by PID), never `ray stop`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
+from expertmesh.router.engine import Engine
+from tests.gateway_server import ServerProcess
+from tests.helpers import greedy_tokens
+from tests.test_autoscale import wait_for_line
+from tests.test_elastic import PROMPTS, TOKENS, Streams, cli
+
+CONFIG = """
+cluster_name: expertmesh-fake
+max_workers: 2
+idle_timeout_minutes: 0.2
+upscaling_speed: 1.0
+provider:
+  type: fake_multinode
+  gcs_address: "127.0.0.1:{port}"
+  use_node_id_as_ip: true
+  disable_node_updaters: true
+  disable_launch_config_check: true
+head_node_type: ray.head.default
+available_node_types:
+  ray.head.default:
+    resources: {{CPU: 1}}
+    max_workers: 0
+    node_config: {{}}
+  ray.worker.expert:
+    resources: {{CPU: 1}}
+    min_workers: 0
+    max_workers: 2
+    node_config: {{}}
+auth: {{}}
+file_mounts: {{}}
+cluster_synced_files: []
+file_mounts_sync_continuously: false
+initialization_commands: []
+setup_commands: []
+head_setup_commands: []
+worker_setup_commands: []
+head_start_ray_commands: []
+worker_start_ray_commands: []
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def processes_naming(text: str) -> list[int]:
+    """PIDs whose command line or open files name `text` (this test's Ray temp dir)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+                continue
+            for fd in (entry / "fd").iterdir():
+                if text in os.readlink(fd):
+                    found.append(int(entry.name))
+                    break
+        except OSError:
+            continue
+    return found
+
+
+def end_processes(temp_dir: str) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in processes_naming(temp_dir):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(2)
+
+
+def alive_nodes(env: dict, address: str) -> int:
+    out = subprocess.run([str(Path(sys.executable).parent / "ray"), "status", "--address", address],
+                         capture_output=True, text=True, env=env, timeout=60).stdout
+    active = out.split("Active:", 1)[1].split("Pending:", 1)[0] if "Active:" in out else ""
+    return sum(1 for line in active.splitlines() if line.strip().startswith("1 "))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_rays_autoscaler_adds_a_node_for_a_new_worker_and_removes_it_after(tmp_path):
+    ray_bin = Path(sys.executable).parent / "ray"
+    if not ray_bin.exists():
+        pytest.skip("the ray command is not installed beside this Python")
+    checkpoint = write_tiny_checkpoint(tmp_path / "ck", seed=91, init_std=0.1, num_experts=8)
+    tokens = 3 * TOKENS
+    expected = greedy_tokens(Engine.local(checkpoint), PROMPTS, tokens)
+    port = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="emfake-", dir="/tmp")  # short: Ray's socket paths have a limit
+    config = tmp_path / "autoscaler.yaml"
+    config.write_text(CONFIG.format(port=port))
+    env = dict(os.environ, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1",
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token")
+    address = f"127.0.0.1:{port}"
+    server = None
+    try:
+        subprocess.run([str(ray_bin), "start", "--head", "--port", str(port), "--num-cpus", "1",
+                        "--node-ip-address", "127.0.0.1", "--autoscaling-config", str(config),
+                        "--temp-dir", temp_dir, "--include-dashboard", "false"],
+                       check=True, capture_output=True, env=env, timeout=120)
+        os.environ["RAY_AUTH_MODE"] = "token"  # the server inherits it: Ray's token auth
+        server = ServerProcess("--model", str(checkpoint), "--address", address, "--workers", "1",
+                               "--kv-cache-memory", "64MiB", "--autoscale", "--min-workers", "1",
+                               "--max-workers", "2", "--scale-window", "1.5", "--scale-up-busy", "0.01",
+                               "--scale-down-busy", "0.005", "--scale-down-delay", "3",
+                               "--placement-timeout", "180", startup_timeout=300)
+        assert alive_nodes(env, address) == 1
+        streams = Streams(server.target, tokens)
+        wait_for_line(server, "controller: scale up", 120)
+        assert streams.join() == expected
+        wait_for_line(server, "plan change (autoscale up)", 240)  # the autoscaler had to start a node
+        placement = cli(server, "info")
+        assert len(placement["workers"]) == 2
+        assert len({w["node"] for w in placement["workers"]}) == 2  # the new worker is on the new node
+        assert all(w["experts"] for w in placement["workers"])
+        assert alive_nodes(env, address) == 2
+        wait_for_line(server, "controller: scale down", 120)
+        deadline = time.monotonic() + 240  # retired, then the idle node goes (idle timeout 0.2 min)
+        while alive_nodes(env, address) != 1:
+            assert time.monotonic() < deadline, "the autoscaler did not remove the idle node"
+            time.sleep(2)
+        assert len(cli(server, "info")["workers"]) == 1
+    finally:
+        os.environ.pop("RAY_AUTH_MODE", None)
+        if server is not None:
+            assert server.stop() == 0, "".join(server.lines[-30:])
+        end_processes(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not processes_naming(temp_dir)
