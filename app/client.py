@@ -62,7 +62,8 @@ def _placement_dict(placement: pb.Placement) -> dict:
     return {"epoch": placement.epoch, "recoveries": placement.recoveries,
             "workers": [{"worker": w.worker, "node": w.node, "pid": w.pid,
                          "experts": [f"{e.layer}:{e.expert}" for e in w.experts],
-                         "rows": {f"{e.layer}:{e.expert}": e.rows for e in w.experts}} for w in placement.workers]}
+                         "rows": {f"{e.layer}:{e.expert}": e.rows for e in w.experts},
+                         "busy_seconds": w.busy_seconds} for w in placement.workers]}
 
 
 def _print_placement(placement: pb.Placement) -> None:

@@ -309,17 +309,18 @@ class ExpertCluster:
             plan, workers, epoch = self.plan, list(self.workers), self.epoch
         refs = [h.actor.stats.remote() for h in workers]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=LIVENESS_TIMEOUT_S)
-        rows = {}
+        rows, busy = {}, {}
         for h, ref in zip(workers, refs):
             try:
-                rows[h.worker] = ray.get(ref)["rows_received"] if ref in ready else {}
+                stats = ray.get(ref) if ref in ready else {}
             except Exception:  # noqa: BLE001 - a worker lost just now: recovery is on it
-                rows[h.worker] = {}
+                stats = {}
+            rows[h.worker], busy[h.worker] = stats.get("rows_received", {}), stats.get("busy_s", 0.0)
         return {"epoch": epoch, "recoveries": self.recoveries,
                 "workers": [{"worker": h.worker, "node": h.node_id, "pid": h.pid,
                              "experts": [f"{l}:{e}" for l, e in plan.worker_pairs(i)],
                              "copies": {f"{l}:{e}": len(plan.holders[(l, e)]) for l, e in plan.worker_pairs(i)},
-                             "rows": rows[h.worker]}
+                             "rows": rows[h.worker], "busy_s": busy[h.worker]}
                             for i, h in enumerate(workers)]}
 
     def stats(self) -> list[dict]:

@@ -28,7 +28,8 @@ def placement_to_proto(placement: dict) -> pb.Placement:
             layer, expert = map(int, name.split(":"))
             experts.append(pb.ExpertRef(layer=layer, expert=expert, copies=w["copies"][name],
                                         rows=w.get("rows", {}).get(name, 0)))
-        msg.workers.append(pb.WorkerInfo(worker=w["worker"], node=w["node"], pid=w["pid"], experts=experts))
+        msg.workers.append(pb.WorkerInfo(worker=w["worker"], node=w["node"], pid=w["pid"], experts=experts,
+                                          busy_seconds=w.get("busy_s", 0.0)))
     return msg
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 
 import torch
 from tokenizers import Tokenizer
@@ -42,3 +43,17 @@ def prompt_logits(engine: Engine, token_ids: list[int]) -> torch.Tensor:
         return engine.step([seq], [len(token_ids)], all_logits=True)[0]
     finally:
         engine.cache.release(seq.block_table)
+
+
+def wait_until_idle(stub, timeout: float = 20):
+    """Poll a server's stats (a GenerationStub) until nothing runs or waits and every KV block is
+    back in the pool; returns those stats. Cancelled requests leave at the next step boundary."""
+    from expertmesh.v1 import generation_pb2 as pb
+
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = stub.GetServerStats(pb.GetServerStatsRequest(), timeout=10)
+        if stats.running == stats.waiting == 0 and stats.kv_blocks_free == stats.kv_blocks_total:
+            return stats
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.05)

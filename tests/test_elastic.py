@@ -21,7 +21,7 @@ from expertmesh.router.engine import Engine
 from expertmesh.v1 import generation_pb2 as pb
 from expertmesh.v1 import generation_pb2_grpc as pb_grpc
 from tests.gateway_server import ServerProcess
-from tests.helpers import greedy_tokens
+from tests.helpers import greedy_tokens, wait_until_idle
 from tests.test_gateway import _expert_worker_pids, _processes
 
 STREAMS, TOKENS = 32, 100
@@ -88,14 +88,7 @@ class Streams:
 
 def assert_idle_and_serving(server: ServerProcess) -> None:
     with grpc.insecure_channel(server.target) as channel:
-        stub = pb_grpc.GenerationStub(channel)
-        deadline = time.monotonic() + 20
-        while True:
-            stats = stub.GetServerStats(pb.GetServerStatsRequest(), timeout=10)
-            if stats.running == stats.waiting == 0 and stats.kv_blocks_free == stats.kv_blocks_total:
-                break
-            assert time.monotonic() < deadline, stats
-            time.sleep(0.05)
+        wait_until_idle(pb_grpc.GenerationStub(channel))
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
         assert status == health_pb2.HealthCheckResponse.SERVING
 
@@ -121,6 +114,7 @@ def test_live_changes_under_streams_keep_every_token(checkpoint, expected):
         # The copies of expert 1 that the replica change made really compute rows.
         live = cli(server, "info")
         assert all(w["rows"].get("0:1", 0) > 0 for w in live["workers"] if "0:1" in w["experts"])
+        assert all(w["busy_seconds"] > 0 for w in live["workers"])  # each worker's load, for scripts too
         plain = cli(server, "scale", "--replicas", "")
         assert all(len([w for w in plain["workers"] if name in w["experts"]]) == 1
                    for name in (f"{l}:{e}" for l in range(2) for e in range(8)))

@@ -21,6 +21,7 @@ from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
 from expertmesh.v1 import generation_pb2 as pb
 from expertmesh.v1 import generation_pb2_grpc as pb_grpc
 from tests.gateway_server import ServerProcess
+from tests.helpers import wait_until_idle
 
 
 @pytest.fixture(scope="module")
@@ -169,13 +170,7 @@ def test_deadline_frees_the_sequence(stub):
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Generate(pb.GenerateRequest(token_ids=[1, 2, 3], sampling=greedy(3000)), timeout=0.5))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        stats = stub.GetServerStats(pb.GetServerStatsRequest())
-        if stats.running == 0 and stats.kv_blocks_free == stats.kv_blocks_total:
-            break
-        time.sleep(0.1)
-    assert stats.running == 0 and stats.kv_blocks_free == stats.kv_blocks_total
+    wait_until_idle(stub, timeout=10)
 
 
 BAD_REQUESTS = [

@@ -22,6 +22,7 @@ from expertmesh.router.requests import MAX_CHAT_MESSAGES, MAX_STOP_CHARS, MAX_ST
 from expertmesh.v1 import generation_pb2 as pb
 from expertmesh.v1 import generation_pb2_grpc as pb_grpc
 from tests.gateway_server import ServerProcess
+from tests.helpers import wait_until_idle
 
 CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED,
                  grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED}
@@ -70,13 +71,7 @@ def assert_whole(stub, channel, baseline) -> None:
     assert [t for r in stub.Generate(PROBE, timeout=60) for t in r.token_ids] == baseline
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
-    deadline = time.monotonic() + 20
-    while True:
-        stats = stub.GetServerStats(pb.GetServerStatsRequest(), timeout=5)
-        if stats.running == stats.waiting == 0 and stats.kv_blocks_free == stats.kv_blocks_total:
-            break
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.05)
+    wait_until_idle(stub)
 
 
 # ---- strategies: valid requests with one field (or none, or several) hostile -----------------------

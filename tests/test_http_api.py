@@ -19,6 +19,7 @@ from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
 from expertmesh.v1 import generation_pb2 as pb
 from expertmesh.v1 import generation_pb2_grpc as pb_grpc
 from tests.gateway_server import ServerProcess
+from tests.helpers import wait_until_idle
 
 PROMPT = [1, 415, 2936, 9060, 285, 1142]
 
@@ -207,14 +208,7 @@ def test_a_disconnected_stream_frees_its_blocks(server, model_name):
     conn.close()  # the client goes away mid-stream
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.GenerationStub(channel)
-        deadline = time.monotonic() + 10
-        while True:
-            stats = stub.GetServerStats(pb.GetServerStatsRequest(), timeout=10)
-            if stats.running == 0 and stats.kv_blocks_free == stats.kv_blocks_total:
-                break
-            assert time.monotonic() < deadline, stats
-            time.sleep(0.05)
-        steps = stats.steps
+        steps = wait_until_idle(stub, timeout=10).steps
         time.sleep(0.3)
         assert stub.GetServerStats(pb.GetServerStatsRequest(), timeout=10).steps == steps  # it stopped computing
 

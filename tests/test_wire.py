@@ -26,3 +26,14 @@ def test_header_without_rows():
     head = wire.header(wire.OP_PING, num_experts=8)
     assert head.tolist() == [wire.OP_PING, 0, 0] + [0] * 8
     assert head.numel() == wire.header_size(8)
+
+
+def test_replicas_split_an_experts_rows_into_contiguous_near_equal_parts():
+    from expertmesh.router.dispatcher import split_among_replicas
+
+    # expert 0: 7 rows on workers 2 and 0; expert 1: none; expert 2: 3 rows on worker 1 alone
+    pieces = split_among_replicas([7, 0, 3], [(2, 0), (1,), (1,)], num_workers=3)
+    assert pieces == [[(0, 4, 3)], [(2, 7, 3)], [(0, 0, 4)]]  # the first holder takes the odd row
+    rows = sorted((start, n) for worker in pieces for _, start, n in worker)
+    assert rows == [(0, 4), (4, 3), (7, 3)]  # every row exactly once, in order
+    assert split_among_replicas([0, 0], [(0,), (1,)], 2) == [[], []]  # no rows: no messages

@@ -203,16 +203,18 @@ class GetPlacementRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker", "node", "pid", "experts")
+    __slots__ = ("worker", "node", "pid", "experts", "busy_seconds")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     worker: int
     node: str
     pid: int
     experts: _containers.RepeatedCompositeFieldContainer[ExpertRef]
-    def __init__(self, worker: _Optional[int] = ..., node: _Optional[str] = ..., pid: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ...) -> None: ...
+    busy_seconds: float
+    def __init__(self, worker: _Optional[int] = ..., node: _Optional[str] = ..., pid: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., busy_seconds: _Optional[float] = ...) -> None: ...
 
 class Placement(_message.Message):
     __slots__ = ("epoch", "workers", "recoveries")
