@@ -98,10 +98,13 @@ def end_processes(temp_dir: str) -> None:
 
 
 def alive_nodes(env: dict, address: str) -> int:
+    """Nodes the autoscaler reports active (the head included)."""
     out = subprocess.run([str(Path(sys.executable).parent / "ray"), "status", "--address", address],
                          capture_output=True, text=True, env=env, timeout=60).stdout
+    # "Active:" then one line per node type: " <count> <node type>", e.g. " 1 ray.head.default"
     active = out.split("Active:", 1)[1].split("Pending:", 1)[0] if "Active:" in out else ""
-    return sum(1 for line in active.splitlines() if line.strip().startswith("1 "))
+    counts = [line.split()[0] for line in active.splitlines() if line.strip()]
+    return sum(int(c) for c in counts if c.isdigit())
 
 
 @pytest.mark.slow
@@ -139,9 +142,9 @@ def test_rays_autoscaler_adds_a_node_for_a_new_worker_and_removes_it_after(tmp_p
         wait_for_line(server, "plan change (autoscale up)", 240)  # the autoscaler had to start a node
         placement = cli(server, "info")
         assert len(placement["workers"]) == 2
-        assert len({w["node"] for w in placement["workers"]}) == 2  # the new worker is on the new node
+        # the head has room for one worker: two nodes means the autoscaler started one for the new worker
+        assert len({w["node"] for w in placement["workers"]}) == 2
         assert all(w["experts"] for w in placement["workers"])
-        assert alive_nodes(env, address) == 2
         wait_for_line(server, "controller: scale down", 120)
         deadline = time.monotonic() + 240  # retired, then the idle node goes (idle timeout 0.2 min)
         while alive_nodes(env, address) != 1:
