@@ -168,7 +168,7 @@ def cmd_serve(args) -> int:
             from expertmesh.router.http_api import OpenAIApi
 
             http_app = OpenAIApi(serving, generation.prompts, model_dir.name, lambda: gateway.serving_now(),
-                                 auth_token=token, max_body_bytes=args.max_message_bytes).app()
+                                 generation.prepare, auth_token=token, max_body_bytes=args.max_message_bytes).app()
         gateway = GatewayThread((generation, admin, http_app), serving, args, token, tls)
         # One real step before saying SERVING: the whole path (and every worker) works.
         serving.generate([[config.bos_token_id]], SamplingParams(max_new_tokens=1))

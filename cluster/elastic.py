@@ -116,7 +116,7 @@ class ExpertCluster:
 
     @property
     def dispatcher(self) -> ExpertDispatcher:
-        return self.engine.experts if hasattr(self, "engine") else None
+        return self.engine.experts
 
     def _dispatcher(self, group, plan: PlacementPlan) -> ExpertDispatcher:
         return ExpertDispatcher(self.checkpoint.config, plan.holders, plan.num_workers, self.device, group,
@@ -192,7 +192,8 @@ class ExpertCluster:
             why = type(exc).__name__ if exc is not None else "retrying an earlier recovery"
             progress(f"recovery: lost {names} ({why}); epoch {epoch} with {len(survivors)} "
                      f"workers in {time.monotonic() - start:.2f}s; the interrupted step runs again")
-        if len(self.workers) < self.target_workers and not self._stopping.is_set():
+        restoring = self._restorer is not None and self._restorer.is_alive()
+        if len(self.workers) < self.target_workers and not self._stopping.is_set() and not restoring:
             self._restorer = threading.Thread(target=self._restore, name="expertmesh-restore", daemon=True)
             self._restorer.start()
         return True

@@ -69,16 +69,12 @@ class ExpertDispatcher:
         self.config = config
         self.group = group
         self.num_workers = num_workers
-        # per layer, per expert: the workers holding a copy (worker w is collective rank w + 1)
-        self.holders = [[tuple(holders[(layer, e)]) for e in range(config.num_experts)]
-                        for layer in range(config.num_layers)]
+        self.use_plan(holders)
         self.device = device
         self.inline = wire.inlines_rows(backend)  # rows in the header's message (gloo)
         # gloo: a receive posted before the sends lets the results flow without a rendezvous. NCCL
         # runs the ops to one peer in order on one stream: a receive first would block the sends.
         self.receive_first = backend == "gloo"
-        self.rows_sent = torch.zeros(num_workers, config.num_layers, config.num_experts,
-                                     dtype=torch.int64)  # rows sent to each worker, this epoch
         # rows routed to each (layer, expert), across epochs: the controller's load (L, E)
         self.expert_rows = expert_rows if expert_rows is not None else torch.zeros(
             config.num_layers, config.num_experts, dtype=torch.int64)
@@ -91,6 +87,7 @@ class ExpertDispatcher:
 
     def use_plan(self, holders: Mapping[Pair, tuple[int, ...]]) -> None:
         """Send the next step's rows by these holders (same workers; called between steps)."""
+        # per layer, per expert: the workers holding a copy (worker w is collective rank w + 1)
         self.holders = [[tuple(holders[(layer, e)]) for e in range(self.config.num_experts)]
                         for layer in range(self.config.num_layers)]
 
@@ -133,8 +130,7 @@ class ExpertDispatcher:
                 per_worker[w][e] = n
                 segments.append(torch.arange(start, start + n))
             split.append(sum(n for _, _, n in items))
-        self.rows_sent[:, layer] += torch.tensor(per_worker)
-        self.expert_rows[layer] += torch.tensor(counts_list)
+        self.expert_rows[layer] += counts.cpu()
         positions = torch.cat(segments) if segments else torch.empty(0, dtype=torch.int64)
         pairs = order[positions.to(x.device)]  # (N,) grouped by worker, then expert
         send = x[pairs // k].to(self.device)  # (N, D)

@@ -150,7 +150,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.model_info = model_info  # built per call: the placement changes while serving
         # Tokenising and chat rendering run here, off the event loop, so a big prompt never holds up
         # other streams or the health check; a small pool bounds how much of it runs at once.
-        self._prepare = ThreadPoolExecutor(prepare_threads, thread_name_prefix="expertmesh-prepare")
+        self.prepare = ThreadPoolExecutor(prepare_threads, thread_name_prefix="expertmesh-prepare")
 
     def _valid(self, request: pb.GenerateRequest) -> ValidRequest:
         """The one check of a Generate call: prompt and sampling against the model and the pool."""
@@ -165,13 +165,10 @@ class GenerationService(pb_grpc.GenerationServicer):
             raise InvalidRequest("exactly one of prompt, token_ids, messages must be set"
                                  + (f" (got {', '.join(given)})" if given else " (got none)"))
         if request.prompt:
-            return self._encode(request.prompt, "prompt")
+            return self.prompts.text(request.prompt)
         if request.token_ids:
             return list(request.token_ids)
         return self._chat_ids(request.messages)
-
-    def _encode(self, text: str, field: str) -> list[int]:
-        return self.prompts.text(text, field)
 
     def _chat_ids(self, messages) -> list[int]:
         return self.prompts.chat([{"role": m.role, "content": m.content} for m in messages])
@@ -182,7 +179,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         key, finished = None, False
         try:
             try:
-                valid = await loop.run_in_executor(self._prepare, self._valid, request)
+                valid = await loop.run_in_executor(self.prepare, self._valid, request)
                 key = self.engine.submit(valid, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
                                          client_id=request.request_id)
             except InvalidRequest as exc:
@@ -213,10 +210,10 @@ class GenerationService(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "set text or messages, not both")
 
         def tokenize() -> list[int]:
-            return self._chat_ids(request.messages) if request.messages else self._encode(request.text, "text")
+            return self._chat_ids(request.messages) if request.messages else self.prompts.text(request.text, "text")
 
         try:
-            ids = await asyncio.get_running_loop().run_in_executor(self._prepare, tokenize)
+            ids = await asyncio.get_running_loop().run_in_executor(self.prepare, tokenize)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _detail(str(exc)))
         return pb.TokenizeResponse(token_ids=ids)

@@ -109,14 +109,16 @@ def _param_of(message: str) -> str | None:
 
 class OpenAIApi:
     def __init__(self, engine: ServingEngine, prompts: PromptBuilder, model_name: str,
-                 healthy: Callable[[], bool], auth_token: str | None = None, max_body_bytes: int = 4 << 20):
+                 healthy: Callable[[], bool], prepare: ThreadPoolExecutor, auth_token: str | None = None,
+                 max_body_bytes: int = 4 << 20):
+        """prepare: the pool tokenising runs on, shared with the gRPC gateway (one bound for both)."""
         self.engine = engine
         self.prompts = prompts
         self.model_name = model_name
         self.healthy = healthy
         self.expected = f"Bearer {auth_token}".encode() if auth_token else None
         self.max_body_bytes = max_body_bytes
-        self._prepare = ThreadPoolExecutor(2, thread_name_prefix="expertmesh-http-prepare")
+        self._prepare = prepare
 
     def app(self) -> Starlette:
         return Starlette(routes=[

@@ -27,9 +27,7 @@ class Scheduled:
     """What the scheduler needs of a request."""
     seq: Sequence
     prompt_len: int
-    preemptions: int = 0
     cached_prompt_tokens: int = -1  # prompt tokens found in the prefix cache at first admission
-    prompt_tokens_computed: int = 0  # prompt positions run through the model (recomputes included)
 
 
 Batch = list[tuple[Scheduled, int]]  # (request, tokens it computes this step), in row order
@@ -63,7 +61,6 @@ class Scheduler:
     def _preempt(self, request: Scheduled) -> None:
         self._free_blocks_of(request)
         request.seq.num_cached = 0
-        request.preemptions += 1
         self.preemptions += 1
         self.running.remove(request)
         self.waiting.appendleft(request)
@@ -114,9 +111,6 @@ class Scheduler:
             self.cache.grow(seq.block_table, seq.num_cached + n)
             batch.append((request, n))
             budget -= n
-        for request, n in batch:
-            start = request.seq.num_cached
-            request.prompt_tokens_computed += max(0, min(start + n, request.prompt_len) - start)
         return batch
 
     def update_from_output(self, batch: Batch) -> list[tuple[Scheduled, int]]:

@@ -79,5 +79,15 @@ def test_the_controller_scales_out_under_load_and_back_in_after(checkpoint):
         after = scrape(metrics_url)
         assert after["expertmesh_workers"] == 1
         assert after['expertmesh_autoscaler_decisions_total{action="scale down"}'] >= 1
+        # A manual scale pins the placement: idle as it is, the controller leaves it alone...
+        assert len(cli(server, "scale", "--workers", "2")["workers"]) == 2
+        time.sleep(3 * 1.5 + 3)  # three windows and the scale-down delay
+        assert len(cli(server, "info")["workers"]) == 2
+        # ...until `scale --auto` hands it back: then the idle worker is retired again.
+        cli(server, "scale", "--auto")
+        deadline = time.monotonic() + 30
+        while len(cli(server, "info")["workers"]) != 1:
+            assert time.monotonic() < deadline, "the controller did not take the placement back"
+            time.sleep(0.5)
     finally:
         assert server.stop() == 0, "".join(server.lines[-30:])

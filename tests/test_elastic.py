@@ -131,6 +131,9 @@ def test_impossible_changes_are_refused_clearly(checkpoint):
             result = subprocess.run([sys.executable, "-m", "expertmesh", "scale", *args, "--target", server.target],
                                     capture_output=True, text=True, timeout=120)
             assert result.returncode == 1 and "FAILED_PRECONDITION" in result.stderr and message in result.stderr
+        result = subprocess.run([sys.executable, "-m", "expertmesh", "scale", "--auto", "--target", server.target],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1 and "autoscaling is off" in result.stderr
         assert len(cli(server, "info")["workers"]) == 2
     finally:
         assert server.stop() == 0

@@ -82,7 +82,7 @@ def test_distributed_engine_matches_reference(ray_cluster, checkpoint, reference
         split_before = engine.split_steps
         tokens = greedy_tokens(engine, PROMPTS, NEW_TOKENS)
         stats = cluster.stats()
-        sent = cluster.dispatcher.rows_sent.sum().item()  # the router's own count, same moment
+        sent = cluster.expert_rows.sum().item()  # the router's own count, same moment
         # ping-pong on: every step of two or more sequences really ran as two micro-batches
         assert (engine.split_steps - split_before == NEW_TOKENS) == (engine.pingpong == "on")
         logits = prompt_logits(engine, PROMPTS[2])

@@ -48,11 +48,29 @@ class ExpertWorker:
     def _change(self, add: set[tuple[int, int]], drop: set[tuple[int, int]]) -> None:
         """Read experts `add` straight from the safetensors files, let `drop` go, and swap each
         changed layer's table in whole (a step in flight keeps the table it started with); the
-        experts a layer keeps are not read or packed again."""
-        # Off the data path in CPU time too: this control thread yields to the serve loop (nice 19 for
-        # this thread only, one torch thread), which shares the cores with the router.
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        torch.set_num_threads(1)
+        experts a layer keeps are not read or packed again.
+
+        Off the data path in CPU time too: the work runs on a thread of its own at nice 19 with one
+        torch thread, so it yields to the serve loop, which shares the cores with the router. (Not on
+        Ray's pool thread: a later call, `serve` itself, could land on it, and an unprivileged
+        process cannot lower a niceness again.)"""
+        failure: list[BaseException] = []
+
+        def work():
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            torch.set_num_threads(1)
+            try:
+                self._apply_change(add, drop)
+            except BaseException as exc:  # noqa: BLE001 - raised on the caller's thread
+                failure.append(exc)
+
+        worker = threading.Thread(target=work, name="expertmesh-load")
+        worker.start()
+        worker.join()
+        if failure:
+            raise failure[0]
+
+    def _apply_change(self, add: set[tuple[int, int]], drop: set[tuple[int, int]]) -> None:
         by_layer: dict[int, dict[int, tuple]] = {}
         for (layer, expert), ws in self.checkpoint.read_experts(sorted(add), self.dtype).items():
             by_layer.setdefault(layer, {})[expert] = tuple(w.to(self.device) for w in ws)
