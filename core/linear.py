@@ -1,10 +1,13 @@
 """y = x W^T with the weight prepared once, at load, for the fastest kernel of its device.
 
-On the CPU the weight is reordered ("prepacked") for oneDNN once, as torch.compile's frozen graphs
-do. On the 2-core CI machine (bench/linear.py) that ran the 32000-row lm_head 2-4x faster than
-torch's default GEMM and the expert layers up to 3x faster from 8 rows up; the smallest layer
-(384x256) came out about even, and a single row through a small layer slower by 0.01-0.02 ms.
-Elsewhere (CUDA), or where oneDNN lacks the dtype, it is plain F.linear on the weight as given.
+On the CPU two paths, chosen per call by the number of rows (bench/linear.py measures both):
+  - up to `gemv.max_rows` rows (decode at small batch, an expert's few rows): the bandwidth-bound
+    kernel of core/gemv.c over the weight as given, 1.2-2x oneDNN's speed at one row here;
+  - more rows: oneDNN's GEMM on a copy of the weight reordered ("prepacked") for it once, as
+    torch.compile's frozen graphs do; on the 2-core CI machine 2-4x torch's default GEMM on the
+    32000-row lm_head and up to 3x on the expert layers from 8 rows up.
+Holding both layouts costs the CPU twice the weights' memory. Elsewhere (CUDA), or where oneDNN lacks
+the dtype, it is plain F.linear on the weight as given.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from expertmesh.core import gemv
+
 PACK_BATCH_HINT = 32  # rows the packed layout is tuned for; any row count works
+_DEFAULT = object()
 
 
 def _prepack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -27,14 +33,23 @@ def _prepack(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 class Linear:
-    """A bias-free linear layer; weight (out, in). Calling it maps x (n, in) -> (n, out)."""
+    """A bias-free linear layer; weight (out, in). Calling it maps x (n, in) -> (n, out).
 
-    def __init__(self, weight: torch.Tensor):
+    small_rows: the kernel for calls of few rows (default: core/gemv.py's, where it builds; None: off).
+    """
+
+    def __init__(self, weight: torch.Tensor, small_rows=_DEFAULT):
         self.nbytes = weight.numel() * weight.element_size()
         self._packed = _prepack(weight)
-        self.weight = weight if self._packed is None else None  # the packed copy replaces it
+        small = gemv.kernel() if small_rows is _DEFAULT else small_rows
+        self._small = small if small is not None and small.supports(weight) else None
+        self._small_max = self._small.max_rows if self._small is not None else 0
+        keep_plain = self._packed is None or self._small is not None
+        self.weight = weight.contiguous() if keep_plain else None  # else the packed copy replaces it
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= self._small_max and x.shape[0]:
+            return self._small(x, self.weight)
         if self._packed is None:
             return F.linear(x, self.weight)
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")

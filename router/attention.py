@@ -23,9 +23,14 @@ class AttentionBatch:
     query_lens: list[int]  # new tokens per sequence; rows are sequence-major
     decode_rows: torch.Tensor | None  # (B,) rows of the sequences with one new token
     decode_slots: torch.Tensor | None  # (B, Cmax) their context slots, padded (pads read slot 0)
-    decode_mask: torch.Tensor | None  # (B, 1, 1, Cmax) True where a key is attended
+    decode_mask: torch.Tensor | None  # (B, 1, 1, Cmax) True where a key is attended; None: every key
     prefill: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (first row, n, slots (C,), mask (n, C))
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) at `positions`, set on first use
+
+    @property
+    def all_decode(self) -> bool:
+        """Every sequence brings one token: the decode rows are all the rows, in order."""
+        return not self.prefill
 
     @classmethod
     def build(cls, cache: KVCache, block_tables: list[list[int]], starts: list[int],
@@ -42,11 +47,13 @@ class AttentionBatch:
             lens = torch.tensor([c.shape[0] for c in slots])  # (B,); the query sits at lens - 1
             decode_slots = torch.nn.utils.rnn.pad_sequence(slots, batch_first=True)  # (B, Cmax)
             k_pos = torch.arange(decode_slots.shape[1])[None, :]  # (1, Cmax)
-            mask = k_pos < lens[:, None]
-            if sliding_window is not None:
-                mask &= k_pos > (lens - 1)[:, None] - sliding_window
+            longest = decode_slots.shape[1]
+            if sliding_window is not None and longest > sliding_window or any(c.shape[0] < longest for c in slots):
+                mask = k_pos < lens[:, None]
+                if sliding_window is not None:
+                    mask &= k_pos > (lens - 1)[:, None] - sliding_window
+                decode_mask = mask[:, None, None, :]
             decode_rows = torch.tensor([first_rows[i] for i in decode])
-            decode_mask = mask[:, None, None, :]
         prefill = []
         for i, n in enumerate(query_lens):
             if n > 1:
@@ -96,12 +103,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     Decode rows (one new token) of all sequences go through one padded, masked attention call;
     prompt chunks go one sequence at a time.
     """
+    if batch.decode_rows is not None:
+        slots = batch.decode_slots  # (B, Cmax)
+        shape = (*slots.shape, *k_cache.shape[1:])
+        k = k_cache.index_select(0, slots.view(-1)).view(shape).transpose(1, 2)  # (B, G, Cmax, Dh)
+        v = v_cache.index_select(0, slots.view(-1)).view(shape).transpose(1, 2)
+        q_decode = q if batch.all_decode else q[batch.decode_rows]  # (B, H, Dh)
+        o = F.scaled_dot_product_attention(q_decode.unsqueeze(2), k, v,
+                                           attn_mask=batch.decode_mask, enable_gqa=True)  # (B, H, 1, Dh)
+        if batch.all_decode:
+            return o.squeeze(2)
     out = torch.empty_like(q)
     if batch.decode_rows is not None:
-        k = k_cache[batch.decode_slots].transpose(1, 2)  # (B, G, Cmax, Dh)
-        v = v_cache[batch.decode_slots].transpose(1, 2)
-        o = F.scaled_dot_product_attention(q[batch.decode_rows].unsqueeze(2), k, v,
-                                           attn_mask=batch.decode_mask, enable_gqa=True)  # (B, H, 1, Dh)
         out[batch.decode_rows] = o.squeeze(2)
     for row, n, slots, mask in batch.prefill:
         k = k_cache[slots].transpose(0, 1)  # (G, C, Dh)

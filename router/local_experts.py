@@ -8,7 +8,10 @@ from expertmesh.core.checkpoint import Checkpoint
 from expertmesh.core.config import MixtralConfig
 from expertmesh.core.grouped_experts import fused_expert, grouped_swiglu
 from expertmesh.core.linear import Linear
+from expertmesh.core.grouped_experts import swiglu_expert
 from expertmesh.core.moe_math import combine_rows, sort_by_expert
+
+FEW_TOKENS = 4  # up to this many tokens per step, experts run per token (decode at small batch)
 
 
 class LocalExperts:
@@ -26,12 +29,28 @@ class LocalExperts:
 
     def run(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x (T, D), weights/ids (T, K) -> sum_k weights[:, k] * expert_{ids[:, k]}(x) (T, D) fp32."""
+        if x.shape[0] <= FEW_TOKENS and x.device.type == "cpu":
+            return self._per_token(layer, x, weights, ids)
         k, num_experts = self.config.experts_per_token, self.config.num_experts
         order, counts = sort_by_expert(ids, num_experts)
         rows = x[order // k]  # (T*K, D) grouped by expert
         experts = [self.weights[(layer, e)] for e in range(num_experts)]
         out = grouped_swiglu(rows, counts.tolist(), experts)
         return combine_rows(out, order, weights, x.shape[0], k)
+
+    def _per_token(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The same sum for a few tokens, without the sort, gather and scatter that grouping rows by
+        expert takes: each token through its K experts, one row each (the GEMV kernel's case).
+        Reads ids and weights on the host: no device to sync with on the CPU."""
+        out = torch.empty(x.shape[0], x.shape[1], dtype=torch.float32)
+        for t, (token_ids, token_weights) in enumerate(zip(ids.tolist(), weights.tolist())):
+            row = x[t:t + 1]  # (1, D)
+            acc = None
+            for e, w in zip(token_ids, token_weights):
+                y = swiglu_expert(row, *self.weights[(layer, e)]).float() * w
+                acc = y if acc is None else acc.add_(y)
+            out[t] = acc[0]
+        return out
 
     # The same start/finish interface as the dispatcher, so one forward loop serves both.
     def start(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -74,12 +74,14 @@ class RouterModel:
         """h (T, D) -> h + attention(rmsnorm(h)) (T, D); writes this step's k/v into the cache."""
         c, w = self.config, self.layers[layer]
         x = rms_norm(h, w.input_norm, c.rms_norm_eps)
-        q, k, v = w.qkv(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        qkv = w.qkv(x)  # (T, (H + 2G) Dh)
         if batch.rope is None:  # the same for every layer of the step
             batch.rope = self.rope.tables(batch.positions, h.dtype)
-        q = self.rope.apply(q.view(-1, c.num_heads, c.head_dim), *batch.rope)  # (T, H, Dh)
-        k = self.rope.apply(k.view(-1, c.num_kv_heads, c.head_dim), *batch.rope)  # (T, G, Dh)
-        cache.write(layer, batch.slot_mapping, k, v.view(-1, c.num_kv_heads, c.head_dim))
+        # q and k heads rotated in one call: (T, H + G, Dh)
+        qk = self.rope.apply(qkv[:, :c.q_size + c.kv_size].view(-1, c.num_heads + c.num_kv_heads, c.head_dim),
+                             *batch.rope)
+        q, k = qk.split([c.num_heads, c.num_kv_heads], dim=1)  # (T, H, Dh), (T, G, Dh)
+        cache.write(layer, batch.slot_mapping, k, qkv[:, c.q_size + c.kv_size:].view(-1, c.num_kv_heads, c.head_dim))
         o = paged_attention(q, cache.k[layer], cache.v[layer], batch)
         return h + w.o(o.reshape(-1, c.q_size))
 

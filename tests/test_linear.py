@@ -1,29 +1,127 @@
-"""Linear layers with prepacked weights (core/linear.py) against F.linear."""
+"""Linear layers (core/linear.py) against F.linear: the GEMV kernel at 1-2 rows (core/gemv.c), the
+prepacked oneDNN GEMM above, and the kernel's build from source."""
 
 from __future__ import annotations
+
+import subprocess
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from expertmesh.core import gemv
 from expertmesh.core.linear import Linear
 
+KERNEL = gemv.kernel()
+needs_kernel = pytest.mark.skipif(KERNEL is None, reason="no C compiler here: the GEMV kernel is off")
 
+
+def close(got: torch.Tensor, expected: torch.Tensor, tolerance: float) -> bool:
+    if got.shape != expected.shape:
+        return False
+    if not expected.numel():
+        return True
+    scale = max(expected.float().abs().max().item(), 1.0)
+    return (got.float() - expected.float()).abs().max().item() <= tolerance * scale
+
+
+@pytest.mark.parametrize("small_rows", ["default", None])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("rows", [0, 1, 7, 33, 130])
-def test_packed_linear_matches_f_linear(dtype, tolerance, rows):
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 7, 33, 130])
+def test_linear_matches_f_linear(small_rows, dtype, tolerance, rows):
     gen = torch.Generator().manual_seed(rows)
     weight = (torch.randn(384, 96, generator=gen) / 96 ** 0.5).to(dtype)
     x = torch.randn(rows, 96, generator=gen).to(dtype)
-    layer = Linear(weight)
-    if torch.backends.mkldnn.is_available():
-        assert layer.weight is None, "on the CPU the packed copy replaces the weight"
-    got, expected = layer(x), F.linear(x, weight)
+    layer = Linear(weight) if small_rows == "default" else Linear(weight, small_rows=None)
+    if torch.backends.mkldnn.is_available() and (small_rows is None or KERNEL is None):
+        assert layer.weight is None, "without the kernel the packed copy replaces the weight"
+    got = layer(x)
     assert got.shape == (rows, 384) and got.dtype == dtype
-    if rows:
-        scale = expected.float().abs().max().item()
-        assert (got.float() - expected.float()).abs().max().item() <= tolerance * max(scale, 1.0)
+    assert close(got, F.linear(x, weight), tolerance)
     assert layer.nbytes == weight.numel() * weight.element_size()
+
+
+@needs_kernel
+def test_one_and_two_rows_take_the_kernel_and_more_take_the_gemm():
+    weight = torch.randn(64, 32)
+    calls = []
+
+    class Counting:
+        max_rows = KERNEL.max_rows
+
+        def supports(self, w):
+            return KERNEL.supports(w)
+
+        def __call__(self, x, w):
+            calls.append(x.shape[0])
+            return KERNEL(x, w)
+
+    layer = Linear(weight, small_rows=Counting())
+    for rows in (1, 2, 3, 8):
+        x = torch.randn(rows, 32)
+        assert close(layer(x), F.linear(x, weight), 1e-5)
+    assert calls == [1, 2], "1 and 2 rows through the kernel, 3 and 8 through the GEMM"
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 2), out_features=st.integers(1, 700), in_features=st.integers(1, 600),
+       bf16=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_kernel_matches_f_linear_on_any_shape(rows, out_features, in_features, bf16, seed):
+    gen = torch.Generator().manual_seed(seed)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    weight = torch.randn(out_features, in_features, generator=gen).to(dtype)
+    x = torch.randn(rows, in_features, generator=gen).to(dtype)
+    got = KERNEL(x, weight)
+    assert got.dtype == dtype
+    # fp32 accumulation of bf16 products: as exact as F.linear on the fp32 values, then rounded once
+    expected = F.linear(x.float(), weight.float())
+    assert close(got, expected, 1e-2 if bf16 else 1e-5)
+
+
+@needs_kernel
+def test_the_kernel_uses_every_thread_on_large_weights_and_one_on_small():
+    big = torch.randn(4096, 256)  # 4 MiB: over PARALLEL_MIN_BYTES
+    x = torch.randn(1, 256)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert close(KERNEL(x, big), F.linear(x, big), 1e-5)
+    finally:
+        torch.set_num_threads(before)
+    assert close(KERNEL(x, big[:8].contiguous()), F.linear(x, big[:8]), 1e-5)
+
+
+def test_the_kernel_builds_from_source_into_the_cache(tmp_path, monkeypatch):
+    if gemv.shutil.which("cc") is None and gemv.shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setenv("EXPERTMESH_CACHE", str(tmp_path))
+    library = gemv._build()
+    assert library.parent == tmp_path / "kernels" and library.exists()
+    assert gemv._build() == library  # cached: the second call compiles nothing
+    kernel = gemv.Kernel(gemv.ctypes.CDLL(str(library)))
+    weight, x = torch.randn(10, 5), torch.randn(2, 5)
+    assert close(kernel(x, weight), F.linear(x, weight), 1e-5)
+
+
+def test_a_failed_build_leaves_the_gemm(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("EXPERTMESH_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    with pytest.raises(subprocess.CalledProcessError):
+        gemv._build()
+    gemv.kernel.cache_clear()
+    try:
+        assert gemv.kernel() is None
+        assert "GEMV kernel unavailable" in caplog.text
+        weight, x = torch.randn(16, 8), torch.randn(1, 8)
+        layer = Linear(weight)
+        assert close(layer(x), F.linear(x, weight), 1e-5)
+    finally:
+        gemv.kernel.cache_clear()
+    assert not list((tmp_path / "kernels").glob("*.so")), "nothing half-written is left to load"
 
 
 def test_a_dtype_onednn_lacks_keeps_the_weight():

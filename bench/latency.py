@@ -1,0 +1,266 @@
+"""Decode latency at small batch against this machine's memory roofline: where a step's time goes.
+
+    python bench/latency.py [--batches 1,8,32 --workers 2 --new-tokens 48 --repeats 3]
+
+A decode step must read every weight it uses (the router's dense layers and lm_head, the experts its
+tokens were routed to) and each sequence's KV context; it cannot run faster than those bytes over the
+memory bandwidth. The bandwidth is measured in the same run, as the better of a large copy (bytes
+read + written) and a large read-only sum, on buffers far beyond the last-level cache. The step
+time is what a client sees: the serving loop (`ServingEngine`) runs B requests of --prompt-len tokens
+to --new-tokens each from a fresh KV cache, and a step is the median gap between two streamed
+tokens after the first (prefill excluded): scheduling, the model step, sampling, detokenisation and
+streaming. Median over --repeats runs.
+
+Then one more run per engine and batch with timers around each part (functions wrapped by this
+file, nothing changed in the engine): per layer attention, gate and top-k, the experts' sort,
+expert math or dispatch, the wait for the workers and the combine; per step batch building,
+lm_head, scheduling, sampling with detokenisation and streaming, and what is left.
+
+Model: hidden 512, intermediate 1792, 4 layers, 8 experts top-2, 8/2 heads of 64, fp32, the real
+tokenizer. Distributed: --workers expert workers on a local Ray (gloo) on the same cores.
+Last line: decode_b1_reference_over_roofline=<x> decode_b1_distributed_over_roofline=<y>
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+
+from expertmesh.core.settings import ServingConfig
+from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
+from expertmesh.core.tokenizer import load_tokenizer
+from expertmesh.router import attention, dispatcher, local_experts
+from expertmesh.router.engine import Engine
+from expertmesh.router.kv_cache import KVCache
+from expertmesh.router.requests import validate_request
+from expertmesh.router.sampling import SamplingParams
+from expertmesh.router.serving import ServingEngine
+
+MODEL = dict(hidden_size=512, intermediate_size=1792, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64)
+
+
+def bandwidth_gb_s(mib: int = 512, repeats: int = 5) -> tuple[float, float]:
+    """(large copy, read+write bytes per s; large sum, bytes read per s), in GB/s, best of repeats."""
+    src = torch.randn(mib << 18)  # mib MiB of fp32, touched (an untouched buffer reads the zero page)
+    dst = torch.ones_like(src)
+    nbytes = src.numel() * 4
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return 2 * nbytes / best(lambda: dst.copy_(src)) / 1e9, nbytes / best(lambda: src.sum()) / 1e9
+
+
+def step_bytes(engine: Engine, experts_per_layer: float, context_tokens: float, batch: int) -> float:
+    """Bytes a decode step of `batch` sequences must read: dense weights, the experts routed to
+    (distinct per layer, averaged over the steps), each sequence's KV context, embedding rows."""
+    c, model = engine.config, engine.model
+    elem = model.dtype.itemsize
+    dense = sum(w.qkv.nbytes + w.o.nbytes + w.gate.nbytes + w.input_norm.nbytes + w.post_attention_norm.nbytes
+                for w in model.layers) + model.lm_head.nbytes + model.final_norm.nbytes
+    expert = 3 * c.intermediate_size * c.hidden_size * elem
+    kv = context_tokens * c.num_layers * 2 * c.num_kv_heads * c.head_dim * elem
+    return dense + c.num_layers * experts_per_layer * expert + kv + batch * c.hidden_size * elem
+
+
+class Timers:
+    """Seconds per part, summed while `on`; `wrap` replaces a function by a timed one (undo() restores)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.on = False
+        self._undo = []
+
+    def wrap(self, owner, name: str, part: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            if not self.on:
+                return original(*args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[part] += time.perf_counter() - start
+
+        self._undo.append((owner, name, vars(owner).get(name, Timers)))  # Timers: none of its own
+        setattr(owner, name, timed)
+
+    def undo(self) -> None:
+        for owner, name, own in reversed(self._undo):
+            if own is Timers:
+                delattr(owner, name)  # it was the class's method: the instance attribute goes
+            else:
+                setattr(owner, name, own)  # as it was (a classmethod stays one)
+        self._undo.clear()
+
+
+@contextmanager
+def instrumented(serving: ServingEngine, distributed: bool):
+    """Timers around the parts of a step (see the module's docstring). Parts nest: 'experts' holds
+    'sort' and 'combine', 'wait' is the rest of 'finish'; the report subtracts."""
+    t = Timers()
+    engine = serving.engine
+    t.wrap(attention.AttentionBatch, "build", "batch building")
+    t.wrap(engine.model, "attention_block", "attention")
+    t.wrap(engine.model, "moe_input", "gate and top-k")
+    t.wrap(engine.model, "logits", "lm_head")
+    t.wrap(engine, "step", "model step")
+    t.wrap(serving.scheduler, "schedule", "scheduling")
+    t.wrap(serving.scheduler, "update_from_output", "scheduling")
+    t.wrap(serving, "_advance", "detokenise and stream")
+    if distributed:
+        t.wrap(dispatcher, "sort_by_expert", "sort")
+        t.wrap(dispatcher, "combine_rows", "combine")
+        t.wrap(engine.experts, "start", "dispatch")  # sort + plan + posting the messages
+        t.wrap(engine.experts, "finish", "finish")  # wait + combine
+    else:
+        t.wrap(local_experts, "sort_by_expert", "sort")
+        t.wrap(local_experts, "combine_rows", "combine")
+        t.wrap(engine.experts, "start", "experts")  # sort + expert math + combine
+    try:
+        yield t
+    finally:
+        t.undo()
+
+
+def decode_run(engine: Engine, tokenizer, batch: int, prompt_len: int, new_tokens: int,
+               distributed: bool = False, timed: bool = False):
+    """One run of `batch` requests through the serving loop. Returns (median decode step s,
+    distinct experts per layer per step, mean context tokens per step, parts' seconds per step)."""
+    engine.cache = KVCache(engine.config, engine.cache.num_blocks, engine.cache.block_size,
+                           engine.cache.k.dtype, engine.cache.k.device)  # fresh: no prefix hits
+    serving = ServingEngine(engine, tokenizer, ServingConfig(max_seqs=batch), own_thread=False)
+    params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
+    g = torch.Generator().manual_seed(batch)
+    prompts = [[1] + torch.randint(3, 32000, (prompt_len - 1,), generator=g).tolist() for _ in range(batch)]
+    arrivals: list[list[float]] = [[] for _ in range(batch)]
+    finished = [False] * batch
+    distinct: list[int] = []
+    original_start = engine.experts.start
+
+    def counting_start(layer, x, weights, ids):
+        if x.shape[0] == batch:  # decode steps only (a prefill step has batch * prompt_len rows)
+            distinct.append(int(ids.unique().numel()))
+        return original_start(layer, x, weights, ids)
+
+    engine.experts.start = counting_start
+    parts, loop_s = {}, 0.0
+    try:
+        with instrumented(serving, distributed) if timed else _nothing() as timers:
+            def sink_for(i):
+                def sink(out):
+                    arrivals[i].append(time.perf_counter())
+                    if timers is not None and all(arrivals) and not timers.on:
+                        timers.on = True  # every request has its first token: decode from here
+                    finished[i] = out.finish_reason is not None
+                return sink
+
+            for i, prompt in enumerate(prompts):
+                serving.submit(validate_request(prompt, params, serving.limits), sink_for(i))
+            serving.run(until=lambda: all(finished))
+            if timers is not None:
+                loop_s = max(a[-1] for a in arrivals) - max(a[0] for a in arrivals)
+                parts = dict(timers.seconds)
+    finally:
+        del engine.experts.start
+    assert all(len(a) == new_tokens for a in arrivals), [len(a) for a in arrivals]  # a chunk per token
+    gaps = [b - a for times in arrivals for a, b in zip(times[:-1], times[1:])]
+    steps = new_tokens - 1
+    contexts = statistics.mean(prompt_len + i for i in range(1, new_tokens))  # per sequence
+    per_step = {name: s / steps for name, s in parts.items()}
+    if timed:
+        per_step["loop"] = loop_s / steps
+    return statistics.median(gaps), statistics.mean(distinct), contexts * batch, per_step
+
+
+@contextmanager
+def _nothing():
+    yield None
+
+
+def breakdown(parts: dict[str, float], layers: int, distributed: bool) -> list[str]:
+    """Lines of ms per step; per-layer parts also per layer."""
+    p = dict(parts)
+    if distributed:
+        p["wait"] = p.pop("finish", 0.0) - p.get("combine", 0.0)
+        p["dispatch"] = p.get("dispatch", 0.0) - p.get("sort", 0.0)
+        per_layer = ("attention", "gate and top-k", "sort", "dispatch", "wait", "combine")
+    else:
+        p["experts"] = p.get("experts", 0.0) - p.get("sort", 0.0) - p.get("combine", 0.0)
+        per_layer = ("attention", "gate and top-k", "sort", "experts", "combine")
+    inside = sum(p.get(name, 0.0) for name in per_layer) + p.get("batch building", 0.0) + p.get("lm_head", 0.0)
+    p["other in the step"] = p.get("model step", 0.0) - inside
+    outside = p.get("scheduling", 0.0) + p.get("detokenise and stream", 0.0)
+    p["sampling and the rest of the loop"] = p.get("loop", 0.0) - p.get("model step", 0.0) - outside
+    lines = [f"    {name:<20} {p.get(name, 0.0) * 1e3:7.3f} ms/step  {p.get(name, 0.0) * 1e3 / layers:7.3f} ms/layer"
+             for name in per_layer]
+    lines += [f"    {name:<20} {p.get(name, 0.0) * 1e3:7.3f} ms/step" for name in (
+        "batch building", "lm_head", "other in the step", "scheduling", "detokenise and stream",
+        "sampling and the rest of the loop")]
+    lines.append(f"    {'whole loop':<20} {p.get('loop', 0.0) * 1e3:7.3f} ms/step (timers on)")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--workers", type=int, default=2, help="expert workers of the distributed engine (0: none)")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    copy_bw, read_bw = bandwidth_gb_s()
+    bw = max(copy_bw, read_bw) * 1e9
+    print(f"memory bandwidth: large copy {copy_bw:.1f} GB/s (read + written), large sum {read_bw:.1f} GB/s; "
+          f"roofline at {bw / 1e9:.1f} GB/s; torch threads {torch.get_num_threads()}")
+    ratios = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_tiny_checkpoint(tmp, **MODEL)
+        tokenizer = load_tokenizer(path)
+        engines = [("reference", Engine.local(path, kv_blocks=1024), None)]
+        if args.workers:
+            from expertmesh.cluster.elastic import ExpertCluster
+
+            cluster = ExpertCluster(path, args.workers, kv_blocks=1024)
+            engines.append((f"distributed ({args.workers} workers)", cluster.engine, cluster))
+        try:
+            for name, engine, cluster in engines:
+                decode_run(engine, tokenizer, 2, args.prompt_len, 4, cluster is not None)  # warm-up
+                for b in batches:
+                    runs = [decode_run(engine, tokenizer, b, args.prompt_len, args.new_tokens, cluster is not None)
+                            for _ in range(args.repeats)]
+                    step_s = statistics.median(r[0] for r in runs)
+                    _, experts, context, _ = runs[0]
+                    nbytes = step_bytes(engine, experts, context, b)
+                    roofline_s = nbytes / bw
+                    ratios[(name.split()[0], b)] = roofline_s / step_s
+                    print(f"{name}, batch {b}: step {step_s * 1e3:.2f} ms ({b / step_s:.0f} tokens/s); "
+                          f"reads {nbytes / 1e6:.1f} MB ({experts:.1f} experts/layer, {context:.0f} KV tokens): "
+                          f"roofline {roofline_s * 1e3:.2f} ms -> {roofline_s / step_s:.2f} of the roofline")
+                    parts = decode_run(engine, tokenizer, b, args.prompt_len, args.new_tokens,
+                                       cluster is not None, timed=True)[3]
+                    print("\n".join(breakdown(parts, engine.config.num_layers, cluster is not None)))
+        finally:
+            for _, _, cluster in engines:
+                if cluster is not None:
+                    cluster.shutdown()
+    print(f"decode_b1_reference_over_roofline={ratios.get(('reference', 1), 0):.2f} "
+          f"decode_b1_distributed_over_roofline={ratios.get(('distributed', 1), 0):.2f}")
+
+
+if __name__ == "__main__":
+    main()
