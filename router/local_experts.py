@@ -6,9 +6,8 @@ import torch
 
 from expertmesh.core.checkpoint import Checkpoint
 from expertmesh.core.config import MixtralConfig
-from expertmesh.core.grouped_experts import fused_expert, grouped_swiglu
+from expertmesh.core.grouped_experts import fused_expert, grouped_swiglu, swiglu_expert
 from expertmesh.core.linear import Linear
-from expertmesh.core.grouped_experts import swiglu_expert
 from expertmesh.core.moe_math import combine_rows, sort_by_expert
 
 FEW_TOKENS = 4  # up to this many tokens per step, experts run per token (decode at small batch)
