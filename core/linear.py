@@ -35,20 +35,20 @@ def _prepack(weight: torch.Tensor) -> torch.Tensor | None:
 class Linear:
     """A bias-free linear layer; weight (out, in). Calling it maps x (n, in) -> (n, out).
 
-    small_rows: the kernel for calls of few rows (default: core/gemv.py's, where it builds; None: off).
+    gemv_kernel: the kernel for calls of few rows (default: core/gemv.py's, where it builds; None: off).
     """
 
-    def __init__(self, weight: torch.Tensor, small_rows=_DEFAULT):
+    def __init__(self, weight: torch.Tensor, gemv_kernel=_DEFAULT):
         self.nbytes = weight.numel() * weight.element_size()
         self._packed = _prepack(weight)
-        small = gemv.kernel() if small_rows is _DEFAULT else small_rows
+        small = gemv.kernel() if gemv_kernel is _DEFAULT else gemv_kernel
         self._small = small if small is not None and small.supports(weight) else None
-        self._small_max = self._small.max_rows if self._small is not None else 0
+        self.small_rows = self._small.max_rows if self._small is not None else 0  # calls the kernel takes
         keep_plain = self._packed is None or self._small is not None
         self.weight = weight.contiguous() if keep_plain else None  # else the packed copy replaces it
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= self._small_max and x.shape[0]:
+        if x.shape[0] <= self.small_rows and x.shape[0]:
             return self._small(x, self.weight)
         if self._packed is None:
             return F.linear(x, self.weight)

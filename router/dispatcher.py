@@ -23,6 +23,7 @@ from expertmesh.core.moe_math import combine_rows, sort_by_expert
 log = logging.getLogger("expertmesh.dispatcher")
 
 Pair = tuple[int, int]  # (layer, expert)
+HOST_PLAN_MAX_ROWS = 64  # up to this many rows per layer (tokens x top-k) the plan is made on the host
 
 
 class ExpertPathError(RuntimeError):
@@ -120,20 +121,36 @@ class ExpertDispatcher:
         k, num_experts = c.experts_per_token, c.num_experts
         assert x.dim() == 2 and x.shape[1] == c.hidden_size, x.shape  # (T, D)
         assert weights.shape == ids.shape == (x.shape[0], k), (weights.shape, ids.shape)  # (T, K)
-        order, counts = sort_by_expert(ids, num_experts)  # (N,), (E,)
-        counts_list = counts.tolist()  # (E,) on the host, for the plan of the messages
+        if x.device.type == "cpu" and ids.numel() <= HOST_PLAN_MAX_ROWS:
+            # A few rows (decode at small batch): sorted and planned on the host, where a handful of
+            # tensor ops would cost more than the rows themselves.
+            flat = ids.reshape(-1).tolist()
+            order_list = sorted(range(len(flat)), key=flat.__getitem__)  # stable, as argsort's
+            counts_list = [0] * num_experts
+            for e in flat:
+                counts_list[e] += 1
+            counts = torch.tensor(counts_list)
+        else:
+            order, counts = sort_by_expert(ids, num_experts)  # (N,), (E,)
+            counts_list = counts.tolist()  # (E,) on the host, for the plan of the messages
+            order_list = None
         pieces = split_among_replicas(counts_list, self.holders[layer], self.num_workers)
         per_worker = [[0] * num_experts for _ in range(self.num_workers)]  # the headers' counts
-        segments, split = [], []
+        positions, split = [], []
         for w, items in enumerate(pieces):
             for e, start, n in items:
                 per_worker[w][e] = n
-                segments.append(torch.arange(start, start + n))
+                positions.append(range(start, start + n))
             split.append(sum(n for _, _, n in items))
         self.expert_rows[layer] += counts.cpu()
-        positions = torch.cat(segments) if segments else torch.empty(0, dtype=torch.int64)
-        pairs = order[positions.to(x.device)]  # (N,) grouped by worker, then expert
-        send = x[pairs // k].to(self.device)  # (N, D)
+        if order_list is not None:
+            pairs = torch.tensor([order_list[p] for r in positions for p in r], dtype=torch.int64)
+        else:
+            segments = [torch.arange(r.start, r.stop) for r in positions]
+            positions_t = torch.cat(segments) if segments else torch.empty(0, dtype=torch.int64)
+            pairs = order[positions_t.to(x.device)]
+        # pairs (N,): the flattened (token, slot) of each row, grouped by worker, then expert
+        send = x.index_select(0, pairs // k).to(self.device)  # (N, D)
         received = torch.empty_like(send)
         works, keep = [], [send]
         with self._lock:

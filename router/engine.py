@@ -147,18 +147,30 @@ class Engine:
             token_ids = torch.tensor([t for s, n in zip(group, lens)
                                       for t in s.token_ids[s.num_cached:s.num_cached + n]])
             micro_batches.append((token_ids, batch))
+        # The logits of a few sequences (the GEMV path, bandwidth-bound) run at layer_threads too: a
+        # second thread gains little there, and its OpenMP spin afterwards takes the core a worker
+        # needs (bench/latency.py: distributed decode at batch 1, 14 -> 11 ms a step).
+        few = not all_logits and len(seqs) <= self.model.lm_head.small_rows
         threads = torch.get_num_threads()
         if self.layer_threads:
             torch.set_num_threads(self.layer_threads)
         try:
             h = torch.cat(self.model.forward(micro_batches, self.cache, self.experts))  # (T, D)
+            if few:
+                return self._last_logits(h, num_new)
         finally:
             if self.layer_threads:
                 torch.set_num_threads(threads)
         if all_logits:
             return list(self.model.logits(h).cpu().split(num_new))
+        return self._last_logits(h, num_new)
+
+    def _last_logits(self, h: torch.Tensor, num_new: list[int]) -> torch.Tensor:
+        """The logits after each sequence's last computed token (S, V), on the CPU for sampling."""
+        if len(num_new) == h.shape[0]:  # one row per sequence: nothing to pick
+            return self.model.logits(h).cpu()
         ends = torch.tensor(num_new).cumsum(0)
-        return self.model.logits(h[ends - 1]).cpu()  # sampling runs on the CPU
+        return self.model.logits(h[ends - 1]).cpu()
 
     def _split(self, num_new: list[int]) -> bool:
         if len(num_new) < 2 or self.pingpong == "off":

@@ -27,15 +27,15 @@ def close(got: torch.Tensor, expected: torch.Tensor, tolerance: float) -> bool:
     return (got.float() - expected.float()).abs().max().item() <= tolerance * scale
 
 
-@pytest.mark.parametrize("small_rows", ["default", None])
+@pytest.mark.parametrize("gemv_kernel", ["default", None])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("rows", [0, 1, 2, 3, 7, 33, 130])
-def test_linear_matches_f_linear(small_rows, dtype, tolerance, rows):
+def test_linear_matches_f_linear(gemv_kernel, dtype, tolerance, rows):
     gen = torch.Generator().manual_seed(rows)
     weight = (torch.randn(384, 96, generator=gen) / 96 ** 0.5).to(dtype)
     x = torch.randn(rows, 96, generator=gen).to(dtype)
-    layer = Linear(weight) if small_rows == "default" else Linear(weight, small_rows=None)
-    if torch.backends.mkldnn.is_available() and (small_rows is None or KERNEL is None):
+    layer = Linear(weight) if gemv_kernel == "default" else Linear(weight, gemv_kernel=None)
+    if torch.backends.mkldnn.is_available() and (gemv_kernel is None or KERNEL is None):
         assert layer.weight is None, "without the kernel the packed copy replaces the weight"
     got = layer(x)
     assert got.shape == (rows, 384) and got.dtype == dtype
@@ -58,7 +58,7 @@ def test_one_and_two_rows_take_the_kernel_and_more_take_the_gemm():
             calls.append(x.shape[0])
             return KERNEL(x, w)
 
-    layer = Linear(weight, small_rows=Counting())
+    layer = Linear(weight, gemv_kernel=Counting())
     for rows in (1, 2, 3, 8):
         x = torch.randn(rows, 32)
         assert close(layer(x), F.linear(x, weight), 1e-5)
