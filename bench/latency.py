@@ -4,8 +4,9 @@
 
 A decode step must read every weight it uses (the router's dense layers and lm_head, the experts its
 tokens were routed to) and each sequence's KV context; it cannot run faster than those bytes over the
-memory bandwidth. The bandwidth is measured in the same run, as the better of a large copy (bytes
-read + written) and a large read-only sum, on buffers far beyond the last-level cache. The step
+memory bandwidth. The bandwidth is measured in the same run, as the best of a large copy (bytes
+read + written), a large read-only sum and the GEMV kernel reading a large weight, on buffers far
+beyond the last-level cache (the GEMV streams faster than the other two here, so it sets the bar). The step
 time is what a client sees: the serving loop (`ServingEngine`) runs B requests of --prompt-len tokens
 to --new-tokens each from a fresh KV cache, and a step is the median gap between two streamed
 tokens after the first (prefill excluded): scheduling, the model step, sampling, detokenisation and
@@ -32,6 +33,7 @@ from contextlib import contextmanager
 
 import torch
 
+from expertmesh.core import cpu_kernels
 from expertmesh.core.settings import ServingConfig
 from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
 from expertmesh.core.tokenizer import load_tokenizer
@@ -45,22 +47,33 @@ from expertmesh.router.serving import ServingEngine
 MODEL = dict(hidden_size=512, intermediate_size=1792, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64)
 
 
-def bandwidth_gb_s(mib: int = 512, repeats: int = 5) -> tuple[float, float]:
-    """(large copy, read+write bytes per s; large sum, bytes read per s), in GB/s, best of repeats."""
-    src = torch.randn(mib << 18)  # mib MiB of fp32, touched (an untouched buffer reads the zero page)
-    dst = torch.ones_like(src)
-    nbytes = src.numel() * 4
+class Bandwidth:
+    """This machine's memory bandwidth, in GB/s, measured on buffers far beyond the last-level cache."""
 
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
+    def __init__(self, mib: int = 512):
+        self.src = torch.randn(mib << 18)  # mib MiB of fp32, touched (an untouched buffer reads the zero page)
+        self.dst = torch.ones_like(self.src)
+        self.kernels = cpu_kernels.kernels()
+        self.weight, self.row = self.src.view(-1, 1024), torch.randn(1, 1024)
+
+    def measure(self, repeats: int = 5) -> tuple[float, float, float]:
+        """Best of repeats: a large copy (bytes read + written), a large sum (bytes read) and the GEMV
+        kernel over a large weight at one row (bytes of weight read; 0 without the kernel)."""
+        nbytes = self.src.numel() * 4
+
+        def best(fn) -> float:
             fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            return min(times)
 
-    return 2 * nbytes / best(lambda: dst.copy_(src)) / 1e9, nbytes / best(lambda: src.sum()) / 1e9
+        copy = 2 * nbytes / best(lambda: self.dst.copy_(self.src)) / 1e9
+        total = nbytes / best(lambda: self.src.sum()) / 1e9
+        gemv = nbytes / best(lambda: self.kernels.gemv(self.row, self.weight)) / 1e9 if self.kernels else 0.0
+        return copy, total, gemv
 
 
 def step_bytes(engine: Engine, experts_per_layer: float, context_tokens: float, batch: int) -> float:
@@ -148,12 +161,12 @@ def decode_run(engine: Engine, tokenizer, batch: int, prompt_len: int, new_token
     prompts = [[1] + torch.randint(3, 32000, (prompt_len - 1,), generator=g).tolist() for _ in range(batch)]
     arrivals: list[list[float]] = [[] for _ in range(batch)]
     finished = [False] * batch
-    distinct: list[int] = []
+    routed: list[torch.Tensor] = []  # each decode layer's expert ids, counted after the run
     original_start = engine.experts.start
 
     def counting_start(layer, x, weights, ids):
         if x.shape[0] == batch:  # decode steps only (a prefill step has batch * prompt_len rows)
-            distinct.append(int(ids.unique().numel()))
+            routed.append(ids)
         return original_start(layer, x, weights, ids)
 
     engine.experts.start = counting_start
@@ -183,7 +196,8 @@ def decode_run(engine: Engine, tokenizer, batch: int, prompt_len: int, new_token
     per_step = {name: s / steps for name, s in parts.items()}
     if timed:
         per_step["loop"] = loop_s / steps
-    return statistics.median(gaps), statistics.mean(distinct), contexts * batch, per_step
+    distinct = statistics.mean(int(ids.unique().numel()) for ids in routed)
+    return statistics.median(gaps), distinct, contexts * batch, per_step
 
 
 @contextmanager
@@ -223,10 +237,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    copy_bw, read_bw = bandwidth_gb_s()
-    bw = max(copy_bw, read_bw) * 1e9
-    print(f"memory bandwidth: large copy {copy_bw:.1f} GB/s (read + written), large sum {read_bw:.1f} GB/s; "
-          f"roofline at {bw / 1e9:.1f} GB/s; torch threads {torch.get_num_threads()}")
+    bandwidth = Bandwidth()
+    copy_bw, read_bw, gemv_bw = bandwidth.measure()
+    print(f"memory bandwidth: large copy {copy_bw:.1f} GB/s (read + written), large sum {read_bw:.1f} GB/s, "
+          f"GEMV over 512 MiB {gemv_bw:.1f} GB/s; each run's roofline takes the best of the three, "
+          f"measured just before and after it (this machine's bandwidth drifts); torch threads "
+          f"{torch.get_num_threads()}")
     ratios = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = write_tiny_checkpoint(tmp, **MODEL)
@@ -241,16 +257,24 @@ def main() -> None:
             for name, engine, cluster in engines:
                 decode_run(engine, tokenizer, 2, args.prompt_len, 4, cluster is not None)  # warm-up
                 for b in batches:
-                    runs = [decode_run(engine, tokenizer, b, args.prompt_len, args.new_tokens, cluster is not None)
-                            for _ in range(args.repeats)]
-                    step_s = statistics.median(r[0] for r in runs)
-                    _, experts, context, _ = runs[0]
-                    nbytes = step_bytes(engine, experts, context, b)
-                    roofline_s = nbytes / bw
-                    ratios[(name.split()[0], b)] = roofline_s / step_s
+                    steps, rooflines, bandwidths = [], [], []
+                    for _ in range(args.repeats):
+                        before = max(bandwidth.measure(repeats=2))
+                        step_s, experts, context, _ = decode_run(engine, tokenizer, b, args.prompt_len,
+                                                                 args.new_tokens, cluster is not None)
+                        bw = (before + max(bandwidth.measure(repeats=2))) / 2 * 1e9
+                        nbytes = step_bytes(engine, experts, context, b)
+                        steps.append(step_s)
+                        rooflines.append(nbytes / bw)
+                        bandwidths.append(bw / 1e9)
+                    step_s = statistics.median(steps)
+                    ratio = statistics.median(r / s for r, s in zip(rooflines, steps))
+                    ratios[(name.split()[0], b)] = ratio
                     print(f"{name}, batch {b}: step {step_s * 1e3:.2f} ms ({b / step_s:.0f} tokens/s); "
-                          f"reads {nbytes / 1e6:.1f} MB ({experts:.1f} experts/layer, {context:.0f} KV tokens): "
-                          f"roofline {roofline_s * 1e3:.2f} ms -> {roofline_s / step_s:.2f} of the roofline")
+                          f"reads {nbytes / 1e6:.1f} MB ({experts:.1f} experts/layer, {context:.0f} KV tokens); "
+                          f"bandwidth {min(bandwidths):.0f}-{max(bandwidths):.0f} GB/s, roofline "
+                          f"{statistics.median(rooflines) * 1e3:.2f} ms -> {ratio:.2f} of the roofline "
+                          f"(median of {args.repeats} runs)")
                     parts = decode_run(engine, tokenizer, b, args.prompt_len, args.new_tokens,
                                        cluster is not None, timed=True)[3]
                     print("\n".join(breakdown(parts, engine.config.num_layers, cluster is not None)))

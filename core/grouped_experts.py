@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from expertmesh.core import cpu_kernels
 from expertmesh.core.linear import Linear
 
 
@@ -19,7 +20,11 @@ def fused_expert(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> tuple[
 
 def swiglu_expert(x: torch.Tensor, w13: Linear, w2: Linear) -> torch.Tensor:
     """One expert: w2(silu(w1 x) * w3 x). x (n, D) -> (n, D)."""
-    gate, up = w13(x).chunk(2, dim=-1)  # (n, I) each
+    gate_up = w13(x)  # (n, 2I): gate, then up
+    kernels = cpu_kernels.for_rows(gate_up)
+    if kernels is not None:
+        return w2(kernels.silu_mul(gate_up))
+    gate, up = gate_up.chunk(2, dim=-1)  # (n, I) each
     return w2(F.silu(gate) * up)
 
 

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import torch
 
+from expertmesh.core import cpu_kernels
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in fp32, scaled in the input dtype (as Mixtral was trained)."""
+    kernels = cpu_kernels.for_rows(x)
+    if kernels is not None and weight.dtype == torch.float32 and x.is_contiguous():
+        return kernels.rms_norm(x, weight, eps)
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
@@ -21,6 +26,9 @@ def top_k_gating(gate_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
 
     gate_logits (T, E) -> weights (T, K) fp32 summing to 1, expert ids (T, K) int64.
     """
+    kernels = cpu_kernels.for_rows(gate_logits)
+    if kernels is not None and gate_logits.is_contiguous():
+        return kernels.gate_top_k(gate_logits, k)
     probs = torch.softmax(gate_logits.float(), dim=-1)  # (T, E)
     weights, ids = torch.topk(probs, k, dim=-1)  # (T, K)
     return weights / weights.sum(dim=-1, keepdim=True), ids

@@ -24,6 +24,7 @@ class AttentionBatch:
     decode_rows: torch.Tensor | None  # (B,) rows of the sequences with one new token
     decode_slots: torch.Tensor | None  # (B, Cmax) their context slots, padded (pads read slot 0)
     decode_mask: torch.Tensor | None  # (B, 1, 1, Cmax) True where a key is attended; None: every key
+    decode_lens: torch.Tensor | None  # (B,) context length of each of them (its query is the last)
     prefill: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (first row, n, slots (C,), mask (n, C))
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) at `positions`, set on first use
 
@@ -36,12 +37,14 @@ class AttentionBatch:
     def build(cls, cache: KVCache, block_tables: list[list[int]], starts: list[int],
               query_lens: list[int], sliding_window: int | None = None) -> "AttentionBatch":
         """Sequence i has cached tokens [0, starts[i]) and brings query_lens[i] new ones."""
+        if all(n == 1 for n in query_lens):
+            return cls._decode_step(cache, block_tables, starts, sliding_window)
         positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, query_lens)])
         context = [cache.slots(table, 0, s + n) for table, s, n in zip(block_tables, starts, query_lens)]
         new = torch.cat([c[s:] for c, s in zip(context, starts)])
         first_rows = torch.tensor([0, *query_lens[:-1]]).cumsum(0).tolist()
         decode = [i for i, n in enumerate(query_lens) if n == 1]
-        decode_rows = decode_slots = decode_mask = None
+        decode_rows = decode_slots = decode_mask = lens = None
         if decode:
             slots = [context[i] for i in decode]
             lens = torch.tensor([c.shape[0] for c in slots])  # (B,); the query sits at lens - 1
@@ -64,14 +67,41 @@ class AttentionBatch:
                 if sliding_window is not None:
                     mask &= k_pos > q_pos - sliding_window
                 prefill.append((first_rows[i], n, context[i], mask))
-        # Built on the CPU (small integer work), used where the cache lives.
-        device = cache.k.device
+        return cls._on(cache.k.device, positions, new, list(query_lens), decode_rows, decode_slots, decode_mask,
+                       lens, prefill)
+
+    @classmethod
+    def _decode_step(cls, cache: KVCache, block_tables: list[list[int]], starts: list[int],
+                     sliding_window: int | None) -> "AttentionBatch":
+        """Decode rows only (one new token per sequence, the common step): every sequence's slots
+        from one padded block table in a few tensor ops, not per sequence."""
+        bs, longest = cache.block_size, max(starts) + 1
+        width = -(-longest // bs)  # blocks of the longest context
+        table = torch.tensor([t[:width] + [0] * (width - min(len(t), width)) for t in block_tables])  # (B, nb)
+        k_pos = torch.arange(longest)  # (Cmax,)
+        slots = table[:, k_pos // bs] * bs + k_pos % bs  # (B, Cmax); past a sequence's end: padding
+        lens = torch.tensor(starts) + 1  # (B,)
+        positions = lens - 1
+        new = slots.gather(1, positions[:, None]).squeeze(1)  # (B,) where this step's k/v go
+        mask = None
+        if sliding_window is not None and longest > sliding_window or min(starts) + 1 < longest:
+            mask = k_pos[None, :] < lens[:, None]
+            if sliding_window is not None:
+                mask &= k_pos[None, :] > positions[:, None] - sliding_window
+            mask = mask[:, None, None, :]
+        rows = torch.arange(len(starts))
+        return cls._on(cache.k.device, positions, new, [1] * len(starts), rows, slots, mask, lens, [])
+
+    @classmethod
+    def _on(cls, device: torch.device, positions, new, query_lens, decode_rows, decode_slots, decode_mask, lens,
+            prefill) -> "AttentionBatch":
+        """Built on the CPU (small integer work), used where the cache lives."""
         if device.type != "cpu":
             to = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-            positions, new, decode_rows, decode_slots, decode_mask = map(
-                to, (positions, new, decode_rows, decode_slots, decode_mask))
+            positions, new, decode_rows, decode_slots, decode_mask, lens = map(
+                to, (positions, new, decode_rows, decode_slots, decode_mask, lens))
             prefill = [(row, n, to(slots), to(mask)) for row, n, slots, mask in prefill]
-        return cls(positions, new, list(query_lens), decode_rows, decode_slots, decode_mask, prefill)
+        return cls(positions, new, query_lens, decode_rows, decode_slots, decode_mask, lens, prefill)
 
 
 class Rope:

@@ -155,7 +155,8 @@ class Engine:
         if self.layer_threads:
             torch.set_num_threads(self.layer_threads)
         try:
-            h = torch.cat(self.model.forward(micro_batches, self.cache, self.experts))  # (T, D)
+            outputs = self.model.forward(micro_batches, self.cache, self.experts)
+            h = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # (T, D)
             if few:
                 return self._last_logits(h, num_new)
         finally:

@@ -41,15 +41,14 @@ class LocalExperts:
         """The same sum for a few tokens, without the sort, gather and scatter that grouping rows by
         expert takes: each token through its K experts, one row each (the GEMV kernel's case).
         Reads ids and weights on the host: no device to sync with on the CPU."""
-        out = torch.empty(x.shape[0], x.shape[1], dtype=torch.float32)
+        rows = []
         for t, (token_ids, token_weights) in enumerate(zip(ids.tolist(), weights.tolist())):
-            row = x[t:t + 1]  # (1, D)
             acc = None
             for e, w in zip(token_ids, token_weights):
-                y = swiglu_expert(row, *self.weights[(layer, e)]).float() * w
-                acc = y if acc is None else acc.add_(y)
-            out[t] = acc[0]
-        return out
+                y = swiglu_expert(x[t:t + 1], *self.weights[(layer, e)]).float()  # (1, D), a fresh tensor
+                acc = y.mul_(w) if acc is None else acc.add_(y, alpha=w)
+            rows.append(acc)
+        return rows[0] if len(rows) == 1 else torch.cat(rows)
 
     # The same start/finish interface as the dispatcher, so one forward loop serves both.
     def start(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

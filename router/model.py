@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
+from expertmesh.core import cpu_kernels
 from expertmesh.core.checkpoint import Checkpoint
 from expertmesh.core.config import MixtralConfig
 from expertmesh.core.linear import Linear
@@ -75,6 +76,14 @@ class RouterModel:
         c, w = self.config, self.layers[layer]
         x = rms_norm(h, w.input_norm, c.rms_norm_eps)
         qkv = w.qkv(x)  # (T, (H + 2G) Dh)
+        kernels = cpu_kernels.for_rows(qkv) if batch.all_decode else None
+        if kernels is not None:  # a decode step on the CPU: rotary, cache write, attention in 2 calls
+            k_cache, v_cache = cache.k[layer], cache.v[layer]
+            kernels.rope_store(qkv, batch.positions, batch.slot_mapping, self.rope.cos, self.rope.sin,
+                               k_cache, v_cache, c.num_heads)
+            o = kernels.decode_attention(qkv, k_cache, v_cache, batch.decode_slots, batch.decode_lens,
+                                         c.num_heads, c.sliding_window)
+            return h + w.o(o)
         if batch.rope is None:  # the same for every layer of the step
             batch.rope = self.rope.tables(batch.positions, h.dtype)
         # q and k heads rotated in one call: (T, H + G, Dh)

@@ -52,14 +52,11 @@ class RequestSampler:
 
     @property
     def plain_greedy(self) -> bool:
-        """Argmax of the raw logits, nothing else: such rows are sampled together, in one op."""
+        """Argmax of the raw logits, nothing else: such rows are sampled together, in one op, and
+        keep no token counts (only penalties read them)."""
         p = self.params
         return (p.temperature == 0 and p.logprobs is None and p.repetition_penalty == 1.0
                 and not p.presence_penalty and not p.frequency_penalty)
-
-    def accept(self, token: int) -> None:
-        """Record a token chosen outside `sample` (the batched greedy path)."""
-        self.output_counts[token] += 1
 
     def _penalised(self, logits: torch.Tensor) -> torch.Tensor:
         p = self.params

@@ -1,0 +1,183 @@
+"""The CPU's decode kernels (core/cpu_kernels.c), built on first use; None where they cannot be.
+
+At batch 1 a decode step is a chain of matrix-vector products and a few hundred tiny ops. The
+products' speed is how fast the weights stream from memory: oneDNN's prepacked GEMM, torch's best CPU
+path from 4 rows up, streams them at 20-28 GB/s at one row on the 2-core CI machine, the GEMV here at
+25-34 (bench/linear.py), about the machine's copy bandwidth. The tiny ops (norms, rotary embedding,
+the cache write, attention over a short context, gating, SwiGLU) cost 2-15 us each in torch's
+dispatch against well under a microsecond of arithmetic; each kernel here replaces 4-12 of them.
+Callers use these only for fp32 (bf16 weights in the GEMV) on the CPU, for few rows, and keep their
+torch code for everything else.
+
+The C file is compiled once per machine (its CPU flags are in the cache key: `-march=native`) with
+the system's C compiler into the expertmesh cache directory, as Triton caches its kernels. Where no
+compiler works, `kernels()` is None and everything runs on torch, as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from expertmesh.core.tokenizer import cache_dir
+
+log = logging.getLogger("expertmesh.cpu_kernels")
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+PARALLEL_MIN_BYTES = 256 << 10  # below this a weight is read by one thread: waking the other costs more
+FEW_ROWS = 64  # the row-wise kernels (norm, gating, SwiGLU) are for up to this many rows
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build() -> Path:
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_flags().encode()
+                         + platform.machine().encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
+    if target.exists():
+        return target
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler (cc or gcc) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed: processes starting together (expert workers)
+    # never load a half-written library.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], check=True, capture_output=True,
+                       text=True, timeout=120)
+        os.replace(out, target)
+    return target
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+class CpuKernels:
+    """The loaded library. Every method checks its inputs' shapes and returns new tensors, except
+    rope_store, which works in place as its name says."""
+
+    def __init__(self, library: ctypes.CDLL):
+        p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+        signatures = {
+            "gemv_f32": [p, p, p, i64, i64, i64, i32],
+            "gemv_bf16": [p, p, p, i64, i64, i64, i32],
+            "rms_norm_f32": [p, p, p, i64, i64, f32],
+            "rope_store_f32": [p, p, p, p, p, p, p, i64, i64, i64, i64],
+            "decode_attention_f32": [p, i64, p, p, p, i64, p, p, i64, i64, i64, i64, i64, i32],
+            "gate_top_k_f32": [p, p, p, i64, i64, i64],
+            "silu_mul_f32": [p, p, i64, i64],
+        }
+        for name, args in signatures.items():
+            fn = getattr(library, name)
+            fn.argtypes, fn.restype = args, None
+            setattr(self, "_" + name, fn)
+        self.max_rows = library.gemv_max_rows()  # of gemv
+
+    @staticmethod
+    def supports(weight: torch.Tensor) -> bool:
+        """Whether gemv takes this weight."""
+        return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+
+    def gemv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x (m, k) with m <= max_rows, weight (n, k) contiguous -> x @ weight.T (m, n) in x's dtype."""
+        m, k = x.shape
+        n = weight.shape[0]
+        assert 0 < m <= self.max_rows and weight.shape[1] == k and weight.is_contiguous(), (x.shape, weight.shape)
+        x32 = x.float().contiguous()
+        y = torch.empty(m, n, dtype=torch.float32)
+        threads = 1 if weight.nbytes < PARALLEL_MIN_BYTES else torch.get_num_threads()
+        fn = self._gemv_f32 if weight.dtype == torch.float32 else self._gemv_bf16
+        fn(_ptr(x32), _ptr(weight), _ptr(y), m, n, k, threads)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x (m, d) fp32 contiguous, weight (d,) fp32 -> (m, d)."""
+        assert x.dtype == weight.dtype == torch.float32 and x.is_contiguous() and x.shape[-1] == weight.shape[0]
+        y = torch.empty_like(x)
+        self._rms_norm_f32(_ptr(x), _ptr(weight), _ptr(y), x.shape[0], x.shape[1], eps)
+        return y
+
+    def rope_store(self, qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int) -> None:
+        """qkv (m, (H + 2G) Dh) fp32: q and k heads rotated in place by positions (m,) int64 (tables
+        cos/sin (P, Dh)); k and v written to the cache (S, G, Dh) at slots (m,) int64."""
+        m = qkv.shape[0]
+        _, g, dh = k_cache.shape
+        assert qkv.dtype == cos.dtype == sin.dtype == k_cache.dtype == v_cache.dtype == torch.float32
+        assert qkv.is_contiguous() and qkv.shape[1] == (heads + 2 * g) * dh and positions.shape == slots.shape == (m,)
+        assert k_cache.is_contiguous() and v_cache.is_contiguous() and positions.dtype == slots.dtype == torch.int64
+        assert cos.is_contiguous() and sin.is_contiguous() and cos.shape[1] == dh
+        self._rope_store_f32(_ptr(qkv), _ptr(positions), _ptr(slots), _ptr(cos), _ptr(sin), _ptr(k_cache),
+                             _ptr(v_cache), m, heads, g, dh)
+
+    def decode_attention(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         slots: torch.Tensor, lens: torch.Tensor, heads: int, window: int | None) -> torch.Tensor:
+        """Row b of qkv (B, (H + 2G) Dh) is sequence b's query (its first H heads); its keys and
+        values are at slots[b, :lens[b]] (B, Cmax) of the cache (S, G, Dh) -> (B, H * Dh)."""
+        b = qkv.shape[0]
+        _, g, dh = k_cache.shape
+        assert qkv.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and qkv.is_contiguous()
+        assert slots.dtype == lens.dtype == torch.int64 and slots.is_contiguous() and slots.shape[0] == lens.shape[0] == b
+        assert k_cache.is_contiguous() and v_cache.is_contiguous() and heads % g == 0
+        o = torch.empty(b, heads * dh, dtype=torch.float32)
+        threads = torch.get_num_threads() if b * heads >= 16 else 1
+        self._decode_attention_f32(_ptr(qkv), qkv.shape[1], _ptr(k_cache), _ptr(v_cache), _ptr(slots),
+                                   slots.shape[1], _ptr(lens), _ptr(o), b, heads, g, dh, window or 0, threads)
+        return o
+
+    def gate_top_k(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits (m, E) fp32 -> weights (m, K) fp32 summing to 1, expert ids (m, K) int64."""
+        assert logits.dtype == torch.float32 and logits.is_contiguous() and 0 < k <= logits.shape[1]
+        m, e = logits.shape
+        weights = torch.empty(m, k, dtype=torch.float32)
+        ids = torch.empty(m, k, dtype=torch.int64)
+        self._gate_top_k_f32(_ptr(logits), _ptr(weights), _ptr(ids), m, e, k)
+        return weights, ids
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up (m, 2I) fp32, gate then up -> silu(gate) * up (m, I)."""
+        assert gate_up.dtype == torch.float32 and gate_up.is_contiguous() and gate_up.shape[1] % 2 == 0
+        m, width = gate_up.shape
+        out = torch.empty(m, width // 2, dtype=torch.float32)
+        self._silu_mul_f32(_ptr(gate_up), _ptr(out), m, width // 2)
+        return out
+
+
+@functools.cache
+def kernels() -> CpuKernels | None:
+    """The compiled kernels, or None where they cannot be built here (logged once)."""
+    try:
+        return CpuKernels(ctypes.CDLL(str(_build())))
+    except (OSError, subprocess.SubprocessError, AttributeError) as exc:
+        detail = getattr(exc, "stderr", None) or exc
+        log.warning("CPU decode kernels unavailable, torch ops run instead: %s", detail)
+        return None
+
+
+def for_rows(x: torch.Tensor) -> CpuKernels | None:
+    """The kernels when a row-wise kernel should take x: fp32 on the CPU, at most FEW_ROWS rows."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.shape[0] > FEW_ROWS:
+        return None
+    return kernels()
