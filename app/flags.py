@@ -13,6 +13,9 @@ def add_engine_flags(parser: argparse.ArgumentParser, default_workers: int) -> N
     d = DEFAULTS
     parser.add_argument("--model", help="checkpoint folder (default: the cached tiny Mixtral)")
     parser.add_argument("--dtype", choices=DTYPES, default=d.dtype, help=f"compute dtype (default {d.dtype})")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=d.cuda_graphs,
+                        help="capture decode steps of up to 32 sequences as CUDA graphs and replay them "
+                        "(--workers 0 on a GPU with --dtype bfloat16; default on)")
     parser.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
                         help=f"tokens computed per step (default {d.max_batch_tokens})")
     parser.add_argument("--max-seqs", type=int, default=d.max_seqs,
@@ -59,4 +62,4 @@ def serving_config(args) -> ServingConfig:
         stall_timeout_s=getattr(args, "stall_timeout", DEFAULTS.stall_timeout_s),
         block_size=args.block_size, pingpong=args.pingpong, pingpong_min_tokens=args.pingpong_min_tokens,
         collective_timeout_s=args.collective_timeout, placement_timeout_s=args.placement_timeout,
-        worker_threads=args.worker_threads)
+        worker_threads=args.worker_threads, cuda_graphs=args.cuda_graphs)

@@ -7,6 +7,7 @@
  *   decode_attention_f32  one query row per sequence over its cached keys (online softmax)
  *   gate_top_k_f32    Mixtral gating: softmax over experts, top k, renormalised
  *   silu_mul_f32      SwiGLU's silu(gate) * up
+ *   combine_f32       each token's gate-weighted sum of its expert outputs
  *
  * Built with -O3 -march=native -fopenmp; OpenMP is torch's own libgomp (already loaded), so there is
  * one thread pool. Row-major, fp32 unless named; shapes in each function's comment.
@@ -168,5 +169,18 @@ void silu_mul_f32(const float *restrict gate_up, float *restrict out, int64_t m,
         const float *gate = gate_up + r * 2 * i, *up = gate + i;
         #pragma omp simd
         for (int64_t j = 0; j < i; j++) out[r * i + j] = gate[j] / (1.f + expf(-gate[j])) * up[j];
+    }
+}
+
+/* rows (n, d): expert outputs of the flattened (token, slot) pairs[i] -> out (t, d), zeroed first,
+ * out[pairs[i] / k] += weights[pairs[i]] * rows[i] (weights (t, k) flattened) */
+void combine_f32(const float *restrict rows, const int64_t *restrict pairs, const float *restrict weights,
+                 float *restrict out, int64_t n, int64_t t, int64_t d, int64_t k) {
+    memset(out, 0, (size_t)(t * d) * sizeof(float));
+    for (int64_t i = 0; i < n; i++) {
+        float w = weights[pairs[i]];
+        float *dst = out + (pairs[i] / k) * d;
+        #pragma omp simd
+        for (int64_t j = 0; j < d; j++) dst[j] += w * rows[i * d + j];
     }
 }

@@ -4,7 +4,7 @@ At batch 1 a decode step is a chain of matrix-vector products and a few hundred 
 products' speed is how fast the weights stream from memory: oneDNN's prepacked GEMM, torch's best CPU
 path from 4 rows up, streams them at 20-28 GB/s at one row on the 2-core CI machine, the GEMV here at
 25-34 (bench/linear.py), about the machine's copy bandwidth. The tiny ops (norms, rotary embedding,
-the cache write, attention over a short context, gating, SwiGLU) cost 2-15 us each in torch's
+the cache write, attention over a short context, gating, SwiGLU, the combine) cost 2-15 us each in torch's
 dispatch against well under a microsecond of arithmetic; each kernel here replaces 4-12 of them.
 Callers use these only for fp32 (bf16 weights in the GEMV) on the CPU, for few rows, and keep their
 torch code for everything else.
@@ -88,6 +88,7 @@ class CpuKernels:
             "decode_attention_f32": [p, i64, p, p, p, i64, p, p, i64, i64, i64, i64, i64, i32],
             "gate_top_k_f32": [p, p, p, i64, i64, i64],
             "silu_mul_f32": [p, p, i64, i64],
+            "combine_f32": [p, p, p, p, i64, i64, i64, i64],
         }
         for name, args in signatures.items():
             fn = getattr(library, name)
@@ -139,7 +140,8 @@ class CpuKernels:
         b = qkv.shape[0]
         _, g, dh = k_cache.shape
         assert qkv.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and qkv.is_contiguous()
-        assert slots.dtype == lens.dtype == torch.int64 and slots.is_contiguous() and slots.shape[0] == lens.shape[0] == b
+        assert slots.dtype == lens.dtype == torch.int64 and slots.is_contiguous()
+        assert slots.shape[0] == lens.shape[0] == b
         assert k_cache.is_contiguous() and v_cache.is_contiguous() and heads % g == 0
         o = torch.empty(b, heads * dh, dtype=torch.float32)
         threads = torch.get_num_threads() if b * heads >= 16 else 1
@@ -162,6 +164,17 @@ class CpuKernels:
         m, width = gate_up.shape
         out = torch.empty(m, width // 2, dtype=torch.float32)
         self._silu_mul_f32(_ptr(gate_up), _ptr(out), m, width // 2)
+        return out
+
+    def combine(self, rows: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor, tokens: int) -> torch.Tensor:
+        """rows (N, D) fp32, the outputs for flattened (token, slot) pairs (N,) int64; weights (T, K)
+        fp32 -> (T, D): each token's weighted sum of its rows."""
+        assert rows.dtype == weights.dtype == torch.float32 and pairs.dtype == torch.int64
+        assert rows.is_contiguous() and pairs.is_contiguous() and weights.is_contiguous()
+        assert rows.shape[0] == pairs.shape[0] and weights.shape[0] == tokens
+        out = torch.empty(tokens, rows.shape[1], dtype=torch.float32)
+        self._combine_f32(_ptr(rows), _ptr(pairs), _ptr(weights), _ptr(out), rows.shape[0], tokens, rows.shape[1],
+                          weights.shape[1])
         return out
 
 

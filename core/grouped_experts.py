@@ -1,4 +1,6 @@
-"""Grouped SwiGLU experts, torch path (the CPU's, and the GPU's above TRITON_MAX_ROWS).
+"""Grouped SwiGLU experts, torch paths: per expert over host-side counts (the CPU's, and the GPU's
+above TRITON_MAX_ROWS), and over device-side offsets with grouped GEMMs (no host sync: what a
+captured CUDA graph can replay, router/decode_graphs.py).
 
 Its Triton twin for GPUs is `grouped_experts_triton.py`, beside it. Shape legend: N rows sent to
 experts, D hidden, I expert intermediate.
@@ -41,3 +43,15 @@ def grouped_swiglu(rows: torch.Tensor, counts: list[int], experts: list[tuple[Li
             out[start:start + count] = swiglu_expert(rows[start:start + count], w13, w2)
         start += count
     return out
+
+
+def grouped_swiglu_by_offsets(rows: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor,
+                              w2: torch.Tensor) -> torch.Tensor:
+    """SwiGLU experts over rows grouped by expert, with no host sync (device-side group ends).
+
+    rows (N, D) grouped by expert, expert e's rows ending at offsets[e] (E,) int32; w13 (E, 2I, D)
+    (w1 then w3 of each expert), w2 (E, D, I) -> (N, D). Two grouped GEMMs, each reading every
+    expert's weights once; an expert with no rows costs nothing.
+    """
+    gate, up = F.grouped_mm(rows, w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)  # (N, I) each
+    return F.grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offsets)

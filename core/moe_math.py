@@ -52,6 +52,9 @@ def combine_rows(expert_out: torch.Tensor, order: torch.Tensor, weights: torch.T
     expert_out (N, D) in the order given by `order` (indices into the flattened (T, K) pairs),
     weights (T, K) fp32 -> (T, D) fp32.
     """
+    kernels = cpu_kernels.for_rows(expert_out)
+    if kernels is not None and expert_out.is_contiguous() and weights.is_contiguous():
+        return kernels.combine(expert_out, order.contiguous(), weights, num_tokens)
     out = torch.zeros(num_tokens, expert_out.shape[-1], dtype=torch.float32, device=expert_out.device)
     scaled = expert_out.float() * weights.reshape(-1)[order, None]  # (N, D)
     return out.index_add_(0, order // k, scaled)

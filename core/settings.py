@@ -33,6 +33,8 @@ class ServingConfig:
     # --- the model -------------------------------------------------------------------------------
     dtype: str = "float32"  # compute dtype; bf16 halves memory but on the CPU gained little (bench/)
     device: str = "auto"  # auto: GPUs (router and one per worker, NCCL) when this process sees one
+    # decode steps of up to 32 sequences as captured CUDA graphs (in-process engine on a GPU, bf16)
+    cuda_graphs: bool = True
     # --- the scheduler ---------------------------------------------------------------------------
     max_batch_tokens: int = 2048  # tokens computed per step: bounds a step's time and memory
     max_seqs: int = 64  # running sequences at most: the decode batch

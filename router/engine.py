@@ -16,7 +16,9 @@ import torch
 
 from expertmesh.core.checkpoint import Checkpoint
 from expertmesh.core.settings import DEFAULTS
+from expertmesh.router import decode_graphs
 from expertmesh.router.attention import AttentionBatch
+from expertmesh.router.decode_graphs import DecodeGraphs
 from expertmesh.router.kv_cache import KVCache
 from expertmesh.router.local_experts import LocalExperts
 from expertmesh.router.model import Experts, RouterModel
@@ -92,6 +94,7 @@ class Engine:
         # Set by the control plane: called with the error when the experts fail a step; True when
         # they were recovered and the same step may run again (cluster/elastic.py).
         self.recover: Callable[[Exception], bool] | None = None
+        self.graphs: DecodeGraphs | None = None  # decode steps as captured graphs (Engine.local)
         self._step_lock = threading.Lock()  # held through a step
         self._jobs: list[_BetweenSteps] = []  # to run at the next step boundary
 
@@ -109,12 +112,23 @@ class Engine:
 
     @classmethod
     def local(cls, model_dir, dtype: torch.dtype = torch.float32, kv_blocks: int = 512,
-              block_size: int = DEFAULTS.block_size, device: str | torch.device = "cpu") -> "Engine":
-        """The reference engine: every weight of the checkpoint in this process (on `device`)."""
+              block_size: int = DEFAULTS.block_size, device: str | torch.device = "cpu",
+              graphs: bool | None = None) -> "Engine":
+        """The reference engine: every weight of the checkpoint in this process (on `device`).
+
+        graphs: decode steps of up to 32 sequences through router/decode_graphs.py; None: where
+        CUDA graphs can be captured (CUDA, bf16). True on the CPU runs the same fixed-buffer path
+        eagerly (for tests)."""
+        device = torch.device(device)
+        if graphs is None:
+            graphs = decode_graphs.available(device, dtype)
         checkpoint = Checkpoint(model_dir)
         model = RouterModel.from_checkpoint(checkpoint, dtype, device)
-        experts = LocalExperts.from_checkpoint(checkpoint, dtype, device)
-        return cls(model, experts, KVCache(checkpoint.config, kv_blocks, block_size, dtype, device))
+        experts = LocalExperts.from_checkpoint(checkpoint, dtype, device, stacked=graphs)
+        engine = cls(model, experts, KVCache(checkpoint.config, kv_blocks, block_size, dtype, device))
+        if graphs:
+            engine.graphs = DecodeGraphs(model, experts, engine.cache, capture=device.type == "cuda")
+        return engine
 
     @torch.inference_mode()
     def step(self, seqs: list[Sequence], num_new: list[int],
@@ -135,6 +149,10 @@ class Engine:
             return self._step(seqs, num_new, all_logits)
 
     def _step(self, seqs: list[Sequence], num_new: list[int], all_logits: bool) -> torch.Tensor | list[torch.Tensor]:
+        if self.graphs is not None and not all_logits and self.graphs.covers(seqs, num_new):
+            if self.graphs.cache is not self.cache:  # a new cache (benchmarks start fresh): new buffers
+                self.graphs = DecodeGraphs(self.model, self.experts, self.cache, self.graphs.capture)
+            return self.graphs.run(seqs)
         index = {id(s): i for i, s in enumerate(seqs)}
         groups = split_in_two(seqs, num_new) if self._split(num_new) else [seqs]
         if len(groups) > 1:

@@ -30,7 +30,10 @@ class KVCache:
         self.block_size = block_size
         self.num_blocks = num_blocks
         slots = num_blocks * block_size
-        shape = (config.num_layers, slots, config.num_kv_heads, config.head_dim)  # (L, S, G, Dh)
+        # One slot more than the blocks hold: where padding rows of a fixed-size (graph-captured)
+        # step write their k/v; never handed out, never read as context.
+        self.scratch_slot = slots
+        shape = (config.num_layers, slots + 1, config.num_kv_heads, config.head_dim)  # (L, S + 1, G, Dh)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.ref_counts = [0] * num_blocks

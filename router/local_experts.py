@@ -6,7 +6,7 @@ import torch
 
 from expertmesh.core.checkpoint import Checkpoint
 from expertmesh.core.config import MixtralConfig
-from expertmesh.core.grouped_experts import fused_expert, grouped_swiglu, swiglu_expert
+from expertmesh.core.grouped_experts import fused_expert, grouped_swiglu, grouped_swiglu_by_offsets, swiglu_expert
 from expertmesh.core.linear import Linear
 from expertmesh.core.moe_math import combine_rows, sort_by_expert
 
@@ -14,17 +14,30 @@ FEW_TOKENS = 4  # up to this many tokens per step, experts run per token (decode
 
 
 class LocalExperts:
-    def __init__(self, config: MixtralConfig, weights: dict[tuple[int, int], tuple[Linear, Linear]]):
+    def __init__(self, config: MixtralConfig, weights: dict[tuple[int, int], tuple[Linear, Linear]],
+                 stacks: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.config = config
         self.weights = weights  # (layer, expert) -> (w13 (2I, D), w2 (D, I)), see fused_expert
+        # (w13 (L, E, 2I, D), w2 (L, E, D, I)) for run_by_offsets; the layers above are views of them
+        self.stacks = stacks
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Checkpoint, dtype: torch.dtype,
-                        device: str | torch.device = "cpu") -> "LocalExperts":
+    def from_checkpoint(cls, checkpoint: Checkpoint, dtype: torch.dtype, device: str | torch.device = "cpu",
+                        stacked: bool = False) -> "LocalExperts":
+        """stacked: also hold each layer's experts as one tensor, for run_by_offsets (the per-expert
+        layers become views of it on the GPU; the CPU's prepacked layers are copies)."""
         c = checkpoint.config
         pairs = [(layer, e) for layer in range(c.num_layers) for e in range(c.num_experts)]
-        weights = checkpoint.read_experts(pairs, dtype)
-        return cls(c, {p: fused_expert(*(w.to(device) for w in ws)) for p, ws in weights.items()})
+        weights = {p: tuple(w.to(device) for w in ws) for p, ws in checkpoint.read_experts(pairs, dtype).items()}
+        if not stacked:
+            return cls(c, {p: fused_expert(*ws) for p, ws in weights.items()})
+        experts = [[weights[(layer, e)] for e in range(c.num_experts)] for layer in range(c.num_layers)]
+        w13 = torch.stack([torch.stack([torch.cat([w1, w3]) for w1, _, w3 in layer]) for layer in experts])
+        w2 = torch.stack([torch.stack([w2 for _, w2, _ in layer]) for layer in experts])
+        del weights, experts
+        layers = {(layer, e): (Linear(w13[layer, e]), Linear(w2[layer, e]))
+                  for layer in range(c.num_layers) for e in range(c.num_experts)}
+        return cls(c, layers, (w13, w2))
 
     def run(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x (T, D), weights/ids (T, K) -> sum_k weights[:, k] * expert_{ids[:, k]}(x) (T, D) fp32."""
@@ -49,6 +62,19 @@ class LocalExperts:
                 acc = y.mul_(w) if acc is None else acc.add_(y, alpha=w)
             rows.append(acc)
         return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+    def run_by_offsets(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The same sum with no host sync (needs `stacks`): rows sorted and counted on the device,
+        the experts as grouped GEMMs over device-side offsets. What a captured graph replays."""
+        k, num_experts = self.config.experts_per_token, self.config.num_experts
+        flat = ids.reshape(-1)  # (N,)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device).index_add_(
+            0, flat, torch.ones_like(flat))  # bincount syncs on CUDA to size its output; this does not
+        offsets = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's rows
+        w13, w2 = self.stacks
+        out = grouped_swiglu_by_offsets(x[order // k], offsets, w13[layer], w2[layer])
+        return combine_rows(out, order, weights, x.shape[0], k)
 
     # The same start/finish interface as the dispatcher, so one forward loop serves both.
     def start(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
