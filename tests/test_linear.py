@@ -1,5 +1,5 @@
-"""Linear layers (core/linear.py) against F.linear: the GEMV kernel at 1-2 rows (core/gemv.c), the
-prepacked oneDNN GEMM above, and the kernel's build from source."""
+"""Linear layers (core/linear.py) against F.linear: the GEMV kernel at 1-2 rows (core/cpu_kernels.c),
+the prepacked oneDNN GEMM above, and the kernels' build from source."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from expertmesh.core import gemv
+from expertmesh.core import cpu_kernels
 from expertmesh.core.linear import Linear
 
-KERNEL = gemv.kernel()
-needs_kernel = pytest.mark.skipif(KERNEL is None, reason="no C compiler here: the GEMV kernel is off")
+KERNEL = cpu_kernels.kernels()
+needs_kernel = pytest.mark.skipif(KERNEL is None, reason="no C compiler here: the CPU kernels are off")
 
 
 def close(got: torch.Tensor, expected: torch.Tensor, tolerance: float) -> bool:
@@ -54,9 +54,9 @@ def test_one_and_two_rows_take_the_kernel_and_more_take_the_gemm():
         def supports(self, w):
             return KERNEL.supports(w)
 
-        def __call__(self, x, w):
+        def gemv(self, x, w):
             calls.append(x.shape[0])
-            return KERNEL(x, w)
+            return KERNEL.gemv(x, w)
 
     layer = Linear(weight, gemv_kernel=Counting())
     for rows in (1, 2, 3, 8):
@@ -74,7 +74,7 @@ def test_kernel_matches_f_linear_on_any_shape(rows, out_features, in_features, b
     dtype = torch.bfloat16 if bf16 else torch.float32
     weight = torch.randn(out_features, in_features, generator=gen).to(dtype)
     x = torch.randn(rows, in_features, generator=gen).to(dtype)
-    got = KERNEL(x, weight)
+    got = KERNEL.gemv(x, weight)
     assert got.dtype == dtype
     # fp32 accumulation of bf16 products: as exact as F.linear on the fp32 values, then rounded once
     expected = F.linear(x.float(), weight.float())
@@ -89,38 +89,38 @@ def test_the_kernel_uses_every_thread_on_large_weights_and_one_on_small():
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            assert close(KERNEL(x, big), F.linear(x, big), 1e-5)
+            assert close(KERNEL.gemv(x, big), F.linear(x, big), 1e-5)
     finally:
         torch.set_num_threads(before)
-    assert close(KERNEL(x, big[:8].contiguous()), F.linear(x, big[:8]), 1e-5)
+    assert close(KERNEL.gemv(x, big[:8].contiguous()), F.linear(x, big[:8]), 1e-5)
 
 
 def test_the_kernel_builds_from_source_into_the_cache(tmp_path, monkeypatch):
-    if gemv.shutil.which("cc") is None and gemv.shutil.which("gcc") is None:
+    if cpu_kernels.shutil.which("cc") is None and cpu_kernels.shutil.which("gcc") is None:
         pytest.skip("no C compiler on this machine")
     monkeypatch.setenv("EXPERTMESH_CACHE", str(tmp_path))
-    library = gemv._build()
+    library = cpu_kernels._build()
     assert library.parent == tmp_path / "kernels" and library.exists()
-    assert gemv._build() == library  # cached: the second call compiles nothing
-    kernel = gemv.Kernel(gemv.ctypes.CDLL(str(library)))
+    assert cpu_kernels._build() == library  # cached: the second call compiles nothing
+    kernel = cpu_kernels.CpuKernels(cpu_kernels.ctypes.CDLL(str(library)))
     weight, x = torch.randn(10, 5), torch.randn(2, 5)
-    assert close(kernel(x, weight), F.linear(x, weight), 1e-5)
+    assert close(kernel.gemv(x, weight), F.linear(x, weight), 1e-5)
 
 
 def test_a_failed_build_leaves_the_gemm(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("EXPERTMESH_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
     with pytest.raises(subprocess.CalledProcessError):
-        gemv._build()
-    gemv.kernel.cache_clear()
+        cpu_kernels._build()
+    cpu_kernels.kernels.cache_clear()
     try:
-        assert gemv.kernel() is None
-        assert "GEMV kernel unavailable" in caplog.text
+        assert cpu_kernels.kernels() is None
+        assert "CPU decode kernels unavailable" in caplog.text
         weight, x = torch.randn(16, 8), torch.randn(1, 8)
         layer = Linear(weight)
         assert close(layer(x), F.linear(x, weight), 1e-5)
     finally:
-        gemv.kernel.cache_clear()
+        cpu_kernels.kernels.cache_clear()
     assert not list((tmp_path / "kernels").glob("*.so")), "nothing half-written is left to load"
 
 
