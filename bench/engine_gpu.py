@@ -1,9 +1,11 @@
 """GPU check of the reference engine at real Mixtral 8x7B layer sizes (hidden 4096, intermediate
 14336, 32 heads / 8 kv heads, 8 experts top-2, vocab 32000; a few layers), bf16, against
-transformers' MixtralForCausalLM on the same weights: greedy agreement and decode tokens/s.
+transformers' MixtralForCausalLM on the same weights: greedy agreement and decode tokens/s; and
+batch 1 with and without CUDA graphs against the HBM roofline (the bytes a step reads: dense weights,
+lm_head and the two experts per layer, over the bandwidth of a large device copy, read + written).
 
     python bench/engine_gpu.py [--layers 2]      # needs one CUDA GPU
-Last line: reference_over_transformers_decode_tokens_per_s_b16=<x>
+Last line: reference_over_transformers_decode_tokens_per_s_b16=<x> b1_graphs_over_hbm_roofline=<y>
 """
 
 from __future__ import annotations
@@ -94,7 +96,29 @@ def main() -> None:
             hf_tps = hf_decode_tokens_per_s(hf, batch, 128, args.steps)
             ratios[batch] = ours_tps / hf_tps
             print(f"{batch:>5} {ours_tps:>10.1f} {hf_tps:>18.1f} {ratios[batch]:>6.2f}")
-    print(f"reference_over_transformers_decode_tokens_per_s_b16={ratios[16]:.2f}")
+        # batch 1 against the HBM roofline, with the decode step's CUDA graphs and without
+        src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(10):
+            dst.copy_(src)
+        torch.cuda.synchronize()
+        hbm = 2 * 10 * src.numel() / (time.perf_counter() - start)  # bytes/s, read + written
+        del src, dst
+        c, m = config, engine.model
+        dense = sum(w.qkv.nbytes + w.o.nbytes + w.gate.nbytes for w in m.layers) + m.lm_head.nbytes
+        step_bytes = dense + c.num_layers * 2 * 3 * c.intermediate_size * c.hidden_size * 2  # bf16 experts
+        roofline_s = step_bytes / hbm
+        plain = Engine.local(tmp, torch.bfloat16, kv_blocks=256, device="cuda", graphs=False)
+        graphs_tps = our_decode_tokens_per_s(engine, 1, 128, args.steps)
+        plain_tps = our_decode_tokens_per_s(plain, 1, 128, args.steps)
+        print(f"batch 1: HBM {hbm / 1e12:.2f} TB/s (copy), a step reads {step_bytes / 1e9:.2f} GB: roofline "
+              f"{roofline_s * 1e3:.3f} ms; graphs {1e3 / graphs_tps:.3f} ms ({graphs_tps * roofline_s:.2f} of it, "
+              f"{engine.graphs.replays} replays), no graphs {1e3 / plain_tps:.3f} ms ({plain_tps * roofline_s:.2f})")
+    print(f"reference_over_transformers_decode_tokens_per_s_b16={ratios[16]:.2f} "
+          f"b1_graphs_over_hbm_roofline={graphs_tps * roofline_s:.2f}")
 
 
 if __name__ == "__main__":

@@ -149,9 +149,15 @@ def instrumented(serving: ServingEngine, distributed: bool):
         t.undo()
 
 
+def workers_busy_s(cluster) -> float:
+    """Seconds the expert workers have spent computing experts, all together, so far."""
+    return sum(w["busy_s"] for w in cluster.placement()["workers"])
+
+
 def decode_run(engine: Engine, tokenizer, batch: int, prompt_len: int, new_tokens: int,
-               distributed: bool = False, timed: bool = False):
-    """One run of `batch` requests through the serving loop. Returns (median decode step s,
+               cluster=None, timed: bool = False):
+    """One run of `batch` requests through the serving loop (of the distributed engine when cluster
+    is its ExpertCluster). Returns (median decode step s,
     distinct experts per layer per step, mean context tokens per step, parts' seconds per step)."""
     engine.cache = KVCache(engine.config, engine.cache.num_blocks, engine.cache.block_size,
                            engine.cache.k.dtype, engine.cache.k.device)  # fresh: no prefix hits
@@ -170,14 +176,16 @@ def decode_run(engine: Engine, tokenizer, batch: int, prompt_len: int, new_token
         return original_start(layer, x, weights, ids)
 
     engine.experts.start = counting_start
-    parts, loop_s = {}, 0.0
+    parts, loop_s, busy = {}, 0.0, []
     try:
-        with instrumented(serving, distributed) if timed else _nothing() as timers:
+        with instrumented(serving, cluster is not None) if timed else _nothing() as timers:
             def sink_for(i):
                 def sink(out):
                     arrivals[i].append(time.perf_counter())
                     if timers is not None and all(arrivals) and not timers.on:
                         timers.on = True  # every request has its first token: decode from here
+                        if cluster is not None:
+                            busy.append(workers_busy_s(cluster))
                     finished[i] = out.finish_reason is not None
                 return sink
 
@@ -196,6 +204,8 @@ def decode_run(engine: Engine, tokenizer, batch: int, prompt_len: int, new_token
     per_step = {name: s / steps for name, s in parts.items()}
     if timed:
         per_step["loop"] = loop_s / steps
+    if busy:  # the workers' expert math: the share of "wait" that is not messages
+        per_step["experts on the workers"] = (workers_busy_s(cluster) - busy[0]) / steps
     distinct = statistics.mean(int(ids.unique().numel()) for ids in routed)
     return statistics.median(gaps), distinct, contexts * batch, per_step
 
@@ -224,6 +234,10 @@ def breakdown(parts: dict[str, float], layers: int, distributed: bool) -> list[s
     lines += [f"    {name:<20} {p.get(name, 0.0) * 1e3:7.3f} ms/step" for name in (
         "batch building", "lm_head", "other in the step", "scheduling", "detokenise and stream",
         "sampling and the rest of the loop")]
+    if distributed:
+        busy = p.get("experts on the workers", 0.0)
+        lines.append(f"    {'(experts on workers':<20} {busy * 1e3:7.3f} ms/step  {busy * 1e3 / layers:7.3f} ms/layer, "
+                     "all workers' compute summed: the rest of 'wait' is messages and wake-ups)")
     lines.append(f"    {'whole loop':<20} {p.get('loop', 0.0) * 1e3:7.3f} ms/step (timers on)")
     return lines
 
@@ -255,13 +269,13 @@ def main() -> None:
             engines.append((f"distributed ({args.workers} workers)", cluster.engine, cluster))
         try:
             for name, engine, cluster in engines:
-                decode_run(engine, tokenizer, 2, args.prompt_len, 4, cluster is not None)  # warm-up
+                decode_run(engine, tokenizer, 2, args.prompt_len, 4, cluster)  # warm-up
                 for b in batches:
                     steps, rooflines, bandwidths = [], [], []
                     for _ in range(args.repeats):
                         before = max(bandwidth.measure(repeats=2))
                         step_s, experts, context, _ = decode_run(engine, tokenizer, b, args.prompt_len,
-                                                                 args.new_tokens, cluster is not None)
+                                                                 args.new_tokens, cluster)
                         bw = (before + max(bandwidth.measure(repeats=2))) / 2 * 1e9
                         nbytes = step_bytes(engine, experts, context, b)
                         steps.append(step_s)
@@ -275,8 +289,7 @@ def main() -> None:
                           f"bandwidth {min(bandwidths):.0f}-{max(bandwidths):.0f} GB/s, roofline "
                           f"{statistics.median(rooflines) * 1e3:.2f} ms -> {ratio:.2f} of the roofline "
                           f"(median of {args.repeats} runs)")
-                    parts = decode_run(engine, tokenizer, b, args.prompt_len, args.new_tokens,
-                                       cluster is not None, timed=True)[3]
+                    parts = decode_run(engine, tokenizer, b, args.prompt_len, args.new_tokens, cluster, timed=True)[3]
                     print("\n".join(breakdown(parts, engine.config.num_layers, cluster is not None)))
         finally:
             for _, _, cluster in engines:
