@@ -79,6 +79,8 @@ class RouterModel:
         kernels = cpu_kernels.for_rows(qkv) if batch.all_decode else None
         if kernels is not None:  # a decode step on the CPU: rotary, cache write, attention in 2 calls
             k_cache, v_cache = cache.k[layer], cache.v[layer]
+            # the C code trusts its indices: no position past the rotary tables (max context)
+            assert batch.decode_slots.shape[1] <= self.rope.cos.shape[0], batch.decode_slots.shape
             kernels.rope_store(qkv, batch.positions, batch.slot_mapping, self.rope.cos, self.rope.sin,
                                k_cache, v_cache, c.num_heads)
             o = kernels.decode_attention(qkv, k_cache, v_cache, batch.decode_slots, batch.decode_lens,
