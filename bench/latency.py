@@ -18,7 +18,8 @@ expert math or dispatch, the wait for the workers and the combine; per step batc
 lm_head, scheduling, sampling with detokenisation and streaming, and what is left.
 
 Model: hidden 512, intermediate 1792, 4 layers, 8 experts top-2, 8/2 heads of 64, fp32, the real
-tokenizer. Distributed: --workers expert workers on a local Ray (gloo) on the same cores.
+tokenizer. Distributed: --workers expert workers on a local Ray (gloo) on the same cores, with
+--replicas extra copies if given.
 Last line: decode_b1_reference_over_roofline=<x> decode_b1_distributed_over_roofline=<y>
 """
 
@@ -246,6 +247,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--workers", type=int, default=2, help="expert workers of the distributed engine (0: none)")
+    parser.add_argument("--replicas", default=None,
+                        help="extra expert copies for the distributed engine, serve's SPEC (e.g. '*:0x2')")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
@@ -265,8 +268,9 @@ def main() -> None:
         if args.workers:
             from expertmesh.cluster.elastic import ExpertCluster
 
-            cluster = ExpertCluster(path, args.workers, kv_blocks=1024)
-            engines.append((f"distributed ({args.workers} workers)", cluster.engine, cluster))
+            cluster = ExpertCluster(path, args.workers, kv_blocks=1024, replicas=args.replicas)
+            copies = f", replicas {args.replicas}" if args.replicas else ""
+            engines.append((f"distributed ({args.workers} workers{copies})", cluster.engine, cluster))
         try:
             for name, engine, cluster in engines:
                 decode_run(engine, tokenizer, 2, args.prompt_len, 4, cluster)  # warm-up

@@ -45,18 +45,23 @@ def split_among_replicas(counts: list[int], holders: list[tuple[int, ...]],
     """Which rows of one layer go to which worker.
 
     counts[e]: rows for expert e, stored expert after expert; holders[e]: the workers holding a copy
-    of expert e. Replicas of an expert split its rows into contiguous, nearly equal parts, the first
-    holders taking one more row when the rows do not divide evenly. Returns per worker its pieces
-    (expert, first row, rows), in expert order; a worker with no rows gets [].
+    of expert e. Replicas of an expert split its rows into contiguous, nearly equal parts; when the
+    rows do not divide evenly the odd ones go to the holders with the fewest rows so far in this
+    layer (ties in holder order), so that at small batch a token's experts spread over their copies'
+    workers instead of all landing on the first holders. Returns per worker its pieces (expert,
+    first row, rows), in expert order; a worker with no rows gets [].
     """
     pieces: list[list[tuple[int, int, int]]] = [[] for _ in range(num_workers)]
+    load = [0] * num_workers  # rows given to each worker so far in this layer
     start = 0
     for e, count in enumerate(counts):
         base, extra = divmod(count, len(holders[e]))
-        for r, w in enumerate(holders[e]):
-            n = base + (r < extra)
+        favoured = set(sorted(holders[e], key=load.__getitem__)[:extra])  # a stable sort: ties in order
+        for w in holders[e]:
+            n = base + (w in favoured)
             if n:
                 pieces[w].append((e, start, n))
+                load[w] += n
             start += n
     return pieces
 

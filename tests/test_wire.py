@@ -33,7 +33,20 @@ def test_replicas_split_an_experts_rows_into_contiguous_near_equal_parts():
 
     # expert 0: 7 rows on workers 2 and 0; expert 1: none; expert 2: 3 rows on worker 1 alone
     pieces = split_among_replicas([7, 0, 3], [(2, 0), (1,), (1,)], num_workers=3)
-    assert pieces == [[(0, 4, 3)], [(2, 7, 3)], [(0, 0, 4)]]  # the first holder takes the odd row
+    assert pieces == [[(0, 4, 3)], [(2, 7, 3)], [(0, 0, 4)]]  # no rows given yet: the first holder takes the odd one
     rows = sorted((start, n) for worker in pieces for _, start, n in worker)
     assert rows == [(0, 4), (4, 3), (7, 3)]  # every row exactly once, in order
     assert split_among_replicas([0, 0], [(0,), (1,)], 2) == [[], []]  # no rows: no messages
+
+
+def test_a_replicated_experts_odd_rows_go_to_its_least_busy_holder():
+    from expertmesh.router.dispatcher import split_among_replicas
+
+    # Decode at batch 1, every expert on both workers: the token's two experts go to different
+    # workers, which then compute at the same time, not one after the other.
+    both = [(0, 1)] * 4
+    assert split_among_replicas([1, 0, 1, 0], both, 2) == [[(0, 0, 1)], [(2, 1, 1)]]
+    assert split_among_replicas([0, 1, 1, 0], [(1, 0)] * 4, 2) == [[(2, 1, 1)], [(1, 0, 1)]]
+    # a worker already busy with an unreplicated expert's rows gets no odd row of a replicated one
+    pieces = split_among_replicas([3, 5], [(0,), (0, 1)], 2)
+    assert pieces == [[(0, 0, 3), (1, 3, 2)], [(1, 5, 3)]]
