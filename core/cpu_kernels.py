@@ -36,7 +36,7 @@ log = logging.getLogger("expertmesh.cpu_kernels")
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
 PARALLEL_MIN_BYTES = 256 << 10  # below this a weight is read by one thread: waking the other costs more
-FEW_ROWS = 64  # the row-wise kernels (norm, gating, SwiGLU) are for up to this many rows
+FEW_ROWS = 64  # the row-wise kernels (norm, gating, SwiGLU, combine, decode attention): up to this many rows
 
 
 def _cpu_flags() -> str:

@@ -50,12 +50,10 @@ class AttentionBatch:
             lens = torch.tensor([c.shape[0] for c in slots])  # (B,); the query sits at lens - 1
             decode_slots = torch.nn.utils.rnn.pad_sequence(slots, batch_first=True)  # (B, Cmax)
             k_pos = torch.arange(decode_slots.shape[1])[None, :]  # (1, Cmax)
-            longest = decode_slots.shape[1]
-            if sliding_window is not None and longest > sliding_window or any(c.shape[0] < longest for c in slots):
-                mask = k_pos < lens[:, None]
-                if sliding_window is not None:
-                    mask &= k_pos > (lens - 1)[:, None] - sliding_window
-                decode_mask = mask[:, None, None, :]
+            mask = k_pos < lens[:, None]
+            if sliding_window is not None:
+                mask &= k_pos > (lens - 1)[:, None] - sliding_window
+            decode_mask = mask[:, None, None, :]
             decode_rows = torch.tensor([first_rows[i] for i in decode])
         prefill = []
         for i, n in enumerate(query_lens):

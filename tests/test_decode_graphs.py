@@ -89,3 +89,22 @@ def test_sync_free_experts_in_bfloat16_are_as_close_to_float32_as_the_plain_path
     plain_error = (logits["plain"] - logits["fp32"]).abs().max().item()
     graphs_error = (logits["graphs"] - logits["fp32"]).abs().max().item()
     assert graphs_error <= 2 * plain_error + 1e-3, (graphs_error, plain_error)
+
+
+def test_the_cuda_graphs_flag_reaches_the_engine(hf_checkpoint):
+    import argparse
+
+    from expertmesh.cluster.bringup import start_engine
+    from expertmesh.flags import add_engine_flags, serving_config
+
+    _, path = hf_checkpoint
+    parser = argparse.ArgumentParser()
+    add_engine_flags(parser, default_workers=0)
+    assert serving_config(parser.parse_args([])).cuda_graphs  # on by default
+    off = serving_config(parser.parse_args(["--no-cuda-graphs", "--kv-cache-memory", "4MiB"]))
+    assert off.cuda_graphs is False
+    engine, cluster = start_engine(path, off)
+    assert cluster is None and engine.graphs is None
+    # on by default, but only where graphs can be captured: never on the CPU
+    engine, _ = start_engine(path, serving_config(parser.parse_args(["--kv-cache-memory", "4MiB"])))
+    assert engine.graphs is None and not decode_graphs.available(torch.device("cpu"), torch.bfloat16)

@@ -123,7 +123,8 @@ def test_the_wheel_installs_one_top_level_package(tmp_path):
     assert top == {"expertmesh"}, top
     for module in ("expertmesh/cli.py", "expertmesh/core/config.py", "expertmesh/router/engine.py",
                    "expertmesh/workers/expert_worker.py", "expertmesh/cluster/bringup.py",
-                   "expertmesh/v1/generation_pb2_grpc.py"):
+                   "expertmesh/v1/generation_pb2_grpc.py",
+                   "expertmesh/core/cpu_kernels.c"):  # the C source, compiled where the package runs
         assert module in names, module
 
 
