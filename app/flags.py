@@ -43,7 +43,17 @@ def add_engine_flags(parser: argparse.ArgumentParser, default_workers: int) -> N
                        help=f"with --pingpong auto, the new tokens a step needs to be split (default "
                        f"{d.pingpong_min_tokens}, measured on a 2-core CPU by bench/dispatch.py; measure yours)")
     group.add_argument("--collective-timeout", type=float, default=d.collective_timeout_s,
-                       help=f"seconds before a dead or stuck worker fails a step (default {d.collective_timeout_s:g})")
+                       help=f"seconds before a step stuck on a worker fails, the backstop behind heartbeats: "
+                       f"longer than the longest prefill step (default {d.collective_timeout_s:g})")
+    group.add_argument("--heartbeat-timeout", type=float, default=d.heartbeat_timeout_s,
+                       help="seconds without a heartbeat before a worker counts as stalled and is replaced "
+                       f"(default {d.heartbeat_timeout_s:g})")
+    group.add_argument("--redundancy", type=int, default=d.redundancy,
+                       help="copies of every expert to keep, where there are workers for them: 2 means one "
+                       f"worker's death pauses no stream (default {d.redundancy})")
+    group.add_argument("--standby-workers", type=int, default=d.standby_workers,
+                       help="worker processes started ahead with no weights, so that adding or replacing a "
+                       f"worker starts no process while streams run (default {d.standby_workers})")
     group.add_argument("--device", choices=DEVICES, default=d.device,
                        help="run on GPUs (router, and expert workers one GPU each with NCCL) or CPUs "
                        "(gloo); auto (default): GPUs when this process sees one")
@@ -62,4 +72,5 @@ def serving_config(args) -> ServingConfig:
         stall_timeout_s=getattr(args, "stall_timeout", DEFAULTS.stall_timeout_s),
         block_size=args.block_size, pingpong=args.pingpong, pingpong_min_tokens=args.pingpong_min_tokens,
         collective_timeout_s=args.collective_timeout, placement_timeout_s=args.placement_timeout,
-        worker_threads=args.worker_threads, cuda_graphs=args.cuda_graphs)
+        worker_threads=args.worker_threads, cuda_graphs=args.cuda_graphs,
+        heartbeat_timeout_s=args.heartbeat_timeout, redundancy=args.redundancy, standby_workers=args.standby_workers)

@@ -145,7 +145,7 @@ def cmd_serve(args) -> int:
     try:
         config = engine.config
         tokenizer = load_tokenizer(model_dir, config.bos_token_id, config.eos_token_id)
-        serving = ServingEngine(engine, tokenizer, settings, own_thread=False)
+        serving = ServingEngine(engine, tokenizer, settings, own_thread=False, control=cluster)
         generation = GenerationService(serving, tokenizer, load_chat_template(model_dir),
                                        lambda: model_info(model_dir.name, config, cluster))
         if autoscale is not None:

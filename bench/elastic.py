@@ -1,15 +1,21 @@
-"""Decode step times while the cluster changes, against steady state, measured in one run.
+"""Elastic serving at real expert sizes: what streams see while the cluster changes, against steady
+state, measured in one run.
 
-    python bench/elastic.py [--streams 16 --hidden 256 --layers 4]
+    python bench/elastic.py [--expert-mb 64 --streams 16]
 
-A serving loop runs `--streams` greedy streams on an expert cluster of 2 CPU workers (local Ray,
-gloo) while, in turn: nothing happens (steady), a replica of expert 1 is added in every layer
-(`scale_replicas`), a third worker is added (`scale_workers`, a new epoch), and a worker is killed
-(SIGKILL). Every step's time is recorded; a phase is the steps that started while its change ran.
-Recovery time is from the kill to the end of the first step that completes after the failure
-the kill caused (the interrupted step, run again in the next epoch).
-Last line: p99_step_during_change_over_steady=<x> recovery_after_kill_s=<y>
-(x: the worse of the replica add's and the worker add's p99 step over the steady p99).
+Each expert's three matrices are sized to --expert-mb MB (64 MB x 8 experts x 4 layers: 2 GB of
+experts per copy; hidden 1024, fp32). Streams run greedy decoding through the serving loop; every
+token's arrival is recorded, and a phase's "steps" are the gaps between consecutive tokens of one
+stream (what a client sees, recovery included).
+
+Cluster A, 3 workers, --redundancy 2, --standby-workers 1: steady; a replica add (expert 1 on every
+worker, every layer); a worker add (taken from standby); a worker SIGKILL (every expert has a copy
+elsewhere: covered); a SIGSTOP (found by heartbeats). Cluster B, 2 workers, --redundancy 1: a
+worker SIGKILL whose experts have no other copy; the streams wait for those to load, and the bound
+is their bytes over the load bandwidth measured on this machine in this run, plus 1 s.
+
+Last line: p99_kill_covered_over_steady=<x> stall_detect_s=<y> p99_add_over_steady=<z>
+resume_uncovered_s=<w> resume_uncovered_bound_s=<v>
 """
 
 from __future__ import annotations
@@ -36,78 +42,143 @@ def percentile(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
+class Streams:
+    """`n` endless greedy streams; `arrivals` holds stream 0's token times (all streams step together)."""
+
+    def __init__(self, cluster: ExpertCluster, path, n: int):
+        self.arrivals: list[float] = []
+        self.serving = ServingEngine(cluster.engine, load_tokenizer(path), control=cluster)
+        params = SamplingParams(temperature=0, max_new_tokens=100000, ignore_eos=True)
+        for i in range(n):
+            sink = (lambda out: self.arrivals.append(time.monotonic())) if i == 0 else (lambda out: None)
+            self.serving.submit(validate_request([1, 100 + i, 200 + i], params, self.serving.limits), sink)
+
+    def gaps(self, start: float, end: float) -> list[float]:
+        """Gaps (ms) between tokens that arrived in [start, end] and the token before each."""
+        times = list(self.arrivals)
+        return [(b - a) * 1e3 for a, b in zip(times, times[1:]) if start <= b <= end]
+
+    def first_after(self, t: float, timeout: float = 300) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            later = [a for a in list(self.arrivals) if a > t]
+            if later:
+                return later[0]
+            time.sleep(0.001)
+        raise TimeoutError("no token after the event")
+
+
+def wait_epoch_change(cluster: ExpertCluster, epoch: int, timeout: float = 120) -> float:
+    deadline = time.monotonic() + timeout
+    while cluster.epoch == epoch:
+        assert time.monotonic() < deadline, "the epoch never moved"
+        time.sleep(0.001)
+    return time.monotonic()
+
+
+def load_bandwidth(cluster: ExpertCluster, expert_bytes: int) -> float:
+    """Bytes/s at which a worker loads experts it does not hold (2 of them, then dropped again)."""
+    import ray
+
+    held = set(cluster.plan.worker_pairs(0))
+    pairs = [p for p in sorted(cluster.plan.holders) if p not in held][:2]
+    actor = cluster.workers[0].actor
+    start = time.monotonic()
+    ray.get(actor.load.remote(pairs))
+    seconds = time.monotonic() - start
+    ray.get(actor.drop.remote(pairs))
+    return len(pairs) * expert_bytes / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--streams", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--expert-mb", type=float, default=64.0, help="MB of each expert's three matrices")
+    parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--steady-s", type=float, default=4.0)
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--steady-s", type=float, default=6.0)
     args = parser.parse_args()
-    ensure_ray(num_cpus=8)
+    inter = max(int(args.expert_mb * 1e6 / (3 * args.hidden * 4)), 1)
+    expert_bytes = 3 * args.hidden * inter * 4
+    ensure_ray(num_cpus=16)
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_tiny_checkpoint(tmp, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                                     num_layers=args.layers, num_heads=8, num_kv_heads=2, head_dim=args.hidden // 8)
-        cluster = ExpertCluster(path, 2, settings=ServingConfig(collective_timeout_s=20), kv_blocks=4096)
-        steps: list[tuple[float, float]] = []  # (start, seconds) of every completed step
-        failures: list[float] = []  # when a step failed
-        step = cluster.engine.step
+        start = time.monotonic()
+        path = write_tiny_checkpoint(tmp, hidden_size=args.hidden, intermediate_size=inter, num_layers=args.layers,
+                                     num_heads=16, num_kv_heads=4, head_dim=args.hidden // 16,
+                                     max_shard_bytes=1 << 30)
+        print(f"checkpoint: {args.layers} layers x 8 experts of {expert_bytes / 1e6:.1f} MB (hidden {args.hidden}, "
+              f"intermediate {inter}, fp32) written in {time.monotonic() - start:.1f}s", flush=True)
+        table: dict[str, list[float]] = {}
+        marks: dict[str, float] = {}
 
-        def timed(*a, **kw):
-            start = time.monotonic()
-            try:
-                out = step(*a, **kw)
-            except Exception:
-                failures.append(time.monotonic())
-                raise
-            steps.append((start, time.monotonic() - start))
-            return out
-
-        cluster.engine.step = timed
-        serving = ServingEngine(cluster.engine, load_tokenizer(path))
-        params = SamplingParams(temperature=0, max_new_tokens=3000, ignore_eos=True)
-        for i in range(args.streams):
-            serving.submit(validate_request([1, 100 + i, 200 + i], params, serving.limits), lambda out: None)
-        phases: dict[str, tuple[float, float]] = {}
+        settings = ServingConfig(redundancy=2, standby_workers=1, kv_cache_memory="256MiB")
+        cluster = ExpertCluster(path, 3, settings=settings, kv_blocks=2048)
+        while not cluster.standby:
+            time.sleep(0.1)
+        streams = Streams(cluster, path, args.streams)
         try:
-            time.sleep(2.0)  # prefill and warm-up
-            start = time.monotonic()
+            streams.first_after(time.monotonic())
+            time.sleep(2.0)  # past prefill
+            t0 = time.monotonic()
             time.sleep(args.steady_s)
-            phases["steady"] = (start, time.monotonic())
-            for name, change in (("no-op change", lambda: cluster.scale_replicas("")),
-                                 ("replica add", lambda: cluster.scale_replicas("*:1x2")),
-                                 ("worker add", lambda: cluster.scale_workers(3))):
-                start = time.monotonic()
+            table["steady"] = streams.gaps(t0, time.monotonic())
+            for name, change in (("replica add", lambda: cluster.scale_replicas("*:1x3")),
+                                 ("worker add", lambda: cluster.scale_workers(4))):
+                t0 = time.monotonic()
                 change()
-                phases[name] = (start, time.monotonic())
+                marks[name] = time.monotonic() - t0
+                table[name] = streams.gaps(t0, time.monotonic())
                 time.sleep(1.0)
-            victim = cluster.workers[0]
-            killed = time.monotonic()
-            os.kill(victim.pid, signal.SIGKILL)
-            deadline = time.monotonic() + 120
-            while not failures or not any(s + d > failures[0] for s, d in steps[-3:]):
-                assert time.monotonic() < deadline, "no step completed after the kill"
-                time.sleep(0.001)
-            # from the kill to the first step completed after the failure it caused
-            recovery = min(s + d for s, d in steps if s + d > failures[0]) - killed
-            time.sleep(1.0)
-            phases["worker death"] = (killed, killed + recovery)
+            for name, sig in (("kill, covered", signal.SIGKILL), ("stop, covered", signal.SIGSTOP)):
+                victim, epoch = cluster.workers[-1], cluster.epoch
+                t0 = time.monotonic()
+                os.kill(victim.pid, sig)
+                moved = wait_epoch_change(cluster, epoch)
+                marks[name] = moved - t0
+                time.sleep(2.0)
+                table[name] = streams.gaps(t0, time.monotonic())
+                while len(cluster.workers) < 4:  # the background restore
+                    time.sleep(0.1)
+                time.sleep(1.0)
         finally:
-            serving.shutdown()
+            streams.serving.shutdown()
             cluster.shutdown()
-    print(f"model: hidden={args.hidden} layers={args.layers} experts=8 top2 fp32; {args.streams} streams; "
-          "2 CPU workers on local Ray (gloo), 3 after the worker add")
-    print(f"{'phase':>13} {'steps':>5} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'seconds':>7}")
-    table = {}
-    for name, (start, end) in phases.items():
-        times = [d * 1e3 for s, d in steps if start <= s <= end] or [0.0]
-        table[name] = times
-        print(f"{name:>13} {len(times):>5} {statistics.median(times):>7.1f} {percentile(times, 99):>7.1f} "
-              f"{max(times):>7.1f} {end - start:>7.2f}")
+
+        cluster = ExpertCluster(path, 2, settings=ServingConfig(kv_cache_memory="256MiB"), kv_blocks=2048)
+        bandwidth = load_bandwidth(cluster, expert_bytes)
+        streams = Streams(cluster, path, args.streams)
+        try:
+            streams.first_after(time.monotonic())
+            time.sleep(2.0)
+            victim = cluster.workers[1]
+            missing = sum(len(ws) == 1 and 1 in ws for ws in cluster.plan.holders.values())
+            t0 = time.monotonic()
+            os.kill(victim.pid, signal.SIGKILL)
+            resumed = streams.first_after(t0)
+            marks["kill, not covered"] = resumed - t0
+            time.sleep(1.0)
+            table["kill, not covered"] = streams.gaps(t0, time.monotonic())
+        finally:
+            streams.serving.shutdown()
+            cluster.shutdown()
+
+    print(f"{args.streams} streams, CPU workers on local Ray (gloo); A: 3 workers, redundancy 2, 1 standby; "
+          "B: 2 workers, redundancy 1")
+    print(f"{'phase':>18} {'steps':>5} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'event s':>7}")
+    for name, gaps in table.items():
+        gaps = gaps or [0.0]
+        print(f"{name:>18} {len(gaps):>5} {statistics.median(gaps):>7.1f} {percentile(gaps, 99):>7.1f} "
+              f"{max(gaps):>7.1f} {marks.get(name, 0.0):>7.2f}")
     steady = percentile(table["steady"], 99)
-    worst = max(percentile(table["replica add"], 99), percentile(table["worker add"], 99))
-    longest = max(max(table["replica add"]), max(table["worker add"]))
-    print(f"longest step during a change over steady p99: {longest / steady:.2f}")
-    print(f"p99_step_during_change_over_steady={worst / steady:.2f} recovery_after_kill_s={recovery:.2f}")
+    covered = percentile(table["kill, covered"], 99)
+    add = max(percentile(table["replica add"], 99), percentile(table["worker add"], 99))
+    bound = missing * expert_bytes / bandwidth + 1.0
+    print(f"load bandwidth {bandwidth / 1e9:.2f} GB/s; uncovered kill: {missing} experts "
+          f"({missing * expert_bytes / 1e9:.2f} GB) to load")
+    print(f"longest covered-kill step over steady p99: {max(table['kill, covered']) / steady:.2f}")
+    print(f"p99_kill_covered_over_steady={covered / steady:.2f} stall_detect_s={marks['stop, covered']:.2f} "
+          f"p99_add_over_steady={add / steady:.2f} resume_uncovered_s={marks['kill, not covered']:.2f} "
+          f"resume_uncovered_bound_s={bound:.2f}")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ class Controller:
         self.settings = settings
         self.pinned = False  # a manual scale holds until `scale --auto`
         self.decisions: list[tuple[float, str, str]] = []  # (time, action, reason)
+        self.errors = 0  # windows that failed (also counted as decisions "error" in the metrics)
         self._hot_windows = 0
         self._cool_since: float | None = None
         self._stop = threading.Event()
@@ -75,15 +76,22 @@ class Controller:
             self.cluster.metrics.autoscaler_decisions.labels(action=action).inc()
 
     def _run(self) -> None:
-        last = self.cluster.load_sample()
-        while not self._stop.wait(self.settings.window_s):
-            now = self.cluster.load_sample()
+        """Every window: sample, decide. Any error (a lost worker's stats, a failed change) is logged
+        and counted, and the next window samples afresh: the controller never stops deciding."""
+        last, wait = None, 0.0
+        while not self._stop.wait(wait):
+            wait = self.settings.window_s
             try:
-                self.step(last, now)
-            except Exception as exc:  # noqa: BLE001 - a failed change is logged; the next window tries again
+                now = self.cluster.load_sample()
+                if last is not None:
+                    self.step(last, now)
+                    now = self.cluster.load_sample()  # a change's own time is not load
+                last = now
+            except Exception as exc:  # noqa: BLE001 - see above
                 log.exception("controller step failed")
+                self.errors += 1
                 self._decide("error", f"{type(exc).__name__}: {exc}")
-            last = self.cluster.load_sample()  # a change's own time is not load
+                last = None
 
     def step(self, before: dict, after: dict) -> str:
         """One window's decision from two load samples; returns the action taken."""
@@ -121,9 +129,10 @@ class Controller:
         return "none"
 
     def _rebalance(self, rows: dict, why: str, force: bool = False) -> bool:
-        current = self.cluster.plan
-        slots = -(-current.num_experts // current.num_workers) + self.settings.spare_slots
-        new = planner.plan(rows, current, slots)
+        current, copies = self.cluster.plan, self.cluster.settings.redundancy
+        slots = -(-current.num_experts * min(copies, current.num_workers) // current.num_workers) \
+            + self.settings.spare_slots
+        new = planner.plan(rows, current, slots, copies)
         before, after = planner.balance(current, rows), planner.balance(new, rows)
         if new.holders == current.holders or not (force or after < before * (1 - REBALANCE_GAIN)):
             return False

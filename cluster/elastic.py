@@ -1,18 +1,27 @@
 """The elastic expert cluster: workers and placement that change while requests stream.
 
-Membership epochs (core/wire.py): the router and the workers of one epoch talk over that epoch's
-group. Every change that adds or removes a worker forms the next epoch's group in the background
-while the current one serves, then switches at a step boundary (OP_SWITCH to the workers that stay,
-OP_SHUTDOWN to those that leave). A change of replicas among the same workers needs no new epoch:
-the new holders load their copies first, the router's plan switches at a step boundary, and copies
-that are no longer named are dropped after it.
+Who owns what:
+- The serving loop's thread (router/serving.py) alone touches the engine and its expert path. The
+  control plane prepares every change elsewhere and hands the loop a commit (`loop.call`), which the
+  loop runs between two steps: switch to the next epoch's group, or to a new plan on the same group.
+- One control thread (`_control`) runs every change of membership or placement, one at a time, in
+  order: recoveries, planned changes (scale, rebalance), restores. It alone writes the placement
+  record (plan, workers, epoch) and hands out epochs and worker ids; other threads read the record
+  under `_record`. Slow preparation that is not a change of the record (starting worker processes,
+  waiting for Ray to place them) happens on the caller's thread, before the change is queued.
+- The record is checked against the world: every change is computed from what the workers report
+  holding, and after every change (applied or abandoned) each worker drops what the record does not
+  name, so an interrupted change is rolled back (not committed) or forward (committed).
 
-A worker that dies (or stalls past --collective-timeout) fails the step in flight. The serving
-loop then calls `recover`: the workers that do not answer are killed, their experts go to the
-replicas that survive or are loaded on the survivors, the next epoch forms without them, and the
-same step runs again from its inputs: its KV writes are idempotent and nothing was sampled yet, so
-every stream goes on with exactly the tokens it would have had. A replacement worker is then
-started in the background to restore the configured worker count.
+Faults: a heartbeat monitor asks every worker for a sign of life every heartbeat_timeout_s / 4; one
+that does not answer within heartbeat_timeout_s (SIGSTOPped, wedged) is fenced (killed), which turns
+the stall into a death the data path sees at once. A lost worker ends its epoch: the loop reports the
+failed step, the control thread forms the next epoch without the lost workers (experts with a
+surviving copy need nothing; those without one are loaded on the survivors, in parallel, and only
+they are waited for), the loop applies the commit and runs the same step again from its inputs (its
+KV writes are idempotent and nothing was sampled yet, so every stream keeps exactly its tokens).
+The worker count and --redundancy's copies are then restored in the background, from standby
+workers first (--standby-workers: processes started ahead, with no weights).
 """
 
 from __future__ import annotations
@@ -20,7 +29,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from itertools import count
 
 import ray
 import torch
@@ -45,15 +56,17 @@ from expertmesh.router.kv_cache import KVCache
 from expertmesh.router.model import RouterModel
 
 log = logging.getLogger("expertmesh.cluster")
-LIVENESS_TIMEOUT_S = 5.0  # a worker that does not answer a control call this long is lost
+CONTROL_CALL_S = 10.0  # a control call (held, drop, stats) that a live worker answers well within this
+POLL_S = 0.1  # how often a long wait on workers looks whether it should give way
 
 
 class ChangeInterrupted(RuntimeError):
-    """A worker was lost while a planned change was being prepared; the change was not applied."""
+    """A worker was lost (or the cluster is stopping) while a change was prepared; it was not applied."""
 
 
 class ExpertCluster:
-    """Workers placed, weights loaded, epoch 0 formed, serve loops running; `engine` generates."""
+    """Workers placed, weights loaded, epoch 0 formed; `engine` generates (through one serving loop,
+    which attaches itself: ServingEngine(..., control=cluster))."""
 
     def __init__(self, model_dir, num_workers: int, plan: PlacementPlan | None = None,
                  replicas: str | None = None, address: str | None = None,
@@ -71,35 +84,42 @@ class ExpertCluster:
             raise PlacementError(f"placement plan is for {plan.num_workers} workers, {plan.num_layers} "
                                  f"layers, {plan.num_experts} experts; the run has {num_workers} workers "
                                  f"and the model {config.num_layers} layers, {config.num_experts} experts")
+        plan = plan.with_min_copies(settings.redundancy)
         plan.validate()
-        self.plan = plan
-        self.target_workers = num_workers  # what recovery restores
+        self.target_workers = num_workers  # what restoring brings the count back to
         # "auto": GPU workers (and NCCL) when this router process has a GPU, else CPU and gloo. GPU
         # bundles that the cluster lacks make Ray's autoscaler add GPU nodes (KubeRay: GPU pods).
         self.gpus = use_gpus(settings.device)
         self.backend = "nccl" if self.gpus else "gloo"
         self.device = torch.device("cuda" if self.gpus else "cpu")
-        self._next_worker, self._next_epoch = num_workers, 1
-        self._change_lock = threading.Lock()  # one planned change at a time
-        self._membership = threading.RLock()  # recovery, and the switch of a planned change
-        self._old_groups: list = []  # earlier epochs' groups: let go only when the cluster stops
+        self._record = threading.Lock()  # plan, workers, epoch, standby and the counters, for readers
+        self._ids, self._epochs = count(), count()  # never reused; advanced under _record
+        self._stopping = threading.Event()  # shutdown: nothing may start a worker any more
+        self._interrupt = threading.Event()  # a recovery waits: a change in preparation gives way
+        self._control = ThreadPoolExecutor(1, thread_name_prefix="expertmesh-control")
+        self._recovery: Future | None = None  # the recovery asked for and not yet done
+        self._fenced: set[int] = set()  # workers the monitor killed for missing heartbeats
+        self._old_groups: list = []  # earlier epochs' gloo groups: let go when the cluster stops
+        self._helpers: list[threading.Thread] = []  # restorers and standby refills
+        self.loop = None  # the serving loop that applies commits (router/serving.py)
         self.recoveries = 0
-        self.epoch = 0
-        self._stopping = threading.Event()  # shutdown: no change may start a worker any more
         self.metrics = None  # router/metrics.py's Metrics, when the server exports them
         self.expert_rows = torch.zeros(config.num_layers, config.num_experts, dtype=torch.int64)  # (L, E)
-        self._restorer: threading.Thread | None = None
-        self.workers = start_workers(list(range(num_workers)), {w: plan.worker_pairs(w) for w in range(num_workers)},
-                                     self.model_dir, settings, self.gpus)
+        ids = [self._new_id() for _ in range(num_workers)]
+        workers = start_workers(ids, {w: plan.worker_pairs(i) for i, w in enumerate(ids)}, self.model_dir,
+                                settings, self.gpus)
         try:
             self.store_host = ray.util.get_node_ip_address()
             self.store_port = free_port(self.store_host)
             self.store = wire.open_store(self.store_host, self.store_port, True, settings.collective_timeout_s)
-            group = self._form_epoch(0, self.workers)
+            epoch = self._new_epoch()
+            group = self._form_epoch(epoch, workers)
         except BaseException:
-            for h in self.workers:
+            for h in workers:
                 stop_worker(h)
             raise
+        self.plan, self.workers, self.epoch = plan, workers, epoch
+        self.standby: list[WorkerHandle] = []
         self.worker_bytes = ray.get([h.actor.nbytes.remote() for h in self.workers])
         dtype = DTYPES[settings.dtype]
         model = RouterModel.from_checkpoint(self.checkpoint, dtype, self.device)  # attention on the GPU too
@@ -110,37 +130,37 @@ class ExpertCluster:
         self.engine = Engine(model, self._dispatcher(group, plan), cache, pingpong=settings.pingpong,
                              pingpong_min_tokens=settings.pingpong_min_tokens,
                              layer_threads=1 if local and not self.gpus else None)
-        self.engine.recover = self.recover
+        self._refill_standby()
+        self._monitor = threading.Thread(target=self._watch, name="expertmesh-heartbeats", daemon=True)
+        self._monitor.start()
 
-    # ---- epochs ------------------------------------------------------------------------------
+    # ---- the serving loop's side ---------------------------------------------------------------
+
+    def attach(self, loop) -> None:
+        """The serving loop that applies this cluster's commits from now on."""
+        self.loop = loop
+
+    def report_failure(self, exc: Exception | None) -> Future:
+        """The experts failed a step (or cannot serve yet: exc None). Any thread; the future
+        resolves True once the loop has the next epoch's commit and may run the step again."""
+        return self._ask_recovery(exc)
 
     @property
     def dispatcher(self) -> ExpertDispatcher:
         return self.engine.experts
+
+    def _commit(self, fn) -> object:
+        """Run fn on the serving loop's thread between two steps (with no loop: here, nobody steps)."""
+        return fn() if self.loop is None else self.loop.call(fn).result()
 
     def _dispatcher(self, group, plan: PlacementPlan) -> ExpertDispatcher:
         return ExpertDispatcher(self.checkpoint.config, plan.holders, plan.num_workers, self.device, group,
                                 self.backend, keepalive_s=max(self.settings.collective_timeout_s / 4, 0.5),
                                 expert_rows=self.expert_rows)
 
-    def _form_epoch(self, epoch: int, members: list[WorkerHandle]):
-        """Form epoch `epoch`'s group: router rank 0, members ranks 1.. in order; starts the serve
-        loops of members that have none. Returns the router's member of the group."""
-        world, timeout = len(members) + 1, self.settings.collective_timeout_s
-        joins = [h.actor.join_epoch.remote(epoch, rank, world, self.store_host, self.store_port, self.backend,
-                                           timeout) for rank, h in enumerate(members, start=1)]
-        with ThreadPoolExecutor(1) as pool:  # rank 0 joins while the workers do
-            mine = pool.submit(wire.open_group, self.store, epoch, wire.ROUTER_RANK, world, self.backend, timeout)
-            ray.get(joins, timeout=timeout + 30)
-            group = mine.result(timeout=timeout + 30)
-        for h in members:  # new workers, and any whose loop has ended (it gave up on a lost epoch)
-            if h.serving is None or ray.wait([h.serving], timeout=0)[0]:
-                h.serving = h.actor.serve.remote(epoch, timeout)
-        return group
-
     def _switch(self, epoch: int, group, plan: PlacementPlan, members: list[WorkerHandle]) -> None:
-        """At a step boundary: the current epoch's workers that stay move to `epoch`, the others
-        leave; the router sends the next step's rows by the new plan."""
+        """On the loop's thread, between steps: the current epoch's workers that stay move to
+        `epoch`, the others leave; the next step's rows go by the new plan."""
         old = self.engine.experts
         staying = {h.worker for h in members}
         old.end_epoch(epoch, {i for i, h in enumerate(self.workers) if h.worker in staying})
@@ -149,125 +169,383 @@ class ExpertCluster:
         else:  # gloo: its sockets go when the process does (a pending receive on a lost peer stays)
             self._old_groups.append(old.group)
         self.engine.experts = self._dispatcher(group, plan)
-        self.plan, self.workers, self.epoch = plan, members, epoch
+        with self._record:
+            self.plan, self.workers, self.epoch = plan, members, epoch
         if self.metrics is not None:
             self.metrics.epoch_changes.inc()
 
-    def _allocate_epoch(self) -> int:
-        epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
-        return epoch
+    # ---- epochs, ids and the world ---------------------------------------------------------------
 
-    # ---- recovery (the serving loop's thread, after a failed step) ----------------------------
+    def _new_id(self) -> int:
+        with self._record:
+            return next(self._ids)
 
-    def recover(self, exc: Exception | None) -> bool:
-        """Form the next epoch without the workers that are gone; True when the step may run again
-        (exc None: the serving loop asks again after a recovery that failed)."""
-        with self._membership:
-            start = time.monotonic()
+    def _new_epoch(self) -> int:
+        with self._record:
+            return next(self._epochs)
+
+    def _form_epoch(self, epoch: int, members: list[WorkerHandle]):
+        """Form epoch `epoch`'s group: router rank 0, members ranks 1.. in order; starts the serve
+        loops of members that have none. Returns the router's member of the group. On failure the
+        members let the epoch go, so none ever moves into it."""
+        world, timeout = len(members) + 1, self.settings.collective_timeout_s
+        joins = [h.actor.join_epoch.remote(epoch, rank, world, self.store_host, self.store_port, self.backend,
+                                           timeout) for rank, h in enumerate(members, start=1)]
+        pool = ThreadPoolExecutor(1)  # rank 0 joins while the workers do
+        try:
+            mine = pool.submit(wire.open_group, self.store, epoch, wire.ROUTER_RANK, world, self.backend, timeout)
+            ray.get(joins, timeout=timeout + 30)
+            group = mine.result(timeout=timeout + 30)
+        except BaseException:
+            self._forget_epoch(epoch, members)
+            raise
+        finally:
+            pool.shutdown(wait=False)  # a join left waiting on a lost member times out by itself
+        for h in members:  # new workers, and any whose loop has ended (it gave up on a lost epoch)
+            if h.serving is None or ray.wait([h.serving], timeout=0)[0]:
+                h.serving = h.actor.serve.remote(epoch, timeout)
+        return group
+
+    def _forget_epoch(self, epoch: int, members: list[WorkerHandle]) -> None:
+        for h in members:  # best effort: a lost member has nothing left to forget
+            h.actor.forget_epoch.remote(epoch)
+
+    def _wait(self, refs: list, what: str) -> list:
+        """ray.get(refs), giving way when a recovery is asked for or the cluster stops."""
+        pending = list(refs)
+        while pending:
+            if self._interrupt.is_set() or self._stopping.is_set():
+                raise ChangeInterrupted(f"{what}: a worker was lost meanwhile (or the cluster is stopping)")
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
+        return ray.get(refs)
+
+    def _held(self, handles: list[WorkerHandle]) -> list[set | None]:
+        """What each worker holds now, by its own report (None: it did not answer)."""
+        refs = [h.actor.held.remote() for h in handles]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=CONTROL_CALL_S)
+        out = []
+        for ref in refs:
             try:
-                lost = unresponsive(self.workers, LIVENESS_TIMEOUT_S)
-                for h in lost:
-                    stop_worker(h)  # a stopped (SIGSTOP) one too: it must never come back into an epoch
-                survivors, fresh, plan = [h for h in self.workers if h not in lost], [], self.plan
-                if survivors:
-                    for i in sorted((self.workers.index(h) for h in lost), reverse=True):
-                        plan = plan.without_worker(i)  # its experts: surviving copies, else the least loaded
-                else:  # nobody left: a new worker holds everything (Ray may need a node for it)
-                    plan = PlacementPlan.spread(1, plan.num_layers, plan.num_experts)
-                    survivors = fresh = self._start([self._new_id()], plan)
-                index_old = {h.worker: i for i, h in enumerate(self.workers)}
-                loads, _ = plan.moves_from(self.plan, {i: index_old[h.worker] for i, h in enumerate(survivors)
-                                                       if h.worker in index_old})
-                ray.get([h.actor.load.remote(loads[i]) for i, h in enumerate(survivors) if loads[i] and h not in fresh])
-                epoch = self._allocate_epoch()
-                group = self._form_epoch(epoch, survivors)
-                self._switch(epoch, group, plan, survivors)
-            except Exception:  # noqa: BLE001 - recovery itself failed: the requests in flight fail
-                log.exception("recovery failed")
-                return False
-            self.recoveries += 1
-            if self.metrics is not None:
-                self.metrics.recoveries.inc()
-            names = ", ".join(f"worker {h.worker} (pid {h.pid})" for h in lost) or "no worker"
-            why = type(exc).__name__ if exc is not None else "retrying an earlier recovery"
-            progress(f"recovery: lost {names} ({why}); epoch {epoch} with {len(survivors)} "
-                     f"workers in {time.monotonic() - start:.2f}s; the interrupted step runs again")
-        restoring = self._restorer is not None and self._restorer.is_alive()
-        if len(self.workers) < self.target_workers and not self._stopping.is_set() and not restoring:
-            self._restorer = threading.Thread(target=self._restore, name="expertmesh-restore", daemon=True)
-            self._restorer.start()
+                out.append({tuple(p) for p in ray.get(ref)} if ref in ready else None)
+            except Exception:  # noqa: BLE001 - a lost worker: recovery deals with it
+                out.append(None)
+        return out
+
+    def _reconcile(self) -> None:
+        """Make the workers hold what the record says: each drops what it holds and the record does
+        not name (the rollback of an abandoned change, the tail of an applied one) and loads what it
+        lacks (which only a change cut short between load and commit could leave)."""
+        with self._record:
+            plan, workers = self.plan, list(self.workers)
+        refs = []
+        for i, (h, held) in enumerate(zip(workers, self._held(workers))):
+            if held is None:
+                continue
+            want = set(plan.worker_pairs(i))
+            if held - want:
+                refs.append(h.actor.drop.remote(sorted(held - want)))
+            if want - held:
+                log.error("worker %d lacks %s of the live plan: loading them", h.worker, sorted(want - held))
+                refs.append(h.actor.load.remote(sorted(want - held)))
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=CONTROL_CALL_S * 6) if refs else ([], [])
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - a worker lost meanwhile
+                log.warning("reconcile: %s", exc)
+
+    def differences(self) -> dict[int, tuple[list, list]]:
+        """Worker id -> (held but not in the record, in the record but not held), for every worker
+        where the two differ (empty: the record is the world)."""
+        with self._record:
+            plan, workers = self.plan, list(self.workers)
+        out = {}
+        for i, (h, held) in enumerate(zip(workers, self._held(workers))):
+            want = set(plan.worker_pairs(i))
+            if held is None or held != want:
+                out[h.worker] = (sorted((held or set()) - want), sorted(want - (held or set())))
+        return out
+
+    # ---- faults ----------------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """The heartbeat monitor: a worker with a heartbeat unanswered for heartbeat_timeout_s, or
+        one that is dead, is fenced and a recovery asked for."""
+        timeout = self.settings.heartbeat_timeout_s
+        pending: dict[int, tuple] = {}  # worker id -> (heartbeat ObjectRef, sent at)
+        while not self._stopping.wait(timeout / 4):
+            with self._record:
+                workers = list(self.workers)
+            now, lost = time.monotonic(), []
+            for h in workers:
+                if h.worker in self._fenced:
+                    continue
+                ref, sent = pending.get(h.worker, (None, now))
+                if ref is not None and ray.wait([ref], timeout=0)[0]:
+                    try:
+                        ray.get(ref)
+                        ref = None  # alive: the next heartbeat goes out now
+                    except Exception:  # noqa: BLE001 - RayActorError and kin: dead
+                        lost.append((h, "its process is gone"))
+                        continue
+                elif ref is not None and now - sent > timeout:
+                    lost.append((h, f"no heartbeat for {now - sent:.1f}s"))
+                    continue
+                if ref is None:
+                    ref, sent = h.actor.heartbeat.remote(), now
+                pending[h.worker] = (ref, sent)
+            with self._record:  # a worker retired meanwhile (stopped on purpose) is no loss
+                members = {h.worker for h in self.workers}
+            lost = [(h, why) for h, why in lost if h.worker in members]
+            for worker in set(pending) - members:
+                del pending[worker]
+            for h, why in lost:
+                progress(f"worker {h.worker} (pid {h.pid}) lost: {why}; fencing it")
+                self._fenced.add(h.worker)
+                stop_worker(h)  # a stalled one too: it must never come back; its sockets close now
+            if lost and not self._stopping.is_set():
+                self._ask_recovery(None)
+
+    def _ask_recovery(self, exc: Exception | None) -> Future:
+        with self._record:
+            if self._stopping.is_set():
+                stopped: Future = Future()
+                stopped.set_result(False)
+                return stopped
+            if self._recovery is None:
+                self._interrupt.set()  # a change in preparation gives way to it
+                self._recovery = self._control.submit(self._recover, exc)
+            return self._recovery
+
+    def _recover(self, exc: Exception | None) -> bool:
+        """On the control thread: the next epoch without the workers that are gone; True when the
+        loop may step again."""
+        start = time.monotonic()
+        lost: list[WorkerHandle] = []
+        try:
+            with self._record:
+                workers, plan = list(self.workers), self.plan
+            fenced = [h for h in workers if h.worker in self._fenced]
+            lost = fenced + unresponsive([h for h in workers if h not in fenced], self.settings.heartbeat_timeout_s)
+            for h in lost:
+                if h not in fenced:
+                    stop_worker(h)
+            survivors = [h for h in workers if h not in lost]
+            if survivors:
+                for i in sorted((workers.index(h) for h in lost), reverse=True):
+                    plan = plan.without_worker(i)  # its experts: surviving copies, else the least loaded
+                have = self._held(survivors)
+            else:  # nobody left: one worker holds everything (Ray may need a node for it)
+                plan = PlacementPlan.spread(1, plan.num_layers, plan.num_experts)
+                survivors = self._take_workers(1)
+                have = [set()]
+            # Only experts with no surviving copy are loaded; all of them at once, across survivors.
+            loads = [(h, sorted(set(plan.worker_pairs(i)) - (held or set())))
+                     for i, (h, held) in enumerate(zip(survivors, have))]
+            missing = sum(len(p) for _, p in loads)
+            ray.get([h.actor.load.remote(p) for h, p in loads if p])
+            epoch = self._new_epoch()
+            group = self._form_epoch(epoch, survivors)
+            self._commit(lambda: self._switch(epoch, group, plan, survivors))
+        except Exception:  # noqa: BLE001 - recovery itself failed: the loop fails the steps in flight
+            log.exception("recovery failed")
+            return False
+        finally:
+            with self._record:
+                self._recovery = None
+                self._interrupt.clear()
+        self.recoveries += 1
+        if self.metrics is not None:
+            self.metrics.recoveries.inc()
+        names = ", ".join(f"worker {h.worker} (pid {h.pid})" for h in lost) or "no worker"
+        why = type(exc).__name__ if exc is not None else "heartbeat, or retrying an earlier recovery"
+        progress(f"recovery: lost {names} ({why}); epoch {epoch} with {len(survivors)} workers, {missing} "
+                 f"expert copies loaded, in {time.monotonic() - start:.2f}s")
+        if not self._stopping.is_set() and (len(survivors) < self.target_workers or missing or lost):
+            self._helper(self._restore, "expertmesh-restore")
         return True
 
     def _restore(self) -> None:
-        """Bring the worker count back to the configured one (Ray may need a new node for it)."""
+        """In the background: the configured worker count and --redundancy's copies back."""
         try:
-            self.scale_workers(self.target_workers, reason="replacing lost workers")
-        except Exception as exc:  # noqa: BLE001 - serving goes on with fewer workers
-            log.warning("could not restore %d workers: %s", self.target_workers, exc)
-            progress(f"could not restore {self.target_workers} workers yet: {exc}")
+            self.scale_workers(self.target_workers, reason="restoring after a lost worker")
+        except Exception as exc:  # noqa: BLE001 - serving goes on; copies on the survivors meanwhile
+            if self._stopping.is_set():
+                return
+            progress(f"could not restore {self.target_workers} workers yet ({exc}); restoring copies on the "
+                     "workers there are")
+            try:
+                self._control.submit(self._scale_to, None, [], "restoring copies").result()
+            except Exception as exc2:  # noqa: BLE001
+                log.warning("could not restore copies: %s", exc2)
 
-    # ---- planned changes (any thread but the serving loop's) ----------------------------------
+    def _helper(self, target, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        self._helpers = [t for t in self._helpers if t.is_alive()] + [thread]
+        thread.start()
 
-    def _new_id(self) -> int:
-        worker, self._next_worker = self._next_worker, self._next_worker + 1
-        return worker
+    # ---- workers: standby and new ------------------------------------------------------------------
 
-    def _start(self, ids: list[int], plan: PlacementPlan, first: int = 0) -> list[WorkerHandle]:
+    def _take_workers(self, count_: int) -> list[WorkerHandle]:
+        """`count_` worker processes holding nothing: standby ones first (no process to start), new
+        ones for the rest (Ray may need a node for them: this waits). Any thread."""
         if self._stopping.is_set():
             raise ChangeInterrupted("the cluster is stopping")
-        return start_workers(ids, {w: plan.worker_pairs(first + i) for i, w in enumerate(ids)}, self.model_dir,
-                             self.settings, self.gpus, cancel=self._stopping)
+        with self._record:
+            taken, self.standby = self.standby[:count_], self.standby[count_:]
+        fresh = []
+        if len(taken) < count_:
+            ids = [self._new_id() for _ in range(count_ - len(taken))]
+            fresh = start_workers(ids, {w: [] for w in ids}, self.model_dir, self.settings, self.gpus,
+                                  cancel=self._stopping)
+        if taken:
+            progress(f"took {len(taken)} standby worker(s): no process to start")
+            self._refill_standby()
+        return taken + fresh
 
-    def _reconfigure(self, plan: PlacementPlan, keep: list[WorkerHandle], add: int, reason: str) -> None:
-        """Change to `plan`, whose workers are `keep` (current workers, in order) then `add` new ones."""
+    def _refill_standby(self) -> None:
+        """Bring the standby pool back to --standby-workers, in the background."""
+        if self.settings.standby_workers > len(self.standby) and not self._stopping.is_set():
+            self._helper(self._start_standby, "expertmesh-standby")
+
+    def _start_standby(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                with self._record:
+                    want = self.settings.standby_workers - len(self.standby)
+                if want <= 0:
+                    return
+                ids = [self._new_id() for _ in range(want)]
+                handles = start_workers(ids, {w: [] for w in ids}, self.model_dir, self.settings, self.gpus,
+                                        cancel=self._stopping)
+                with self._record:
+                    self.standby += handles
+                if self._stopping.is_set():
+                    for h in handles:
+                        stop_worker(h)
+        except Exception as exc:  # noqa: BLE001 - no standby: adds start processes, as without one
+            if not self._stopping.is_set():
+                log.warning("could not start standby workers: %s", exc)
+
+    # ---- planned changes ---------------------------------------------------------------------------
+
+    def _submit(self, fn, *args) -> object:
+        if self._stopping.is_set():
+            raise ChangeInterrupted("the cluster is stopping")
+        return self._control.submit(fn, *args).result()
+
+    def _reconfigure(self, plan: PlacementPlan, keep: list[WorkerHandle], fresh: list[WorkerHandle],
+                     reason: str) -> None:
+        """On the control thread: change to `plan`, whose workers are `keep` (current workers, in
+        order) then `fresh` (started, holding nothing)."""
         plan.validate()
-        with self._change_lock:
-            start = time.monotonic()
-            old_epoch, old_plan, old_workers = self.epoch, self.plan, list(self.workers)
-            index_old = {h.worker: i for i, h in enumerate(old_workers)}
-            fresh = self._start([self._new_id() for _ in range(add)], plan, first=len(keep)) if add else []
-            members = keep + fresh
-            loads, drops = plan.moves_from(old_plan, {i: index_old[h.worker] for i, h in enumerate(keep)})
-            try:
-                ray.get([h.actor.load.remote(loads[i]) for i, h in enumerate(keep) if loads[i]])
-                new_epoch = len(members) != len(old_workers) or bool(fresh)
-                epoch = self._allocate_epoch() if new_epoch else old_epoch
-                group = self._form_epoch(epoch, members) if new_epoch else None
+        start = time.monotonic()
+        with self._record:
+            old_epoch, old_workers = self.epoch, list(self.workers)
+        members = keep + fresh
+        new_epoch = [h.worker for h in members] != [h.worker for h in old_workers]
+        epoch = None
+        try:
+            have = self._held(keep) + [set()] * len(fresh)
+            if any(held is None for held in have):
+                raise ChangeInterrupted("a worker did not answer; ask again")
+            loads = [(h, sorted(set(plan.worker_pairs(i)) - held)) for i, (h, held) in enumerate(zip(members, have))]
+            self._wait([h.actor.load.remote(p) for h, p in loads if p], "loading the new copies")
+            group = None
+            if new_epoch:
+                epoch = self._new_epoch()
+                group = self._form_epoch(epoch, members)
 
-                def switch():
-                    with self._membership:
-                        if self._stopping.is_set():
-                            raise ChangeInterrupted("the cluster is stopping")
-                        if self.epoch != old_epoch:
-                            raise ChangeInterrupted("a worker was lost meanwhile; ask again")
-                        if new_epoch:
-                            self._switch(epoch, group, plan, members)
-                        else:
-                            self.engine.experts.use_plan(plan.holders)
-                            self.plan = plan
+            def commit():  # on the loop's thread
+                if self._interrupt.is_set() or self.epoch != old_epoch:
+                    raise ChangeInterrupted("a worker was lost meanwhile; ask again")
+                if new_epoch:
+                    self._switch(epoch, group, plan, members)
+                else:
+                    self.engine.experts.use_plan(plan.holders)
+                    with self._record:
+                        self.plan = plan
 
-                self.engine.run_between_steps(switch)
-            except BaseException:
-                for h in fresh:
-                    stop_worker(h)
-                raise
-            ray.get([h.actor.drop.remote(drops[i]) for i, h in enumerate(keep) if drops[i]])
-            leaving = [h for h in old_workers if h.worker not in {m.worker for m in members}]
-            if leaving:
-                ray.wait([h.serving for h in leaving], num_returns=len(leaving), timeout=10)
-            for h in leaving:
+            if self._interrupt.is_set():
+                raise ChangeInterrupted("a worker was lost meanwhile; ask again")
+            self._commit(commit)
+        except BaseException:
+            if epoch is not None:
+                self._forget_epoch(epoch, members)
+            for h in fresh:
                 stop_worker(h)
-            moved = sum(len(v) for v in loads.values())
-            what = f"epoch {old_epoch} -> {epoch}" if new_epoch else f"epoch {epoch}"
-            progress(f"plan change ({reason}): {what}, {len(members)} workers, {moved} expert copies loaded, "
-                     f"{sum(len(v) for v in drops.values())} dropped, in {time.monotonic() - start:.2f}s")
+            self._reconcile()  # roll back: what was loaded for the change goes again
+            raise
+        self._reconcile()  # roll forward: what the new plan no longer names goes
+        leaving = [h for h in old_workers if h.worker not in {m.worker for m in members}]
+        if leaving:
+            ray.wait([h.serving for h in leaving], num_returns=len(leaving), timeout=10)
+        for h in leaving:
+            stop_worker(h)
+        moved = sum(len(p) for _, p in loads)
+        what = f"epoch {old_epoch} -> {epoch}" if new_epoch else f"epoch {old_epoch}"
+        progress(f"plan change ({reason}): {what}, {len(members)} workers, {moved} expert copies loaded, "
+                 f"in {time.monotonic() - start:.2f}s")
+
+    def _scale_to(self, count_: int | None, fresh: list[WorkerHandle], reason: str) -> PlacementPlan:
+        """On the control thread: `count_` workers (None: as many as now), taking `fresh` for new
+        ones, every expert on --redundancy of them; from the record as it is now."""
+        with self._record:
+            plan, keep = self.plan, list(self.workers)
+        count_ = len(keep) if count_ is None else count_
+        use, spare = fresh[:max(count_ - len(keep), 0)], fresh[max(count_ - len(keep), 0):]
+        if spare:  # a recovery got there first: back to standby, they hold nothing
+            with self._record:
+                self.standby += spare
+        for _ in use:
+            plan = plan.with_new_worker()
+        while len(keep) > count_:
+            plan = plan.without_worker(len(keep) - 1)
+            keep.pop()
+        plan = plan.with_min_copies(self.settings.redundancy)
+        with self._record:
+            unchanged = plan.holders == self.plan.holders and len(keep) == len(self.workers)
+        if not unchanged or use:
+            self._reconfigure(plan, keep, use, reason)
+        return self.plan
 
     def apply_plan(self, plan: PlacementPlan, reason: str) -> PlacementPlan:
         """Change to `plan` on the current workers (the controller's rebalance)."""
-        if plan.num_workers != len(self.workers):
-            raise PlacementError(f"the plan is for {plan.num_workers} workers; the cluster has {len(self.workers)}")
-        self._reconfigure(plan, list(self.workers), 0, reason)
-        return self.plan
+        def change():
+            if plan.num_workers != len(self.workers):
+                raise PlacementError(f"the plan is for {plan.num_workers} workers; the cluster has "
+                                     f"{len(self.workers)}")
+            self._reconfigure(plan.with_min_copies(self.settings.redundancy), list(self.workers), [], reason)
+            return self.plan
+        return self._submit(change)
+
+    def scale_replicas(self, spec: str) -> PlacementPlan:
+        """Extra copies exactly as SPEC says ('' removes them all, down to --redundancy); returns
+        once the plan is live."""
+        def change():
+            plan = self.plan.with_replica_spec(spec).with_min_copies(self.settings.redundancy)
+            self._reconfigure(plan, list(self.workers), [], f"replicas {spec!r}")
+            return self.plan
+        return self._submit(change)
+
+    def scale_workers(self, count_: int, reason: str | None = None) -> PlacementPlan:
+        """Grow or shrink to `count_` workers; returns once the new epoch is live. New processes
+        (standby first) are started on this thread, before the change is queued."""
+        if count_ < 1:
+            raise PlacementError("at least one worker is needed (use --workers 0 at start for none)")
+        self.target_workers = count_
+        with self._record:
+            now = len(self.workers)
+        fresh = self._take_workers(count_ - now) if count_ > now else []
+        try:
+            return self._submit(self._scale_to, count_, fresh, reason or f"workers {now} -> {count_}")
+        except ChangeInterrupted:
+            for h in fresh:  # the change never ran (stopping): nothing else will stop them
+                if h.serving is None:
+                    stop_worker(h)
+            raise
+
+    # ---- what operators see --------------------------------------------------------------------
 
     def load_sample(self) -> dict:
         """Cumulative load now: rows per (layer, expert) and busy seconds per worker id; the
@@ -279,37 +557,12 @@ class ExpertCluster:
         return {"time": time.monotonic(), "busy": busy,
                 "rows": {(l, e): int(rows[l, e]) for l in range(rows.shape[0]) for e in range(rows.shape[1])}}
 
-    def scale_replicas(self, spec: str) -> PlacementPlan:
-        """Extra copies exactly as SPEC says ('' removes them all); returns once the plan is live."""
-        plan = self.plan.with_replica_spec(spec)
-        self._reconfigure(plan, list(self.workers), 0, f"replicas {spec!r}")
-        return self.plan
-
-    def scale_workers(self, count: int, reason: str | None = None) -> PlacementPlan:
-        """Grow or shrink to `count` workers; returns once the new epoch is live."""
-        if count < 1:
-            raise PlacementError("at least one worker is needed (use --workers 0 at start for none)")
-        self.target_workers = count
-        with self._membership:
-            plan, keep = self.plan, list(self.workers)
-        add = max(count - len(keep), 0)
-        for _ in range(add):
-            plan = plan.with_new_worker()
-        while len(keep) > count:
-            plan = plan.without_worker(len(keep) - 1)
-            keep.pop()
-        if add or len(keep) != len(self.workers):
-            self._reconfigure(plan, keep, add, reason or f"workers {len(self.workers)} -> {count}")
-        return self.plan
-
-    # ---- what operators see --------------------------------------------------------------------
-
     def placement(self) -> dict:
         """The live placement: epoch, and per worker its id, node, pid and experts."""
-        with self._membership:
+        with self._record:
             plan, workers, epoch = self.plan, list(self.workers), self.epoch
         refs = [h.actor.stats.remote() for h in workers]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=LIVENESS_TIMEOUT_S)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.settings.heartbeat_timeout_s)
         rows, busy = {}, {}
         for h, ref in zip(workers, refs):
             try:
@@ -325,24 +578,38 @@ class ExpertCluster:
                             for i, h in enumerate(workers)]}
 
     def stats(self) -> list[dict]:
-        return ray.get([h.actor.stats.remote() for h in self.workers], timeout=30)
+        with self._record:
+            workers = list(self.workers)
+        return ray.get([h.actor.stats.remote() for h in workers], timeout=CONTROL_CALL_S)
 
     def shutdown(self) -> None:
-        """Stop the serve loops, free the workers and (if ours) Ray itself."""
+        """Stop the serve loops, free the workers and (if ours) Ray itself; quick even when Ray's
+        own processes are going at the same moment (a SIGTERM to the whole process group)."""
         self._stopping.set()
-        if self._restorer is not None:  # a replacement being started: it gives up, then we go on
-            self._restorer.join(timeout=60)
-        with self._change_lock:  # no planned change is half done
-            pass
+        self._interrupt.set()  # a change in preparation gives up
+        self._monitor.join(timeout=2)
+        try:  # a change already running gives way (it polls _stopping); queued ones never start
+            self._control.submit(lambda: None).result(timeout=5)
+        except (FutureTimeout, RuntimeError):
+            log.warning("a change was still running at shutdown")
+        self._control.shutdown(wait=False, cancel_futures=True)
+        with self._record:
+            workers, standby = list(self.workers), list(self.standby)
         try:
             self.engine.experts.shutdown_workers()
-            ray.wait([h.serving for h in self.workers if h.serving is not None], num_returns=len(self.workers),
-                     timeout=30)
+            serving = [h.serving for h in workers if h.serving is not None]
+            if serving:
+                ray.wait(serving, num_returns=len(serving), timeout=2)
         except Exception as exc:  # noqa: BLE001 - a broken group is expected after a worker died
             log.warning("workers did not leave cleanly: %s", exc)
         finally:
-            for h in self.workers:
-                stop_worker(h)
+            for h in workers + standby:
+                try:
+                    stop_worker(h)
+                except Exception:  # noqa: BLE001 - Ray itself may be going
+                    pass
+            for t in self._helpers:
+                t.join(timeout=2)
             if self.owns_ray:
                 ray.shutdown()
 

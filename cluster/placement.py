@@ -84,6 +84,18 @@ class PlacementPlan:
                     holders[(layer, expert)] += (min(free, key=lambda w: (load[w], w)),)
         return PlacementPlan(self.num_workers, self.num_layers, self.num_experts, holders)
 
+    def with_min_copies(self, copies: int) -> "PlacementPlan":
+        """Every expert on at least `copies` workers (all of them, where there are fewer): the
+        missing copies go to the least-loaded workers that do not hold the expert yet (--redundancy)."""
+        holders = dict(self.holders)
+        want = min(copies, self.num_workers)
+        for pair in sorted(holders):
+            while len(holders[pair]) < want:
+                load = self._load(holders)
+                free = [w for w in range(self.num_workers) if w not in holders[pair]]
+                holders[pair] += (min(free, key=lambda w: (load[w], w)),)
+        return PlacementPlan(self.num_workers, self.num_layers, self.num_experts, holders)
+
     def _load(self, holders: dict[Pair, tuple[int, ...]]) -> list[int]:
         return [sum(w in ws for ws in holders.values()) for w in range(self.num_workers)]
 

@@ -31,13 +31,13 @@ from expertmesh.cluster.placement import PlacementError, PlacementPlan
 Pair = tuple[int, int]
 
 
-def replica_counts(loads: list[float], slots: int) -> list[int]:
-    """Copies per expert of one layer: one each, then every spare slot to the expert with the most
-    load per copy (ties: the lower expert id)."""
-    if slots < len(loads):
-        raise PlacementError(f"{slots} slots cannot hold {len(loads)} experts")
-    copies = [1] * len(loads)
-    for _ in range(slots - len(loads)):
+def replica_counts(loads: list[float], slots: int, min_copies: int = 1) -> list[int]:
+    """Copies per expert of one layer: min_copies each (--redundancy), then every spare slot to the
+    expert with the most load per copy (ties: the lower expert id)."""
+    if slots < len(loads) * min_copies:
+        raise PlacementError(f"{slots} slots cannot hold {len(loads)} experts x {min_copies} copies")
+    copies = [min_copies] * len(loads)
+    for _ in range(slots - len(loads) * min_copies):
         best = max(range(len(loads)), key=lambda e: (loads[e] / copies[e], -e))
         copies[best] += 1
     return copies
@@ -126,18 +126,20 @@ def _layer_moves(old: dict[int, list[int]], new: dict[int, list[int]]) -> int:
     return sum(len(set(new[e]) - set(old[e])) for e in new)
 
 
-def plan(load: dict[Pair, float], current: PlacementPlan, slots_per_worker: int) -> PlacementPlan:
+def plan(load: dict[Pair, float], current: PlacementPlan, slots_per_worker: int,
+         min_copies: int = 1) -> PlacementPlan:
     """The plan for `load` ((layer, expert) -> rows, any unit) on current's workers, each holding at
-    most `slots_per_worker` experts per layer."""
+    most `slots_per_worker` experts per layer, every expert on at least min(min_copies, workers)."""
     num_workers, num_experts = current.num_workers, current.num_experts
     slots = min(num_workers * slots_per_worker, num_experts * num_workers)
-    if slots < num_experts:
+    min_copies = min(min_copies, num_workers)
+    if slots < num_experts * min_copies:
         raise PlacementError(f"{num_workers} workers x {slots_per_worker} slots cannot hold {num_experts} "
-                             "experts per layer")
+                             f"experts per layer x {min_copies} copies")
     holders: dict[Pair, tuple[int, ...]] = {}
     for layer in range(current.num_layers):
         loads = [float(load.get((layer, e), 0.0)) for e in range(num_experts)]
-        copies = replica_counts(loads, slots)
+        copies = replica_counts(loads, slots, min_copies)
         now = {e: list(current.holders[(layer, e)]) for e in range(num_experts)}
         candidates = [_plan_layer(loads, now, num_workers, slots_per_worker, copies),
                       _packed_layer(loads, now, num_workers, slots_per_worker, copies)]

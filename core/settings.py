@@ -46,7 +46,18 @@ class ServingConfig:
     # With pingpong auto, the new tokens a step needs to be split: below it decode expert GEMMs are
     # memory-bound and a split reads every expert's weights twice (bench/dispatch.py, 2-core CPU).
     pingpong_min_tokens: int = 256
-    collective_timeout_s: float = 30.0  # a dead or stuck worker fails a step after this, never a hang
+    # the backstop for a step stuck on a worker: long enough for the longest prefill step of a real
+    # model; stalls are found far sooner by heartbeats (heartbeat_timeout_s)
+    collective_timeout_s: float = 30.0
+    # a worker that has not answered a heartbeat for this long is stalled: it is fenced (killed) and
+    # its epoch ends. Heartbeats are control calls answered beside the data path, so a long step
+    # does not delay them (2 s: well above a busy machine's scheduling hiccups, within a 3 s target)
+    heartbeat_timeout_s: float = 2.0
+    # copies of every (layer, expert) the planner keeps (where workers allow): with 2, one worker's
+    # death pauses no stream, its copies are restored in the background
+    redundancy: int = 1
+    # worker processes started ahead with no weights: an add or a replacement starts no process
+    standby_workers: int = 0
     placement_timeout_s: float = 600.0  # wait for Ray (and its autoscaler) to provide workers' resources
     # health says NOT_SERVING while a step runs longer than this (a stalled worker, before the
     # collective timeout fails the step); a step of the tiny model takes milliseconds, a GPU's too
@@ -61,12 +72,14 @@ class ServingConfig:
             raise SettingsError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.pingpong not in PINGPONG_MODES:
             raise SettingsError(f"pingpong must be one of {', '.join(PINGPONG_MODES)}, got {self.pingpong!r}")
-        for name in ("max_batch_tokens", "max_seqs", "block_size", "pingpong_min_tokens", "worker_threads"):
+        for name in ("max_batch_tokens", "max_seqs", "block_size", "pingpong_min_tokens", "worker_threads",
+                     "redundancy"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_queue < 0:
-            raise SettingsError(f"max_queue must be >= 0, got {self.max_queue}")
-        for name in ("collective_timeout_s", "placement_timeout_s", "stall_timeout_s"):
+        for name in ("max_queue", "standby_workers"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("collective_timeout_s", "placement_timeout_s", "stall_timeout_s", "heartbeat_timeout_s"):
             if not getattr(self, name) > 0:
                 raise SettingsError(f"{name} must be > 0, got {getattr(self, name)}")
         parse_bytes(self.kv_cache_memory)

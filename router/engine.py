@@ -1,16 +1,15 @@
 """One model step over flat token rows: the model, its experts and the KV cache.
 
-The engine only computes. Which sequences run, how many tokens each, and which KV blocks they use is
-the scheduler's (router/scheduler.py); sampling and streaming are the serving loop's. The experts
-object decides where experts run (`LocalExperts` here, expert workers in the distributed engine);
-everything else is the same code.
+The engine only computes, on one thread: the serving loop's (router/serving.py), which also applies
+the control plane's changes to `experts` between steps. Which sequences run, how many tokens each,
+and which KV blocks they use is the scheduler's (router/scheduler.py); sampling and streaming are
+the serving loop's. The experts object decides where experts run (`LocalExperts` here, expert
+workers in the distributed engine); everything else is the same code.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -45,34 +44,6 @@ def split_in_two(seqs: list[Sequence], new: list[int]) -> list[list[Sequence]]:
     return [seqs[:cut], seqs[cut:]]
 
 
-IDLE_WAIT_S = 0.2  # how long run_between_steps waits for a step before running the change itself
-
-
-class _BetweenSteps:
-    """A function to run once, at a step boundary, by whichever thread gets to it first."""
-
-    def __init__(self, fn: Callable[[], object]):
-        self.fn, self.done = fn, threading.Event()
-        self._claim = threading.Lock()
-        self._value, self._error = None, None
-
-    def run(self) -> None:
-        if not self._claim.acquire(blocking=False):
-            return  # the other thread has it
-        try:
-            self._value = self.fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller of run_between_steps
-            self._error = exc
-        finally:
-            self.done.set()
-
-    def result(self) -> object:
-        self.done.wait()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
 class Engine:
     def __init__(self, model: RouterModel, experts: Experts, cache: KVCache, pingpong: str = "off",
                  pingpong_min_tokens: int = DEFAULTS.pingpong_min_tokens, layer_threads: int | None = None):
@@ -91,24 +62,7 @@ class Engine:
         self.cache = cache
         self.config = model.config
         self.split_steps = 0  # steps run as two ping-pong micro-batches
-        # Set by the control plane: called with the error when the experts fail a step; True when
-        # they were recovered and the same step may run again (cluster/elastic.py).
-        self.recover: Callable[[Exception], bool] | None = None
         self.graphs: DecodeGraphs | None = None  # decode steps as captured graphs (Engine.local)
-        self._step_lock = threading.Lock()  # held through a step
-        self._jobs: list[_BetweenSteps] = []  # to run at the next step boundary
-
-    def run_between_steps(self, fn: Callable[[], object]) -> object:
-        """Run fn between two steps, never during one; for changing the experts while a serving
-        loop steps on another thread. The next step runs it first, on the loop's own thread (no
-        handoff between threads inside the step); when no step comes (an idle loop) it runs here."""
-        job = _BetweenSteps(fn)
-        with self._step_lock:
-            self._jobs.append(job)
-        if not job.done.wait(IDLE_WAIT_S):
-            with self._step_lock:
-                job.run()
-        return job.result()
 
     @classmethod
     def local(cls, model_dir, dtype: torch.dtype = torch.float32, kv_blocks: int = 512,
@@ -142,11 +96,7 @@ class Engine:
         for s, n in zip(seqs, num_new):
             assert 0 < n <= len(s.token_ids) - s.num_cached, (n, len(s.token_ids), s.num_cached)
             assert len(s.block_table) * block_size >= s.num_cached + n, "blocks are reserved before a step"
-        with self._step_lock:
-            jobs, self._jobs = self._jobs, []
-            for job in jobs:  # changes waiting for a step boundary go first
-                job.run()
-            return self._step(seqs, num_new, all_logits)
+        return self._step(seqs, num_new, all_logits)
 
     def _step(self, seqs: list[Sequence], num_new: list[int], all_logits: bool) -> torch.Tensor | list[torch.Tensor]:
         if self.graphs is not None and not all_logits and self.graphs.covers(seqs, num_new):

@@ -1,9 +1,15 @@
 """The serving engine: requests in, streamed outputs out, one loop stepping the model.
 
-submit() and cancel() may be called from any thread; they only touch the inbox. The engine loop
-(run(), on a thread of its own or on the caller's) drains the inbox at every step boundary, asks
-the scheduler for the next batch, runs one model step, hands the result to the scheduler, samples,
-detokenises, applies stop conditions and hands each request its output chunk.
+submit(), cancel() and call() may be called from any thread; they only touch the inbox. The engine
+loop (run(), on a thread of its own or on the caller's) is the only thread that touches the engine:
+at every step boundary it drains the inbox (requests, cancellations, and calls: the control plane's
+commits of a new epoch or plan, prepared elsewhere and applied here), asks the scheduler for the next
+batch, runs one model step, hands the result to the scheduler, samples, detokenises, applies stop
+conditions and hands each request its output chunk.
+
+When the experts fail a step (a worker died or stalled), the loop reports it to the control plane
+and, until the control plane's recovery ends, runs only the calls it posts (the next epoch's
+commit); then it runs the same step again from its inputs.
 
 Requests are keyed by the server (a fresh id per submit); a client's own id is only echoed back, so
 no client can reach another's request by naming its id.
@@ -16,8 +22,9 @@ import threading
 import time
 import uuid
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -34,6 +41,17 @@ FINISH_STOP, FINISH_LENGTH, FINISH_EOS, FINISH_CANCELLED, FINISH_ERROR = (
     "stop", "length", "eos", "cancelled", "error")
 MAX_STEP_ATTEMPTS = 4  # a step's first run and three recoveries (each loses at least one worker)
 REPAIR_EVERY_S = 2.0  # while the experts cannot serve, how often the loop asks the control plane again
+
+
+class ControlPlane(Protocol):
+    """What the loop needs of the control plane (cluster/elastic.py's ExpertCluster)."""
+
+    def attach(self, loop: "ServingEngine") -> None:
+        """The loop whose call() applies the control plane's commits from now on."""
+
+    def report_failure(self, exc: Exception | None) -> Future:
+        """The experts failed a step (exc), or cannot serve yet (None): recover off the loop's thread;
+        the future resolves True once the loop can step again (its commit applied through call())."""
 
 
 class QueueFull(RuntimeError):
@@ -82,8 +100,9 @@ class Request(Scheduled):
 
 class ServingEngine:
     def __init__(self, engine: Engine, tokenizer: TextTokenizer, settings: ServingConfig = DEFAULTS,
-                 own_thread: bool = True, engine_threads: int | None = None):
+                 own_thread: bool = True, engine_threads: int | None = None, control: ControlPlane | None = None):
         self.engine = engine
+        self.control = control  # None: a failed step fails the requests in flight
         self.tokenizer = tokenizer
         self.config = engine.config
         self.max_queue = settings.max_queue
@@ -92,6 +111,8 @@ class ServingEngine:
         self.limits = RequestLimits(self.config.vocab_size, self.config.max_position_embeddings,
                                     cache.num_blocks * cache.block_size)
         self._inbox: deque = deque()  # ("add", request) | ("cancel", key)
+        self._calls: deque = deque()  # (fn, Future): run on the loop's thread between steps
+        self._owner = threading.Lock()  # held by the thread running the loop
         self._wake = threading.Condition()
         self._waiting = 0  # requests in the scheduler's queue, as of the last step boundary
         self._requests: dict[str, Request] = {}  # live requests, by key (engine thread only)
@@ -108,6 +129,8 @@ class ServingEngine:
         # thread that loaded the model (own_thread=False, as `expertmesh serve` does).
         self.engine_threads = engine_threads if engine_threads is not None else (1 if own_thread else None)
         self._thread = None
+        if control is not None:
+            control.attach(self)
         if own_thread:
             self._thread = threading.Thread(target=self.run, name="expertmesh-engine", daemon=True)
             self._thread.start()
@@ -140,6 +163,35 @@ class ServingEngine:
         with self._wake:
             self._inbox.append(("cancel", key))
             self._wake.notify()
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run fn on the loop's thread between two steps (never during one); the future holds its
+        result. With no loop running it runs at once, here: nobody steps the engine meanwhile."""
+        future: Future = Future()
+        with self._wake:
+            self._calls.append((fn, future))
+            self._wake.notify()
+        self._run_calls_if_no_loop()
+        return future
+
+    def _run_calls_if_no_loop(self) -> None:
+        if self._owner.acquire(blocking=False):
+            try:
+                self._run_calls()
+            finally:
+                self._owner.release()
+
+    def _run_calls(self) -> None:
+        while True:
+            with self._wake:
+                if not self._calls:
+                    return
+                fn, future = self._calls.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    future.set_exception(exc)
 
     def stalled(self, after_s: float) -> bool:
         """A step has been running for longer than after_s (a stalled worker, a hung device): the
@@ -199,9 +251,15 @@ class ServingEngine:
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
         """The engine loop: until stop() (or until `until()` is true)."""
+        with self._owner:
+            self._loop(until)
+        self._run_calls_if_no_loop()  # a call that came as the loop ended
+
+    def _loop(self, until: Callable[[], bool] | None) -> None:
         if self.engine_threads is not None:
             torch.set_num_threads(self.engine_threads)  # for this thread (OpenMP)
         while until is None or not until():
+            self._run_calls()
             self._repair()
             with self._wake:
                 self._drain_inbox()
@@ -210,7 +268,8 @@ class ServingEngine:
                         self._finish(request, FINISH_CANCELLED)
                     return
                 if not self.scheduler.has_work():
-                    self._wake.wait(timeout=0.5)
+                    if not self._calls:
+                        self._wake.wait(timeout=0.5)
                     continue
             batch = self.scheduler.schedule()
             if not batch:
@@ -244,17 +303,39 @@ class ServingEngine:
     def _repair(self) -> None:
         """Not serving (a recovery failed, e.g. no worker could be placed): ask the control plane
         again now and then; serving again as soon as it mends the experts."""
-        if self.healthy or self.engine.recover is None or time.monotonic() < self._next_repair:
+        if self.healthy or self.control is None or time.monotonic() < self._next_repair:
             return
         self._next_repair = time.monotonic() + REPAIR_EVERY_S
-        if self.engine.recover(None):
+        if self._await(self.control.report_failure(None)):
             log.warning("the expert path is whole again: serving")
             self.healthy = True
 
+    def _await(self, recovery: Future) -> bool:
+        """Wait for the control plane's recovery, running the calls it posts meanwhile (its commit);
+        requests and cancellations wait in the inbox. True when the loop can step again."""
+        recovery.add_done_callback(lambda _: self._notify())
+        while not recovery.done():
+            self._run_calls()
+            with self._wake:
+                if not self._calls and not recovery.done() and not self._stopping:
+                    self._wake.wait(timeout=0.5)
+            if self._stopping:
+                return False
+        self._run_calls()
+        try:
+            return bool(recovery.result())
+        except Exception:  # noqa: BLE001 - a recovery that raised did not recover
+            log.exception("recovery failed")
+            return False
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
     def _step(self, batch) -> torch.Tensor | None:
-        """One model step; when the experts fail it, the control plane's recovery (if any) gets to
-        mend them and the same step runs again from its inputs. None when it cannot: every request
-        in flight then fails with the reason."""
+        """One model step; when the experts fail it, the control plane (if any) gets to mend them
+        and the same step runs again from its inputs. None when it cannot: every request in flight
+        then fails with the reason."""
         seqs, num_new = [r.seq for r, _ in batch], [n for _, n in batch]
         failure = "unknown"
         for attempt in range(MAX_STEP_ATTEMPTS):
@@ -263,7 +344,8 @@ class ServingEngine:
             except Exception as exc:  # noqa: BLE001 - recovered below, or every request learns why
                 log.warning("step failed (attempt %d): %s: %s", attempt + 1, type(exc).__name__, exc)
                 failure = type(exc).__name__
-                if self.engine.recover is None or attempt + 1 == MAX_STEP_ATTEMPTS or not self.engine.recover(exc):
+                if (self.control is None or attempt + 1 == MAX_STEP_ATTEMPTS
+                        or not self._await(self.control.report_failure(exc))):
                     log.error("step failed for good", exc_info=exc)
                     break
         self.healthy = False

@@ -12,10 +12,13 @@ import time
 
 
 class ServerProcess:
-    def __init__(self, *args: str, startup_timeout: float = 180):
+    def __init__(self, *args: str, startup_timeout: float = 180, new_session: bool = False):
+        """new_session: the server leads a process group of its own (with Ray's processes), as under
+        a supervisor, so a test can signal the whole group."""
         env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
         self.proc = subprocess.Popen([sys.executable, "-m", "expertmesh.cli", "serve", "--port", "0", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                     start_new_session=new_session)
         self.lines: list[str] = []
         self.target = None
         ready = threading.Event()

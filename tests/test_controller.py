@@ -8,6 +8,7 @@ import pytest
 
 from expertmesh.cluster.controller import SUSTAIN_WINDOWS, AutoscaleSettings, Controller
 from expertmesh.cluster.placement import PlacementPlan
+from expertmesh.core.settings import DEFAULTS
 
 LAYERS, EXPERTS = 2, 8
 
@@ -20,6 +21,7 @@ class Cluster:
         self.workers = list(range(workers))
         self.changes: list[tuple] = []
         self.metrics = None
+        self.settings = DEFAULTS
 
     def scale_workers(self, count: int, reason: str):
         self.changes.append(("workers", count))

@@ -176,3 +176,39 @@ def test_repeated_kills_lose_no_request_and_leak_nothing(checkpoint, expected):
     while time.monotonic() < deadline and any(p in _processes() for p in pids + killed):
         time.sleep(0.2)
     assert not [p for p in pids + killed if p in _processes() and "ExpertWorker" in _processes()[p][1]]
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for pid in _processes():
+        try:
+            if os.getpgid(pid) == pgid:
+                members.append(pid)
+        except ProcessLookupError:
+            pass
+    return members
+
+
+@pytest.mark.parametrize("whole_group", [False, True], ids=["server alone", "whole process group"])
+def test_sigterm_stops_the_server_within_5s(checkpoint, whole_group):
+    """A supervisor's SIGTERM, to the server alone or (systemd's default KillMode, many others) to
+    its whole process group, Ray's processes dying at the same moment: the server is gone in 5 s."""
+    server = ServerProcess("--model", str(checkpoint), "--workers", "2", "--kv-cache-memory", "16MiB",
+                           new_session=True)
+    pgid = server.proc.pid
+    try:
+        assert _expert_worker_pids(server.proc.pid)
+        start = time.monotonic()
+        if whole_group:
+            os.killpg(pgid, signal.SIGTERM)
+        else:
+            server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(timeout=60)
+        took = time.monotonic() - start
+        assert took < 5.0, f"the server took {took:.1f}s to stop:\n" + "".join(server.lines[-20:])
+    finally:
+        for pid in _group_members(pgid):  # whatever outlived it: ours to end, by PID
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

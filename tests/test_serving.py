@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -270,14 +271,26 @@ def test_the_loop_serves_again_once_the_control_plane_mends_the_experts(model_di
         def finish(self, handle):
             return experts.finish(handle)
 
-    def recover(exc):
-        state["asked"] += 1
-        if state["fixable"]:
-            state["broken"] = False
-        return state["fixable"]
+    class Control:  # the control plane: recovers off the loop's thread, commits through loop.call
+        def attach(self, loop):
+            self.loop = loop
 
-    engine.experts, engine.recover = Failing(), recover
-    fresh = ServingEngine(engine, tokenizer)
+        def report_failure(self, exc):
+            state["asked"] += 1
+            done = Future()
+
+            def recover():
+                if state["fixable"]:
+                    def commit():
+                        state["commit_thread"] = threading.current_thread()
+                        state["broken"] = False
+                    self.loop.call(commit).result()
+                done.set_result(state["fixable"])
+            threading.Thread(target=recover).start()
+            return done
+
+    engine.experts = Failing()
+    fresh = ServingEngine(engine, tokenizer, control=Control())
     try:
         params = SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)
         failed = fresh.generate([[1, 5, 6]], params)[0]
@@ -292,6 +305,7 @@ def test_the_loop_serves_again_once_the_control_plane_mends_the_experts(model_di
             assert time.monotonic() < deadline, "the loop never asked again"
             time.sleep(0.05)
         assert state["asked"] > asked
+        assert state["commit_thread"] is fresh._thread  # the commit ran on the loop's own thread
         assert len(tokens(fresh.generate([[1, 5, 6]], params)[0])) == 4
     finally:
         fresh.shutdown()

@@ -6,7 +6,9 @@ of `serve`, which moves to the next epoch on OP_SWITCH and returns on OP_SHUTDOW
 
 Experts change while serving: new ones load off the data path and their layer's table is swapped in
 whole (the router sends them rows only once its new plan is live); dropped ones go only after the
-router's plan no longer names them.
+router's plan no longer names them. Changes run one at a time, in the order they arrive, on one
+thread of their own; `held` reports what this worker holds, which the control plane's placement
+record is reconciled with.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import ray
 import torch
@@ -43,34 +46,24 @@ class ExpertWorker:
         self._store = None
         self._groups: dict[int, tuple] = {}  # epoch -> (group, rank, backend)
         self._group_ready = threading.Condition()
-        self._lock = threading.Lock()  # the experts table and the counters
+        self._lock = threading.Lock()  # the counters, and `pairs` for readers
+        # Every change to the experts, in arrival order, on this one thread: at nice 19 with one
+        # torch thread, so it yields to the serve loop, which shares the cores with the router. (Not
+        # on Ray's pool threads: a later call, `serve` itself, could land on one, and an
+        # unprivileged process cannot lower a niceness again.)
+        self._changes = ThreadPoolExecutor(1, thread_name_prefix="expertmesh-load", initializer=_background_thread)
 
     def _change(self, add: set[tuple[int, int]], drop: set[tuple[int, int]]) -> None:
         """Read experts `add` straight from the safetensors files, let `drop` go, and swap each
         changed layer's table in whole (a step in flight keeps the table it started with); the
-        experts a layer keeps are not read or packed again.
-
-        Off the data path in CPU time too: the work runs on a thread of its own at nice 19 with one
-        torch thread, so it yields to the serve loop, which shares the cores with the router. (Not on
-        Ray's pool thread: a later call, `serve` itself, could land on it, and an unprivileged
-        process cannot lower a niceness again.)"""
-        failure: list[BaseException] = []
-
-        def work():
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-            torch.set_num_threads(1)
-            try:
-                self._apply_change(add, drop)
-            except BaseException as exc:  # noqa: BLE001 - raised on the caller's thread
-                failure.append(exc)
-
-        worker = threading.Thread(target=work, name="expertmesh-load")
-        worker.start()
-        worker.join()
-        if failure:
-            raise failure[0]
+        experts a layer keeps are not read or packed again. Only the change thread writes
+        `layers` and `pairs`, so what a change reads of them no other change alters meanwhile."""
+        self._changes.submit(self._apply_change, add, drop).result()
 
     def _apply_change(self, add: set[tuple[int, int]], drop: set[tuple[int, int]]) -> None:
+        add, drop = add - self.pairs, drop & self.pairs  # against what is held now, after earlier changes
+        if not add and not drop:
+            return
         by_layer: dict[int, dict[int, tuple]] = {}
         for (layer, expert), ws in self.checkpoint.read_experts(sorted(add), self.dtype).items():
             by_layer.setdefault(layer, {})[expert] = tuple(w.to(self.device) for w in ws)
@@ -93,17 +86,21 @@ class ExpertWorker:
 
     def load(self, pairs: list[tuple[int, int]]) -> int:
         """Hold these experts too; returns the bytes held."""
-        new = {tuple(p) for p in pairs} - self.pairs
-        if new:
-            self._change(new, set())
+        self._change({tuple(p) for p in pairs}, set())
         return self.nbytes()
 
     def drop(self, pairs: list[tuple[int, int]]) -> int:
         """Let these experts go (the router's plan no longer names them); returns the bytes held."""
-        gone = {tuple(p) for p in pairs} & self.pairs
-        if gone:
-            self._change(set(), gone)
+        self._change(set(), {tuple(p) for p in pairs})
         return self.nbytes()
+
+    def held(self) -> list[tuple[int, int]]:
+        """The (layer, expert) pairs held now, after every change that arrived before this call."""
+        return self._changes.submit(lambda: sorted(self.pairs)).result()
+
+    def heartbeat(self) -> int:
+        """Answered beside the data path: a worker that cannot answer (stopped, wedged) is stalled."""
+        return os.getpid()
 
     def nbytes(self) -> int:
         with self._lock:
@@ -126,9 +123,19 @@ class ExpertWorker:
             self._groups[epoch] = (group, rank, backend)
             self._group_ready.notify_all()
 
+    def forget_epoch(self, epoch: int) -> None:
+        """Epoch `epoch` never went live (its change was abandoned): let its group go, so that the
+        serve loop never moves into it."""
+        with self._group_ready:
+            joined = self._groups.pop(epoch, None)
+        if joined is not None:
+            wire.close_group(joined[0], joined[2])
+
     def stats(self) -> dict:
+        with self._group_ready:
+            epochs = sorted(self._groups)  # groups formed and not let go yet
         with self._lock:
-            return {"worker": self.worker, "pairs": sorted(self.pairs), "busy_s": self.busy_s,
+            return {"worker": self.worker, "pairs": sorted(self.pairs), "busy_s": self.busy_s, "epochs": epochs,
                     "rows_received": {f"{l}:{e}": n for (l, e), n in self.rows_received.items()}}
 
     def _group(self, epoch: int, wait_s: float):
@@ -163,7 +170,7 @@ class ExpertWorker:
                     newer = [e for e in self._groups if e > epoch]
                 if not newer:
                     return "lost"
-                epoch = min(newer)
+                epoch = max(newer)  # the latest: the control plane forms epochs in order, one at a time
                 continue
             return ended
 
@@ -211,6 +218,11 @@ class ExpertWorker:
                 for e, n in used:
                     self.rows_received[(layer, e)] += n
             group.send([out], router, 0).wait()
+
+
+def _background_thread() -> None:
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    torch.set_num_threads(1)
 
 
 # The Ray actor: one thread runs `serve`, the others answer control calls (load, join the next

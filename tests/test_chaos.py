@@ -1,0 +1,140 @@
+"""Chaos: ten rounds of random events under 32 streams, with the autoscaling controller on.
+
+Each round starts 32 greedy streams, and once every stream is mid-flight one event lands: a worker
+SIGKILLed or SIGSTOPped, a replica added or all extra ones removed, a worker added or retired. Every
+stream must end with the tokens of a fault-free run; after each round the placement record equals
+what the workers report holding, every live worker holds the group of the live epoch and no other,
+no KV block is left in use, and no expert worker process is left that the cluster does not know.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+import ray
+
+from expertmesh.cluster.controller import AutoscaleSettings, Controller
+from expertmesh.cluster.elastic import ExpertCluster
+from expertmesh.cluster.worker_pool import ensure_ray
+from expertmesh.core.settings import ServingConfig
+from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
+from expertmesh.router.engine import Engine
+from expertmesh.router.requests import validate_request
+from expertmesh.router.sampling import SamplingParams
+from expertmesh.router.serving import ServingEngine
+from tests.helpers import greedy_tokens, text_tokenizer
+from tests.test_gateway import _processes
+
+STREAMS, TOKENS, ROUNDS = 32, 40, 10
+PROMPTS = [[1, 500 + 7 * i, 900 + 11 * i, 1300 + 13 * i] for i in range(STREAMS)]
+EVENTS = ("kill", "stop", "add replica", "remove replicas", "add worker", "retire worker")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("chaos"), seed=83, init_std=0.1, num_experts=8)
+
+
+def run_round(serving: ServingEngine, event) -> tuple[list[list[int]], list[int]]:
+    """STREAMS streams; `event()` once every stream has a token; returns (tokens, tokens at the event)."""
+    params = SamplingParams(temperature=0, max_new_tokens=TOKENS, ignore_eos=True)
+    outputs: list[list] = [[] for _ in PROMPTS]
+    finished = threading.Event()
+    for i, prompt in enumerate(PROMPTS):
+        def sink(out, i=i):
+            outputs[i].append(out)
+            if all(o and o[-1].finish_reason for o in outputs):
+                finished.set()
+        serving.submit(validate_request(prompt, params, serving.limits), sink)
+    deadline = time.monotonic() + 120
+    while not all(outputs):
+        assert time.monotonic() < deadline, "the streams never started"
+        time.sleep(0.002)
+    at_event = [sum(len(o.token_ids) for o in list(stream)) for stream in outputs]
+    event()
+    assert finished.wait(180), "a stream never finished"
+    assert all(o[-1].finish_reason == "length" for o in outputs), [o[-1].error for o in outputs]
+    return [[t for o in stream for t in o.token_ids] for stream in outputs], at_event
+
+
+def settle(cluster: ExpertCluster, timeout: float = 90) -> None:
+    """Until recovery and restore are done: the target count, every expert on its copies."""
+    deadline = time.monotonic() + timeout
+    while (cluster._recovery is not None or len(cluster.workers) != cluster.target_workers
+           or any(t.is_alive() and t.name == "expertmesh-restore" for t in cluster._helpers)
+           or any(len(ws) < min(2, len(cluster.workers)) for ws in cluster.plan.holders.values())):
+        assert time.monotonic() < deadline, f"the cluster did not settle: {len(cluster.workers)} workers"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_random_events_under_streams_lose_nothing_and_leak_nothing(checkpoint):
+    expected = greedy_tokens(Engine.local(checkpoint), PROMPTS, TOKENS)
+    started_ray = ensure_ray(num_cpus=16)
+    settings = ServingConfig(collective_timeout_s=20, redundancy=2, standby_workers=1, kv_cache_memory="64MiB")
+    cluster = ExpertCluster(checkpoint, 3, settings=settings, kv_blocks=2048)
+    serving = ServingEngine(cluster.engine, text_tokenizer(cluster.engine), control=cluster)
+    controller = Controller(cluster, AutoscaleSettings(min_workers=2, max_workers=4, window_s=1.0,
+                                                       scale_down_delay_s=3.0)).start()
+    rng = random.Random(7)
+    seen_pids: set[int] = set()
+    happened = []
+    try:
+        for round_ in range(ROUNDS):
+            kind = EVENTS[round_ % len(EVENTS)] if round_ < len(EVENTS) else rng.choice(EVENTS)
+            workers = list(cluster.workers)
+            seen_pids |= {h.pid for h in workers} | {h.pid for h in cluster.standby}
+            epoch, plan = cluster.epoch, cluster.plan
+
+            def event():
+                victim = rng.choice(workers)
+                if kind == "kill":
+                    os.kill(victim.pid, signal.SIGKILL)
+                elif kind == "stop":
+                    os.kill(victim.pid, signal.SIGSTOP)
+                elif kind == "add replica":
+                    cluster.scale_replicas(f"*:{rng.randrange(8)}x3")
+                elif kind == "remove replicas":
+                    cluster.scale_replicas("")
+                elif kind == "add worker":
+                    cluster.scale_workers(min(len(workers) + 1, 4))
+                else:
+                    cluster.scale_workers(max(len(workers) - 1, 2))
+
+            tokens, at_event = run_round(serving, event)
+            assert all(0 < n < TOKENS for n in at_event), (kind, at_event)  # every stream was mid-flight
+            assert tokens == expected, kind
+            settle(cluster)
+            if kind in ("kill", "stop", "add worker", "retire worker"):
+                assert cluster.epoch > epoch, kind  # the event took effect
+            elif kind == "add replica":
+                assert cluster.plan.holders != plan.holders or all(len(ws) == 3 for ws in plan.holders.values())
+            happened.append(kind)
+            assert cluster.differences() == {}, kind  # the record is the world
+            for stats in cluster.stats():  # the live epoch's group and no other
+                assert stats["epochs"] == [cluster.epoch], (kind, stats["worker"], stats["epochs"])
+            cache = cluster.engine.cache
+            deadline = time.monotonic() + 10
+            while cache.free_blocks != cache.num_blocks:  # blocks return at the next boundary
+                assert time.monotonic() < deadline, "KV blocks leaked"
+                time.sleep(0.05)
+            live = {h.pid for h in cluster.workers} | {h.pid for h in cluster.standby}
+            seen_pids |= live
+            table = _processes()
+            deadline = time.monotonic() + 20
+            while any(p in table and "ExpertWorker" in table[p][1] for p in seen_pids - live):
+                assert time.monotonic() < deadline, "a lost or retired worker's process is still alive"
+                time.sleep(0.2)
+                table = _processes()
+        assert set(happened) == set(EVENTS)
+    finally:
+        controller.stop()
+        serving.shutdown()
+        cluster.shutdown()
+        if started_ray:
+            ray.shutdown()
