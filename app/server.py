@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -193,9 +194,25 @@ def cmd_serve(args) -> int:
     finally:
         if controller is not None:
             controller.stop()
-        if cluster is not None:
-            cluster.shutdown()
+        if cluster is not None and not _shutdown_within(cluster, CLUSTER_SHUTDOWN_S):
+            # Ray's own processes are going too (a SIGTERM to the whole process group): its calls
+            # would wait a minute for a GCS that is gone. Nothing is left to hand back.
+            progress(f"Ray did not answer within {CLUSTER_SHUTDOWN_S:g}s (its processes are stopping too): "
+                     "exiting without its teardown")
+            logging.shutdown()
+            os._exit(0)
     return 0
+
+
+CLUSTER_SHUTDOWN_S = 3.0  # a live Ray lets workers go in well under a second
+
+
+def _shutdown_within(cluster, seconds: float) -> bool:
+    """cluster.shutdown(), given `seconds`; False when it did not end in time."""
+    thread = threading.Thread(target=cluster.shutdown, name="expertmesh-shutdown", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return not thread.is_alive()
 
 
 def autoscale_settings(args) -> AutoscaleSettings | None:
