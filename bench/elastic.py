@@ -48,7 +48,7 @@ class Streams:
     def __init__(self, cluster: ExpertCluster, path, n: int):
         self.arrivals: list[float] = []
         self.serving = ServingEngine(cluster.engine, load_tokenizer(path), control=cluster)
-        params = SamplingParams(temperature=0, max_new_tokens=100000, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_new_tokens=4000, ignore_eos=True)
         for i in range(n):
             sink = (lambda out: self.arrivals.append(time.monotonic())) if i == 0 else (lambda out: None)
             self.serving.submit(validate_request([1, 100 + i, 200 + i], params, self.serving.limits), sink)

@@ -332,16 +332,18 @@ class ExpertCluster:
                     stop_worker(h)
             survivors = [h for h in workers if h not in lost]
             if survivors:
+                old = plan
                 for i in sorted((workers.index(h) for h in lost), reverse=True):
                     plan = plan.without_worker(i)  # its experts: surviving copies, else the least loaded
-                have = self._held(survivors)
+                # What survivors hold is the record's (reconciled after every change); asking them
+                # would wait behind a restore's load.
+                have = [set(old.worker_pairs(workers.index(h))) for h in survivors]
             else:  # nobody left: one worker holds everything (Ray may need a node for it)
                 plan = PlacementPlan.spread(1, plan.num_layers, plan.num_experts)
                 survivors = self._take_workers(1)
                 have = [set()]
             # Only experts with no surviving copy are loaded; all of them at once, across survivors.
-            loads = [(h, sorted(set(plan.worker_pairs(i)) - (held or set())))
-                     for i, (h, held) in enumerate(zip(survivors, have))]
+            loads = [(h, sorted(set(plan.worker_pairs(i)) - held)) for i, (h, held) in enumerate(zip(survivors, have))]
             missing = sum(len(p) for _, p in loads)
             ray.get([h.actor.load.remote(p) for h, p in loads if p])
             epoch = self._new_epoch()

@@ -55,6 +55,7 @@ class Streams:
         self.stub = pb_grpc.GenerationStub(self.channel)
         self.results: dict[int, list] = {}
         self.counts = [0] * STREAMS
+        self.arrivals: list[list[float]] = [[] for _ in range(STREAMS)]  # each token message's arrival
         self.threads = [threading.Thread(target=self._one, args=(i,)) for i in range(STREAMS)]
         for t in self.threads:
             t.start()
@@ -66,6 +67,7 @@ class Streams:
             for r in self.stub.Generate(pb.GenerateRequest(token_ids=PROMPTS[i], sampling=sampling), timeout=300):
                 got.append(r)
                 self.counts[i] += len(r.token_ids)
+                self.arrivals[i].append(time.monotonic())
             self.results[i] = got
         except grpc.RpcError as exc:
             self.results[i] = exc
@@ -75,6 +77,16 @@ class Streams:
         while min(self.counts) < tokens:
             assert time.monotonic() < deadline, self.counts
             time.sleep(0.01)
+
+    def mid_flight(self) -> list[int]:
+        """Tokens each stream has now; asserts every one has some and none is done: call it as an
+        event lands, to show the event met live streams."""
+        now = list(self.counts)
+        assert all(0 < n < self.tokens for n in now), now
+        return now
+
+    def longest_pause(self) -> float:
+        return max(b - a for times in self.arrivals for a, b in zip(times, times[1:]))
 
     def join(self) -> list[list[int]]:
         for t in self.threads:
@@ -101,14 +113,18 @@ def test_live_changes_under_streams_keep_every_token(checkpoint, expected):
         assert before["epoch"] == 0 and len(before["workers"]) == 3
         streams = Streams(server.target)
         streams.wait_for(5)
+        streams.mid_flight()
         replicated = cli(server, "scale", "--replicas", "*:1x3")  # expert 1 on every worker, every layer
         holders = [w for w in replicated["workers"] if "0:1" in w["experts"]]
         assert len(holders) == 3 and replicated["epoch"] == 0  # same workers: no new epoch
+        streams.mid_flight()  # the change went live while every stream was running
         grown = cli(server, "scale", "--workers", "4")
         assert len(grown["workers"]) == 4 and grown["epoch"] == 1
         assert len(grown["workers"][3]["experts"]) > 0  # the new worker took a share
+        streams.mid_flight()
         shrunk = cli(server, "scale", "--workers", "2")
         assert len(shrunk["workers"]) == 2 and shrunk["epoch"] == 2
+        streams.mid_flight()
         tokens = streams.join()
         assert tokens == expected  # four changes mid-stream, not one token different
         # The copies of expert 1 that the replica change made really compute rows.
@@ -155,6 +171,7 @@ def test_repeated_kills_lose_no_request_and_leak_nothing(checkpoint, expected):
             # round 1: a worker holding an expert with no other copy; otherwise any
             sole = [w for w in placement["workers"] if any(e != "0:0" and not e.endswith(":0") for e in w["experts"])]
             victim = (sole if round_ == 1 else placement["workers"])[round_ % len(placement["workers"])]
+            streams.mid_flight()
             os.kill(victim["pid"], signal.SIGKILL)
             killed.append(victim["pid"])
             start = time.monotonic()
@@ -163,6 +180,7 @@ def test_repeated_kills_lose_no_request_and_leak_nothing(checkpoint, expected):
                     token_ids=[1, 5, 6], sampling=pb.SamplingParams(temperature=0, max_new_tokens=2)), timeout=60))
             assert time.monotonic() - start < 10 and len(got) == 2
             assert streams.join() == expected
+            assert cli(server, "info")["epoch"] > placement["epoch"]  # the kill took effect
             deadline = time.monotonic() + 60
             while len(cli(server, "info")["workers"]) < 3:
                 assert time.monotonic() < deadline, "the worker count did not come back"
@@ -176,6 +194,55 @@ def test_repeated_kills_lose_no_request_and_leak_nothing(checkpoint, expected):
     while time.monotonic() < deadline and any(p in _processes() for p in pids + killed):
         time.sleep(0.2)
     assert not [p for p in pids + killed if p in _processes() and "ExpertWorker" in _processes()[p][1]]
+
+
+def test_with_redundancy_a_stopped_worker_pauses_no_stream_and_health_stays_serving(checkpoint, expected):
+    """serve --redundancy 2: SIGSTOP a worker under 32 streams (the collective timeout is 30 s):
+    heartbeats find it within 2 s, every expert has a copy elsewhere, so no stream pauses 5 s, health
+    says SERVING throughout, a request sent meanwhile completes, and every stream keeps its tokens."""
+    server = ServerProcess("--model", str(checkpoint), "--workers", "3", "--redundancy", "2",
+                           "--kv-cache-memory", "64MiB", "--collective-timeout", "30")
+    statuses, watching = [], threading.Event()
+    victim = None
+
+    def watch_health():
+        with grpc.insecure_channel(server.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while not watching.is_set():
+                statuses.append(health.Check(health_pb2.HealthCheckRequest(), timeout=5).status)
+                time.sleep(0.1)
+
+    try:
+        before = cli(server, "info")
+        assert all(sum(name in w["experts"] for w in before["workers"]) == 2
+                   for name in (f"{l}:{e}" for l in range(2) for e in range(8)))
+        streams = Streams(server.target)
+        streams.wait_for(10)
+        watcher = threading.Thread(target=watch_health)
+        watcher.start()
+        victim = before["workers"][1]["pid"]
+        streams.mid_flight()
+        os.kill(victim, signal.SIGSTOP)
+        start = time.monotonic()
+        with grpc.insecure_channel(server.target) as channel:
+            got = list(pb_grpc.GenerationStub(channel).Generate(pb.GenerateRequest(
+                token_ids=[1, 5, 6], sampling=pb.SamplingParams(temperature=0, max_new_tokens=4)), timeout=60))
+        assert len(got) == 4 and time.monotonic() - start < 5
+        assert streams.join() == expected
+        assert streams.longest_pause() < 5.0, streams.longest_pause()
+        watching.set()
+        watcher.join()
+        assert statuses and all(s == health_pb2.HealthCheckResponse.SERVING for s in statuses), statuses
+        after = cli(server, "info")
+        assert after["epoch"] > before["epoch"] and victim not in [w["pid"] for w in after["workers"]]
+    finally:
+        watching.set()
+        if victim is not None:
+            try:
+                os.kill(victim, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        assert server.stop() == 0, "".join(server.lines[-30:])
 
 
 def _group_members(pgid: int) -> list[int]:

@@ -226,6 +226,7 @@ def _background_thread() -> None:
 
 
 # The Ray actor: one thread runs `serve`, the others answer control calls (load, join the next
-# epoch, stats) meanwhile. Made here rather than with a decorator so Ray pickles the class by
-# reference, not by value.
-RemoteExpertWorker = ray.remote(max_concurrency=4)(ExpertWorker)
+# epoch, stats, heartbeats) meanwhile; enough of them that a heartbeat never queues behind calls
+# that wait for a long load (load, drop and held each hold a thread until their change has run).
+# Made here rather than with a decorator so Ray pickles the class by reference, not by value.
+RemoteExpertWorker = ray.remote(max_concurrency=8)(ExpertWorker)
