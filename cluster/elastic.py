@@ -256,7 +256,11 @@ class ExpertCluster:
 
     def differences(self) -> dict[int, tuple[list, list]]:
         """Worker id -> (held but not in the record, in the record but not held), for every worker
-        where the two differ (empty: the record is the world)."""
+        where the two differ (empty: the record is the world). Taken on the control thread, between
+        changes: a change in progress has loaded what its commit will name."""
+        return self._submit(self._differences)
+
+    def _differences(self) -> dict[int, tuple[list, list]]:
         with self._record:
             plan, workers = self.plan, list(self.workers)
         out = {}

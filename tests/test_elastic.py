@@ -24,13 +24,19 @@ from tests.gateway_server import ServerProcess
 from tests.helpers import greedy_tokens, wait_until_idle
 from tests.test_gateway import _expert_worker_pids, _processes
 
-STREAMS, TOKENS = 32, 100
+STREAMS, TOKENS, LONG = 32, 100, 1000
 PROMPTS = [[1, 1000 + 7 * i, 2000 + 11 * i, 3000 + 13 * i] for i in range(STREAMS)]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("elastic"), seed=61, init_std=0.1, num_experts=8)
+
+
+@pytest.fixture(scope="module")
+def expected_long(checkpoint):
+    """As `expected`, LONG tokens: streams that outlast several CLI calls (a second or more each)."""
+    return greedy_tokens(Engine.local(checkpoint), PROMPTS, LONG)
 
 
 @pytest.fixture(scope="module")
@@ -105,20 +111,21 @@ def assert_idle_and_serving(server: ServerProcess) -> None:
         assert status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_live_changes_under_streams_keep_every_token(checkpoint, expected):
+def test_live_changes_under_streams_keep_every_token(checkpoint, expected_long):
     server = ServerProcess("--model", str(checkpoint), "--workers", "3", "--kv-cache-memory", "64MiB",
+                           "--standby-workers", "1",
                            "--collective-timeout", "20")
     try:
         before = cli(server, "info")
         assert before["epoch"] == 0 and len(before["workers"]) == 3
-        streams = Streams(server.target)
+        streams = Streams(server.target, LONG)
         streams.wait_for(5)
         streams.mid_flight()
         replicated = cli(server, "scale", "--replicas", "*:1x3")  # expert 1 on every worker, every layer
         holders = [w for w in replicated["workers"] if "0:1" in w["experts"]]
         assert len(holders) == 3 and replicated["epoch"] == 0  # same workers: no new epoch
         streams.mid_flight()  # the change went live while every stream was running
-        grown = cli(server, "scale", "--workers", "4")
+        grown = cli(server, "scale", "--workers", "4")  # the standby worker: no process to start
         assert len(grown["workers"]) == 4 and grown["epoch"] == 1
         assert len(grown["workers"][3]["experts"]) > 0  # the new worker took a share
         streams.mid_flight()
@@ -126,7 +133,7 @@ def test_live_changes_under_streams_keep_every_token(checkpoint, expected):
         assert len(shrunk["workers"]) == 2 and shrunk["epoch"] == 2
         streams.mid_flight()
         tokens = streams.join()
-        assert tokens == expected  # four changes mid-stream, not one token different
+        assert tokens == expected_long  # four changes mid-stream, not one token different
         # The copies of expert 1 that the replica change made really compute rows.
         live = cli(server, "info")
         assert all(w["rows"].get("0:1", 0) > 0 for w in live["workers"] if "0:1" in w["experts"])
@@ -165,12 +172,12 @@ def test_repeated_kills_lose_no_request_and_leak_nothing(checkpoint, expected):
     killed = []
     try:
         for round_ in range(5):
-            streams = Streams(server.target)
-            streams.wait_for(3 + round_ * 7)
-            placement = cli(server, "info")
+            placement = cli(server, "info")  # before the streams: the CLI takes a second to start
             # round 1: a worker holding an expert with no other copy; otherwise any
             sole = [w for w in placement["workers"] if any(e != "0:0" and not e.endswith(":0") for e in w["experts"])]
             victim = (sole if round_ == 1 else placement["workers"])[round_ % len(placement["workers"])]
+            streams = Streams(server.target)
+            streams.wait_for(3 + round_ * 7)
             streams.mid_flight()
             os.kill(victim["pid"], signal.SIGKILL)
             killed.append(victim["pid"])
