@@ -543,13 +543,10 @@ class ExpertCluster:
         with self._record:
             now = len(self.workers)
         fresh = self._take_workers(count_ - now) if count_ > now else []
-        try:
-            return self._submit(self._scale_to, count_, fresh, reason or f"workers {now} -> {count_}")
-        except ChangeInterrupted:
-            for h in fresh:  # the change never ran (stopping): nothing else will stop them
-                if h.serving is None:
-                    stop_worker(h)
-            raise
+        if self._stopping.is_set():  # the change will never run: nothing else would stop them
+            for h in fresh:
+                stop_worker(h)
+        return self._submit(self._scale_to, count_, fresh, reason or f"workers {now} -> {count_}")
 
     # ---- what operators see --------------------------------------------------------------------
 

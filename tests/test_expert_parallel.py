@@ -228,10 +228,7 @@ def test_a_stalled_worker_is_found_by_heartbeats_long_before_the_collective_time
         assert run.longest_pause_s < 5.0, run.longest_pause_s
         assert cluster.recoveries == 1 and victim.worker not in {h.worker for h in cluster.workers}
     finally:
-        try:
-            os.kill(victim.pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
+        _resume(victim.pid)
         cluster.shutdown()
     assert not _alive(victim.pid)
 
@@ -262,11 +259,16 @@ def test_with_redundancy_a_lost_worker_barely_pauses_a_stream(ray_cluster, check
         assert standby in {h.worker for h in cluster.workers}
         assert cluster.differences() == {}
     finally:
-        try:
-            os.kill(victim.pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
+        _resume(victim.pid)
         cluster.shutdown()
+
+
+def _resume(pid: int) -> None:
+    """SIGCONT a worker a test stopped (if the cluster has not killed it already)."""
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
 
 
 def _alive(pid: int) -> bool:
