@@ -3,7 +3,7 @@
 Who owns what:
 - The serving loop's thread (router/serving.py) alone touches the engine and its expert path. The
   control plane prepares every change elsewhere and hands the loop a commit (`loop.call`), which the
-  loop runs between two steps: switch to the next epoch's group, or to a new plan on the same group.
+  loop runs between two steps: switch to the next epoch's pairs, or to a new plan on the same pairs.
 - One control thread (`_control`) runs every change of membership or placement, one at a time, in
   order: recoveries, planned changes (scale, rebalance), restores. It alone writes the placement
   record (plan, workers, epoch) and hands out epochs and worker ids; other threads read the record
@@ -15,13 +15,16 @@ Who owns what:
 
 Faults: a heartbeat monitor asks every worker for a sign of life every heartbeat_timeout_s / 4; one
 that does not answer within heartbeat_timeout_s (SIGSTOPped, wedged) is fenced (killed), which turns
-the stall into a death the data path sees at once. A lost worker ends its epoch: the loop reports the
-failed step, the control thread forms the next epoch without the lost workers (experts with a
-surviving copy need nothing; those without one are loaded on the survivors, in parallel, and only
-they are waited for), the loop applies the commit and runs the same step again from its inputs (its
-KV writes are idempotent and nothing was sampled yet, so every stream keeps exactly its tokens).
-The worker count and --redundancy's copies are then restored in the background, from standby
-workers first (--standby-workers: processes started ahead, with no weights).
+the stall into a death the data path sees at once. Each worker has a pair of its own with the router
+(core/wire.py), so a death fails only that worker's messages. When every expert it held has a copy
+elsewhere, the dispatcher sends its rows of the step in flight to those copies and the step goes on
+(router/dispatcher.py); the loss is reported here, and the control thread forms the next epoch
+without the lost worker in the background. When some expert has no other copy, the step fails: the
+loop reports it and waits while the control thread loads only those experts on the survivors, in
+parallel, and forms the next epoch; the loop applies the commit and runs the same step again from
+its inputs (its KV writes are idempotent and nothing was sampled yet, so every stream keeps exactly
+its tokens). The worker count and --redundancy's copies are then restored in the background, from
+standby workers first (--standby-workers: processes started ahead, with no weights).
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ class ExpertCluster:
         self._control = ThreadPoolExecutor(1, thread_name_prefix="expertmesh-control")
         self._recovery: Future | None = None  # the recovery asked for and not yet done
         self._fenced: set[int] = set()  # workers the monitor killed for missing heartbeats
-        self._old_groups: list = []  # earlier epochs' gloo groups: let go when the cluster stops
+        self._dropped: set[int] = set()  # workers the data path lost (their pair failed)
         self._helpers: list[threading.Thread] = []  # restorers and standby refills
         self.loop = None  # the serving loop that applies commits (router/serving.py)
         self.recoveries = 0
@@ -113,7 +116,7 @@ class ExpertCluster:
             self.store_port = free_port(self.store_host)
             self.store = wire.open_store(self.store_host, self.store_port, True, settings.collective_timeout_s)
             epoch = self._new_epoch()
-            group = self._form_epoch(epoch, workers)
+            pairs = self._form_epoch(epoch, workers)
         except BaseException:
             for h in workers:
                 stop_worker(h)
@@ -127,7 +130,7 @@ class ExpertCluster:
         here = ray.get_runtime_context().get_node_id()
         local = any(h.node_id == here for h in self.workers)
         # CPU workers on this node share its cores with the router (see Engine.layer_threads).
-        self.engine = Engine(model, self._dispatcher(group, plan), cache, pingpong=settings.pingpong,
+        self.engine = Engine(model, self._dispatcher(pairs, plan, workers), cache, pingpong=settings.pingpong,
                              pingpong_min_tokens=settings.pingpong_min_tokens,
                              layer_threads=1 if local and not self.gpus else None)
         self._refill_standby()
@@ -153,22 +156,21 @@ class ExpertCluster:
         """Run fn on the serving loop's thread between two steps (with no loop: here, nobody steps)."""
         return fn() if self.loop is None else self.loop.call(fn).result()
 
-    def _dispatcher(self, group, plan: PlacementPlan) -> ExpertDispatcher:
-        return ExpertDispatcher(self.checkpoint.config, plan.holders, plan.num_workers, self.device, group,
+    def _dispatcher(self, pairs: list, plan: PlacementPlan, members: list[WorkerHandle]) -> ExpertDispatcher:
+        return ExpertDispatcher(self.checkpoint.config, plan.holders, plan.num_workers, self.device, pairs,
                                 self.backend, keepalive_s=max(self.settings.collective_timeout_s / 4, 0.5),
-                                expert_rows=self.expert_rows)
+                                expert_rows=self.expert_rows,
+                                on_lost=lambda lost: self._lost_on_path([members[w] for w in lost]))
 
-    def _switch(self, epoch: int, group, plan: PlacementPlan, members: list[WorkerHandle]) -> None:
+    def _switch(self, epoch: int, pairs: list, plan: PlacementPlan, members: list[WorkerHandle]) -> None:
         """On the loop's thread, between steps: the current epoch's workers that stay move to
         `epoch`, the others leave; the next step's rows go by the new plan."""
         old = self.engine.experts
         staying = {h.worker for h in members}
         old.end_epoch(epoch, {i for i, h in enumerate(self.workers) if h.worker in staying})
-        if self.backend == "nccl":  # abort its communicators: a destroy could hang on a lost peer
-            wire.close_group(old.group, self.backend)
-        else:  # gloo: its sockets go when the process does (a pending receive on a lost peer stays)
-            self._old_groups.append(old.group)
-        self.engine.experts = self._dispatcher(group, plan)
+        for pair in old.pairs:  # nothing is posted on them any more (end_epoch waited for it all)
+            wire.close_pair(pair, self.backend)
+        self.engine.experts = self._dispatcher(pairs, plan, members)
         with self._record:
             self.plan, self.workers, self.epoch = plan, members, epoch
         if self.metrics is not None:
@@ -184,18 +186,19 @@ class ExpertCluster:
         with self._record:
             return next(self._epochs)
 
-    def _form_epoch(self, epoch: int, members: list[WorkerHandle]):
-        """Form epoch `epoch`'s group: router rank 0, members ranks 1.. in order; starts the serve
-        loops of members that have none. Returns the router's member of the group. On failure the
-        members let the epoch go, so none ever moves into it."""
-        world, timeout = len(members) + 1, self.settings.collective_timeout_s
-        joins = [h.actor.join_epoch.remote(epoch, rank, world, self.store_host, self.store_port, self.backend,
-                                           timeout) for rank, h in enumerate(members, start=1)]
-        pool = ThreadPoolExecutor(1)  # rank 0 joins while the workers do
+    def _form_epoch(self, epoch: int, members: list[WorkerHandle]) -> list:
+        """Form epoch `epoch`'s pairs, one per member (core/wire.py), all at once; starts the serve
+        loops of members that have none. Returns the router's ends, in members' order. On failure
+        the members let the epoch go, so none ever moves into it."""
+        timeout = self.settings.collective_timeout_s
+        joins = [h.actor.join_epoch.remote(epoch, self.store_host, self.store_port, self.backend, timeout)
+                 for h in members]
+        pool = ThreadPoolExecutor(max(len(members), 1))  # the router's ends join while the workers' do
         try:
-            mine = pool.submit(wire.open_group, self.store, epoch, wire.ROUTER_RANK, world, self.backend, timeout)
+            mine = [pool.submit(wire.open_pair, self.store, epoch, h.worker, wire.ROUTER_RANK, self.backend,
+                                timeout) for h in members]
             ray.get(joins, timeout=timeout + 30)
-            group = mine.result(timeout=timeout + 30)
+            pairs = [m.result(timeout=timeout + 30) for m in mine]
         except BaseException:
             self._forget_epoch(epoch, members)
             raise
@@ -204,7 +207,7 @@ class ExpertCluster:
         for h in members:  # new workers, and any whose loop has ended (it gave up on a lost epoch)
             if h.serving is None or ray.wait([h.serving], timeout=0)[0]:
                 h.serving = h.actor.serve.remote(epoch, timeout)
-        return group
+        return pairs
 
     def _forget_epoch(self, epoch: int, members: list[WorkerHandle]) -> None:
         for h in members:  # best effort: a lost member has nothing left to forget
@@ -273,36 +276,43 @@ class ExpertCluster:
     # ---- faults ----------------------------------------------------------------------------------
 
     def _watch(self) -> None:
-        """The heartbeat monitor: a worker with a heartbeat unanswered for heartbeat_timeout_s, or
-        one that is dead, is fenced and a recovery asked for."""
+        """The heartbeat monitor: a worker that has answered no heartbeat sent in the last
+        heartbeat_timeout_s, or one that is dead, is fenced and a recovery asked for. Heartbeats go
+        out every timeout / 8 whether or not the last came back, so a stall is found within
+        timeout + timeout / 8 of its start."""
         timeout = self.settings.heartbeat_timeout_s
-        pending: dict[int, tuple] = {}  # worker id -> (heartbeat ObjectRef, sent at)
-        while not self._stopping.wait(timeout / 4):
+        sent: dict[int, list] = {}  # worker id -> [(heartbeat ObjectRef, sent at)] not answered yet
+        alive_at: dict[int, float] = {}  # worker id -> send time of its latest answered heartbeat
+        while not self._stopping.wait(timeout / 8):
             with self._record:
                 workers = list(self.workers)
             now, lost = time.monotonic(), []
             for h in workers:
                 if h.worker in self._fenced:
                     continue
-                ref, sent = pending.get(h.worker, (None, now))
-                if ref is not None and ray.wait([ref], timeout=0)[0]:
+                alive_at.setdefault(h.worker, now)
+                outstanding = []
+                for ref, at in sent.get(h.worker, []):
+                    if not ray.wait([ref], timeout=0)[0]:
+                        outstanding.append((ref, at))
+                        continue
                     try:
                         ray.get(ref)
-                        ref = None  # alive: the next heartbeat goes out now
+                        alive_at[h.worker] = max(alive_at[h.worker], at)
                     except Exception:  # noqa: BLE001 - RayActorError and kin: dead
                         lost.append((h, "its process is gone"))
-                        continue
-                elif ref is not None and now - sent > timeout:
-                    lost.append((h, f"no heartbeat for {now - sent:.1f}s"))
-                    continue
-                if ref is None:
-                    ref, sent = h.actor.heartbeat.remote(), now
-                pending[h.worker] = (ref, sent)
+                        break
+                else:
+                    if now - alive_at[h.worker] > timeout:
+                        lost.append((h, f"no heartbeat answered for {now - alive_at[h.worker]:.1f}s"))
+                    elif len(outstanding) < 4:  # a stalled worker's queue need not grow without end
+                        outstanding.append((h.actor.heartbeat.remote(), now))
+                sent[h.worker] = outstanding
             with self._record:  # a worker retired meanwhile (stopped on purpose) is no loss
                 members = {h.worker for h in self.workers}
             lost = [(h, why) for h, why in lost if h.worker in members]
-            for worker in set(pending) - members:
-                del pending[worker]
+            for worker in set(sent) - members:
+                del sent[worker], alive_at[worker]
             for h, why in lost:
                 progress(f"worker {h.worker} (pid {h.pid}) lost: {why}; fencing it")
                 self._fenced.add(h.worker)
@@ -310,13 +320,24 @@ class ExpertCluster:
             if lost and not self._stopping.is_set():
                 self._ask_recovery(None)
 
+    def _lost_on_path(self, lost: list[WorkerHandle]) -> None:
+        """The data path lost these workers and serves on without them (on the loop's thread: must
+        not wait). They are fenced and replaced by a recovery off the serving path."""
+        with self._record:
+            self._dropped.update(h.worker for h in lost)
+        for h in lost:
+            progress(f"worker {h.worker} (pid {h.pid}) lost on the data path; replacing it")
+        self._ask_recovery(None)
+
     def _ask_recovery(self, exc: Exception | None) -> Future:
+        """A recovery that has not started yet sees every loss reported so far; one that is running
+        may have read the record already, so a loss reported meanwhile gets a recovery of its own."""
         with self._record:
             if self._stopping.is_set():
                 stopped: Future = Future()
                 stopped.set_result(False)
                 return stopped
-            if self._recovery is None:
+            if self._recovery is None or self._recovery.running():
                 self._interrupt.set()  # a change in preparation gives way to it
                 self._recovery = self._control.submit(self._recover, exc)
             return self._recovery
@@ -329,11 +350,15 @@ class ExpertCluster:
         try:
             with self._record:
                 workers, plan = list(self.workers), self.plan
+                dropped = set(self._dropped)
             fenced = [h for h in workers if h.worker in self._fenced]
-            lost = fenced + unresponsive([h for h in workers if h not in fenced], self.settings.heartbeat_timeout_s)
+            lost = fenced + [h for h in workers if h.worker in dropped and h not in fenced]
+            lost += unresponsive([h for h in workers if h not in lost], self.settings.heartbeat_timeout_s)
+            if not lost and not self.engine.experts.broken:
+                return True  # a loss an earlier recovery already dealt with
             for h in lost:
                 if h not in fenced:
-                    stop_worker(h)
+                    stop_worker(h)  # dropped by the data path, or not answering: it must never come back
             survivors = [h for h in workers if h not in lost]
             if survivors:
                 old = plan
@@ -350,23 +375,25 @@ class ExpertCluster:
             loads = [(h, sorted(set(plan.worker_pairs(i)) - held)) for i, (h, held) in enumerate(zip(survivors, have))]
             missing = sum(len(p) for _, p in loads)
             ray.get([h.actor.load.remote(p) for h, p in loads if p])
+            loaded_s = time.monotonic() - start
             epoch = self._new_epoch()
-            group = self._form_epoch(epoch, survivors)
-            self._commit(lambda: self._switch(epoch, group, plan, survivors))
+            pairs = self._form_epoch(epoch, survivors)
+            self._commit(lambda: self._switch(epoch, pairs, plan, survivors))
         except Exception:  # noqa: BLE001 - recovery itself failed: the loop fails the steps in flight
             log.exception("recovery failed")
             return False
         finally:
             with self._record:
-                self._recovery = None
-                self._interrupt.clear()
+                if self._recovery is not None and self._recovery.running():  # this one (the control
+                    self._recovery = None  # thread runs one thing at a time); a queued one stays
+                    self._interrupt.clear()
         self.recoveries += 1
         if self.metrics is not None:
             self.metrics.recoveries.inc()
         names = ", ".join(f"worker {h.worker} (pid {h.pid})" for h in lost) or "no worker"
-        why = type(exc).__name__ if exc is not None else "heartbeat, or retrying an earlier recovery"
+        why = type(exc).__name__ if exc is not None else "found by heartbeats or on the data path"
         progress(f"recovery: lost {names} ({why}); epoch {epoch} with {len(survivors)} workers, {missing} "
-                 f"expert copies loaded, in {time.monotonic() - start:.2f}s")
+                 f"expert copies loaded (after {loaded_s:.2f}s), in {time.monotonic() - start:.2f}s")
         if not self._stopping.is_set() and (len(survivors) < self.target_workers or missing or lost):
             self._helper(self._restore, "expertmesh-restore")
         return True
@@ -414,7 +441,14 @@ class ExpertCluster:
         if self.settings.standby_workers > len(self.standby) and not self._stopping.is_set():
             self._helper(self._start_standby, "expertmesh-standby")
 
+    def _restoring(self) -> bool:
+        return any(t.name == "expertmesh-restore" and t.is_alive() for t in self._helpers)
+
     def _start_standby(self) -> None:
+        # After any restore: starting a process (imports) and loading a lost worker's copies both
+        # take CPU and memory bandwidth from serving; one after the other, neither stacks on the other.
+        while self._restoring() and not self._stopping.wait(POLL_S):
+            pass
         try:
             while not self._stopping.is_set():
                 with self._record:
@@ -457,16 +491,16 @@ class ExpertCluster:
                 raise ChangeInterrupted("a worker did not answer; ask again")
             loads = [(h, sorted(set(plan.worker_pairs(i)) - held)) for i, (h, held) in enumerate(zip(members, have))]
             self._wait([h.actor.load.remote(p) for h, p in loads if p], "loading the new copies")
-            group = None
+            pairs = None
             if new_epoch:
                 epoch = self._new_epoch()
-                group = self._form_epoch(epoch, members)
+                pairs = self._form_epoch(epoch, members)
 
             def commit():  # on the loop's thread
                 if self._interrupt.is_set() or self.epoch != old_epoch:
                     raise ChangeInterrupted("a worker was lost meanwhile; ask again")
                 if new_epoch:
-                    self._switch(epoch, group, plan, members)
+                    self._switch(epoch, pairs, plan, members)
                 else:
                     self.engine.experts.use_plan(plan.holders)
                     with self._record:
@@ -603,7 +637,7 @@ class ExpertCluster:
             serving = [h.serving for h in workers if h.serving is not None]
             if serving:
                 ray.wait(serving, num_returns=len(serving), timeout=2)
-        except Exception as exc:  # noqa: BLE001 - a broken group is expected after a worker died
+        except Exception as exc:  # noqa: BLE001 - a worker that died cannot be told
             log.warning("workers did not leave cleanly: %s", exc)
         finally:
             for h in workers + standby:

@@ -1,12 +1,14 @@
 """The data-path protocol between the router (rank 0) and expert workers (ranks 1..W).
 
-Membership epochs: the router and the workers of one epoch talk over a process group of that epoch
-only, built directly on one long-lived store (the router hosts it) under the prefix "epoch{N}/",
-ranks numbered afresh each epoch. The next epoch's group forms while the current one serves; an
-OP_SWITCH on the current group moves a worker to the next one, so no message of an old epoch is
-ever read in a new one.
+Pairs and membership epochs: in each epoch the router talks to each worker over a process group of
+two of their own (router rank 0, worker rank 1), built directly on one long-lived store (the router
+hosts it) under the prefix "epoch{N}/worker{id}/". Pairs, not one group of all: gloo fails every op
+of a group, on every member, once any member dies (measured), so one worker's death would stop all
+the others; with pairs it fails only its own, and the router sends its rows to other copies. The
+next epoch's pairs form while the current ones serve; an OP_SWITCH on the current pair moves a
+worker to the next one, so no message of an old epoch is ever read in a new one.
 
-Point-to-point messages on an epoch's group, in order per (router, worker) pair:
+Messages on a pair, in order:
   router -> worker: header, int64 (header_size,): [op, layer, inline, rows for expert 0..E-1]
   router -> worker: for OP_LAYER, the rows (sum of counts, D), grouped by expert
   worker -> router: the expert outputs, same shape and order
@@ -27,18 +29,14 @@ import torch
 OP_LAYER = 1  # run experts of `layer` on the rows that follow
 OP_PING = 2  # keep-alive while the router is idle; no rows follow
 OP_SHUTDOWN = 3  # leave the serve loop
-OP_SWITCH = 4  # go on in the epoch named by the header's layer field (its group is already formed)
+OP_SWITCH = 4  # go on in the epoch named by the header's layer field (its pairs are already formed)
 
-ROUTER_RANK = 0
+ROUTER_RANK, WORKER_RANK = 0, 1  # ranks in every pair
 INLINE_MAX_ROWS = 4096  # rows per message that travel inline (2048 tokens x top-2)
 
 
 def header_size(num_experts: int) -> int:
     return 3 + num_experts
-
-
-def worker_rank(worker: int) -> int:
-    return worker + 1
 
 
 def inlines_rows(backend: str) -> bool:
@@ -77,29 +75,30 @@ def inline_rows(message: torch.Tensor, num_experts: int, rows: int, hidden: int,
 
 
 def open_store(host: str, port: int, is_router: bool, timeout_s: float):
-    """The long-lived store every epoch's group forms on: the router hosts it, workers connect."""
+    """The long-lived store every epoch's pairs form on: the router hosts it, workers connect."""
     import torch.distributed as dist
 
     return dist.TCPStore(host, port, is_master=is_router, wait_for_workers=False,
                          timeout=timedelta(seconds=timeout_s))
 
 
-def open_group(store, epoch: int, rank: int, world_size: int, backend: str, timeout_s: float):
-    """This process's member of epoch `epoch`'s group (blocks until every member has joined). Every
-    send and receive on it fails after timeout_s instead of hanging."""
+def open_pair(store, epoch: int, worker: int, rank: int, backend: str, timeout_s: float):
+    """This process's end (rank ROUTER_RANK or WORKER_RANK) of the pair of the router and worker
+    `worker` (its stable id) in epoch `epoch`; blocks until the other end joins. Every send and
+    receive on it fails after timeout_s instead of hanging."""
     import torch.distributed as dist
 
-    prefixed = dist.PrefixStore(f"epoch{epoch}/", store)
+    prefixed = dist.PrefixStore(f"epoch{epoch}/worker{worker}/", store)
     timeout = timedelta(seconds=timeout_s)
     if backend == "nccl":
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
-        return dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
-    return dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+        return dist.ProcessGroupNCCL(prefixed, rank, 2, options)
+    return dist.ProcessGroupGloo(prefixed, rank, 2, timeout)
 
 
-def close_group(group, backend: str) -> None:
-    """Let an epoch's group go. NCCL: abort its communicators (a collective destroy could hang on a
-    dead peer); gloo: its sockets close with it."""
+def close_pair(pair, backend: str) -> None:
+    """Let a pair go. NCCL: abort its communicator (a destroy could hang on a dead peer); gloo: its
+    sockets close with the object."""
     if backend == "nccl":
-        group.abort()
+        pair.abort()

@@ -121,6 +121,7 @@ class ServingEngine:
         self._step_started: float | None = None  # monotonic start of the step in progress
         self._next_repair = 0.0
         self.steps = 0
+        self.failed_steps = 0  # step runs the experts failed (each then waits for a recovery)
         self.tokens_computed = 0  # token positions run through the model, all steps
         self.metrics = None  # router/metrics.py's Metrics, when the server exports them
         # torch (OpenMP) threads of the loop. Thread counts are per calling thread, and a second
@@ -343,6 +344,7 @@ class ServingEngine:
                 return self.engine.step(seqs, num_new)
             except Exception as exc:  # noqa: BLE001 - recovered below, or every request learns why
                 log.warning("step failed (attempt %d): %s: %s", attempt + 1, type(exc).__name__, exc)
+                self.failed_steps += 1
                 failure = type(exc).__name__
                 if (self.control is None or attempt + 1 == MAX_STEP_ATTEMPTS
                         or not self._await(self.control.report_failure(exc))):

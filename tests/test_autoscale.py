@@ -14,7 +14,7 @@ from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
 from expertmesh.router.engine import Engine
 from tests.gateway_server import ServerProcess
 from tests.helpers import greedy_tokens
-from tests.test_elastic import PROMPTS, TOKENS, Streams, cli
+from tests.test_elastic import LONG, PROMPTS, Streams, cli
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def total(samples: dict, name: str) -> float:
 
 @pytest.mark.slow
 def test_the_controller_scales_out_under_load_and_back_in_after(checkpoint):
-    tokens = 3 * TOKENS  # long enough for several load windows
+    tokens = LONG  # long enough for several load windows and the change that follows them
     expected = greedy_tokens(Engine.local(checkpoint), PROMPTS, tokens)
     server = ServerProcess("--model", str(checkpoint), "--workers", "1", "--kv-cache-memory", "64MiB",
                            "--autoscale", "--min-workers", "1", "--max-workers", "2", "--scale-window", "1.5",
@@ -58,8 +58,9 @@ def test_the_controller_scales_out_under_load_and_back_in_after(checkpoint):
         metrics_url = wait_for_line(server, "expertmesh metrics on", 30).rsplit(" ", 1)[1].strip()
         streams = Streams(server.target, tokens)
         wait_for_line(server, "controller: scale up", 90)
-        assert streams.join() == expected  # the controller scaled while they ran: not one token different
         wait_for_line(server, "plan change (autoscale up)", 60)  # the new epoch is live
+        streams.mid_flight()  # the new epoch went live under every stream
+        assert streams.join() == expected  # the controller scaled while they ran: not one token different
         during = scrape(metrics_url)
         assert total(during, "expertmesh_requests_total") >= len(PROMPTS)
         assert during['expertmesh_requests_total{finish_reason="length"}'] >= len(PROMPTS)

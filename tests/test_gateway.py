@@ -314,9 +314,10 @@ def _expert_worker_pids(server_pid: int) -> list[int]:
 
 
 def test_a_killed_worker_costs_no_stream_a_token(checkpoint, hf):
-    """SIGKILL an expert worker under 16 streams: every stream ends with transformers' greedy tokens,
-    health is SERVING again at once, a new request is served within 10 s of the kill, and no
-    worker outlives the server."""
+    """SIGKILL an expert worker under 16 streams, every one of them mid-flight: every stream ends
+    with transformers' greedy tokens, the kill was recovered from (a new epoch), health is SERVING
+    again at once, a new request is served within 10 s of the kill, and no worker outlives the
+    server."""
     model, _ = hf
     prompts = [[1, 300 + i, 400 + i, 500 + i] for i in range(16)]
     expected = [hf_greedy(model, p, 60) for p in prompts]
@@ -327,12 +328,13 @@ def test_a_killed_worker_costs_no_stream_a_token(checkpoint, hf):
         with grpc.insecure_channel(proc.target) as channel:
             stub = pb_grpc.GenerationStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
-            results, started = {}, threading.Semaphore(0)
+            results, started, live = {}, threading.Semaphore(0), [0] * 16
 
             def stream(i):
                 got = []
                 for r in stub.Generate(pb.GenerateRequest(token_ids=prompts[i], sampling=greedy(60)), timeout=120):
                     got.append(r)
+                    live[i] += len(r.token_ids)
                     if len(got) == 3:
                         started.release()
                 results[i] = got
@@ -345,7 +347,8 @@ def test_a_killed_worker_costs_no_stream_a_token(checkpoint, hf):
             pids = _expert_worker_pids(proc.proc.pid)
             assert len(pids) == 2
             os.kill(pids[0], signal.SIGKILL)
-            killed_at = time.monotonic()
+            killed_at, at_kill = time.monotonic(), list(live)
+            assert all(0 < n < 60 for n in at_kill), at_kill  # the kill met every stream mid-flight
             assert len(ids_of(collect(stub, pb.GenerateRequest(token_ids=[1, 2], sampling=greedy(2))))) == 2
             assert time.monotonic() - killed_at < 10, "a new request waited too long after the kill"
             for t in threads:

@@ -25,7 +25,7 @@ from expertmesh.router.engine import Engine
 from tests.gateway_server import ServerProcess
 from tests.helpers import greedy_tokens
 from tests.test_autoscale import wait_for_line
-from tests.test_elastic import PROMPTS, TOKENS, Streams, cli
+from tests.test_elastic import LONG, PROMPTS, Streams, cli
 
 CONFIG = """
 cluster_name: expertmesh-fake
@@ -114,7 +114,7 @@ def test_rays_autoscaler_adds_a_node_for_a_new_worker_and_removes_it_after(tmp_p
     if not ray_bin.exists():
         pytest.skip("the ray command is not installed beside this Python")
     checkpoint = write_tiny_checkpoint(tmp_path / "ck", seed=91, init_std=0.1, num_experts=8)
-    tokens = 3 * TOKENS
+    tokens = LONG  # outlasts the decision, a node started by the autoscaler and the change
     expected = greedy_tokens(Engine.local(checkpoint), PROMPTS, tokens)
     port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="emfake-", dir="/tmp")  # short: Ray's socket paths have a limit
@@ -138,8 +138,9 @@ def test_rays_autoscaler_adds_a_node_for_a_new_worker_and_removes_it_after(tmp_p
         assert alive_nodes(env, address) == 1
         streams = Streams(server.target, tokens)
         wait_for_line(server, "controller: scale up", 120)
-        assert streams.join() == expected
         wait_for_line(server, "plan change (autoscale up)", 240)  # the autoscaler had to start a node
+        streams.mid_flight()  # the new epoch went live under every stream
+        assert streams.join() == expected  # the controller scaled while they ran: not one token different
         placement = cli(server, "info")
         assert len(placement["workers"]) == 2
         # the head has room for one worker: two nodes means the autoscaler started one for the new worker

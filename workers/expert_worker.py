@@ -1,8 +1,9 @@
 """The expert worker: a Ray actor that owns some (layer, expert) weights and serves rows for them.
 
 Control arrives by Ray calls, on threads of their own while `serve` runs: load or drop experts, join
-the next epoch's group, stats. Hidden states arrive only over the current epoch's group, in the loop
-of `serve`, which moves to the next epoch on OP_SWITCH and returns on OP_SHUTDOWN.
+the next epoch's pair with the router, stats. Hidden states arrive only over the current epoch's
+pair (core/wire.py), in the loop of `serve`, which moves to the next epoch on OP_SWITCH and returns
+on OP_SHUTDOWN.
 
 Experts change while serving: new ones load off the data path and their layer's table is swapped in
 whole (the router sends them rows only once its new plan is live); dropped ones go only after the
@@ -44,8 +45,8 @@ class ExpertWorker:
         self.rows_received: Counter = Counter()  # (layer, expert) -> rows served
         self.busy_s = 0.0  # time spent computing experts (the controller's measure of load)
         self._store = None
-        self._groups: dict[int, tuple] = {}  # epoch -> (group, rank, backend)
-        self._group_ready = threading.Condition()
+        self._pairs: dict[int, tuple] = {}  # epoch -> (its pair with the router, backend)
+        self._pair_ready = threading.Condition()
         self._lock = threading.Lock()  # the counters, and `pairs` for readers
         # Every change to the experts, in arrival order, on this one thread: at nice 19 with one
         # torch thread, so it yields to the serve loop, which shares the cores with the router. (Not
@@ -111,37 +112,37 @@ class ExpertWorker:
         return {"worker": self.worker, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                 "ip": ray.util.get_node_ip_address()}
 
-    def join_epoch(self, epoch: int, rank: int, world_size: int, store_host: str, store_port: int,
-                   backend: str, timeout_s: float) -> None:
-        """Form this worker's member of epoch `epoch`'s group (while the current epoch serves)."""
+    def join_epoch(self, epoch: int, store_host: str, store_port: int, backend: str, timeout_s: float) -> None:
+        """Form this worker's end of its pair with the router in epoch `epoch` (while the current
+        epoch serves)."""
         if self.device.type == "cuda":
             torch.cuda.set_device(0)  # Ray exposes this actor's GPU as device 0
         if self._store is None:
             self._store = wire.open_store(store_host, store_port, False, timeout_s)
-        group = wire.open_group(self._store, epoch, rank, world_size, backend, timeout_s)
-        with self._group_ready:
-            self._groups[epoch] = (group, rank, backend)
-            self._group_ready.notify_all()
+        pair = wire.open_pair(self._store, epoch, self.worker, wire.WORKER_RANK, backend, timeout_s)
+        with self._pair_ready:
+            self._pairs[epoch] = (pair, backend)
+            self._pair_ready.notify_all()
 
     def forget_epoch(self, epoch: int) -> None:
-        """Epoch `epoch` never went live (its change was abandoned): let its group go, so that the
+        """Epoch `epoch` never went live (its change was abandoned): let its pair go, so that the
         serve loop never moves into it."""
-        with self._group_ready:
-            joined = self._groups.pop(epoch, None)
+        with self._pair_ready:
+            joined = self._pairs.pop(epoch, None)
         if joined is not None:
-            wire.close_group(joined[0], joined[2])
+            wire.close_pair(*joined)
 
     def stats(self) -> dict:
-        with self._group_ready:
-            epochs = sorted(self._groups)  # groups formed and not let go yet
+        with self._pair_ready:
+            epochs = sorted(self._pairs)  # pairs formed and not let go yet
         with self._lock:
             return {"worker": self.worker, "pairs": sorted(self.pairs), "busy_s": self.busy_s, "epochs": epochs,
                     "rows_received": {f"{l}:{e}": n for (l, e), n in self.rows_received.items()}}
 
-    def _group(self, epoch: int, wait_s: float):
-        with self._group_ready:
-            self._group_ready.wait_for(lambda: epoch in self._groups, timeout=wait_s)
-            return self._groups.get(epoch)
+    def _pair(self, epoch: int, wait_s: float):
+        with self._pair_ready:
+            self._pair_ready.wait_for(lambda: epoch in self._pairs, timeout=wait_s)
+            return self._pairs.get(epoch)
 
     def serve(self, epoch: int, timeout_s: float) -> str:
         """The data-path loop, from epoch `epoch` on. Returns how it ended."""
@@ -149,33 +150,33 @@ class ExpertWorker:
         # actor runs each call on a pool thread.
         torch.set_num_threads(self.threads)
         while True:
-            joined = self._group(epoch, timeout_s)
+            joined = self._pair(epoch, timeout_s)
             if joined is None:
                 return f"epoch {epoch} never formed"
-            group, rank, backend = joined
+            pair, backend = joined
             try:
-                ended = self._serve_epoch(group, backend)
-            except Exception as exc:  # noqa: BLE001 - a lost router or peer ends this epoch, not the worker
+                ended = self._serve_epoch(pair, backend)
+            except Exception as exc:  # noqa: BLE001 - a lost router (or a pair it closed) ends this epoch
                 log.warning("worker %d: epoch %d ended: %s", self.worker, epoch, exc)
                 ended = None
-            with self._group_ready:
-                self._groups.pop(epoch, None)
-            wire.close_group(group, backend)
+            with self._pair_ready:
+                self._pairs.pop(epoch, None)
+            wire.close_pair(pair, backend)
             if isinstance(ended, int):  # OP_SWITCH: go on in the next epoch
                 epoch = ended
                 continue
-            if ended is None:  # the group failed (a peer died): the router is forming the next epoch
-                with self._group_ready:
-                    self._group_ready.wait_for(lambda: any(e > epoch for e in self._groups), timeout=2 * timeout_s + 30)
-                    newer = [e for e in self._groups if e > epoch]
+            if ended is None:  # the pair failed: the router may be forming the next epoch
+                with self._pair_ready:
+                    self._pair_ready.wait_for(lambda: any(e > epoch for e in self._pairs), timeout=2 * timeout_s + 30)
+                    newer = [e for e in self._pairs if e > epoch]
                 if not newer:
                     return "lost"
                 epoch = max(newer)  # the latest: the control plane forms epochs in order, one at a time
                 continue
             return ended
 
-    def _serve_epoch(self, group, backend: str) -> str | int:
-        """Serve one epoch's group until OP_SWITCH (-> the next epoch) or OP_SHUTDOWN."""
+    def _serve_epoch(self, pair, backend: str) -> str | int:
+        """Serve one epoch's pair until OP_SWITCH (-> the next epoch) or OP_SHUTDOWN."""
         router = wire.ROUTER_RANK
         hidden, num_experts = self.config.hidden_size, self.config.num_experts
         # gloo: one receive buffer stays posted for header and rows together (core/wire.py)
@@ -183,11 +184,11 @@ class ExpertWorker:
                   if wire.inlines_rows(backend) else None)
         while True:
             if buffer is not None:
-                group.recv([buffer], router, 0).wait()
+                pair.recv([buffer], router, 0).wait()
                 op, layer, inline, *counts = wire.unpack_header(buffer, num_experts)
             else:
                 header = torch.empty(wire.header_size(num_experts), dtype=torch.int64, device=self.device)
-                group.recv([header], router, 0).wait()
+                pair.recv([header], router, 0).wait()
                 op, layer, inline, *counts = header.tolist()
             if op == wire.OP_SHUTDOWN:
                 return "shutdown"
@@ -200,7 +201,7 @@ class ExpertWorker:
                 rows = wire.inline_rows(buffer, num_experts, sum(counts), hidden, self.dtype)
             else:
                 rows = torch.empty(sum(counts), hidden, dtype=self.dtype, device=self.device)
-                group.recv([rows], router, 0).wait()
+                pair.recv([rows], router, 0).wait()
             held = self.layers.get(layer)
             missing = [e for e, _ in used if held is None or e not in held.local]
             if missing:  # the router's plan and ours disagree: fail loudly, never compute garbage
@@ -217,7 +218,7 @@ class ExpertWorker:
                 self.busy_s += busy
                 for e, n in used:
                     self.rows_received[(layer, e)] += n
-            group.send([out], router, 0).wait()
+            pair.send([out], router, 0).wait()
 
 
 def _background_thread() -> None:
