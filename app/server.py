@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 from expertmesh.cluster.bringup import UsageError, progress, start_engine
@@ -84,10 +85,21 @@ class GatewayThread:
             await set_health(self._health, False)
             if http_server is not None:  # stops accepting; open responses get the grace period
                 http_server.should_exit = True
-            await server.stop(self.args.grace)
+            await self._drain(service[0], self.args.grace)
+            await server.stop(0)
             if http_task is not None:
                 await asyncio.wait([http_task], timeout=self.args.grace)
             self.serving.stop()  # ends the engine loop on the main thread
+
+    @staticmethod
+    async def _drain(generation, grace: float) -> None:
+        """Streams in flight finish (for up to `grace` seconds) while the port stays open and every
+        new call gets UNAVAILABLE (a stopping gRPC server would answer some CANCELLED, which clients
+        do not retry)."""
+        generation.draining = True
+        deadline = time.monotonic() + grace
+        while generation.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     def _http_server(self, app):
         """uvicorn for the HTTP API on its own listening socket (so port 0 picks a free one)."""

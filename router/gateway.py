@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -125,20 +126,32 @@ class RefuseUndecodable(grpc.aio.ServerInterceptor):
                 await refuse(request, context)
                 return await behavior(request, context)
             return grpc.unary_unary_rpc_method_handler(unary_unary, decode, encode)
+        # A streaming handler is an async generator (yields its responses) or a coroutine that
+        # writes them with context.write (health's Watch): each is wrapped as what it is.
         if handler.unary_stream:
-            async def unary_stream(request, context, behavior=handler.unary_stream):
-                await refuse(request, context)
-                async for response in behavior(request, context):
-                    yield response
+            behavior = handler.unary_stream
+            if inspect.isasyncgenfunction(behavior):
+                async def unary_stream(request, context):
+                    await refuse(request, context)
+                    async for response in behavior(request, context):
+                        yield response
+            else:
+                async def unary_stream(request, context):
+                    await refuse(request, context)
+                    await behavior(request, context)
             return grpc.unary_stream_rpc_method_handler(unary_stream, decode, encode)
         if handler.stream_unary:
             async def stream_unary(requests, context, behavior=handler.stream_unary):
                 return await behavior(checked(requests, context), context)
             return grpc.stream_unary_rpc_method_handler(stream_unary, decode, encode)
-
-        async def stream_stream(requests, context, behavior=handler.stream_stream):
-            async for response in behavior(checked(requests, context), context):
-                yield response
+        behavior = handler.stream_stream
+        if inspect.isasyncgenfunction(behavior):
+            async def stream_stream(requests, context):
+                async for response in behavior(checked(requests, context), context):
+                    yield response
+        else:
+            async def stream_stream(requests, context):
+                await behavior(checked(requests, context), context)
         return grpc.stream_stream_rpc_method_handler(stream_stream, decode, encode)
 
 
@@ -151,6 +164,8 @@ class GenerationService(pb_grpc.GenerationServicer):
         # Tokenising and chat rendering run here, off the event loop, so a big prompt never holds up
         # other streams or the health check; a small pool bounds how much of it runs at once.
         self.prepare = ThreadPoolExecutor(prepare_threads, thread_name_prefix="expertmesh-prepare")
+        self.draining = False  # shutting down: streams in flight finish, new calls get UNAVAILABLE
+        self.in_flight = 0  # Generate calls not yet ended
 
     def _valid(self, request: pb.GenerateRequest) -> ValidRequest:
         """The one check of a Generate call: prompt and sampling against the model and the pool."""
@@ -174,9 +189,12 @@ class GenerationService(pb_grpc.GenerationServicer):
         return self.prompts.chat([{"role": m.role, "content": m.content} for m in messages])
 
     async def Generate(self, request, context):
+        if self.draining:  # UNAVAILABLE, not CANCELLED: clients retry it on another replica
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         key, finished = None, False
+        self.in_flight += 1
         try:
             try:
                 valid = await loop.run_in_executor(self.prepare, self._valid, request)
@@ -199,6 +217,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                     finished = True
                     return
         finally:
+            self.in_flight -= 1
             if key is not None and not finished:  # the client went away or the server is stopping
                 self.engine.cancel(key)  # by the server's key: only this call's own request
 

@@ -80,6 +80,10 @@ def test_health_goes_serving_and_reflection_lists_services(server):
         for service in ("", "expertmesh.v1.Generation"):
             status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
             assert status == health_pb2.HealthCheckResponse.SERVING
+            # Watch (what gRPC's client-side health checking uses) streams through the interceptors
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            watch.cancel()
         reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
         reply = next(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         names = {s.name for s in reply.list_services_response.service}
@@ -230,6 +234,9 @@ def test_auth_token_is_required(checkpoint, tmp_path):
             assert len(ids_of(ok)) == 2
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert health.status == health_pb2.HealthCheckResponse.SERVING  # probes need no token
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            watch.cancel()
     finally:
         assert proc.stop() == 0
 

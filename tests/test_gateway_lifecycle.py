@@ -132,14 +132,16 @@ def test_graceful_shutdown_finishes_streams_in_flight_and_refuses_new_calls(serv
     while not any("stopping: finishing in-flight streams" in line for line in server.lines):
         assert time.monotonic() < deadline, "the server did not begin its shutdown"
         time.sleep(0.05)
-    refused = None
-    while refused is None and time.monotonic() < deadline:  # a call racing the stop may still get in
+    refusals = []  # every call during the drain is refused UNAVAILABLE (retryable), none CANCELLED
+    while len(refusals) < 5:
         try:
             list(stub.Generate(pb.GenerateRequest(token_ids=[1, 2], sampling=pb.SamplingParams(max_new_tokens=2)),
                                timeout=10))
+            raise AssertionError("a call was served during the drain")
         except grpc.RpcError as exc:
-            refused = exc
-    assert refused is not None and refused.code() == grpc.StatusCode.UNAVAILABLE
+            refusals.append(exc.code())
+    assert refusals == [grpc.StatusCode.UNAVAILABLE] * 5, refusals
+    assert sum(t.is_alive() for t in threads) == 4, "the refusals must land while streams are in flight"
     for t in threads:
         t.join(timeout=60)
     for i in range(4):
