@@ -31,6 +31,7 @@ class Sequence:
     token_ids: list[int]  # prompt + generated so far
     num_cached: int = 0  # tokens whose k/v are in the cache
     block_table: list[int] = field(default_factory=list)  # KV blocks, in order
+    cache_salt: str = ""  # prefix-cache blocks are shared only between sequences with the same salt
 
 
 def split_in_two(seqs: list[Sequence], new: list[int]) -> list[list[Sequence]]:

@@ -172,7 +172,8 @@ class GenerationService(pb_grpc.GenerationServicer):
         if len(request.request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidRequest(f"request_id has {len(request.request_id)} characters; at most "
                                  f"{MAX_REQUEST_ID_CHARS}")
-        return validate_request(self._prompt_ids(request), sampling_from_proto(request.sampling), self.engine.limits)
+        return validate_request(self._prompt_ids(request), sampling_from_proto(request.sampling), self.engine.limits,
+                                request.cache_salt)
 
     def _prompt_ids(self, request) -> list[int]:
         given = [name for name in ("prompt", "token_ids", "messages") if len(getattr(request, name))]

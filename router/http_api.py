@@ -178,9 +178,12 @@ class OpenAIApi:
             raise ApiError(404, f"model {json.dumps(model)[:80]} is not served here; this server serves "
                            f"{self.model_name!r}", "model", kind="not_found_error")
         params = sampling_from_body(body, chat)
+        salt = body.get("cache_salt", "")
+        if not isinstance(salt, str):
+            raise ApiError(400, "cache_salt must be a string", "cache_salt")
         try:
             ids = self._chat_ids(body) if chat else self._prompt_ids(body)
-            return validate_request(ids, params, self.engine.limits)
+            return validate_request(ids, params, self.engine.limits, salt)
         except InvalidRequest as exc:
             raise ApiError(400, str(exc), _param_of(str(exc))) from None
 
@@ -292,6 +295,7 @@ class _Reply:
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.completion_tokens = 0
+        self.cached_tokens = 0  # prompt tokens found in the prefix cache (the last output says)
         self.first = True
 
     def _head(self, obj: str) -> dict:
@@ -312,10 +316,16 @@ class _Reply:
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+    def _count(self, out: RequestOutput) -> None:
+        self.completion_tokens += len(out.token_ids)
+        if out.usage is not None:
+            self.cached_tokens = out.usage.cached_prompt_tokens
 
     def chunk(self, out: RequestOutput) -> dict:
-        self.completion_tokens += len(out.token_ids)
+        self._count(out)
         finish = FINISH.get(out.finish_reason) if out.finish_reason else None
         if self.chat:
             delta = {"role": "assistant", "content": out.text} if self.first else {"content": out.text}
@@ -330,7 +340,8 @@ class _Reply:
                 "usage": self.usage()}
 
     def whole(self, outs: list[RequestOutput]) -> dict:
-        self.completion_tokens = sum(len(out.token_ids) for out in outs)
+        for out in outs:
+            self._count(out)
         text = "".join(out.text for out in outs)
         finish = FINISH.get(outs[-1].finish_reason)
         if self.chat:

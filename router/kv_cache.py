@@ -3,15 +3,20 @@
 Storage per layer is flat slots: slot = block * block_size + offset. Shape legend: L layers,
 S slots (num_blocks * block_size), G kv heads, Dh head dim.
 
-Prefix caching: a full block is named by the hash of its tokens chained with its predecessors'.
-A new sequence whose prompt starts with known full blocks shares them (reference counted). A freed
-block keeps its name until it is handed out again, so a repeated prompt finds its blocks even after
-the first request finished; free blocks are reused oldest-first.
+Prefix caching: a full block is named by the SHA-256 of its tokens chained with its predecessors'
+name and the request's cache salt (tenants that pass different salts never share a block). A new
+sequence whose prompt starts with known full blocks shares them (reference counted), and only after
+comparing each block's own record (its tokens, salt and parent block) with the prompt: a name
+collision alone never hands one request another's cache. A freed block keeps its name until it is
+handed out again, so a repeated prompt finds its blocks even after the first request finished;
+free blocks are reused oldest-first.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 
@@ -22,9 +27,26 @@ class OutOfBlocks(RuntimeError):
     """The pool has no free block left."""
 
 
+def sha256_name(parent: bytes, tokens: tuple[int, ...], salt: str) -> bytes:
+    """A full block's name: SHA-256 over its parent's name, the cache salt and its token ids."""
+    h = hashlib.sha256(parent)
+    h.update(salt.encode())
+    h.update(b"\0" + ",".join(map(str, tokens)).encode())
+    return h.digest()
+
+
+@dataclass(frozen=True)
+class BlockRecord:
+    """What a named block holds, checked on every match: its tokens, salt and parent (the block
+    before it, as of that block's allocation `generation`; None for a prompt's first block)."""
+    tokens: tuple[int, ...]
+    salt: str
+    parent: tuple[int, int] | None
+
+
 class KVCache:
     def __init__(self, config: MixtralConfig, num_blocks: int, block_size: int = 16,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", name_block=sha256_name):
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("num_blocks and block_size must be positive")
         self.block_size = block_size
@@ -38,8 +60,11 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.ref_counts = [0] * num_blocks
         self._free = deque(range(num_blocks))  # oldest-freed first
-        self._name_of: dict[int, int] = {}  # block -> hash of its full contents (prefix chain)
-        self._block_named: dict[int, int] = {}  # hash -> block
+        self.name_block = name_block  # (parent name, tokens, salt) -> name
+        self._name_of: dict[int, bytes] = {}  # block -> name of its full contents (prefix chain)
+        self._block_named: dict[bytes, int] = {}  # name -> block
+        self._record: dict[int, BlockRecord] = {}  # named block -> what it holds
+        self._generation = [0] * num_blocks  # times each block was handed out
 
     @staticmethod
     def bytes_per_block(config: MixtralConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -59,7 +84,8 @@ class KVCache:
         block = self._free.popleft()
         name = self._name_of.pop(block, None)
         if name is not None:  # its old contents are overwritten from now on
-            del self._block_named[name]
+            del self._block_named[name], self._record[block]
+        self._generation[block] += 1
         self.ref_counts[block] = 1
         return block
 
@@ -77,21 +103,28 @@ class KVCache:
             raise OutOfBlocks(f"need {needed} blocks, {len(self._free)} free")
         block_table.extend(self.allocate() for _ in range(needed))
 
-    def _chain(self, tokens: list[int], num_blocks: int) -> list[int]:
-        names, parent = [], 0
+    def _chain(self, tokens: list[int], num_blocks: int, salt: str) -> list[tuple[bytes, tuple[int, ...]]]:
+        """(name, tokens) of each of the first num_blocks full blocks of `tokens`."""
+        out, parent = [], b""
         for b in range(num_blocks):
-            parent = hash((parent, tuple(tokens[b * self.block_size:(b + 1) * self.block_size])))
-            names.append(parent)
-        return names
+            piece = tuple(tokens[b * self.block_size:(b + 1) * self.block_size])
+            parent = self.name_block(parent, piece, salt)
+            out.append((parent, piece))
+        return out
 
-    def match_prefix(self, tokens: list[int]) -> list[int]:
-        """Share the cached full blocks that start `tokens`; at least one token is left to compute
-        (its logits are needed). Returns the shared blocks, to start the sequence's block table."""
-        shared = []
-        for name in self._chain(tokens, (len(tokens) - 1) // self.block_size):
+    def _parent(self, previous: int | None) -> tuple[int, int] | None:
+        return None if previous is None else (previous, self._generation[previous])
+
+    def match_prefix(self, tokens: list[int], salt: str = "") -> list[int]:
+        """Share the cached full blocks that start `tokens` (under the same salt); at least one token
+        is left to compute (its logits are needed). Returns the shared blocks, to start the
+        sequence's block table."""
+        shared: list[int] = []
+        for name, piece in self._chain(tokens, (len(tokens) - 1) // self.block_size, salt):
             block = self._block_named.get(name)
-            if block is None:
-                break
+            parent = self._parent(shared[-1] if shared else None)
+            if block is None or self._record[block] != BlockRecord(piece, salt, parent):
+                break  # not cached, or a name collision: the block holds something else
             if self.ref_counts[block] == 0:
                 self._free.remove(block)
                 self.ref_counts[block] = 1
@@ -100,15 +133,18 @@ class KVCache:
             shared.append(block)
         return shared
 
-    def name_full_blocks(self, block_table: list[int], tokens: list[int], num_cached: int) -> None:
+    def name_full_blocks(self, block_table: list[int], tokens: list[int], num_cached: int, salt: str = "") -> None:
         """Make the sequence's full, computed blocks findable by later prompts."""
         full = min(num_cached // self.block_size, len(block_table))
         if full == 0 or block_table[full - 1] in self._name_of:
             return  # nothing new became full since the last call: skip re-hashing the prefix
-        for block, name in zip(block_table[:full], self._chain(tokens, full)):
+        previous = None  # the block named by the previous chain name (a twin computed at the same time)
+        for block, (name, piece) in zip(block_table[:full], self._chain(tokens, full, salt)):
             if block not in self._name_of and name not in self._block_named:
                 self._name_of[block] = name
                 self._block_named[name] = block
+                self._record[block] = BlockRecord(piece, salt, self._parent(previous))
+            previous = self._block_named.get(name, block)
 
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store a step's keys and values: k, v (T, G, Dh) at slots slot_mapping (T,) of `layer`."""

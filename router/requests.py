@@ -24,6 +24,7 @@ MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 512  # every new token is matched against
 MAX_STOP_TOKEN_IDS = 128
 MAX_CHAT_MESSAGES = 256
 MAX_REQUEST_ID_CHARS = 128  # echoed in every response
+MAX_CACHE_SALT_CHARS = 256  # a tenant's prefix-cache namespace
 CHARS_PER_CONTEXT_TOKEN = 16  # a prompt longer than this x the context cannot fit (SentencePiece
 #                               merges at most 16 spaces into one piece): refused before tokenising
 QUOTE_CHARS = 80
@@ -55,6 +56,7 @@ class RequestLimits:
 class ValidRequest:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
+    cache_salt: str = ""  # requests share prefix-cache blocks only under the same salt
 
 
 def _check_params(p: SamplingParams, vocab_size: int) -> None:
@@ -95,8 +97,11 @@ def _check_params(p: SamplingParams, vocab_size: int) -> None:
         assert math.isfinite(getattr(p, name)), name  # the ranges above admit no inf or NaN
 
 
-def validate_request(prompt_ids, params: SamplingParams, limits: RequestLimits) -> ValidRequest:
+def validate_request(prompt_ids, params: SamplingParams, limits: RequestLimits,
+                     cache_salt: str = "") -> ValidRequest:
     """Check a prompt and its parameters against the model and the pool; -> ValidRequest."""
+    if len(cache_salt) > MAX_CACHE_SALT_CHARS:
+        raise InvalidRequest(f"cache_salt has {len(cache_salt)} characters; at most {MAX_CACHE_SALT_CHARS}")
     prompt = tuple(prompt_ids)
     if not prompt:
         raise InvalidRequest("prompt is empty")
@@ -113,4 +118,4 @@ def validate_request(prompt_ids, params: SamplingParams, limits: RequestLimits) 
     if total > limits.kv_tokens:
         raise InvalidRequest(f"max_new_tokens {params.max_new_tokens} with a prompt of {len(prompt)} tokens "
                              f"needs more KV cache than the pool holds ({limits.kv_tokens} tokens)")
-    return ValidRequest(prompt, params)
+    return ValidRequest(prompt, params, cache_salt)

@@ -96,7 +96,7 @@ class Scheduler:
             request = self.waiting[0]
             seq = request.seq
             if not seq.block_table:
-                seq.block_table = self.cache.match_prefix(seq.token_ids)
+                seq.block_table = self.cache.match_prefix(seq.token_ids, seq.cache_salt)
                 seq.num_cached = len(seq.block_table) * self.cache.block_size
                 if request.cached_prompt_tokens < 0:
                     request.cached_prompt_tokens = seq.num_cached
@@ -121,7 +121,7 @@ class Scheduler:
         for row, (request, n) in enumerate(batch):
             seq = request.seq
             seq.num_cached += n
-            self.cache.name_full_blocks(seq.block_table, seq.token_ids, seq.num_cached)
+            self.cache.name_full_blocks(seq.block_table, seq.token_ids, seq.num_cached, seq.cache_salt)
             if seq.num_cached == len(seq.token_ids):
                 ready.append((request, row))
         return ready

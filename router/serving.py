@@ -144,7 +144,7 @@ class ServingEngine:
         assert isinstance(valid, ValidRequest), "requests are checked at the boundary (validate_request)"
         prompt_ids, params = list(valid.prompt_ids), valid.params
         key = uuid.uuid4().hex
-        request = Request(seq=Sequence(prompt_ids), prompt_len=len(prompt_ids), key=key,
+        request = Request(seq=Sequence(prompt_ids, cache_salt=valid.cache_salt), prompt_len=len(prompt_ids), key=key,
                           client_id=client_id or key, params=params,
                           sampler=RequestSampler(params, prompt_ids, self.config.vocab_size),
                           detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids), sink=sink,

@@ -206,6 +206,25 @@ def test_invalid_input_gets_its_status_and_the_server_keeps_serving(stub, index)
     assert len(ids_of(collect(stub, pb.GenerateRequest(token_ids=[1, 5], sampling=greedy(2))))) == 2
 
 
+def test_prefix_cache_is_shared_only_under_the_same_cache_salt(stub):
+    """Two tenants send the same long prompt: each finds its own earlier blocks, never the other's
+    (and a request with no salt finds neither)."""
+    prompt = [1] + [7000 + i for i in range(40)]  # two full 16-token blocks and more
+
+    def cached(salt: str) -> int:
+        out = collect(stub, pb.GenerateRequest(token_ids=prompt, sampling=greedy(1), cache_salt=salt))
+        return out[-1].usage.cached_prompt_tokens
+
+    assert cached("tenant-a") == 0
+    assert cached("tenant-a") == 32
+    assert cached("tenant-b") == 0
+    assert cached("") == 0
+    assert cached("tenant-b") == 32
+    with pytest.raises(grpc.RpcError) as err:
+        cached("x" * 257)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cache_salt" in err.value.details()
+
+
 def test_model_info_shows_the_placement(stub):
     info = stub.GetModelInfo(pb.GetModelInfoRequest())
     assert (info.num_experts, info.num_layers, info.vocab_size, info.experts_per_token) == (4, 2, 32000, 2)

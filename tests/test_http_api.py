@@ -166,7 +166,8 @@ BAD_FIELDS = [
     ({"seed": "x"}, "seed"), ({"top_k": -1}, "top_k"), ({"min_p": 2}, "min_p"), ({"repetition_penalty": 0},
                                                                                     "repetition_penalty"),
     ({"prompt": [1, 99999]}, "prompt"), ({"prompt": [[1, 2], [3, 4]]}, "prompt"), ({"echo": True}, "echo"),
-    ({"best_of": 3}, "best_of"), ({"stream": "yes"}, "stream"),
+    ({"best_of": 3}, "best_of"), ({"stream": "yes"}, "stream"), ({"cache_salt": 5}, "cache_salt"),
+    ({"cache_salt": "x" * 257}, "cache_salt"),
 ]
 
 
@@ -177,6 +178,18 @@ def test_every_bad_field_gets_400_with_its_name(server, model_name, fields, para
     assert status == 400, reply
     error = reply["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error", error
+
+
+def test_cache_salt_keeps_tenants_prefix_caches_apart(client, model_name):
+    """The openai client passes cache_salt as an extra field; usage reports the cached prompt tokens."""
+    prompt = [1] + [9000 + i for i in range(40)]  # two full 16-token blocks and more
+
+    def cached(salt: str | None) -> int:
+        extra = {"cache_salt": salt} if salt is not None else {}
+        reply = client.completions.create(model=model_name, prompt=prompt, max_tokens=1, extra_body=extra)
+        return reply.usage.prompt_tokens_details.cached_tokens
+
+    assert [cached("a"), cached("a"), cached("b"), cached(None), cached("b")] == [0, 32, 0, 0, 32]
 
 
 def test_bad_chat_requests_and_a_wrong_model(server, client, model_name):

@@ -3,6 +3,7 @@ reserved before the step that needs them, preemption when the pool runs short, n
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import pytest
@@ -93,3 +94,52 @@ def test_finished_prompt_blocks_are_found_by_the_next_request():
     scheduler.add(second)
     assert scheduler.schedule() == [(second, 3)]  # only the tokens past the shared full blocks
     assert second.cached_prompt_tokens == 8
+
+
+def _prefill(cache: KVCache, prompt: list[int], salt: str = "") -> Scheduled:
+    """Admit and compute one prompt alone; returns it (its blocks still held)."""
+    scheduler = Scheduler(cache, max_batch_tokens=64, max_seqs=4)
+    request = Scheduled(Sequence(list(prompt), cache_salt=salt), len(prompt))
+    scheduler.add(request)
+    scheduler.update_from_output(scheduler.schedule())
+    return request
+
+
+def test_a_name_collision_never_shares_another_prompts_blocks():
+    """Every block name collides (a constant stands in for the hash): a prompt that differs finds
+    nothing, because each block's own record (tokens, salt, parent) is compared before sharing."""
+    cache = KVCache(CONFIG, num_blocks=16, block_size=4, name_block=lambda parent, tokens, salt: b"same")
+    first = _prefill(cache, list(range(3, 14)))
+    assert cache._name_of  # the first prompt's first block is named (the name every block has)
+    for other in ([50, 51, 52, 53, 54, 55, 56, 57, 58], [3, 4, 5, 99, 7, 8, 9, 10, 11]):
+        assert cache.match_prefix(other) == [], other
+    assert cache.match_prefix(list(range(3, 14))) == first.seq.block_table[:1]  # its own block, checked
+
+
+def test_prefix_blocks_are_shared_only_under_the_same_cache_salt():
+    cache = KVCache(CONFIG, num_blocks=16, block_size=4)
+    prompt = list(range(3, 14))
+    first = _prefill(cache, prompt, salt="tenant-a")
+    assert cache.match_prefix(prompt) == []  # no salt: another namespace
+    assert cache.match_prefix(prompt, "tenant-b") == []
+    shared = cache.match_prefix(prompt, "tenant-a")
+    assert shared == first.seq.block_table[:2]
+
+
+def test_a_block_is_shared_only_behind_the_block_it_was_computed_after():
+    """Names that ignore the tokens (a weak hash: every prompt's k-th block gets the same name).
+    Prompt A's first block is handed out again and prompt B's first block takes its name; A's
+    second block holds the same tokens as B's would, but its keys and values were computed after
+    A's first block, so a prompt that starts like B must not get it."""
+    cache = KVCache(CONFIG, num_blocks=8, block_size=4,
+                    name_block=lambda parent, tokens, salt: hashlib.sha256(parent).digest())
+    a = _prefill(cache, [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    a0, a1, a2 = a.seq.block_table
+    cache.release([a0, a2])  # a1 stays held (another request shares it)
+    while cache._free[0] != a0:
+        cache.release([cache.allocate()])
+    cache.release([cache.allocate()])  # a0 handed out again: its name is gone
+    b = _prefill(cache, [50, 51, 52, 53, 60, 61, 62, 63, 64])
+    b0 = b.seq.block_table[0]
+    shared = cache.match_prefix([50, 51, 52, 53, 5, 6, 7, 8, 99])
+    assert shared == [b0]  # b's first block, and not a1 behind it
