@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"gRPC port (default {DEFAULT_PORT}; 0 picks one)")
     serve.add_argument("--http-port", type=int, default=None,
                        help="also serve the OpenAI-compatible HTTP API on this port (default off; 0 picks one)")
+    serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                       help="the model's name(s) in the API: requests may name any, responses echo it "
+                       "(default: the checkpoint folder's name)")
     serve.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus metrics on http://HOST:PORT/metrics (default off; 0 picks one)")
     scale = serve.add_argument_group("autoscaling (off by default)")

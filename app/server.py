@@ -153,6 +153,7 @@ def cmd_serve(args) -> int:
         tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes())
     settings = serving_config(args)
     autoscale = autoscale_settings(args)
+    names = args.served_model_name or [model_dir.name]
     engine, cluster = start_engine(model_dir, settings, args.workers, args.replicas, args.placement, args.address)
     controller = None
     try:
@@ -160,7 +161,7 @@ def cmd_serve(args) -> int:
         tokenizer = load_tokenizer(model_dir, config.bos_token_id, config.eos_token_id)
         serving = ServingEngine(engine, tokenizer, settings, own_thread=False, control=cluster)
         generation = GenerationService(serving, tokenizer, load_chat_template(model_dir),
-                                       lambda: model_info(model_dir.name, config, cluster))
+                                       lambda: model_info(names[0], config, cluster))
         if autoscale is not None:
             controller = Controller(cluster, autoscale)
         if cluster is None:
@@ -180,7 +181,7 @@ def cmd_serve(args) -> int:
         if args.http_port is not None:
             from expertmesh.router.http_api import OpenAIApi
 
-            http_app = OpenAIApi(serving, generation.prompts, model_dir.name, lambda: gateway.serving_now(),
+            http_app = OpenAIApi(serving, generation.prompts, names, lambda: gateway.serving_now(),
                                  generation.prepare, auth_token=token, max_body_bytes=args.max_message_bytes).app()
         gateway = GatewayThread((generation, admin, http_app), serving, args, token, tls)
         # One real step before saying SERVING: the whole path (and every worker) works.

@@ -1,11 +1,12 @@
 """The OpenAI-compatible HTTP API, a second door to the same serving engine as the gRPC gateway.
 
 POST /v1/completions and /v1/chat/completions (server-sent events with "stream": true), GET
-/v1/models, GET /health. A Starlette app, served by uvicorn on the gateway's event loop. Fields are
-OpenAI's where the engine supports them, plus the common extensions top_k, min_p,
-repetition_penalty and ignore_eos; anything it cannot honour (n > 1, echo, suffix, logit_bias,
-tools) is refused with 400 naming the field, never ignored. Errors come in the API's shape:
-{"error": {"message", "type", "param", "code"}}.
+/v1/models and /v1/models/{id}, POST /tokenize and /detokenize (vLLM's shapes), GET /health. A
+Starlette app, served by uvicorn on the gateway's event loop. Fields are OpenAI's where the engine
+supports them, plus the common extensions top_k, min_p, repetition_penalty, ignore_eos and
+cache_salt; anything it cannot honour (n > 1, echo, suffix, logit_bias, tools, response_format
+other than text, ...) is refused with 400 naming the field, never ignored. Errors, of every
+status, come in the API's shape: {"error": {"message", "type", "param", "code"}}.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -35,18 +37,45 @@ CHAT_DEFAULT_MAX_TOKENS = 256  # the chat API has none: this engine's usual one
 API_NAMES = {"max_new_tokens": "max_tokens", "stop_token_ids": "stop", "token": "prompt"}
 UNSUPPORTED = {"echo": "echo is not supported", "suffix": "suffix is not supported",
                "logit_bias": "logit_bias is not supported", "tools": "tools are not supported",
-               "functions": "functions are not supported", "tool_choice": "tools are not supported"}
+               "functions": "functions are not supported", "tool_choice": "tools are not supported",
+               "function_call": "functions are not supported",
+               "reasoning_effort": "reasoning_effort is not supported: the model does not reason in steps",
+               "audio": "audio output is not supported", "prediction": "predicted outputs are not supported",
+               "store": "store is not supported: nothing is kept after the response",
+               "metadata": "metadata is not supported (it goes with store)",
+               "web_search_options": "web search is not supported",
+               "parallel_tool_calls": "tools are not supported"}
+# Known fields whose only honoured value is the default: anything else is refused by name.
+DEFAULT_ONLY = {"modalities": (["text"], "only text output is supported"),
+                "response_format": ({"type": "text"}, "structured output (json_object, json_schema) is not "
+                                    "supported yet: only {\"type\": \"text\"}")}
 
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message[:1000], param, kind
+        self.headers = headers
 
     def response(self) -> JSONResponse:
         return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": None}}, status_code=self.status)
+                                       "code": None}}, status_code=self.status, headers=self.headers)
+
+
+ERROR_KINDS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+               429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own errors (unknown path 404, wrong method 405, ...) in the API's shape."""
+    error = ApiError(exc.status_code, str(exc.detail), kind=ERROR_KINDS.get(exc.status_code, "invalid_request_error"),
+                     headers=getattr(exc, "headers", None))
+    return error.response()
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    return ApiError(500, f"internal error ({type(exc).__name__})", kind="server_error").response()
 
 
 def _number(body: dict, name: str, default, integer: bool = False):
@@ -70,6 +99,9 @@ def sampling_from_body(body: dict, chat: bool) -> SamplingParams:
     """The API's sampling fields -> SamplingParams (types here; ranges in validate_request)."""
     for name, why in UNSUPPORTED.items():
         if body.get(name) not in (None, False, {}, [], ""):
+            raise ApiError(400, why, name)
+    for name, (default, why) in DEFAULT_ONLY.items():
+        if body.get(name) not in (None, default):
             raise ApiError(400, why, name)
     for name in ("n", "best_of"):
         if _number(body, name, 1, integer=True) != 1:
@@ -108,15 +140,17 @@ def _param_of(message: str) -> str | None:
 
 
 class OpenAIApi:
-    def __init__(self, engine: ServingEngine, prompts: PromptBuilder, model_name: str,
+    def __init__(self, engine: ServingEngine, prompts: PromptBuilder, model_names: list[str] | str,
                  healthy: Callable[[], bool], prepare: ThreadPoolExecutor, auth_token: str | None = None,
                  max_body_bytes: int = 4 << 20):
-        """prepare: the pool tokenising runs on, shared with the gRPC gateway (one bound for both)."""
+        """model_names: what requests may call the model (the first is the default); prepare: the
+        pool tokenising runs on, shared with the gRPC gateway (one bound for both)."""
         self.engine = engine
         self.prompts = prompts
-        self.model_name = model_name
+        self.model_names = [model_names] if isinstance(model_names, str) else list(model_names)
+        self.model_name = self.model_names[0]
         self.healthy = healthy
-        self.expected = f"Bearer {auth_token}".encode() if auth_token else None
+        self.expected = auth_token.encode() if auth_token else None
         self.max_body_bytes = max_body_bytes
         self._prepare = prepare
 
@@ -125,8 +159,11 @@ class OpenAIApi:
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", self.model, methods=["GET"]),
+            Route("/tokenize", self.tokenize, methods=["POST"]),
+            Route("/detokenize", self.detokenize, methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
-        ])
+        ], exception_handlers={HTTPException: _http_error, Exception: _server_error})
 
     # ---- endpoints ----------------------------------------------------------------------------
 
@@ -134,13 +171,70 @@ class OpenAIApi:
         ok = self.healthy()
         return JSONResponse({"status": "serving" if ok else "not serving"}, status_code=200 if ok else 503)
 
+    def _card(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "expertmesh",
+                "max_model_len": self.engine.limits.max_context}
+
     async def models(self, request: Request) -> Response:
         try:
             self._authorize(request)
         except ApiError as exc:
             return exc.response()
-        return JSONResponse({"object": "list", "data": [
-            {"id": self.model_name, "object": "model", "created": 0, "owned_by": "expertmesh"}]})
+        return JSONResponse({"object": "list", "data": [self._card(name) for name in self.model_names]})
+
+    async def model(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+            name = request.path_params["model_id"]
+            if name not in self.model_names:
+                raise self._not_served(name)
+        except ApiError as exc:
+            return exc.response()
+        return JSONResponse(self._card(name))
+
+    def _not_served(self, name) -> ApiError:
+        return ApiError(404, f"model {json.dumps(name)[:80]} is not served here; this server serves "
+                        f"{', '.join(map(repr, self.model_names))}", "model", kind="not_found_error")
+
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's shape: {"prompt": text} or {"messages": [...]} -> {"count", "max_model_len", "tokens"}."""
+        loop = asyncio.get_running_loop()
+        try:
+            self._authorize(request)
+            body = await self._body(request)
+            self._check_model(body)
+            if ("prompt" in body) == ("messages" in body):
+                raise ApiError(400, "set prompt or messages, not both", "prompt")
+            if "prompt" in body and not isinstance(body["prompt"], str):
+                raise ApiError(400, "prompt must be a string", "prompt")
+            ids = await loop.run_in_executor(self._prepare, self._tokenize, body)
+        except ApiError as exc:
+            return exc.response()
+        return JSONResponse({"count": len(ids), "max_model_len": self.engine.limits.max_context, "tokens": ids})
+
+    def _tokenize(self, body: dict) -> list[int]:
+        try:
+            return self._chat_ids(body) if "messages" in body else self.prompts.text(body["prompt"])
+        except InvalidRequest as exc:
+            raise ApiError(400, str(exc), _param_of(str(exc))) from None
+
+    async def detokenize(self, request: Request) -> Response:
+        """vLLM's shape: {"tokens": [ids]} -> {"prompt": text}."""
+        try:
+            self._authorize(request)
+            body = await self._body(request)
+            self._check_model(body)
+            tokens = body.get("tokens")
+            vocab = self.engine.limits.vocab_size
+            if not isinstance(tokens, list) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens):
+                raise ApiError(400, f"tokens must be a list of token ids in [0, {vocab})", "tokens")
+            if len(tokens) > self.engine.limits.max_context:
+                raise ApiError(400, f"tokens has {len(tokens)} ids; at most {self.engine.limits.max_context}",
+                               "tokens")
+        except ApiError as exc:
+            return exc.response()
+        return JSONResponse({"prompt": self.engine.tokenizer.decode(tokens)})
 
     async def completions(self, request: Request) -> Response:
         return await self._serve(request, chat=False)
@@ -153,9 +247,16 @@ class OpenAIApi:
     def _authorize(self, request: Request) -> None:
         if self.expected is None:
             return
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, self.expected):
-            raise ApiError(401, "missing or wrong bearer token", kind="authentication_error")
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        # the scheme is case-insensitive (RFC 9110); the token compared in constant time
+        if not (scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.expected)):
+            raise ApiError(401, "missing or wrong bearer token", kind="authentication_error",
+                           headers={"WWW-Authenticate": 'Bearer realm="expertmesh"'})
+
+    def _check_model(self, body: dict) -> None:
+        model = body.get("model")
+        if model is not None and model not in self.model_names:
+            raise self._not_served(model)
 
     async def _body(self, request: Request) -> dict:
         raw = bytearray()
@@ -173,10 +274,7 @@ class OpenAIApi:
 
     def _valid(self, body: dict, chat: bool) -> ValidRequest:
         """Prompt and sampling of one API request, checked (runs off the event loop)."""
-        model = body.get("model")
-        if model is not None and model != self.model_name:
-            raise ApiError(404, f"model {json.dumps(model)[:80]} is not served here; this server serves "
-                           f"{self.model_name!r}", "model", kind="not_found_error")
+        self._check_model(body)
         params = sampling_from_body(body, chat)
         salt = body.get("cache_salt", "")
         if not isinstance(salt, str):
@@ -203,15 +301,23 @@ class OpenAIApi:
             raise ApiError(400, "messages must be a non-empty list", "messages")
         plain = []
         for i, m in enumerate(messages):
+            role = m.get("role") if isinstance(m, dict) else None
             content = m.get("content") if isinstance(m, dict) else None
+            if role == "tool" or (role == "assistant" and m.get("tool_calls")):
+                raise ApiError(400, f"messages[{i}]: tool calls and results are not supported (this model's "
+                               "tokenizer and chat template have no tool format)", "messages")
+            if role == "developer":  # OpenAI's newer name for the system message
+                role = "system"
+            if role == "assistant" and content is None:
+                content = ""  # an assistant turn with no text (as clients send after a refusal)
             if isinstance(content, list):  # content parts: text only
                 if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                            for p in content):
                     raise ApiError(400, f"messages[{i}].content: only text parts are supported", "messages")
                 content = "".join(p["text"] for p in content)
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
+            if not isinstance(role, str) or not isinstance(content, str):
                 raise ApiError(400, f"messages[{i}] must have a string role and content", "messages")
-            plain.append({"role": m["role"], "content": content})
+            plain.append({"role": role, "content": content})
         return self.prompts.chat(plain)
 
     async def _serve(self, request: Request, chat: bool) -> Response:
@@ -234,7 +340,7 @@ class OpenAIApi:
             return ApiError(429, str(exc), kind="rate_limit_error").response()
         except EngineUnavailable as exc:
             return ApiError(503, str(exc), kind="service_unavailable").response()
-        reply = _Reply(chat, self.model_name, len(valid.prompt_ids), self.engine.tokenizer)
+        reply = _Reply(chat, body.get("model") or self.model_name, len(valid.prompt_ids), self.engine.tokenizer)
         if stream:
             return StreamingResponse(self._events(queue, key, reply, include_usage), media_type="text/event-stream")
         return await self._collect(request, queue, key, reply)
@@ -345,7 +451,7 @@ class _Reply:
         text = "".join(out.text for out in outs)
         finish = FINISH.get(outs[-1].finish_reason)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+            choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                       "logprobs": self._logprobs(outs), "finish_reason": finish}
             return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage()}
         choice = {"index": 0, "text": text, "logprobs": self._logprobs(outs), "finish_reason": finish}

@@ -87,7 +87,7 @@ def get_status(url: str) -> int:
 @pytest.fixture(scope="module")
 def server(checkpoint):
     proc = ServerProcess("--model", str(checkpoint), "--workers", "0", "--kv-cache-memory", "32MiB",
-                         "--http-port", "0")
+                         "--http-port", "0", "--served-model-name", "tiny-mixtral", "mixtral-alias")
     yield proc
     assert proc.stop() == 0, "".join(proc.lines[-30:])
 
@@ -100,7 +100,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def model_name(client):
     models = client.models.list().data
-    assert len(models) == 1
+    assert [m.id for m in models] == ["tiny-mixtral", "mixtral-alias"]  # --served-model-name, in order
     return models[0].id
 
 
@@ -167,7 +167,9 @@ BAD_FIELDS = [
                                                                                     "repetition_penalty"),
     ({"prompt": [1, 99999]}, "prompt"), ({"prompt": [[1, 2], [3, 4]]}, "prompt"), ({"echo": True}, "echo"),
     ({"best_of": 3}, "best_of"), ({"stream": "yes"}, "stream"), ({"cache_salt": 5}, "cache_salt"),
-    ({"cache_salt": "x" * 257}, "cache_salt"),
+    ({"cache_salt": "x" * 257}, "cache_salt"), ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"reasoning_effort": "low"}, "reasoning_effort"), ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"store": True}, "store"), ({"metadata": {"k": "v"}}, "metadata"),
 ]
 
 
@@ -205,6 +207,62 @@ def test_bad_chat_requests_and_a_wrong_model(server, client, model_name):
     assert post(f"{http_target(server)}/completions", b"{not json")[0] == 400
 
 
+def request(method: str, url: str, body: dict | None = None, headers: dict | None = None):
+    """(status, headers, JSON body) of a plain HTTP call."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    conn.request(method, parts.path, None if body is None else json.dumps(body).encode(),
+                 {"content-type": "application/json", **(headers or {})})
+    reply = conn.getresponse()
+    status, head, payload = reply.status, dict(reply.getheaders()), reply.read()
+    conn.close()
+    return status, head, json.loads(payload)
+
+
+def test_model_cards_by_every_served_name_and_json_errors_for_every_status(server, client):
+    assert client.models.retrieve("mixtral-alias").id == "mixtral-alias"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    reply = client.completions.create(model="mixtral-alias", prompt=[1, 2], max_tokens=2)
+    assert reply.model == "mixtral-alias"  # the name the request used
+    base = http_target(server)
+    for method, url, status in (("GET", f"{base}/nothing-here", 404), ("GET", f"{base}/completions", 405),
+                                ("DELETE", f"{base}/models", 405)):
+        got, _, body = request(method, url)
+        assert got == status and isinstance(body["error"]["message"], str), (url, got, body)
+
+
+def test_chat_roles_clients_send(server, client, model_name):
+    def answer(messages):
+        reply = client.chat.completions.create(model=model_name, messages=messages, max_tokens=6, temperature=0)
+        assert reply.choices[0].message.refusal is None
+        return reply.choices[0].message.content
+
+    user = {"role": "user", "content": "Name a colour."}
+    assert answer([{"role": "developer", "content": "Be brief."}, user]) == \
+        answer([{"role": "system", "content": "Be brief."}, user])  # developer is the system message
+    assert isinstance(answer([user, {"role": "assistant", "content": None}, user]), str)
+    status, reply = post(f"{http_target(server)}/chat/completions", {
+        "model": model_name, "messages": [user, {"role": "tool", "content": "42", "tool_call_id": "x"}]})
+    assert status == 400 and reply["error"]["param"] == "messages" and "tool" in reply["error"]["message"]
+
+
+def test_tokenize_and_detokenize_in_vllms_shapes(server, client, model_name):
+    root = http_target(server).removesuffix("/v1")
+    status, reply = post(f"{root}/tokenize", {"model": model_name, "prompt": "Hello world"})
+    assert status == 200 and reply["count"] == len(reply["tokens"]) and reply["max_model_len"] > 0
+    completion = client.completions.create(model=model_name, prompt="Hello world", max_tokens=1)
+    assert completion.usage.prompt_tokens == reply["count"]  # the same tokens the model sees
+    status, text = post(f"{root}/detokenize", {"tokens": reply["tokens"]})
+    assert status == 200 and text["prompt"].strip() == "Hello world"
+    status, chat = post(f"{root}/tokenize", {"messages": [{"role": "user", "content": "Hi"}]})
+    assert status == 200 and chat["count"] > 2
+    for path, body, param in (("tokenize", {"prompt": 5}, "prompt"), ("detokenize", {"tokens": [-1]}, "tokens"),
+                              ("tokenize", {"prompt": "x", "model": "gpt-4"}, "model")):
+        status, reply = post(f"{root}/{path}", body)
+        assert status in (400, 404) and reply["error"]["param"] == param, reply
+
+
 def test_a_disconnected_stream_frees_its_blocks(server, model_name):
     body = {"model": model_name, "prompt": [1, 5, 6], "max_tokens": 2000, "temperature": 0, "stream": True,
             "ignore_eos": True}
@@ -233,6 +291,10 @@ def test_auth_and_a_full_queue(checkpoint):
         base = http_target(proc)
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).models.list()
+        status, head, _ = request("GET", f"{base}/models")
+        assert status == 401 and head.get("www-authenticate", head.get("WWW-Authenticate", "")).startswith("Bearer")
+        status, _, body = request("GET", f"{base}/models", headers={"authorization": "bearer s3cret"})
+        assert status == 200 and body["data"], body  # the scheme is case-insensitive
         assert get_status(base.removesuffix("/v1") + "/health") == 200  # probes need no token
         good = openai.OpenAI(base_url=base, api_key="s3cret", max_retries=0, timeout=60)
         name = good.models.list().data[0].id
