@@ -60,14 +60,20 @@ def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
         presence_penalty=_decimal(s.presence_penalty), frequency_penalty=_decimal(s.frequency_penalty),
         seed=s.seed if s.HasField("seed") else None,
         max_new_tokens=pick("max_new_tokens"), stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
-        ignore_eos=s.ignore_eos, logprobs=s.logprobs if s.HasField("logprobs") else None)
+        ignore_eos=s.ignore_eos, logprobs=s.logprobs if s.HasField("logprobs") else None,
+        prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None)
+
+
+def _logprob(lp) -> pb.TokenLogprob:
+    return pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                           top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
 
 
 def response_from_output(out: RequestOutput) -> pb.GenerateResponse:
     msg = pb.GenerateResponse(request_id=out.request_id, token_ids=out.token_ids, text=out.text)
-    for lp in out.logprobs:
-        msg.logprobs.append(pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
-                                            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]))
+    msg.logprobs.extend(_logprob(lp) for lp in out.logprobs)
+    if out.prompt_logprobs:
+        msg.prompt_logprobs.extend(_logprob(lp) for lp in out.prompt_logprobs[1:])
     if out.finish_reason is not None:
         msg.finish_reason = FINISH.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
         msg.usage.CopyFrom(pb.Usage(prompt_tokens=out.usage.prompt_tokens,

@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -25,17 +23,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from expertmesh.router.openai_reply import Reply
 from expertmesh.router.prompts import PromptBuilder
 from expertmesh.router.requests import MAX_REQUEST_ID_CHARS, InvalidRequest, ValidRequest, validate_request
 from expertmesh.router.sampling import SamplingParams
 from expertmesh.router.serving import EngineUnavailable, QueueFull, RequestOutput, ServingEngine
 
-FINISH = {"stop": "stop", "eos": "stop", "length": "length", "cancelled": "stop"}
+MAX_PROMPTS = 256  # prompts in one completions request (evaluation harnesses batch them)
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the completions API's own default
 CHAT_DEFAULT_MAX_TOKENS = 256  # the chat API has none: this engine's usual one
 # Our names where they differ from the API's: error messages name the field the client sent.
 API_NAMES = {"max_new_tokens": "max_tokens", "stop_token_ids": "stop", "token": "prompt"}
-UNSUPPORTED = {"echo": "echo is not supported", "suffix": "suffix is not supported",
+UNSUPPORTED = {"suffix": "suffix is not supported",
                "logit_bias": "logit_bias is not supported", "tools": "tools are not supported",
                "functions": "functions are not supported", "tool_choice": "tools are not supported",
                "function_call": "functions are not supported",
@@ -115,7 +114,10 @@ def sampling_from_body(body: dict, chat: bool) -> SamplingParams:
         stop = tuple(stop)
     else:
         raise ApiError(400, "stop must be a string or a list of strings", "stop")
+    prompt_logprobs = None
     if chat:
+        if "echo" in body:
+            raise ApiError(400, "echo is a completions field; chat has none", "echo")
         max_tokens = _number(body, "max_completion_tokens", None, integer=True)
         max_tokens = _number(body, "max_tokens", max_tokens if max_tokens is not None else CHAT_DEFAULT_MAX_TOKENS,
                              integer=True)
@@ -123,6 +125,11 @@ def sampling_from_body(body: dict, chat: bool) -> SamplingParams:
     else:
         max_tokens = _number(body, "max_tokens", COMPLETION_DEFAULT_MAX_TOKENS, integer=True)
         logprobs = _number(body, "logprobs", None, integer=True)
+        if _flag(body, "echo") and (logprobs is not None or max_tokens == 0):
+            # echo with logprobs (what evaluation harnesses send): the prompt's logprobs too; with
+            # max_tokens 0 and no logprobs, computed and not shown (the engine needs the request
+            # to ask for something)
+            prompt_logprobs = logprobs if logprobs is not None else 0
     seed = _number(body, "seed", None, integer=True)
     return SamplingParams(
         temperature=_number(body, "temperature", 1.0), top_p=_number(body, "top_p", 1.0),
@@ -130,7 +137,7 @@ def sampling_from_body(body: dict, chat: bool) -> SamplingParams:
         repetition_penalty=_number(body, "repetition_penalty", 1.0),
         presence_penalty=_number(body, "presence_penalty", 0.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0), seed=seed, max_new_tokens=max_tokens,
-        stop=stop, ignore_eos=_flag(body, "ignore_eos"), logprobs=logprobs)
+        stop=stop, ignore_eos=_flag(body, "ignore_eos"), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
 def _param_of(message: str) -> str | None:
@@ -272,28 +279,36 @@ class OpenAIApi:
             raise ApiError(400, "the body must be a JSON object")
         return body
 
-    def _valid(self, body: dict, chat: bool) -> ValidRequest:
-        """Prompt and sampling of one API request, checked (runs off the event loop)."""
+    def _valid(self, body: dict, chat: bool) -> list[ValidRequest]:
+        """Prompts and sampling of one API request, checked (runs off the event loop): one request
+        per prompt (chat: one)."""
         self._check_model(body)
         params = sampling_from_body(body, chat)
         salt = body.get("cache_salt", "")
         if not isinstance(salt, str):
             raise ApiError(400, "cache_salt must be a string", "cache_salt")
         try:
-            ids = self._chat_ids(body) if chat else self._prompt_ids(body)
-            return validate_request(ids, params, self.engine.limits, salt)
+            prompts = [self._chat_ids(body)] if chat else [self._prompt_ids(p) for p in self._prompt_list(body)]
+            return [validate_request(ids, params, self.engine.limits, salt) for ids in prompts]
         except InvalidRequest as exc:
             raise ApiError(400, str(exc), _param_of(str(exc))) from None
 
-    def _prompt_ids(self, body: dict) -> list[int]:
+    @staticmethod
+    def _prompt_list(body: dict) -> list:
+        """`prompt`: a string, token ids, or a list of either (one choice each, in order)."""
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+            if len(prompt) > MAX_PROMPTS:
+                raise ApiError(400, f"prompt has {len(prompt)} prompts; at most {MAX_PROMPTS}", "prompt")
+            return prompt
+        return [prompt]
+
+    def _prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
             return self.prompts.text(prompt)
         if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return prompt
-        raise ApiError(400, "prompt must be a string or a list of token ids (one prompt per request)", "prompt")
+        raise ApiError(400, "prompt must be a string, a list of token ids, or a list of those", "prompt")
 
     def _chat_ids(self, body: dict) -> list[int]:
         messages = body.get("messages")
@@ -333,32 +348,52 @@ class OpenAIApi:
                 raise ApiError(400, f"user must be a string of at most {MAX_REQUEST_ID_CHARS} characters", "user")
             valid = await loop.run_in_executor(self._prepare, self._valid, body, chat)
             queue: asyncio.Queue = asyncio.Queue()
-            key = self.engine.submit(valid, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+            keys = self._submit(valid, loop, queue)
         except ApiError as exc:
             return exc.response()
         except QueueFull as exc:
             return ApiError(429, str(exc), kind="rate_limit_error").response()
         except EngineUnavailable as exc:
             return ApiError(503, str(exc), kind="service_unavailable").response()
-        reply = _Reply(chat, body.get("model") or self.model_name, len(valid.prompt_ids), self.engine.tokenizer)
+        reply = Reply(chat, body.get("model") or self.model_name, [list(v.prompt_ids) for v in valid],
+                      self.engine.tokenizer, echo=not chat and _flag(body, "echo"),
+                      logprobs=valid[0].params.logprobs is not None)
         if stream:
-            return StreamingResponse(self._events(queue, key, reply, include_usage), media_type="text/event-stream")
-        return await self._collect(request, queue, key, reply)
+            return StreamingResponse(self._events(queue, keys, reply, include_usage), media_type="text/event-stream")
+        return await self._collect(request, queue, keys, reply)
 
-    async def _events(self, queue: asyncio.Queue, key: str, reply: "_Reply", include_usage: bool):
+    def _submit(self, valid: list[ValidRequest], loop, queue: asyncio.Queue) -> list[str]:
+        """Submit one engine request per prompt; their outputs reach `queue` as (choice, output).
+        All or none: a refusal cancels those already in."""
+        keys: list[str] = []
+        try:
+            for i, request in enumerate(valid):
+                keys.append(self.engine.submit(
+                    request, lambda out, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, out))))
+        except (QueueFull, EngineUnavailable):
+            self._cancel(keys)
+            raise
+        return keys
+
+    def _cancel(self, keys: list[str]) -> None:
+        for key in keys:
+            self.engine.cancel(key)
+
+    async def _events(self, queue: asyncio.Queue, keys: list[str], reply: Reply, include_usage: bool):
         """Server-sent events: a chunk per output, the usage (if asked), then [DONE]. A client that
-        goes away cancels the request (Starlette cancels this generator)."""
+        goes away cancels its requests (Starlette cancels this generator)."""
         finished = False
         try:
             while True:
-                out: RequestOutput = await queue.get()
+                index, out = await queue.get()
                 if out.error:
                     finished = True
+                    self._cancel(keys)
                     yield _event({"error": {"message": f"generation failed: {out.error}", "type": "server_error",
                                             "param": None, "code": None}})
                     return
-                yield _event(reply.chunk(out))
-                if out.finish_reason is not None:
+                yield _event(reply.chunk(index, out))
+                if reply.finished:
                     finished = True
                     if include_usage:
                         yield _event(reply.usage_chunk())
@@ -366,93 +401,33 @@ class OpenAIApi:
                     return
         finally:
             if not finished:
-                self.engine.cancel(key)
+                self._cancel(keys)
 
-    async def _collect(self, request: Request, queue: asyncio.Queue, key: str, reply: "_Reply") -> Response:
+    async def _collect(self, request: Request, queue: asyncio.Queue, keys: list[str], reply: Reply) -> Response:
         """The whole answer in one response; a client that disconnects meanwhile cancels it."""
-        outs: list[RequestOutput] = []
+        outs: list[list[RequestOutput]] = [[] for _ in keys]
+        done = 0
         try:
-            while not outs or outs[-1].finish_reason is None:
+            while done < len(keys):
                 try:
-                    outs.append(await asyncio.wait_for(queue.get(), timeout=0.5))
+                    index, out = await asyncio.wait_for(queue.get(), timeout=0.5)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
-                        self.engine.cancel(key)
+                        self._cancel(keys)
                         return Response(status_code=499)
+                    continue
+                outs[index].append(out)
+                if out.error:
+                    self._cancel(keys)
+                    kind = "service_unavailable" if out.retryable else "server_error"
+                    return ApiError(503 if out.retryable else 500, f"generation failed: {out.error}",
+                                    kind=kind).response()
+                done += out.finish_reason is not None
         except asyncio.CancelledError:
-            self.engine.cancel(key)
+            self._cancel(keys)
             raise
-        if outs[-1].error:
-            kind = "service_unavailable" if outs[-1].retryable else "server_error"
-            return ApiError(503 if outs[-1].retryable else 500, f"generation failed: {outs[-1].error}",
-                            kind=kind).response()
         return JSONResponse(reply.whole(outs))
 
 
 def _event(payload: dict) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
-
-
-class _Reply:
-    """The API's response objects for one request."""
-
-    def __init__(self, chat: bool, model: str, prompt_tokens: int, tokenizer):
-        self.chat, self.model, self.prompt_tokens, self.tokenizer = chat, model, prompt_tokens, tokenizer
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
-        self.completion_tokens = 0
-        self.cached_tokens = 0  # prompt tokens found in the prefix cache (the last output says)
-        self.first = True
-
-    def _head(self, obj: str) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
-
-    def _logprobs(self, outs: list[RequestOutput]):
-        lps = [lp for out in outs for lp in out.logprobs]
-        if not lps:
-            return None
-        piece = lambda t: self.tokenizer.decode([t])  # noqa: E731
-        if self.chat:
-            return {"content": [{"token": piece(lp.token_id), "logprob": lp.logprob,
-                                 "bytes": list(piece(lp.token_id).encode()),
-                                 "top_logprobs": [{"token": piece(t), "logprob": v, "bytes": list(piece(t).encode())}
-                                                  for t, v in lp.top]} for lp in lps]}
-        return {"tokens": [piece(lp.token_id) for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
-                "top_logprobs": [{piece(t): v for t, v in lp.top} for lp in lps], "text_offset": []}
-
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
-
-    def _count(self, out: RequestOutput) -> None:
-        self.completion_tokens += len(out.token_ids)
-        if out.usage is not None:
-            self.cached_tokens = out.usage.cached_prompt_tokens
-
-    def chunk(self, out: RequestOutput) -> dict:
-        self._count(out)
-        finish = FINISH.get(out.finish_reason) if out.finish_reason else None
-        if self.chat:
-            delta = {"role": "assistant", "content": out.text} if self.first else {"content": out.text}
-            self.first = False
-            choice = {"index": 0, "delta": delta, "logprobs": self._logprobs([out]), "finish_reason": finish}
-            return {**self._head("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": out.text, "logprobs": self._logprobs([out]), "finish_reason": finish}
-        return {**self._head("text_completion"), "choices": [choice]}
-
-    def usage_chunk(self) -> dict:
-        return {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [],
-                "usage": self.usage()}
-
-    def whole(self, outs: list[RequestOutput]) -> dict:
-        for out in outs:
-            self._count(out)
-        text = "".join(out.text for out in outs)
-        finish = FINISH.get(outs[-1].finish_reason)
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                      "logprobs": self._logprobs(outs), "finish_reason": finish}
-            return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage()}
-        choice = {"index": 0, "text": text, "logprobs": self._logprobs(outs), "finish_reason": finish}
-        return {**self._head("text_completion"), "choices": [choice], "usage": self.usage()}

@@ -77,8 +77,8 @@ def _check_params(p: SamplingParams, vocab_size: int) -> None:
         bad("presence_penalty", "must be in [-2, 2]")
     if not -2 <= p.frequency_penalty <= 2:
         bad("frequency_penalty", "must be in [-2, 2]")
-    if p.max_new_tokens < 1:
-        bad("max_new_tokens", "must be >= 1")
+    if p.max_new_tokens < (0 if p.prompt_logprobs is not None else 1):
+        bad("max_new_tokens", "must be >= 1 (0 only when the prompt's logprobs are asked for)")
     if len(p.stop) > MAX_STOP_STRINGS:
         raise InvalidRequest(f"stop has {len(p.stop)} strings; at most {MAX_STOP_STRINGS}")
     for i, s in enumerate(p.stop):
@@ -91,6 +91,8 @@ def _check_params(p: SamplingParams, vocab_size: int) -> None:
         raise InvalidRequest(f"stop_token_ids must be token ids in [0, {vocab_size}), got {quote(bad_id)}")
     if p.logprobs is not None and not 0 <= p.logprobs <= MAX_LOGPROBS:
         bad("logprobs", f"must be in [0, {MAX_LOGPROBS}]")
+    if p.prompt_logprobs is not None and not 0 <= p.prompt_logprobs <= MAX_LOGPROBS:
+        bad("prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}]")
     if p.seed is not None and not 0 <= p.seed < 2 ** 64:
         bad("seed", "must be in [0, 2**64)")
     for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):

@@ -32,6 +32,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; n >= 0: chosen token's plus the n most likely
+    # None: none; n >= 0: each prompt token's logprob (after the first) plus the n most likely at
+    # its position: the prompt's log-likelihood (evaluation harnesses); then max_new_tokens may be 0
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -39,6 +42,18 @@ class TokenLogprobs:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+
+
+def position_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprobs]:
+    """logits (N, V) fp32, row i the model's prediction for tokens[i] -> each token's logprob
+    under it, with the `top` most likely (the prompt's log-likelihood, position by position)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
+    chosen = logprobs.gather(1, torch.tensor(tokens, dtype=torch.int64)[:, None])[:, 0].tolist()
+    if not top:
+        return [TokenLogprobs(t, lp) for t, lp in zip(tokens, chosen)]
+    best = torch.topk(logprobs, top, dim=-1)
+    return [TokenLogprobs(t, lp, list(zip(ids, values)))
+            for t, lp, ids, values in zip(tokens, chosen, best.indices.tolist(), best.values.tolist())]
 
 
 class RequestSampler:

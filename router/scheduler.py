@@ -28,6 +28,7 @@ class Scheduled:
     seq: Sequence
     prompt_len: int
     cached_prompt_tokens: int = -1  # prompt tokens found in the prefix cache at first admission
+    share_prefix: bool = True  # False: compute the whole prompt (its every position's logits are wanted)
 
 
 Batch = list[tuple[Scheduled, int]]  # (request, tokens it computes this step), in row order
@@ -96,7 +97,7 @@ class Scheduler:
             request = self.waiting[0]
             seq = request.seq
             if not seq.block_table:
-                seq.block_table = self.cache.match_prefix(seq.token_ids, seq.cache_salt)
+                seq.block_table = self.cache.match_prefix(seq.token_ids, seq.cache_salt) if request.share_prefix else []
                 seq.num_cached = len(seq.block_table) * self.cache.block_size
                 if request.cached_prompt_tokens < 0:
                     request.cached_prompt_tokens = seq.num_cached

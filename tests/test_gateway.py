@@ -310,6 +310,25 @@ def test_logprobs_over_grpc(stub):
         assert lp.logprob <= 0
 
 
+def test_prompt_logprobs_over_grpc_equal_transformers(stub, hf):
+    """prompt_logprobs with max_new_tokens 0 scores a prompt (an evaluation harness's request): one
+    message, no token, each prompt token after the first with transformers' logprob within 1e-4."""
+    model, _ = hf
+    prompt = [1, 415, 2936, 9060, 285, 1142]
+    (only,) = collect(stub, pb.GenerateRequest(token_ids=prompt, sampling=pb.SamplingParams(
+        temperature=0, max_new_tokens=0, prompt_logprobs=1)))
+    assert list(only.token_ids) == [] and only.finish_reason == pb.FINISH_REASON_LENGTH
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
+    assert [lp.token_id for lp in only.prompt_logprobs] == prompt[1:]
+    got = torch.tensor([lp.logprob for lp in only.prompt_logprobs])
+    assert torch.allclose(got, expected[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])], atol=1e-4)
+    assert [lp.top[0].token_id for lp in only.prompt_logprobs] == expected[:-1].argmax(-1).tolist()
+    with pytest.raises(grpc.RpcError) as err:  # 0 new tokens means nothing without prompt_logprobs
+        collect(stub, pb.GenerateRequest(token_ids=prompt, sampling=pb.SamplingParams(max_new_tokens=0)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def _processes() -> dict[int, tuple[int, str]]:
     """pid -> (parent pid, command line), from /proc."""
     from pathlib import Path

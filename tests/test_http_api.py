@@ -124,6 +124,51 @@ def test_greedy_completion_and_chat_equal_transformers(client, model_name, hf):
     assert answer.usage.prompt_tokens == len(chat_ids) and answer.usage.completion_tokens == 16
 
 
+def test_echo_scores_a_batch_of_prompts_as_transformers_does(client, model_name, hf):
+    """What lm-eval's multiple-choice and perplexity tasks send: a prompt list, echo, logprobs 1,
+    max_tokens 0. Each choice (in order) gives its prompt's token logprobs equal to transformers'
+    log-softmax within 1e-4, the first token's null; the top alternative is the argmax; the token
+    strings join into the text and text_offset points at each."""
+    model, _ = hf
+    prompts = [[1, 415, 2936, 9060, 285, 1142, 461, 10575], [1, 22557, 28725, 910, 460, 368]]
+    reply = client.completions.create(model=model_name, prompt=prompts, echo=True, logprobs=1, max_tokens=0,
+                                      temperature=0)
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert reply.usage.prompt_tokens == sum(map(len, prompts)) and reply.usage.completion_tokens == 0
+    for prompt, choice in zip(prompts, reply.choices):
+        with torch.no_grad():
+            expected = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)  # (T, V)
+        lp = choice.logprobs
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        want = expected[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+        assert torch.allclose(torch.tensor(lp.token_logprobs[1:]), want, atol=1e-4), (lp.token_logprobs, want)
+        for top, row in zip(lp.top_logprobs[1:], expected[:-1]):
+            assert len(top) == 1 and abs(next(iter(top.values())) - float(row.max())) < 1e-4
+        assert "".join(lp.tokens) == choice.text and len(lp.tokens) == len(prompt)
+        assert lp.text_offset == [len("".join(lp.tokens[:k])) for k in range(len(prompt))]
+        assert choice.finish_reason == "length"
+
+
+def test_a_prompt_list_returns_each_prompts_answer_in_order(client, model_name):
+    prompts = ["Once upon a time", "The capital of", "1, 2, 3,"]
+    alone = [client.completions.create(model=model_name, prompt=p, max_tokens=5, temperature=0).choices[0].text
+             for p in prompts]
+    together = client.completions.create(model=model_name, prompt=prompts, max_tokens=5, temperature=0)
+    assert [c.index for c in together.choices] == [0, 1, 2]
+    assert [c.text for c in together.choices] == alone
+    echoed = client.completions.create(model=model_name, prompt=prompts[0], max_tokens=3, temperature=0,
+                                       echo=True, logprobs=0)
+    assert echoed.choices[0].text == prompts[0] + alone[0][:len(echoed.choices[0].text) - len(prompts[0])]
+    assert "".join(echoed.choices[0].logprobs.tokens) == echoed.choices[0].text
+    streamed = client.completions.create(model=model_name, prompt=prompts, max_tokens=5, temperature=0,
+                                         stream=True)
+    texts = ["", "", ""]
+    for chunk in streamed:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == alone
+
+
 def test_streams_arrive_in_several_chunks_and_add_up(client, model_name):
     whole = client.completions.create(model=model_name, prompt="Once upon a time", max_tokens=24, temperature=0,
                                       extra_body={"ignore_eos": True}).choices[0].text
@@ -165,7 +210,8 @@ BAD_FIELDS = [
     ({"frequency_penalty": -5}, "frequency_penalty"), ({"stop": ["x"] * 20}, "stop"), ({"stop": 5}, "stop"),
     ({"seed": "x"}, "seed"), ({"top_k": -1}, "top_k"), ({"min_p": 2}, "min_p"), ({"repetition_penalty": 0},
                                                                                     "repetition_penalty"),
-    ({"prompt": [1, 99999]}, "prompt"), ({"prompt": [[1, 2], [3, 4]]}, "prompt"), ({"echo": True}, "echo"),
+    ({"prompt": [1, 99999]}, "prompt"), ({"prompt": [[1, 2], 5]}, "prompt"), ({"prompt": []}, "prompt"),
+    ({"prompt": [[1, 2]] * 257}, "prompt"),
     ({"best_of": 3}, "best_of"), ({"stream": "yes"}, "stream"), ({"cache_salt": 5}, "cache_salt"),
     ({"cache_salt": "x" * 257}, "cache_salt"), ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"reasoning_effort": "low"}, "reasoning_effort"), ({"modalities": ["text", "audio"]}, "modalities"),

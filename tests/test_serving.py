@@ -309,3 +309,28 @@ def test_the_loop_serves_again_once_the_control_plane_mends_the_experts(model_di
         assert len(tokens(fresh.generate([[1, 5, 6]], params)[0])) == 4
     finally:
         fresh.shutdown()
+
+
+def test_prompt_logprobs_over_chunked_prefill_and_a_shared_prefix(model_dir, tokenizer):
+    """A 40-token prompt computed in 8-token chunks, its first blocks already in the prefix cache
+    from an earlier request: each position's logprob equals one full prefill's, the top
+    alternative is its argmax, and the request with max_new_tokens 0 ends with no token."""
+    engine = serving(model_dir, tokenizer, max_batch_tokens=8)
+    try:
+        prompt = mixed_prompts(1, seed=5)[0][:1] + [100 + i for i in range(39)]
+        engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=2))  # fills the prefix cache
+        (chunks,) = engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=0, prompt_logprobs=1))
+        (only,) = chunks
+        assert only.token_ids == [] and only.finish_reason == "length"
+        scored = only.prompt_logprobs
+        assert scored[0] is None and [lp.token_id for lp in scored[1:]] == prompt[1:]
+        full = prompt_logits(engine.engine, prompt).log_softmax(-1)  # (n, V)
+        want = full[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+        assert torch.allclose(torch.tensor([lp.logprob for lp in scored[1:]]), want, atol=1e-4)
+        assert [lp.top[0][0] for lp in scored[1:]] == full[:-1].argmax(-1).tolist()
+        assert only.usage.cached_prompt_tokens == 0  # scored requests compute their whole prompt
+        (gen,) = engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=3, prompt_logprobs=0))
+        assert gen[0].prompt_logprobs is not None and len(gen[0].prompt_logprobs) == len(prompt)
+        assert all(out.prompt_logprobs is None for out in gen[1:]) and len(tokens(gen)) == 3
+    finally:
+        engine.shutdown()
