@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: the checkpoint folder's name)")
     serve.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus metrics on http://HOST:PORT/metrics (default off; 0 picks one)")
+    serve.add_argument("--metrics-per-expert", action="store_true",
+                       help="also export rows and copies per (layer, expert): 256 series each for Mixtral "
+                       "8x7B (default: rows per worker and layer)")
     scale = serve.add_argument_group("autoscaling (off by default)")
     scale.add_argument("--autoscale", action="store_true",
                        help="let the controller add and remove expert replicas and workers as the load moves")

@@ -170,7 +170,7 @@ def cmd_serve(args) -> int:
             admin = AdminService(cluster.placement, cluster.scale_replicas, cluster.scale_workers,
                                  pin=None if controller is None else lambda on: setattr(controller, "pinned", on))
         if args.metrics_port is not None:
-            metrics = Metrics()
+            metrics = Metrics(model_name=names[0], per_expert=args.metrics_per_expert)
             serving.metrics = metrics
             metrics.watch_serving(serving)
             if cluster is not None:

@@ -1,15 +1,27 @@
 """Prometheus metrics of a server (serve --metrics-port), in a registry of its own.
 
-Names and units follow Prometheus' conventions (expertmesh_*_seconds, *_total). What changes with
-every step or request is counted where it happens (histograms, counters); what is a level right
-now (queue, running sequences, KV blocks, workers, replicas) is read when Prometheus scrapes.
+Names and units follow Prometheus' conventions (expertmesh_*_seconds, counters end in _total and
+only counters do). What changes with every step or request is counted where it happens
+(histograms, counters); what is a level right now (queue, running sequences, KV blocks, workers,
+replicas) is read when Prometheus scrapes. The serving metrics carry a model_name label (the first
+--served-model-name), as vLLM's do; process metrics (CPU, memory, open files) come with them.
+Per-expert series: rows and replicas per (layer, expert) only with --metrics-per-expert (for Mixtral
+8x7B, 256 series each); by default rows per (worker, layer).
 """
 
 from __future__ import annotations
 
 import logging
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger("expertmesh.metrics")
@@ -18,27 +30,62 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
+AUTOSCALER_ACTIONS = ("scale up", "scale down", "rebalance", "error")  # cluster/controller.py's
+REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
+
+
 class Metrics:
-    def __init__(self):
+    def __init__(self, model_name: str = "", per_expert: bool = False):
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.per_expert = per_expert
+        model = ["model_name"]
+
+        def histogram(name, doc, buckets):
+            return Histogram(name, doc, model, buckets=buckets, registry=r).labels(model_name)
+
         self.requests = Counter("expertmesh_requests", "Requests finished, by finish reason",
-                                ["finish_reason"], registry=r)
-        self.ttft = Histogram("expertmesh_time_to_first_token_seconds", "From a request's arrival to its first "
-                              "token", buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("expertmesh_inter_token_latency_seconds", "Between two tokens of a stream",
-                             buckets=LATENCY_BUCKETS, registry=r)
-        self.step = Histogram("expertmesh_step_seconds", "One model step", buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_tokens = Histogram("expertmesh_batch_tokens", "Tokens computed per step", buckets=TOKEN_BUCKETS,
-                                      registry=r)
-        self.queue = Gauge("expertmesh_queue_requests", "Requests waiting to be scheduled", registry=r)
-        self.running = Gauge("expertmesh_running_sequences", "Sequences in the running batch", registry=r)
-        self.kv_used = Gauge("expertmesh_kv_blocks_used", "KV cache blocks in use", registry=r)
-        self.kv_total = Gauge("expertmesh_kv_blocks_total", "KV cache blocks in the pool", registry=r)
+                                ["model_name", "finish_reason"], registry=r)
+        self.model_name = model_name
+        self.ttft = histogram("expertmesh_time_to_first_token_seconds", "From a request's arrival to its first "
+                              "token", LATENCY_BUCKETS)
+        self.itl = histogram("expertmesh_inter_token_latency_seconds", "Between two tokens of a stream",
+                             LATENCY_BUCKETS)
+        self.queue_time = histogram("expertmesh_request_queue_seconds", "From a request's arrival to its first "
+                                    "step", REQUEST_BUCKETS)
+        self.prefill_time = histogram("expertmesh_request_prefill_seconds", "From a request's first step to its "
+                                      "first token", REQUEST_BUCKETS)
+        self.decode_time = histogram("expertmesh_request_decode_seconds", "From a request's first token to its "
+                                     "last", REQUEST_BUCKETS)
+        self.e2e = histogram("expertmesh_request_e2e_seconds", "From a request's arrival to its end",
+                             REQUEST_BUCKETS)
+        self.step = histogram("expertmesh_step_seconds", "One model step", LATENCY_BUCKETS)
+        self.batch_tokens = histogram("expertmesh_batch_tokens", "Tokens computed per step", TOKEN_BUCKETS)
+        self.prompt_tokens = Counter("expertmesh_prompt_tokens", "Prompt tokens of finished requests", model,
+                                     registry=r).labels(model_name)
+        self.generation_tokens = Counter("expertmesh_generation_tokens", "Tokens generated", model,
+                                         registry=r).labels(model_name)
+        self.queue = Gauge("expertmesh_queue_requests", "Requests waiting to be scheduled", model,
+                           registry=r).labels(model_name)
+        self.running = Gauge("expertmesh_running_sequences", "Sequences in the running batch", model,
+                             registry=r).labels(model_name)
+        self.kv_used = Gauge("expertmesh_kv_blocks_used", "KV cache blocks in use", model,
+                             registry=r).labels(model_name)
+        self.kv_blocks = Gauge("expertmesh_kv_blocks", "KV cache blocks in the pool", model,
+                               registry=r).labels(model_name)
+        self.kv_usage = Gauge("expertmesh_kv_cache_usage_ratio", "Share of the KV cache's blocks in use (0-1)",
+                              model, registry=r).labels(model_name)
         self.workers = Gauge("expertmesh_workers", "Expert workers in the current epoch", registry=r)
         self.epoch_changes = Counter("expertmesh_epoch_changes", "Membership epochs formed", registry=r)
         self.recoveries = Counter("expertmesh_recoveries", "Lost workers recovered from", registry=r)
         self.autoscaler_decisions = Counter("expertmesh_autoscaler_decisions", "Changes the controller made, by action",
                                             ["action"], registry=r)
+        for action in AUTOSCALER_ACTIONS:  # every series from the start, at 0 (rate() needs a first sample)
+            self.autoscaler_decisions.labels(action=action)
+
+    def finished(self, reason: str) -> None:
+        self.requests.labels(model_name=self.model_name, finish_reason=reason).inc()
 
     def watch_serving(self, serving) -> None:
         """Levels of the serving engine, read at scrape time."""
@@ -46,13 +93,15 @@ class Metrics:
         self.queue.set_function(lambda: len(serving.scheduler.waiting))
         self.running.set_function(lambda: len(serving.scheduler.running))
         self.kv_used.set_function(lambda: cache.num_blocks - cache.free_blocks)
-        self.kv_total.set_function(lambda: cache.num_blocks)
+        self.kv_blocks.set_function(lambda: cache.num_blocks)
+        self.kv_usage.set_function(lambda: (cache.num_blocks - cache.free_blocks) / cache.num_blocks)
+        self.registry.register(_SchedulerCollector(serving, self.model_name))
 
     def watch_cluster(self, cluster) -> None:
         """The expert cluster's levels, read at scrape time: workers, rows and replicas per
         (layer, expert), busy seconds per worker."""
         self.workers.set_function(lambda: len(cluster.workers))
-        self.registry.register(_ClusterCollector(cluster))
+        self.registry.register(_ClusterCollector(cluster, self.per_expert))
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP on its own thread; returns the bound port."""
@@ -60,30 +109,55 @@ class Metrics:
         return server.server_port
 
 
-class _ClusterCollector:
-    """expertmesh_expert_rows_total, expertmesh_expert_replicas and expertmesh_worker_busy_seconds_total
-    from the cluster at scrape time."""
+class _SchedulerCollector:
+    """expertmesh_preemptions_total from the scheduler's own count, at scrape time."""
 
-    def __init__(self, cluster):
-        self.cluster = cluster
+    def __init__(self, serving, model_name: str):
+        self.serving, self.model_name = serving, model_name
 
     def collect(self):
-        rows = CounterMetricFamily("expertmesh_expert_rows", "Rows routed to each (layer, expert)",
-                                   labels=["layer", "expert"])
-        replicas = GaugeMetricFamily("expertmesh_expert_replicas", "Copies of each (layer, expert)",
-                                     labels=["layer", "expert"])
-        counts, plan = self.cluster.expert_rows.clone(), self.cluster.plan
-        for (layer, expert), holders in sorted(plan.holders.items()):
-            labels = [str(layer), str(expert)]
-            rows.add_metric(labels, float(counts[layer, expert]))
-            replicas.add_metric(labels, len(holders))
+        preemptions = CounterMetricFamily("expertmesh_preemptions", "Requests preempted (their KV freed, to be "
+                                          "recomputed) when the pool ran short", labels=["model_name"])
+        preemptions.add_metric([self.model_name], self.serving.scheduler.preemptions)
+        yield preemptions
+
+
+class _ClusterCollector:
+    """Rows routed and copies per expert, busy seconds per worker, from the cluster at scrape time:
+    expertmesh_worker_layer_rows_total (per worker and layer) always; expertmesh_expert_rows_total
+    and expertmesh_expert_replicas (per layer and expert) when asked for."""
+
+    def __init__(self, cluster, per_expert: bool):
+        self.cluster, self.per_expert = cluster, per_expert
+
+    def collect(self):
         busy = CounterMetricFamily("expertmesh_worker_busy_seconds", "Time each worker spent computing experts",
                                    labels=["worker"])
+        by_layer = CounterMetricFamily("expertmesh_worker_layer_rows", "Rows each worker computed, per layer",
+                                       labels=["worker", "layer"])
         try:
             for stats in self.cluster.stats():
-                busy.add_metric([str(stats["worker"])], stats["busy_s"])
-        except Exception as exc:  # noqa: BLE001 - a worker being replaced: its busy time next scrape
+                worker = str(stats["worker"])
+                busy.add_metric([worker], stats["busy_s"])
+                layers: dict[str, int] = {}
+                for pair, n in stats["rows_received"].items():
+                    layer = pair.split(":", 1)[0]
+                    layers[layer] = layers.get(layer, 0) + n
+                for layer, n in sorted(layers.items(), key=lambda item: int(item[0])):
+                    by_layer.add_metric([worker, layer], n)
+        except Exception as exc:  # noqa: BLE001 - a worker being replaced: its figures next scrape
             log.warning("worker stats unavailable for /metrics: %s", exc)
-        yield rows
-        yield replicas
         yield busy
+        yield by_layer
+        if self.per_expert:
+            rows = CounterMetricFamily("expertmesh_expert_rows", "Rows routed to each (layer, expert)",
+                                       labels=["layer", "expert"])
+            replicas = GaugeMetricFamily("expertmesh_expert_replicas", "Copies of each (layer, expert)",
+                                         labels=["layer", "expert"])
+            counts, plan = self.cluster.expert_rows.clone(), self.cluster.plan
+            for (layer, expert), holders in sorted(plan.holders.items()):
+                labels = [str(layer), str(expert)]
+                rows.add_metric(labels, float(counts[layer, expert]))
+                replicas.add_metric(labels, len(holders))
+            yield rows
+            yield replicas

@@ -98,6 +98,8 @@ class Request(Scheduled):
     finished: bool = False
     arrived: float = 0.0  # monotonic time of submit
     last_token_at: float | None = None  # monotonic time of the last token out
+    first_step_at: float | None = None  # monotonic time of its first step (the end of its queueing)
+    first_token_at: float | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # filled as the prompt is computed
 
 
@@ -281,6 +283,11 @@ class ServingEngine:
             if not batch:
                 continue
             self._step_started = started = time.monotonic()
+            for request, _ in batch:
+                if request.first_step_at is None:
+                    request.first_step_at = started
+                    if self.metrics is not None:
+                        self.metrics.queue_time.observe(started - request.arrived)
             try:
                 logits = self._step(batch)
             finally:
@@ -390,11 +397,15 @@ class ServingEngine:
         request.seq.token_ids.append(token)
         request.output_ids.append(token)
         now = time.monotonic()
-        if self.metrics is not None:
-            if request.last_token_at is None:
+        if request.first_token_at is None:
+            request.first_token_at = now
+            if self.metrics is not None:
                 self.metrics.ttft.observe(now - request.arrived)
-            else:
-                self.metrics.itl.observe(now - request.last_token_at)
+                self.metrics.prefill_time.observe(now - (request.first_step_at or request.arrived))
+        elif self.metrics is not None:
+            self.metrics.itl.observe(now - request.last_token_at)
+        if self.metrics is not None:
+            self.metrics.generation_tokens.inc()
         request.last_token_at = now
         request.text += request.detokenizer.add([token])
         finish = None
@@ -428,7 +439,12 @@ class ServingEngine:
             return
         request.finished = True
         if self.metrics is not None:
-            self.metrics.requests.labels(finish_reason=reason).inc()
+            m, now = self.metrics, time.monotonic()
+            m.finished(reason)
+            m.e2e.observe(now - request.arrived)
+            m.prompt_tokens.inc(request.prompt_len)
+            if request.first_token_at is not None:
+                m.decode_time.observe(request.last_token_at - request.first_token_at)
         self.scheduler.finish(request)
         self._requests.pop(request.key, None)
         out = out or RequestOutput(request.client_id, [], "")

@@ -1,0 +1,106 @@
+"""Prometheus metrics of a real server with an expert worker: names and types by convention, the
+request-level histograms and counters, a model_name label, process metrics, and the Grafana
+dashboard in deploy/ querying only metrics the server exports (checked against a scrape parsed by
+prometheus_client's own parser)."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
+from expertmesh.v1 import generation_pb2 as pb
+from expertmesh.v1 import generation_pb2_grpc as pb_grpc
+from tests.gateway_server import ServerProcess
+from tests.test_autoscale import wait_for_line
+
+DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "expertmesh.json"
+REQUESTS, TOKENS = 6, 5
+
+
+def _families(url: str) -> dict:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+@pytest.fixture(scope="module")
+def scrapes(tmp_path_factory):
+    """The families of a scrape before and one after REQUESTS requests of TOKENS tokens each (the
+    server's own warm-up step comes before)."""
+    checkpoint = write_tiny_checkpoint(tmp_path_factory.mktemp("metrics"), seed=5, num_experts=4)
+    server = ServerProcess("--model", str(checkpoint), "--workers", "1", "--kv-cache-memory", "16MiB",
+                           "--metrics-port", "0", "--served-model-name", "tiny-mixtral")
+    try:
+        url = wait_for_line(server, "expertmesh metrics on", 30).rsplit(" ", 1)[1].strip()
+        before = _families(url)
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            for i in range(REQUESTS):
+                sampling = pb.SamplingParams(temperature=0, max_new_tokens=TOKENS, ignore_eos=True)
+                list(stub.Generate(pb.GenerateRequest(token_ids=[1, 50 + i, 60 + i], sampling=sampling), timeout=60))
+        yield before, _families(url)
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def scrape(scrapes):
+    return scrapes[1]
+
+
+def value(families, sample_name: str, **labels) -> float:
+    """Sum of the samples called sample_name whose labels include `labels`."""
+    return sum(s.value for f in families.values() for s in f.samples
+               if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def grew(scrapes, sample_name: str, **labels) -> float:
+    """How much a sample grew over the requests."""
+    before, after = scrapes
+    return value(after, sample_name, **labels) - value(before, sample_name, **labels)
+
+
+def test_names_and_types_follow_prometheus_conventions(scrape):
+    for name, family in scrape.items():
+        names = {s.name for s in family.samples}
+        if family.type == "counter":
+            assert all(n.endswith(("_total", "_created")) for n in names), (name, names)
+        else:
+            assert not any(n.endswith("_total") for n in names), (name, family.type, names)  # only counters
+
+
+def test_request_histograms_token_counters_and_levels(scrapes, scrape):
+    model = {"model_name": "tiny-mixtral"}
+    for histogram in ("time_to_first_token", "request_queue", "request_prefill", "request_decode", "request_e2e"):
+        assert grew(scrapes, f"expertmesh_{histogram}_seconds_count", **model) == REQUESTS, histogram
+    assert grew(scrapes, "expertmesh_inter_token_latency_seconds_count", **model) == REQUESTS * (TOKENS - 1)
+    assert grew(scrapes, "expertmesh_requests_total", finish_reason="length", **model) == REQUESTS
+    assert grew(scrapes, "expertmesh_generation_tokens_total", **model) == REQUESTS * TOKENS
+    assert grew(scrapes, "expertmesh_prompt_tokens_total", **model) == REQUESTS * 3
+    assert value(scrape, "expertmesh_preemptions_total", **model) == 0
+    assert value(scrape, "expertmesh_kv_blocks", **model) > 0
+    assert value(scrape, "expertmesh_kv_cache_usage_ratio", **model) == 0  # idle: every block back
+    # every token computed once (no prefix shared between these prompts): rows = tokens x top-2 x 2 layers
+    assert grew(scrapes, "expertmesh_worker_layer_rows_total") == REQUESTS * (3 + TOKENS - 1) * 2 * 2
+    assert value(scrape, "process_resident_memory_bytes") > 0
+    assert "expertmesh_expert_rows" not in scrape  # per (layer, expert) only with --metrics-per-expert
+
+
+def test_every_dashboard_panel_queries_a_metric_the_server_exports(scrape):
+    exported = {s.name for family in scrape.values() for s in family.samples}
+    dashboard = json.loads(DASHBOARD.read_text())
+    queried = set()
+    for panel in dashboard["panels"]:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            names = set(re.findall(r"\b((?:expertmesh|process)_[a-z0-9_]+)\b", target["expr"]))
+            assert names, target["expr"]
+            queried |= names
+    assert queried - exported == set(), sorted(queried - exported)
+    assert len(queried) >= 20  # the dashboard covers the core set, not a token panel
