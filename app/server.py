@@ -10,13 +10,13 @@ import threading
 import time
 from pathlib import Path
 
+from expertmesh.api.admin_service import AdminService, placement_to_proto
+from expertmesh.api.metrics import Metrics
 from expertmesh.cluster.bringup import UsageError, progress, start_engine
 from expertmesh.cluster.controller import AutoscaleSettings, Controller
 from expertmesh.core.chat import load_chat_template
 from expertmesh.core.tokenizer import load_tokenizer
 from expertmesh.flags import serving_config
-from expertmesh.router.admin_service import AdminService, placement_to_proto
-from expertmesh.router.metrics import Metrics
 from expertmesh.v1 import generation_pb2 as pb
 
 
@@ -55,7 +55,7 @@ class GatewayThread:
         self._loop.run_until_complete(self._serve(service, token, tls))
 
     async def _serve(self, service, token, tls) -> None:
-        from expertmesh.router.gateway import set_health, start_gateway
+        from expertmesh.api.gateway import set_health, start_gateway
 
         self._stop = asyncio.Event()
         http_server = http_task = None
@@ -121,7 +121,7 @@ class GatewayThread:
 
     def mark_warmed(self) -> None:
         """The engine has run a real step: health says SERVING from now on (and before we return)."""
-        from expertmesh.router.gateway import set_health
+        from expertmesh.api.gateway import set_health
 
         self.warmed = True
         asyncio.run_coroutine_threadsafe(set_health(self._health, self.serving_now()), self._loop).result(10)
@@ -132,8 +132,8 @@ class GatewayThread:
 
 
 def cmd_serve(args) -> int:
+    from expertmesh.api.gateway import GenerationService
     from expertmesh.core.tiny_checkpoint import default_model_dir
-    from expertmesh.router.gateway import GenerationService
     from expertmesh.router.sampling import SamplingParams
     from expertmesh.router.serving import ServingEngine
 
@@ -179,7 +179,7 @@ def cmd_serve(args) -> int:
             metrics_port = metrics.serve(args.host, args.metrics_port)
         http_app = None
         if args.http_port is not None:
-            from expertmesh.router.http_api import OpenAIApi
+            from expertmesh.api.http_api import OpenAIApi
 
             http_app = OpenAIApi(serving, generation.prompts, names, lambda: gateway.serving_now(),
                                  generation.prepare, auth_token=token, max_body_bytes=args.max_message_bytes).app()

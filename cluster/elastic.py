@@ -106,7 +106,7 @@ class ExpertCluster:
         self._helpers: list[threading.Thread] = []  # restorers and standby refills
         self.loop = None  # the serving loop that applies commits (router/serving.py)
         self.recoveries = 0
-        self.metrics = None  # router/metrics.py's Metrics, when the server exports them
+        self.metrics = None  # api/metrics.py's Metrics, when the server exports them
         self.expert_rows = torch.zeros(config.num_layers, config.num_experts, dtype=torch.int64)  # (L, E)
         ids = [self._new_id() for _ in range(num_workers)]
         workers = start_workers(ids, {w: plan.worker_pairs(i) for i, w in enumerate(ids)}, self.model_dir,

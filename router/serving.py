@@ -128,7 +128,7 @@ class ServingEngine:
         self.steps = 0
         self.failed_steps = 0  # step runs the experts failed (each then waits for a recovery)
         self.tokens_computed = 0  # token positions run through the model, all steps
-        self.metrics = None  # router/metrics.py's Metrics, when the server exports them
+        self.metrics = None  # api/metrics.py's Metrics, when the server exports them
         # torch (OpenMP) threads of the loop. Thread counts are per calling thread, and a second
         # OpenMP team beside the one that loaded the model halved step speed on a 2-core machine;
         # so a loop on its own thread defaults to 1, and the fastest set-up runs the loop on the

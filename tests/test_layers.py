@@ -3,7 +3,8 @@
 Layers, bottom to top (DESIGN.md): the API stubs (expertmesh.v1) and the bottom (expertmesh.core:
 model format, math, wire protocol) import nothing of ours above them; the data path
 (expertmesh.router, expertmesh.workers) imports only those; the control plane (expertmesh.cluster)
-adds the data path; the application (the top-level expertmesh modules: CLI, server, client) may import
+adds the data path; the front door (expertmesh.api: gRPC gateway, HTTP API, admin, metrics) adds
+the control plane; the application (the top-level expertmesh modules: CLI, server, client) may import
 everything. Imports inside functions count too: a lazy import that climbs is still a climb.
 """
 
@@ -19,9 +20,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"core": "expertmesh.core", "router": "expertmesh.router", "workers": "expertmesh.workers",
-           "cluster": "expertmesh.cluster", "app": "expertmesh", "protos/expertmesh/v1": "expertmesh.v1"}
+           "cluster": "expertmesh.cluster", "api": "expertmesh.api", "app": "expertmesh",
+           "protos/expertmesh/v1": "expertmesh.v1"}
 RANK = {"expertmesh.v1": 0, "expertmesh.core": 0, "expertmesh.router": 1, "expertmesh.workers": 1,
-        "expertmesh.cluster": 2, "expertmesh": 3}
+        "expertmesh.cluster": 2, "expertmesh.api": 3, "expertmesh": 4}
 
 
 def layer_of(module: str) -> str:
@@ -123,6 +125,7 @@ def test_the_wheel_installs_one_top_level_package(tmp_path):
     assert top == {"expertmesh"}, top
     for module in ("expertmesh/cli.py", "expertmesh/core/config.py", "expertmesh/router/engine.py",
                    "expertmesh/workers/expert_worker.py", "expertmesh/cluster/bringup.py",
+                   "expertmesh/api/http_api.py",
                    "expertmesh/v1/generation_pb2_grpc.py",
                    "expertmesh/core/cpu_kernels.c"):  # the C source, compiled where the package runs
         assert module in names, module

@@ -1,4 +1,4 @@
-"""The OpenAI API's response objects for one request of router/http_api.py: one choice per prompt,
+"""The OpenAI API's response objects for one request of api/http_api.py: one choice per prompt,
 whole or as stream chunks, with logprobs in the API's exact shapes.
 
 Logprob token strings are cut from the text itself (an incremental decode of prompt and answer), so

@@ -23,8 +23,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from expertmesh.router.openai_reply import Reply
-from expertmesh.router.prompts import PromptBuilder
+from expertmesh.api.openai_reply import Reply
+from expertmesh.api.prompts import PromptBuilder
 from expertmesh.router.requests import MAX_REQUEST_ID_CHARS, InvalidRequest, ValidRequest, validate_request
 from expertmesh.router.sampling import SamplingParams
 from expertmesh.router.serving import EngineUnavailable, QueueFull, RequestOutput, ServingEngine

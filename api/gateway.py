@@ -23,8 +23,8 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from expertmesh.api.prompts import PromptBuilder
 from expertmesh.core.tokenizer import TextTokenizer
-from expertmesh.router.prompts import PromptBuilder
 from expertmesh.router.requests import (
     MAX_REQUEST_ID_CHARS,
     InvalidRequest,
