@@ -177,7 +177,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         """The one check of a Generate call: prompt and sampling against the model and the pool."""
         if len(request.request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidRequest(f"request_id has {len(request.request_id)} characters; at most "
-                                 f"{MAX_REQUEST_ID_CHARS}")
+                                 f"{MAX_REQUEST_ID_CHARS}", "request_id")
         return validate_request(self._prompt_ids(request), sampling_from_proto(request.sampling), self.engine.limits,
                                 request.cache_salt)
 
@@ -185,7 +185,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         given = [name for name in ("prompt", "token_ids", "messages") if len(getattr(request, name))]
         if len(given) != 1:
             raise InvalidRequest("exactly one of prompt, token_ids, messages must be set"
-                                 + (f" (got {', '.join(given)})" if given else " (got none)"))
+                                 + (f" (got {', '.join(given)})" if given else " (got none)"), "prompt")
         if request.prompt:
             return self.prompts.text(request.prompt)
         if request.token_ids:

@@ -33,7 +33,7 @@ MAX_PROMPTS = 256  # prompts in one completions request (evaluation harnesses ba
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the completions API's own default
 CHAT_DEFAULT_MAX_TOKENS = 256  # the chat API has none: this engine's usual one
 # Our names where they differ from the API's: error messages name the field the client sent.
-API_NAMES = {"max_new_tokens": "max_tokens", "stop_token_ids": "stop", "token": "prompt"}
+API_NAMES = {"max_new_tokens": "max_tokens", "stop_token_ids": "stop", "prompt_logprobs": "logprobs"}
 UNSUPPORTED = {"suffix": "suffix is not supported",
                "logit_bias": "logit_bias is not supported", "tools": "tools are not supported",
                "functions": "functions are not supported", "tool_choice": "tools are not supported",
@@ -131,19 +131,19 @@ def sampling_from_body(body: dict, chat: bool) -> SamplingParams:
             # to ask for something)
             prompt_logprobs = logprobs if logprobs is not None else 0
     seed = _number(body, "seed", None, integer=True)
+    d = SamplingParams()  # the engine's defaults, the same for gRPC (only max_tokens is the API's own)
     return SamplingParams(
-        temperature=_number(body, "temperature", 1.0), top_p=_number(body, "top_p", 1.0),
-        top_k=_number(body, "top_k", 0, integer=True), min_p=_number(body, "min_p", 0.0),
-        repetition_penalty=_number(body, "repetition_penalty", 1.0),
-        presence_penalty=_number(body, "presence_penalty", 0.0),
-        frequency_penalty=_number(body, "frequency_penalty", 0.0), seed=seed, max_new_tokens=max_tokens,
+        temperature=_number(body, "temperature", d.temperature), top_p=_number(body, "top_p", d.top_p),
+        top_k=_number(body, "top_k", d.top_k, integer=True), min_p=_number(body, "min_p", d.min_p),
+        repetition_penalty=_number(body, "repetition_penalty", d.repetition_penalty),
+        presence_penalty=_number(body, "presence_penalty", d.presence_penalty),
+        frequency_penalty=_number(body, "frequency_penalty", d.frequency_penalty), seed=seed, max_new_tokens=max_tokens,
         stop=stop, ignore_eos=_flag(body, "ignore_eos"), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
-def _param_of(message: str) -> str | None:
-    """The field an InvalidRequest names (its first word), by the API's name."""
-    first = message.split(" ", 1)[0].split("[", 1)[0]
-    return API_NAMES.get(first, first) if first.isidentifier() else None
+def _api_error(exc: InvalidRequest) -> ApiError:
+    """400 naming the field by the API's name."""
+    return ApiError(400, str(exc), API_NAMES.get(exc.field, exc.field))
 
 
 class OpenAIApi:
@@ -223,7 +223,7 @@ class OpenAIApi:
         try:
             return self._chat_ids(body) if "messages" in body else self.prompts.text(body["prompt"])
         except InvalidRequest as exc:
-            raise ApiError(400, str(exc), _param_of(str(exc))) from None
+            raise _api_error(exc) from None
 
     async def detokenize(self, request: Request) -> Response:
         """vLLM's shape: {"tokens": [ids]} -> {"prompt": text}."""
@@ -291,7 +291,7 @@ class OpenAIApi:
             prompts = [self._chat_ids(body)] if chat else [self._prompt_ids(p) for p in self._prompt_list(body)]
             return [validate_request(ids, params, self.engine.limits, salt) for ids in prompts]
         except InvalidRequest as exc:
-            raise ApiError(400, str(exc), _param_of(str(exc))) from None
+            raise _api_error(exc) from None
 
     @staticmethod
     def _prompt_list(body: dict) -> list:

@@ -19,19 +19,19 @@ class PromptBuilder:
         """BOS + the text's ids."""
         limit = self.limits.max_prompt_chars
         if len(text) > limit:
-            raise InvalidRequest(f"{field} has {len(text)} characters; at most {limit} can fit the context")
+            raise InvalidRequest(f"{field} has {len(text)} characters; at most {limit} can fit the context", field)
         return self.tokenizer.encode(text)
 
     def chat(self, messages: list[dict], field: str = "messages") -> list[int]:
         """[{role, content}] rendered with the chat template, ready for the answer."""
         if len(messages) > MAX_CHAT_MESSAGES:
-            raise InvalidRequest(f"{field} has {len(messages)} messages; at most {MAX_CHAT_MESSAGES}")
+            raise InvalidRequest(f"{field} has {len(messages)} messages; at most {MAX_CHAT_MESSAGES}", field)
         chars = sum(len(m["content"]) for m in messages)
         if chars > self.limits.max_prompt_chars:
             raise InvalidRequest(f"{field} have {chars} characters; at most {self.limits.max_prompt_chars} can "
-                                 "fit the context")
+                                 "fit the context", field)
         try:
             text = render_chat(self.chat_template, messages)
         except ChatError as exc:
-            raise InvalidRequest(str(exc)) from None
+            raise InvalidRequest(str(exc), field) from None
         return self.tokenizer.encode_rendered(text)

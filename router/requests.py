@@ -31,7 +31,12 @@ QUOTE_CHARS = 80
 
 
 class InvalidRequest(ValueError):
-    """A request the server cannot serve as asked; the message names the field."""
+    """A request the server cannot serve as asked; `field` names what is wrong (our name for it:
+    each door maps it to its own, e.g. the HTTP API's max_tokens for max_new_tokens)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 def quote(value) -> str:
@@ -61,7 +66,7 @@ class ValidRequest:
 
 def _check_params(p: SamplingParams, vocab_size: int) -> None:
     def bad(name: str, why: str):
-        raise InvalidRequest(f"{name} {why}, got {quote(getattr(p, name))}")
+        raise InvalidRequest(f"{name} {why}, got {quote(getattr(p, name))}", name)
 
     if not (p.temperature == 0 or MIN_TEMPERATURE <= p.temperature <= MAX_TEMPERATURE):
         bad("temperature", f"must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]")
@@ -80,15 +85,17 @@ def _check_params(p: SamplingParams, vocab_size: int) -> None:
     if p.max_new_tokens < (0 if p.prompt_logprobs is not None else 1):
         bad("max_new_tokens", "must be >= 1 (0 only when the prompt's logprobs are asked for)")
     if len(p.stop) > MAX_STOP_STRINGS:
-        raise InvalidRequest(f"stop has {len(p.stop)} strings; at most {MAX_STOP_STRINGS}")
+        raise InvalidRequest(f"stop has {len(p.stop)} strings; at most {MAX_STOP_STRINGS}", "stop")
     for i, s in enumerate(p.stop):
         if not 0 < len(s) <= MAX_STOP_CHARS:
-            raise InvalidRequest(f"stop[{i}] must have 1 to {MAX_STOP_CHARS} characters, got {len(s)}")
+            raise InvalidRequest(f"stop[{i}] must have 1 to {MAX_STOP_CHARS} characters, got {len(s)}", "stop")
     if len(p.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-        raise InvalidRequest(f"stop_token_ids has {len(p.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS}")
+        raise InvalidRequest(f"stop_token_ids has {len(p.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS}",
+                             "stop_token_ids")
     bad_id = next((t for t in p.stop_token_ids if not 0 <= t < vocab_size), None)
     if bad_id is not None:
-        raise InvalidRequest(f"stop_token_ids must be token ids in [0, {vocab_size}), got {quote(bad_id)}")
+        raise InvalidRequest(f"stop_token_ids must be token ids in [0, {vocab_size}), got {quote(bad_id)}",
+                             "stop_token_ids")
     if p.logprobs is not None and not 0 <= p.logprobs <= MAX_LOGPROBS:
         bad("logprobs", f"must be in [0, {MAX_LOGPROBS}]")
     if p.prompt_logprobs is not None and not 0 <= p.prompt_logprobs <= MAX_LOGPROBS:
@@ -103,21 +110,22 @@ def validate_request(prompt_ids, params: SamplingParams, limits: RequestLimits,
                      cache_salt: str = "") -> ValidRequest:
     """Check a prompt and its parameters against the model and the pool; -> ValidRequest."""
     if len(cache_salt) > MAX_CACHE_SALT_CHARS:
-        raise InvalidRequest(f"cache_salt has {len(cache_salt)} characters; at most {MAX_CACHE_SALT_CHARS}")
+        raise InvalidRequest(f"cache_salt has {len(cache_salt)} characters; at most {MAX_CACHE_SALT_CHARS}",
+                             "cache_salt")
     prompt = tuple(prompt_ids)
     if not prompt:
-        raise InvalidRequest("prompt is empty")
+        raise InvalidRequest("prompt is empty", "prompt")
     if len(prompt) >= limits.max_context:
-        raise InvalidRequest(f"prompt has {len(prompt)} tokens; the context is {limits.max_context}")
+        raise InvalidRequest(f"prompt has {len(prompt)} tokens; the context is {limits.max_context}", "prompt")
     bad = next((t for t in prompt if not 0 <= t < limits.vocab_size), None)
     if bad is not None:
-        raise InvalidRequest(f"token id {quote(bad)} is outside the vocabulary [0, {limits.vocab_size})")
+        raise InvalidRequest(f"token id {quote(bad)} is outside the vocabulary [0, {limits.vocab_size})", "prompt")
     _check_params(params, limits.vocab_size)
     total = len(prompt) + params.max_new_tokens
     if total > limits.max_context:
         raise InvalidRequest(f"max_new_tokens {params.max_new_tokens} with a prompt of {len(prompt)} tokens "
-                             f"exceeds the context of {limits.max_context}")
+                             f"exceeds the context of {limits.max_context}", "max_new_tokens")
     if total > limits.kv_tokens:
         raise InvalidRequest(f"max_new_tokens {params.max_new_tokens} with a prompt of {len(prompt)} tokens "
-                             f"needs more KV cache than the pool holds ({limits.kv_tokens} tokens)")
+                             f"needs more KV cache than the pool holds ({limits.kv_tokens} tokens)", "max_new_tokens")
     return ValidRequest(prompt, params, cache_salt)

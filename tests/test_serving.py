@@ -173,20 +173,23 @@ def test_penalties_and_truncation():
 @pytest.mark.parametrize("field, value", [
     ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("min_p", 1.5),
     ("repetition_penalty", 0.0), ("presence_penalty", 3.0), ("frequency_penalty", -3.0),
-    ("max_new_tokens", 0), ("stop", ("",)), ("stop_token_ids", (40000,)), ("logprobs", 21),
+    ("max_new_tokens", 0), ("stop", ("",)), ("stop", ("x",) * 17), ("stop_token_ids", (40000,)),
+    ("logprobs", 21), ("prompt_logprobs", 21), ("seed", -1),
 ])
 def test_bad_parameters_are_refused_by_name(engine, field, value):
-    with pytest.raises(InvalidRequest, match=field):
+    with pytest.raises(InvalidRequest, match=field) as err:
         validate_request([1, 2, 3], SamplingParams(**{field: value}), engine.limits)
+    assert err.value.field == field  # what each door maps to its own name for the field
 
 
 def test_bad_prompts_are_refused(engine):
-    with pytest.raises(InvalidRequest, match="empty"):
-        validate_request([], SamplingParams(), engine.limits)
-    with pytest.raises(InvalidRequest, match="32000"):
-        validate_request([1, 32000], SamplingParams(), engine.limits)
-    with pytest.raises(InvalidRequest, match="max_new_tokens 5000"):
-        validate_request([1, 2], SamplingParams(max_new_tokens=5000), engine.limits)
+    for prompt, params, salt, message, field in (
+            ([], SamplingParams(), "", "empty", "prompt"), ([1, 32000], SamplingParams(), "", "32000", "prompt"),
+            ([1, 2], SamplingParams(max_new_tokens=5000), "", "max_new_tokens 5000", "max_new_tokens"),
+            ([1, 2], SamplingParams(), "s" * 257, "cache_salt", "cache_salt")):
+        with pytest.raises(InvalidRequest, match=message) as err:
+            validate_request(prompt, params, engine.limits, salt)
+        assert err.value.field == field
     with pytest.raises(AssertionError, match="validate_request"):  # below the boundary nothing re-checks
         engine.submit(([1, 2], SamplingParams()), lambda out: None)
 
