@@ -43,11 +43,18 @@ UNSUPPORTED = {"suffix": "suffix is not supported",
                "store": "store is not supported: nothing is kept after the response",
                "metadata": "metadata is not supported (it goes with store)",
                "web_search_options": "web search is not supported",
-               "parallel_tool_calls": "tools are not supported"}
-# Known fields whose only honoured value is the default: anything else is refused by name.
-DEFAULT_ONLY = {"modalities": (["text"], "only text output is supported"),
-                "response_format": ({"type": "text"}, "structured output (json_object, json_schema) is not "
-                                    "supported yet: only {\"type\": \"text\"}")}
+               "parallel_tool_calls": "tools are not supported",
+               "moderation": "moderation is not supported",
+               "verbosity": "verbosity is not supported",
+               "prompt_cache_key": "prompt_cache_key is not supported: the prefix cache is automatic (cache_salt keeps "
+                                   "tenants apart)",
+               "prompt_cache_options": "prompt cache options are not supported: the prefix cache is automatic",
+               "prompt_cache_retention": "prompt cache retention is not supported: the prefix cache is automatic"}
+# Known fields whose only honoured values are these (the defaults): anything else is refused by name.
+DEFAULT_ONLY = {"modalities": ((["text"],), "only text output is supported"),
+                "response_format": (({"type": "text"},), "structured output (json_object, json_schema) is not "
+                                    "supported yet: only {\"type\": \"text\"}"),
+                "service_tier": (("auto", "default"), "one service tier: auto or default")}
 
 
 class ApiError(Exception):
@@ -99,8 +106,8 @@ def sampling_from_body(body: dict, chat: bool) -> SamplingParams:
     for name, why in UNSUPPORTED.items():
         if body.get(name) not in (None, False, {}, [], ""):
             raise ApiError(400, why, name)
-    for name, (default, why) in DEFAULT_ONLY.items():
-        if body.get(name) not in (None, default):
+    for name, (honoured, why) in DEFAULT_ONLY.items():
+        if body.get(name) is not None and body[name] not in honoured:
             raise ApiError(400, why, name)
     for name in ("n", "best_of"):
         if _number(body, name, 1, integer=True) != 1:
@@ -343,9 +350,10 @@ class OpenAIApi:
             stream = _flag(body, "stream")
             options = body.get("stream_options") or {}
             include_usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
-            user = body.get("user")
-            if user is not None and (not isinstance(user, str) or len(user) > MAX_REQUEST_ID_CHARS):
-                raise ApiError(400, f"user must be a string of at most {MAX_REQUEST_ID_CHARS} characters", "user")
+            for name in ("user", "safety_identifier"):  # the client's end-user ids: checked, for its records
+                given = body.get(name)
+                if given is not None and (not isinstance(given, str) or len(given) > MAX_REQUEST_ID_CHARS):
+                    raise ApiError(400, f"{name} must be a string of at most {MAX_REQUEST_ID_CHARS} characters", name)
             valid = await loop.run_in_executor(self._prepare, self._valid, body, chat)
             queue: asyncio.Queue = asyncio.Queue()
             keys = self._submit(valid, loop, queue)

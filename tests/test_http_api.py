@@ -309,6 +309,56 @@ def test_tokenize_and_detokenize_in_vllms_shapes(server, client, model_name):
         assert status in (400, 404) and reply["error"]["param"] == param, reply
 
 
+# Every property of the request schemas CreateCompletionRequest and CreateChatCompletionRequest in
+# OpenAI's OpenAPI spec (openai/openai-openapi, openapi.yaml, as of 2026-11), with a value that is not
+# the default: each is honoured (200) or refused by name (400), never ignored.
+HONOURED = {
+    "model": None, "prompt": None, "messages": None,  # set by the test itself
+    "frequency_penalty": 0.5, "presence_penalty": 0.5, "logprobs": 2, "max_tokens": 3, "n": 1, "seed": 7,
+    "stop": ["zzz"], "stream": False, "stream_options": {"include_usage": True}, "temperature": 0.7,
+    "top_p": 0.9, "user": "alice", "echo": True, "max_completion_tokens": 3, "top_logprobs": 2,
+    "modalities": ["text"], "response_format": {"type": "text"}, "service_tier": "auto",
+    "safety_identifier": "alice-1",
+}
+REFUSED = {
+    "best_of": 2, "logit_bias": {"50256": -100}, "suffix": "end", "audio": {"voice": "alloy", "format": "mp3"},
+    "function_call": "auto", "functions": [{"name": "f"}], "metadata": {"k": "v"}, "moderation": True,
+    "parallel_tool_calls": True, "prediction": {"type": "content", "content": "x"},
+    "prompt_cache_key": "k", "prompt_cache_options": {"x": 1}, "prompt_cache_retention": "24h",
+    "reasoning_effort": "low", "store": True, "tool_choice": "auto",
+    "tools": [{"type": "function", "function": {"name": "f"}}], "verbosity": "low",
+    "web_search_options": {"search_context_size": "low"},
+}
+COMPLETION_FIELDS = {"best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "model", "n",
+                     "presence_penalty", "prompt", "seed", "stop", "stream", "stream_options", "suffix",
+                     "temperature", "top_p", "user"}
+CHAT_FIELDS = {"audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
+               "max_completion_tokens", "max_tokens", "messages", "metadata", "modalities", "model", "moderation",
+               "n", "parallel_tool_calls", "prediction", "presence_penalty", "prompt_cache_key",
+               "prompt_cache_options", "prompt_cache_retention", "reasoning_effort", "response_format",
+               "safety_identifier", "seed", "service_tier", "stop", "store", "stream", "stream_options",
+               "temperature", "tool_choice", "tools", "top_logprobs", "top_p", "user", "verbosity",
+               "web_search_options"}
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_every_field_of_the_spec_is_honoured_or_refused_by_name(server, model_name, chat):
+    fields = CHAT_FIELDS if chat else COMPLETION_FIELDS
+    assert fields <= set(HONOURED) | set(REFUSED), sorted(fields - set(HONOURED) - set(REFUSED))
+    base = {"model": model_name, "max_tokens": 3, "temperature": 0}
+    base |= {"messages": [{"role": "user", "content": "Hi"}]} if chat else {"prompt": [1, 2, 3]}
+    path = f"{http_target(server)}/{'chat/completions' if chat else 'completions'}"
+    for field in sorted(fields - {"model", "prompt", "messages"}):
+        value = HONOURED.get(field, REFUSED.get(field))
+        if chat and field == "logprobs":
+            value = True  # chat's logprobs is a flag; top_logprobs sets how many
+        status, reply = post(path, {**base, field: value})
+        if field in REFUSED:
+            assert status == 400 and reply["error"]["param"] == field, (field, status, reply)
+        else:
+            assert status == 200, (field, reply)
+
+
 def test_a_disconnected_stream_frees_its_blocks(server, model_name):
     body = {"model": model_name, "prompt": [1, 5, 6], "max_tokens": 2000, "temperature": 0, "stream": True,
             "ignore_eos": True}
