@@ -359,6 +359,23 @@ def test_every_field_of_the_spec_is_honoured_or_refused_by_name(server, model_na
             assert status == 200, (field, reply)
 
 
+def test_langchain_chat_model_talks_to_the_server(server, model_name, client):
+    """langchain-openai's ChatOpenAI, as agents use it: invoke and stream give the server's greedy
+    answer; binding tools is refused by name (the v1 tokenizer has no tool format), not ignored."""
+    langchain_openai = pytest.importorskip("langchain_openai", reason="langchain-openai is a test dependency")
+    import openai as openai_sdk
+
+    chat = langchain_openai.ChatOpenAI(base_url=http_target(server), api_key="unused", model=model_name,
+                                       temperature=0, max_tokens=8, max_retries=0, timeout=60)
+    expected = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=8, temperature=0).choices[0].message.content
+    assert chat.invoke("Hi").content == expected
+    assert "".join(chunk.content for chunk in chat.stream("Hi")) == expected
+    with pytest.raises(openai_sdk.BadRequestError, match="tools"):
+        chat.bind_tools([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+                        ).invoke("Hi")
+
+
 def test_a_disconnected_stream_frees_its_blocks(server, model_name):
     body = {"model": model_name, "prompt": [1, 5, 6], "max_tokens": 2000, "temperature": 0, "stream": True,
             "ignore_eos": True}
