@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import inspect
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -33,6 +34,7 @@ from expertmesh.router.requests import (
 )
 from expertmesh.router.sampling import SamplingParams
 from expertmesh.router.serving import EngineUnavailable, QueueFull, RequestOutput, ServingEngine
+from expertmesh.router.structured import StructureSpec
 from expertmesh.v1 import generation_pb2 as pb
 from expertmesh.v1 import generation_pb2_grpc as pb_grpc
 
@@ -62,6 +64,20 @@ def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
         max_new_tokens=pick("max_new_tokens"), stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
         ignore_eos=s.ignore_eos, logprobs=s.logprobs if s.HasField("logprobs") else None,
         prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None)
+
+
+def structure_from_proto(request: pb.GenerateRequest) -> StructureSpec | None:
+    if not request.HasField("structured"):
+        return None
+    s = request.structured
+    kind = s.WhichOneof("kind")
+    if kind is None or (kind == "json_object" and not s.json_object):
+        return None
+    if kind == "json_object":
+        return StructureSpec("json", "", "structured")
+    if kind == "choice":
+        return StructureSpec("choice", json.dumps(list(s.choice.values)), "structured")
+    return StructureSpec(kind, getattr(s, kind), "structured")
 
 
 def _logprob(lp) -> pb.TokenLogprob:
@@ -178,8 +194,10 @@ class GenerationService(pb_grpc.GenerationServicer):
         if len(request.request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidRequest(f"request_id has {len(request.request_id)} characters; at most "
                                  f"{MAX_REQUEST_ID_CHARS}", "request_id")
+        structure = structure_from_proto(request)
+        grammar = None if structure is None else self.engine.grammars.compile(structure)
         return validate_request(self._prompt_ids(request), sampling_from_proto(request.sampling), self.engine.limits,
-                                request.cache_salt)
+                                request.cache_salt, grammar)
 
     def _prompt_ids(self, request) -> list[int]:
         given = [name for name in ("prompt", "token_ids", "messages") if len(getattr(request, name))]

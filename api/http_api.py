@@ -3,9 +3,10 @@
 POST /v1/completions and /v1/chat/completions (server-sent events with "stream": true), GET
 /v1/models and /v1/models/{id}, POST /tokenize and /detokenize (vLLM's shapes), GET /health. A
 Starlette app, served by uvicorn on the gateway's event loop. Fields are OpenAI's where the engine
-supports them, plus the common extensions top_k, min_p, repetition_penalty, ignore_eos and
-cache_salt; anything it cannot honour (n > 1, echo, suffix, logit_bias, tools, response_format
-other than text, ...) is refused with 400 naming the field, never ignored. Errors, of every
+supports them, plus the common extensions top_k, min_p, repetition_penalty, ignore_eos, cache_salt
+and vLLM's guided_regex / guided_choice; response_format json_object and json_schema are enforced
+while sampling (router/structured.py); anything it cannot honour (n > 1, suffix, logit_bias,
+tools, ...) is refused with 400 naming the field, never ignored. Errors, of every
 status, come in the API's shape: {"error": {"message", "type", "param", "code"}}.
 """
 
@@ -28,6 +29,7 @@ from expertmesh.api.prompts import PromptBuilder
 from expertmesh.router.requests import MAX_REQUEST_ID_CHARS, InvalidRequest, ValidRequest, validate_request
 from expertmesh.router.sampling import SamplingParams
 from expertmesh.router.serving import EngineUnavailable, QueueFull, RequestOutput, ServingEngine
+from expertmesh.router.structured import StructureSpec
 
 MAX_PROMPTS = 256  # prompts in one completions request (evaluation harnesses batch them)
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the completions API's own default
@@ -52,9 +54,36 @@ UNSUPPORTED = {"suffix": "suffix is not supported",
                "prompt_cache_retention": "prompt cache retention is not supported: the prefix cache is automatic"}
 # Known fields whose only honoured values are these (the defaults): anything else is refused by name.
 DEFAULT_ONLY = {"modalities": ((["text"],), "only text output is supported"),
-                "response_format": (({"type": "text"},), "structured output (json_object, json_schema) is not "
-                                    "supported yet: only {\"type\": \"text\"}"),
                 "service_tier": (("auto", "default"), "one service tier: auto or default")}
+
+
+def structure_from_body(body: dict) -> StructureSpec | None:
+    """response_format (json_object, json_schema; text is no structure), or vLLM's guided_regex /
+    guided_choice extensions: at most one."""
+    given = [name for name in ("response_format", "guided_regex", "guided_choice") if body.get(name) is not None]
+    if len(given) > 1:
+        raise ApiError(400, f"set one of {', '.join(given)}", given[1])
+    if not given:
+        return None
+    name, value = given[0], body[given[0]]
+    if name == "guided_regex":
+        if not isinstance(value, str) or not value:
+            raise ApiError(400, "guided_regex must be a non-empty string", name)
+        return StructureSpec("regex", value, name)
+    if name == "guided_choice":
+        return StructureSpec("choice", json.dumps(value), name)
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructureSpec("json", "", name)
+    if kind == "json_schema":
+        schema = value.get("json_schema")
+        schema = schema.get("schema") if isinstance(schema, dict) else None
+        if not isinstance(schema, dict):
+            raise ApiError(400, "response_format.json_schema.schema must be a JSON schema object", name)
+        return StructureSpec("json_schema", json.dumps(schema), name)
+    raise ApiError(400, "response_format.type must be text, json_object or json_schema", name)
 
 
 class ApiError(Exception):
@@ -295,8 +324,10 @@ class OpenAIApi:
         if not isinstance(salt, str):
             raise ApiError(400, "cache_salt must be a string", "cache_salt")
         try:
+            structure = structure_from_body(body)
+            grammar = None if structure is None else self.engine.grammars.compile(structure)
             prompts = [self._chat_ids(body)] if chat else [self._prompt_ids(p) for p in self._prompt_list(body)]
-            return [validate_request(ids, params, self.engine.limits, salt) for ids in prompts]
+            return [validate_request(ids, params, self.engine.limits, salt, grammar) for ids in prompts]
         except InvalidRequest as exc:
             raise _api_error(exc) from None
 

@@ -62,6 +62,7 @@ class ValidRequest:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     cache_salt: str = ""  # requests share prefix-cache blocks only under the same salt
+    grammar: object = None  # a compiled grammar its answer must follow (router/structured.py)
 
 
 def _check_params(p: SamplingParams, vocab_size: int) -> None:
@@ -107,7 +108,7 @@ def _check_params(p: SamplingParams, vocab_size: int) -> None:
 
 
 def validate_request(prompt_ids, params: SamplingParams, limits: RequestLimits,
-                     cache_salt: str = "") -> ValidRequest:
+                     cache_salt: str = "", grammar=None) -> ValidRequest:
     """Check a prompt and its parameters against the model and the pool; -> ValidRequest."""
     if len(cache_salt) > MAX_CACHE_SALT_CHARS:
         raise InvalidRequest(f"cache_salt has {len(cache_salt)} characters; at most {MAX_CACHE_SALT_CHARS}",
@@ -128,4 +129,7 @@ def validate_request(prompt_ids, params: SamplingParams, limits: RequestLimits,
     if total > limits.kv_tokens:
         raise InvalidRequest(f"max_new_tokens {params.max_new_tokens} with a prompt of {len(prompt)} tokens "
                              f"needs more KV cache than the pool holds ({limits.kv_tokens} tokens)", "max_new_tokens")
-    return ValidRequest(prompt, params, cache_salt)
+    if grammar is not None and params.ignore_eos:
+        raise InvalidRequest("ignore_eos cannot go with structured output: the answer ends where its grammar "
+                             "does", "ignore_eos")
+    return ValidRequest(prompt, params, cache_salt, grammar)

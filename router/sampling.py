@@ -59,8 +59,10 @@ def position_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list
 class RequestSampler:
     """Samples one request's tokens; keeps its generator and output-token counts."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int):
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int, constraint=None):
+        """constraint: router/structured.py's Constraint, when the answer must follow a grammar."""
         self.params = params
+        self.constraint = constraint
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.prompt_ids = torch.tensor(prompt_ids, dtype=torch.int64)
         self.output_counts = torch.zeros(vocab_size, dtype=torch.float32)
@@ -71,7 +73,7 @@ class RequestSampler:
         keep no token counts (only penalties read them)."""
         p = self.params
         return (p.temperature == 0 and p.logprobs is None and p.repetition_penalty == 1.0
-                and not p.presence_penalty and not p.frequency_penalty)
+                and not p.presence_penalty and not p.frequency_penalty and self.constraint is None)
 
     def _penalised(self, logits: torch.Tensor) -> torch.Tensor:
         p = self.params
@@ -87,6 +89,8 @@ class RequestSampler:
         """logits (V,) fp32 of the next position -> token id (and its log-probabilities if asked)."""
         p = self.params
         scores = self._penalised(logits.clone())
+        if self.constraint is not None:
+            self.constraint.mask(scores)  # tokens the grammar does not allow next: -inf
         if p.temperature == 0:
             token = int(torch.argmax(scores))
         else:
@@ -104,6 +108,8 @@ class RequestSampler:
                 sorted_probs = sorted_probs.masked_fill(before >= p.top_p, 0.0)
                 probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
             token = int(torch.multinomial(probs, 1, generator=self.generator))
+        if self.constraint is not None:
+            self.constraint.accept(token)
         self.output_counts[token] += 1
         if p.logprobs is None:
             return token, None

@@ -34,6 +34,7 @@ from expertmesh.router.engine import Engine, Sequence
 from expertmesh.router.requests import RequestLimits, ValidRequest, validate_request
 from expertmesh.router.sampling import RequestSampler, SamplingParams, TokenLogprobs, position_logprobs
 from expertmesh.router.scheduler import Scheduled, Scheduler
+from expertmesh.router.structured import Grammars
 
 log = logging.getLogger("expertmesh.serving")
 
@@ -110,6 +111,8 @@ class ServingEngine:
         self.control = control  # None: a failed step fails the requests in flight
         self.tokenizer = tokenizer
         self.config = engine.config
+        # structured output: compiled by the front door (off this loop), masks applied here
+        self.grammars = Grammars(tokenizer, engine.config.vocab_size, engine.config.eos_token_id)
         self.max_queue = settings.max_queue
         self.scheduler = Scheduler(engine.cache, settings.max_batch_tokens, settings.max_seqs)
         cache = engine.cache
@@ -150,10 +153,11 @@ class ServingEngine:
         prompt_ids, params = list(valid.prompt_ids), valid.params
         key = uuid.uuid4().hex
         scored = params.prompt_logprobs is not None  # every prompt position computed here, none shared
+        constraint = None if valid.grammar is None else self.grammars.constraint(valid.grammar)
         request = Request(seq=Sequence(prompt_ids, cache_salt=valid.cache_salt), prompt_len=len(prompt_ids), key=key,
                           share_prefix=not scored, prompt_logprobs=[None] if scored else None,
                           client_id=client_id or key, params=params,
-                          sampler=RequestSampler(params, prompt_ids, self.config.vocab_size),
+                          sampler=RequestSampler(params, prompt_ids, self.config.vocab_size, constraint),
                           detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids), sink=sink,
                           arrived=time.monotonic())
         with self._wake:
@@ -413,6 +417,8 @@ class ServingEngine:
             finish = FINISH_EOS
         elif token in p.stop_token_ids:
             finish = FINISH_STOP
+        if finish is None and request.sampler.constraint is not None and request.sampler.constraint.complete:
+            finish = FINISH_STOP  # the grammar is complete (its last token was its stop token)
         if finish is None and len(request.output_ids) >= p.max_new_tokens:
             finish = FINISH_LENGTH
         if finish is not None:

@@ -1,0 +1,108 @@
+"""Structured output: a grammar a request's answer must follow (any JSON, a JSON schema, a regular
+expression, or one of a list of strings), enforced while sampling.
+
+Before each token of a constrained request, its logits row is masked to the tokens the grammar
+allows next (xgrammar, the engine vLLM and SGLang use; an optional dependency:
+`pip install "expertmesh[structured]"`). Only constrained rows are masked, so unconstrained requests
+in the same batch pay nothing (bench/structured.py measures it). When the grammar is complete the
+only token it allows is EOS, and the request ends with it. Grammars compile once per distinct spec
+(xgrammar's cache), off the serving loop: on the front door's request-preparation threads.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from expertmesh.core.tokenizer import TextTokenizer
+from expertmesh.router.requests import InvalidRequest
+
+KINDS = ("json", "json_schema", "regex", "choice")
+MAX_SPEC_CHARS = 64 << 10  # a schema, regex or choice list: compiling it must stay cheap
+
+
+@dataclass(frozen=True)
+class StructureSpec:
+    """kind: "json" (any JSON object), "json_schema" (value: the schema as JSON text), "regex"
+    (value: the expression), "choice" (value: a JSON list of the allowed strings)."""
+    kind: str
+    value: str = ""
+    field: str = "response_format"  # the request field it came from, for errors
+
+
+class Constraint:
+    """One request's grammar state: masks its logits, follows its tokens."""
+
+    def __init__(self, compiled, vocab_size: int):
+        import xgrammar as xgr
+
+        self._xgr = xgr
+        self.matcher = xgr.GrammarMatcher(compiled)
+        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        self.vocab_size = vocab_size
+
+    def mask(self, scores: torch.Tensor) -> None:
+        """scores (V,) fp32, in place: every token the grammar does not allow next -> -inf."""
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        self._xgr.apply_token_bitmask_inplace(scores[None], self.bitmask, vocab_size=self.vocab_size)
+
+    def accept(self, token: int) -> None:
+        if not self.matcher.accept_token(token):
+            raise RuntimeError(f"the grammar refused token {token}, which its own mask allowed")
+
+    @property
+    def complete(self) -> bool:
+        return self.matcher.is_terminated()
+
+
+class Grammars:
+    """Compiles StructureSpecs for one tokenizer (once each, cached); thread-safe."""
+
+    def __init__(self, tokenizer: TextTokenizer, vocab_size: int, eos_token_id: int):
+        self.tokenizer, self.vocab_size, self.eos_token_id = tokenizer, vocab_size, eos_token_id
+        self._compiler = None
+        self._lock = threading.Lock()
+
+    def _get_compiler(self):
+        with self._lock:
+            if self._compiler is None:
+                try:
+                    import xgrammar as xgr
+                    from transformers import PreTrainedTokenizerFast
+                except ImportError:
+                    raise InvalidRequest("structured output needs xgrammar, which this server does not have "
+                                         '(pip install "expertmesh[structured]")', "response_format") from None
+                hf = PreTrainedTokenizerFast(tokenizer_object=self.tokenizer.backend)
+                info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=self.vocab_size,
+                                                          stop_token_ids=[self.eos_token_id])
+                self._compiler = xgr.GrammarCompiler(info, max_threads=2)
+            return self._compiler
+
+    def compile(self, spec: StructureSpec):
+        """-> a compiled grammar for Constraint; InvalidRequest (naming spec.field) when it is bad."""
+        if spec.kind not in KINDS:
+            raise InvalidRequest(f"{spec.field}: unknown kind {spec.kind!r}; one of {', '.join(KINDS)}", spec.field)
+        if len(spec.value) > MAX_SPEC_CHARS:
+            raise InvalidRequest(f"{spec.field} has {len(spec.value)} characters; at most {MAX_SPEC_CHARS}", spec.field)
+        compiler = self._get_compiler()
+        try:
+            if spec.kind == "json":  # OpenAI's json_object: an object, any keys (not any JSON value)
+                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+            if spec.kind == "json_schema":
+                return compiler.compile_json_schema(spec.value, any_whitespace=False)
+            if spec.kind == "regex":
+                return compiler.compile_regex(spec.value)
+            choices = json.loads(spec.value)
+            if not (isinstance(choices, list) and choices and all(isinstance(c, str) and c for c in choices)):
+                raise InvalidRequest(f"{spec.field} must be a non-empty list of non-empty strings", spec.field)
+            return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in choices))
+        except InvalidRequest:
+            raise
+        except Exception as exc:  # noqa: BLE001 - xgrammar's errors for a bad schema, regex or grammar
+            raise InvalidRequest(f"{spec.field} could not be compiled: {str(exc)[:300]}", spec.field) from None
+
+    def constraint(self, compiled) -> Constraint:
+        return Constraint(compiled, self.vocab_size)
