@@ -48,6 +48,11 @@ class Linear:
         keep_plain = self._packed is None or self._small is not None
         self.weight = weight.contiguous() if keep_plain else None  # else the packed copy replaces it
 
+    @property
+    def packed(self) -> bool:
+        """oneDNN took the weight (it refuses bf16 on CPUs without AVX-512 BF16 support, e.g. AVX2)."""
+        return self._packed is not None
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= self.small_rows and x.shape[0]:
             return self._small.gemv(x, self.weight)

@@ -35,12 +35,32 @@ def test_linear_matches_f_linear(gemv_kernel, dtype, tolerance, rows):
     weight = (torch.randn(384, 96, generator=gen) / 96 ** 0.5).to(dtype)
     x = torch.randn(rows, 96, generator=gen).to(dtype)
     layer = Linear(weight) if gemv_kernel == "default" else Linear(weight, gemv_kernel=None)
-    if torch.backends.mkldnn.is_available() and (gemv_kernel is None or KERNEL is None):
+    # asked of this machine, not assumed: oneDNN packs bf16 only where the CPU has AVX-512 BF16
+    if layer.packed and (gemv_kernel is None or KERNEL is None):
         assert layer.weight is None, "without the kernel the packed copy replaces the weight"
+    if not layer.packed:
+        assert layer.weight is not None, "unpacked, the plain weight is what F.linear reads"
     got = layer(x)
     assert got.shape == (rows, 384) and got.dtype == dtype
     assert close(got, F.linear(x, weight), tolerance)
     assert layer.nbytes == weight.numel() * weight.element_size()
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_a_cpu_where_onednn_refuses_the_weight_falls_back(monkeypatch, dtype, tolerance):
+    """Forced: oneDNN refuses to pack (as on an AVX2-only CPU for bf16). The layer keeps the plain
+    weight and still matches F.linear at every row count, through the kernel or torch's GEMM."""
+    from expertmesh.core import linear
+
+    monkeypatch.setattr(linear, "_prepack", lambda weight: None)
+    gen = torch.Generator().manual_seed(3)
+    weight = (torch.randn(200, 64, generator=gen) / 8).to(dtype)
+    for kernel in ("default", None):
+        layer = Linear(weight) if kernel == "default" else Linear(weight, gemv_kernel=None)
+        assert not layer.packed and layer.weight is not None
+        for rows in (1, 2, 3, 40):
+            x = torch.randn(rows, 64, generator=gen).to(dtype)
+            assert close(layer(x), F.linear(x, weight), tolerance)
 
 
 @needs_kernel
