@@ -45,6 +45,9 @@ class Metrics:
         def histogram(name, doc, buckets):
             return Histogram(name, doc, model, buckets=buckets, registry=r).labels(model_name)
 
+        def of_model(kind, name, doc):  # a counter or gauge with the model_name label, bound
+            return kind(name, doc, model, registry=r).labels(model_name)
+
         self.requests = Counter("expertmesh_requests", "Requests finished, by finish reason",
                                 ["model_name", "finish_reason"], registry=r)
         self.model_name = model_name
@@ -62,20 +65,13 @@ class Metrics:
                              REQUEST_BUCKETS)
         self.step = histogram("expertmesh_step_seconds", "One model step", LATENCY_BUCKETS)
         self.batch_tokens = histogram("expertmesh_batch_tokens", "Tokens computed per step", TOKEN_BUCKETS)
-        self.prompt_tokens = Counter("expertmesh_prompt_tokens", "Prompt tokens of finished requests", model,
-                                     registry=r).labels(model_name)
-        self.generation_tokens = Counter("expertmesh_generation_tokens", "Tokens generated", model,
-                                         registry=r).labels(model_name)
-        self.queue = Gauge("expertmesh_queue_requests", "Requests waiting to be scheduled", model,
-                           registry=r).labels(model_name)
-        self.running = Gauge("expertmesh_running_sequences", "Sequences in the running batch", model,
-                             registry=r).labels(model_name)
-        self.kv_used = Gauge("expertmesh_kv_blocks_used", "KV cache blocks in use", model,
-                             registry=r).labels(model_name)
-        self.kv_blocks = Gauge("expertmesh_kv_blocks", "KV cache blocks in the pool", model,
-                               registry=r).labels(model_name)
-        self.kv_usage = Gauge("expertmesh_kv_cache_usage_ratio", "Share of the KV cache's blocks in use (0-1)",
-                              model, registry=r).labels(model_name)
+        self.prompt_tokens = of_model(Counter, "expertmesh_prompt_tokens", "Prompt tokens of finished requests")
+        self.generation_tokens = of_model(Counter, "expertmesh_generation_tokens", "Tokens generated")
+        self.queue = of_model(Gauge, "expertmesh_queue_requests", "Requests waiting to be scheduled")
+        self.running = of_model(Gauge, "expertmesh_running_sequences", "Sequences in the running batch")
+        self.kv_used = of_model(Gauge, "expertmesh_kv_blocks_used", "KV cache blocks in use")
+        self.kv_blocks = of_model(Gauge, "expertmesh_kv_blocks", "KV cache blocks in the pool")
+        self.kv_usage = of_model(Gauge, "expertmesh_kv_cache_usage_ratio", "Share of KV cache blocks in use (0-1)")
         self.workers = Gauge("expertmesh_workers", "Expert workers in the current epoch", registry=r)
         self.epoch_changes = Counter("expertmesh_epoch_changes", "Membership epochs formed", registry=r)
         self.recoveries = Counter("expertmesh_recoveries", "Lost workers recovered from", registry=r)
