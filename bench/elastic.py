@@ -83,14 +83,15 @@ def wait_epoch_change(cluster: ExpertCluster, epoch: int, timeout: float = 120) 
 
 
 def load_bandwidth(cluster: ExpertCluster, expert_bytes: int) -> float:
-    """Bytes/s at which a worker loads experts it does not hold (2 of them, then dropped again)."""
+    """Bytes/s at which a worker loads experts it does not hold (2 of them, then dropped again), the
+    way a recovery does (urgent: nothing serves meanwhile)."""
     import ray
 
     held = set(cluster.plan.worker_pairs(0))
     pairs = [p for p in sorted(cluster.plan.holders) if p not in held][:2]
     actor = cluster.workers[0].actor
     start = time.monotonic()
-    ray.get(actor.load.remote(pairs))
+    ray.get(actor.load.remote(pairs, urgent=True))
     seconds = time.monotonic() - start
     ray.get(actor.drop.remote(pairs))
     return len(pairs) * expert_bytes / seconds

@@ -374,7 +374,7 @@ class ExpertCluster:
             # Only experts with no surviving copy are loaded; all of them at once, across survivors.
             loads = [(h, sorted(set(plan.worker_pairs(i)) - held)) for i, (h, held) in enumerate(zip(survivors, have))]
             missing = sum(len(p) for _, p in loads)
-            ray.get([h.actor.load.remote(p) for h, p in loads if p])
+            ray.get([h.actor.load.remote(p, urgent=True) for h, p in loads if p])  # streams wait for them
             loaded_s = time.monotonic() - start
             epoch = self._new_epoch()
             pairs = self._form_epoch(epoch, survivors)

@@ -54,14 +54,23 @@ class ExpertWorker:
         # unprivileged process cannot lower a niceness again.)
         self._changes = ThreadPoolExecutor(1, thread_name_prefix="expertmesh-load", initializer=_background_thread)
 
-    def _change(self, add: set[tuple[int, int]], drop: set[tuple[int, int]]) -> None:
+    def _change(self, add: set[tuple[int, int]], drop: set[tuple[int, int]], urgent: bool = False) -> None:
         """Read experts `add` straight from the safetensors files, let `drop` go, and swap each
         changed layer's table in whole (a step in flight keeps the table it started with); the
         experts a layer keeps are not read or packed again. Only the change thread writes
         `layers` and `pairs`, so what a change reads of them no other change alters meanwhile."""
-        self._changes.submit(self._apply_change, add, drop).result()
+        self._changes.submit(self._apply_change, add, drop, urgent).result()
 
-    def _apply_change(self, add: set[tuple[int, int]], drop: set[tuple[int, int]]) -> None:
+    def _apply_change(self, add: set[tuple[int, int]], drop: set[tuple[int, int]], urgent: bool = False) -> None:
+        # urgent: streams wait for these experts (a recovery), so nothing is serving meanwhile and
+        # the packing may use every core; else one thread, which yields to the serve loop
+        torch.set_num_threads((os.cpu_count() or 1) if urgent else 1)
+        try:
+            self._apply(add, drop)
+        finally:
+            torch.set_num_threads(1)
+
+    def _apply(self, add: set[tuple[int, int]], drop: set[tuple[int, int]]) -> None:
         add, drop = add - self.pairs, drop & self.pairs  # against what is held now, after earlier changes
         if not add and not drop:
             return
@@ -85,9 +94,9 @@ class ExpertWorker:
         with self._lock:
             self.pairs = (self.pairs | add) - drop
 
-    def load(self, pairs: list[tuple[int, int]]) -> int:
-        """Hold these experts too; returns the bytes held."""
-        self._change({tuple(p) for p in pairs}, set())
+    def load(self, pairs: list[tuple[int, int]], urgent: bool = False) -> int:
+        """Hold these experts too; returns the bytes held. urgent: streams wait for them."""
+        self._change({tuple(p) for p in pairs}, set(), urgent)
         return self.nbytes()
 
     def drop(self, pairs: list[tuple[int, int]]) -> int:
