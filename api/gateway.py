@@ -25,12 +25,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from expertmesh.api.prompts import PromptBuilder
+from expertmesh.api.request_builder import CHAT, TEXT, TOKEN_IDS, ClientRequest, Prompt, RequestBuilder
 from expertmesh.core.tokenizer import TextTokenizer
 from expertmesh.router.requests import (
     MAX_REQUEST_ID_CHARS,
     InvalidRequest,
     ValidRequest,
-    validate_request,
 )
 from expertmesh.router.sampling import SamplingParams
 from expertmesh.router.serving import EngineUnavailable, QueueFull, RequestOutput, ServingEngine
@@ -64,6 +64,25 @@ def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
         max_new_tokens=pick("max_new_tokens"), stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
         ignore_eos=s.ignore_eos, logprobs=s.logprobs if s.HasField("logprobs") else None,
         prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None)
+
+
+def request_from_proto(request: pb.GenerateRequest) -> ClientRequest:
+    """A Generate call's fields -> the doors' common ClientRequest (api/request_builder.py)."""
+    if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequest(f"request_id has {len(request.request_id)} characters; at most "
+                             f"{MAX_REQUEST_ID_CHARS}", "request_id")
+    given = [name for name in ("prompt", "token_ids", "messages") if len(getattr(request, name))]
+    if len(given) != 1:
+        raise InvalidRequest("exactly one of prompt, token_ids, messages must be set"
+                             + (f" (got {', '.join(given)})" if given else " (got none)"), "prompt")
+    if request.prompt:
+        prompt = Prompt(TEXT, request.prompt)
+    elif request.token_ids:
+        prompt = Prompt(TOKEN_IDS, list(request.token_ids))
+    else:
+        prompt = Prompt(CHAT, [{"role": m.role, "content": m.content} for m in request.messages])
+    return ClientRequest((prompt,), sampling_from_proto(request.sampling), request.cache_salt,
+                         structure_from_proto(request))
 
 
 def structure_from_proto(request: pb.GenerateRequest) -> StructureSpec | None:
@@ -182,6 +201,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                  model_info: Callable[[], pb.ModelInfo], prepare_threads: int = 2):
         self.engine = engine
         self.prompts = PromptBuilder(tokenizer, chat_template, engine.limits)
+        self.builder = RequestBuilder(self.prompts, engine.grammars, engine.limits)
         self.model_info = model_info  # built per call: the placement changes while serving
         # Tokenising and chat rendering run here, off the event loop, so a big prompt never holds up
         # other streams or the health check; a small pool bounds how much of it runs at once.
@@ -191,24 +211,7 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     def _valid(self, request: pb.GenerateRequest) -> ValidRequest:
         """The one check of a Generate call: prompt and sampling against the model and the pool."""
-        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
-            raise InvalidRequest(f"request_id has {len(request.request_id)} characters; at most "
-                                 f"{MAX_REQUEST_ID_CHARS}", "request_id")
-        structure = structure_from_proto(request)
-        grammar = None if structure is None else self.engine.grammars.compile(structure)
-        return validate_request(self._prompt_ids(request), sampling_from_proto(request.sampling), self.engine.limits,
-                                request.cache_salt, grammar)
-
-    def _prompt_ids(self, request) -> list[int]:
-        given = [name for name in ("prompt", "token_ids", "messages") if len(getattr(request, name))]
-        if len(given) != 1:
-            raise InvalidRequest("exactly one of prompt, token_ids, messages must be set"
-                                 + (f" (got {', '.join(given)})" if given else " (got none)"), "prompt")
-        if request.prompt:
-            return self.prompts.text(request.prompt)
-        if request.token_ids:
-            return list(request.token_ids)
-        return self._chat_ids(request.messages)
+        return self.builder.build(request_from_proto(request))[0]
 
     def _chat_ids(self, messages) -> list[int]:
         return self.prompts.chat([{"role": m.role, "content": m.content} for m in messages])

@@ -26,7 +26,8 @@ from starlette.routing import Route
 
 from expertmesh.api.openai_reply import Reply
 from expertmesh.api.prompts import PromptBuilder
-from expertmesh.router.requests import MAX_REQUEST_ID_CHARS, InvalidRequest, ValidRequest, validate_request
+from expertmesh.api.request_builder import CHAT, TEXT, TOKEN_IDS, ClientRequest, Prompt, RequestBuilder
+from expertmesh.router.requests import MAX_REQUEST_ID_CHARS, InvalidRequest, ValidRequest
 from expertmesh.router.sampling import SamplingParams
 from expertmesh.router.serving import EngineUnavailable, QueueFull, RequestOutput, ServingEngine
 from expertmesh.router.structured import StructureSpec
@@ -177,6 +178,62 @@ def sampling_from_body(body: dict, chat: bool) -> SamplingParams:
         stop=stop, ignore_eos=_flag(body, "ignore_eos"), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
+def request_from_body(body: dict, chat: bool) -> ClientRequest:
+    """A completions or chat body -> the doors' common ClientRequest (api/request_builder.py)."""
+    params = sampling_from_body(body, chat)
+    salt = body.get("cache_salt", "")
+    if not isinstance(salt, str):
+        raise ApiError(400, "cache_salt must be a string", "cache_salt")
+    prompts = (Prompt(CHAT, chat_messages(body)),) if chat else tuple(map(_prompt, _prompt_list(body)))
+    return ClientRequest(prompts, params, salt, structure_from_body(body))
+
+
+def _prompt_list(body: dict) -> list:
+    """`prompt`: a string, token ids, or a list of either (one choice each, in order)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > MAX_PROMPTS:
+            raise ApiError(400, f"prompt has {len(prompt)} prompts; at most {MAX_PROMPTS}", "prompt")
+        return prompt
+    return [prompt]
+
+
+def _prompt(prompt) -> Prompt:
+    if isinstance(prompt, str):
+        return Prompt(TEXT, prompt)
+    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return Prompt(TOKEN_IDS, prompt)
+    raise ApiError(400, "prompt must be a string, a list of token ids, or a list of those", "prompt")
+
+
+def chat_messages(body: dict) -> list[dict]:
+    """`messages` -> [{role, content}] for the chat template: developer is system, an assistant turn
+    may have null content, text content parts are joined; tool turns are refused (no tool format)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list", "messages")
+    plain = []
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        content = m.get("content") if isinstance(m, dict) else None
+        if role == "tool" or (role == "assistant" and m.get("tool_calls")):
+            raise ApiError(400, f"messages[{i}]: tool calls and results are not supported (this model's "
+                           "tokenizer and chat template have no tool format)", "messages")
+        if role == "developer":  # OpenAI's newer name for the system message
+            role = "system"
+        if role == "assistant" and content is None:
+            content = ""  # an assistant turn with no text (as clients send after a refusal)
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported", "messages")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}] must have a string role and content", "messages")
+        plain.append({"role": role, "content": content})
+    return plain
+
+
 def _api_error(exc: InvalidRequest) -> ApiError:
     """400 naming the field by the API's name."""
     return ApiError(400, str(exc), API_NAMES.get(exc.field, exc.field))
@@ -192,6 +249,7 @@ class OpenAIApi:
         self.prompts = prompts
         self.model_names = [model_names] if isinstance(model_names, str) else list(model_names)
         self.model_name = self.model_names[0]
+        self.builder = RequestBuilder(prompts, engine.grammars, engine.limits)
         self.healthy = healthy
         self.expected = auth_token.encode() if auth_token else None
         self.max_body_bytes = max_body_bytes
@@ -319,59 +377,13 @@ class OpenAIApi:
         """Prompts and sampling of one API request, checked (runs off the event loop): one request
         per prompt (chat: one)."""
         self._check_model(body)
-        params = sampling_from_body(body, chat)
-        salt = body.get("cache_salt", "")
-        if not isinstance(salt, str):
-            raise ApiError(400, "cache_salt must be a string", "cache_salt")
         try:
-            structure = structure_from_body(body)
-            grammar = None if structure is None else self.engine.grammars.compile(structure)
-            prompts = [self._chat_ids(body)] if chat else [self._prompt_ids(p) for p in self._prompt_list(body)]
-            return [validate_request(ids, params, self.engine.limits, salt, grammar) for ids in prompts]
+            return self.builder.build(request_from_body(body, chat))
         except InvalidRequest as exc:
             raise _api_error(exc) from None
 
-    @staticmethod
-    def _prompt_list(body: dict) -> list:
-        """`prompt`: a string, token ids, or a list of either (one choice each, in order)."""
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-            if len(prompt) > MAX_PROMPTS:
-                raise ApiError(400, f"prompt has {len(prompt)} prompts; at most {MAX_PROMPTS}", "prompt")
-            return prompt
-        return [prompt]
-
-    def _prompt_ids(self, prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return self.prompts.text(prompt)
-        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return prompt
-        raise ApiError(400, "prompt must be a string, a list of token ids, or a list of those", "prompt")
-
     def _chat_ids(self, body: dict) -> list[int]:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "messages must be a non-empty list", "messages")
-        plain = []
-        for i, m in enumerate(messages):
-            role = m.get("role") if isinstance(m, dict) else None
-            content = m.get("content") if isinstance(m, dict) else None
-            if role == "tool" or (role == "assistant" and m.get("tool_calls")):
-                raise ApiError(400, f"messages[{i}]: tool calls and results are not supported (this model's "
-                               "tokenizer and chat template have no tool format)", "messages")
-            if role == "developer":  # OpenAI's newer name for the system message
-                role = "system"
-            if role == "assistant" and content is None:
-                content = ""  # an assistant turn with no text (as clients send after a refusal)
-            if isinstance(content, list):  # content parts: text only
-                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                           for p in content):
-                    raise ApiError(400, f"messages[{i}].content: only text parts are supported", "messages")
-                content = "".join(p["text"] for p in content)
-            if not isinstance(role, str) or not isinstance(content, str):
-                raise ApiError(400, f"messages[{i}] must have a string role and content", "messages")
-            plain.append({"role": role, "content": content})
-        return self.prompts.chat(plain)
+        return self.prompts.chat(chat_messages(body))
 
     async def _serve(self, request: Request, chat: bool) -> Response:
         loop = asyncio.get_running_loop()
