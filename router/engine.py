@@ -9,6 +9,7 @@ workers in the distributed engine); everything else is the same code.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -87,11 +88,13 @@ class Engine:
 
     @torch.inference_mode()
     def step(self, seqs: list[Sequence], num_new: list[int],
-             all_logits: bool = False) -> torch.Tensor | list[torch.Tensor]:
+             all_logits: bool | Collection[int] = False) -> torch.Tensor | list[torch.Tensor]:
         """Compute the next num_new[i] uncached tokens of each sequence, whose block tables the
         scheduler has already grown to hold them; the sequences are not changed (the scheduler
         advances them). Returns the logits after each sequence's last computed token (S, V), row i
-        for sequence i; with all_logits, per sequence the logits after each of its tokens (n, V).
+        for sequence i; with all_logits, per sequence the logits after each of its tokens (n, V):
+        all_logits True for every sequence, or the indices of those that want them (the others get
+        their last row alone (1, V), so the lm_head runs only over the rows someone reads).
         """
         block_size = self.cache.block_size
         for s, n in zip(seqs, num_new):
@@ -131,8 +134,15 @@ class Engine:
         finally:
             if self.layer_threads:
                 torch.set_num_threads(threads)
-        if all_logits:
+        if all_logits is True:
             return list(self.model.logits(h).cpu().split(num_new))
+        if all_logits:
+            wanted = set(all_logits)
+            ends = torch.tensor(num_new).cumsum(0).tolist()
+            rows = [r for i, (n, end) in enumerate(zip(num_new, ends))
+                    for r in (range(end - n, end) if i in wanted else (end - 1,))]
+            sizes = [n if i in wanted else 1 for i, n in enumerate(num_new)]
+            return list(self.model.logits(h[torch.tensor(rows)]).cpu().split(sizes))
         return self._last_logits(h, num_new)
 
     def _last_logits(self, h: torch.Tensor, num_new: list[int]) -> torch.Tensor:

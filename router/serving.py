@@ -366,7 +366,7 @@ class ServingEngine:
             try:
                 if not scored:
                     return self.engine.step(seqs, num_new)
-                per_seq = self.engine.step(seqs, num_new, all_logits=True)  # [(n_i, V)]
+                per_seq = self.engine.step(seqs, num_new, all_logits=scored)  # [(n_i or 1, V)]
                 for i in scored:
                     self._score_prompt(batch[i][0], per_seq[i])
                 return torch.stack([rows[-1] for rows in per_seq])

@@ -338,3 +338,26 @@ def test_prompt_logprobs_over_chunked_prefill_and_a_shared_prefix(model_dir, tok
         assert all(out.prompt_logprobs is None for out in gen[1:]) and len(tokens(gen)) == 3
     finally:
         engine.shutdown()
+
+
+def test_every_position_logits_only_for_the_sequences_that_want_them(model_dir):
+    """Engine.step(all_logits=[i, ...]): those sequences get a row per computed token, the others
+    their last row only, each equal to a step that computes every row for everyone."""
+    from expertmesh.router.engine import Sequence
+
+    def fresh(engine):
+        seqs = [Sequence([1, 20, 21, 22, 23]), Sequence([1, 30, 31]), Sequence([1, 40, 41, 42])]
+        for s in seqs:
+            engine.cache.grow(s.block_table, len(s.token_ids))
+        return seqs, [len(s.token_ids) for s in seqs]
+
+    engine = Engine.local(model_dir)
+    seqs, num_new = fresh(engine)
+    everything = engine.step(seqs, num_new, all_logits=True)
+    engine = Engine.local(model_dir)
+    seqs, num_new = fresh(engine)
+    some = engine.step(seqs, num_new, all_logits=[1])
+    assert [t.shape[0] for t in some] == [1, 3, 1]
+    assert torch.allclose(some[1], everything[1], atol=1e-5)
+    for i in (0, 2):
+        assert torch.allclose(some[i][0], everything[i][-1], atol=1e-5)
