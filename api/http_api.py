@@ -443,7 +443,11 @@ class OpenAIApi:
                     yield _event({"error": {"message": f"generation failed: {out.error}", "type": "server_error",
                                             "param": None, "code": None}})
                     return
-                yield _event(reply.chunk(index, out))
+                if out.prompt_logprobs is not None:  # a whole prompt's entries: decoded off the event loop
+                    chunk = await asyncio.get_running_loop().run_in_executor(self._prepare, reply.chunk, index, out)
+                else:
+                    chunk = reply.chunk(index, out)
+                yield _event(chunk)
                 if reply.finished:
                     finished = True
                     if include_usage:
@@ -477,7 +481,8 @@ class OpenAIApi:
         except asyncio.CancelledError:
             self._cancel(keys)
             raise
-        return JSONResponse(reply.whole(outs))
+        # echoed prompts' logprob entries decode every token: off the event loop, like tokenising
+        return JSONResponse(await asyncio.get_running_loop().run_in_executor(self._prepare, reply.whole, outs))
 
 
 def _event(payload: dict) -> str:

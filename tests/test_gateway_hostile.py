@@ -107,6 +107,15 @@ FIELDS = {  # name -> (valid values, hostile values)
               st.lists(st.one_of(st.sampled_from(["user", "assistant", "system"]), texts), max_size=6)),
     "content": (st.text(max_size=64), texts),
     "kind": (st.sampled_from(["prompt", "token_ids", "messages"]), st.sampled_from(["none", "several"])),
+    "prompt_logprobs": (st.integers(0, 20), u32),
+    "cache_salt": (st.text(max_size=16), st.one_of(texts, st.just("s" * 300))),
+    "structured": (st.one_of(st.none(), st.just(pb.StructuredOutput(json_object=True)),
+                             st.just(pb.StructuredOutput(regex="[a-z]{1,3}")),
+                             st.just(pb.StructuredOutput(choice=pb.Choices(values=["yes", "no"])))),
+                   st.one_of(st.builds(lambda t: pb.StructuredOutput(json_schema=t), texts),
+                             st.builds(lambda t: pb.StructuredOutput(regex=t), texts),
+                             st.builds(lambda v: pb.StructuredOutput(choice=pb.Choices(values=v)), st.lists(texts)),
+                             st.just(pb.StructuredOutput(json_schema="x" * 70000)))),
 }
 
 
@@ -121,13 +130,16 @@ def generate_requests(draw) -> pb.GenerateRequest:
 
     s = pb.SamplingParams(max_new_tokens=8)
     for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
-                 "top_k", "max_new_tokens", "logprobs", "seed"):
+                 "top_k", "max_new_tokens", "logprobs", "seed", "prompt_logprobs"):
         if name in bad or draw(st.booleans()):
             setattr(s, name, value(name))
     s.stop.extend(value("stop"))
     s.stop_token_ids.extend(value("stop_token_ids"))
     s.ignore_eos = draw(st.booleans())
-    request = pb.GenerateRequest(request_id=value("request_id"), sampling=s)
+    request = pb.GenerateRequest(request_id=value("request_id"), sampling=s, cache_salt=value("cache_salt"))
+    structured = value("structured") if "structured" in bad or draw(st.booleans()) else None
+    if structured is not None:
+        request.structured.CopyFrom(structured)
     kind = value("kind")
     if kind in ("prompt", "several"):
         request.prompt = value("prompt")
