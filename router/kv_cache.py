@@ -103,14 +103,13 @@ class KVCache:
             raise OutOfBlocks(f"need {needed} blocks, {len(self._free)} free")
         block_table.extend(self.allocate() for _ in range(needed))
 
-    def _chain(self, tokens: list[int], num_blocks: int, salt: str) -> list[tuple[bytes, tuple[int, ...]]]:
-        """(name, tokens) of each of the first num_blocks full blocks of `tokens`."""
-        out, parent = [], b""
-        for b in range(num_blocks):
+    def _chain(self, tokens: list[int], start: int, stop: int, salt: str, parent: bytes = b""):
+        """(name, tokens) of full blocks start..stop-1 of `tokens`, one at a time (a caller that stops
+        early hashes no further); `parent`: the name of block start-1."""
+        for b in range(start, stop):
             piece = tuple(tokens[b * self.block_size:(b + 1) * self.block_size])
             parent = self.name_block(parent, piece, salt)
-            out.append((parent, piece))
-        return out
+            yield parent, piece
 
     def _parent(self, previous: int | None) -> tuple[int, int] | None:
         return None if previous is None else (previous, self._generation[previous])
@@ -120,7 +119,7 @@ class KVCache:
         is left to compute (its logits are needed). Returns the shared blocks, to start the
         sequence's block table."""
         shared: list[int] = []
-        for name, piece in self._chain(tokens, (len(tokens) - 1) // self.block_size, salt):
+        for name, piece in self._chain(tokens, 0, (len(tokens) - 1) // self.block_size, salt):
             block = self._block_named.get(name)
             parent = self._parent(shared[-1] if shared else None)
             if block is None or self._record[block] != BlockRecord(piece, salt, parent):
@@ -137,9 +136,16 @@ class KVCache:
         """Make the sequence's full, computed blocks findable by later prompts."""
         full = min(num_cached // self.block_size, len(block_table))
         if full == 0 or block_table[full - 1] in self._name_of:
-            return  # nothing new became full since the last call: skip re-hashing the prefix
-        previous = None  # the block named by the previous chain name (a twin computed at the same time)
-        for block, (name, piece) in zip(block_table[:full], self._chain(tokens, full, salt)):
+            return  # nothing new became full since the last call
+        # Resume the chain after the last named block (named by this prompt's chain, or matched on
+        # it): a long sequence hashes only its new blocks, not its whole prefix again.
+        start = full - 1
+        while start > 0 and block_table[start - 1] not in self._name_of:
+            start -= 1
+        parent = self._name_of[block_table[start - 1]] if start else b""
+        # the block named by the previous chain name (a twin computed at the same time may hold it)
+        previous = self._block_named[parent] if start else None
+        for block, (name, piece) in zip(block_table[start:full], self._chain(tokens, start, full, salt, parent)):
             if block not in self._name_of and name not in self._block_named:
                 self._name_of[block] = name
                 self._block_named[name] = block

@@ -66,7 +66,7 @@ class Grammars:
         self._compiler = None
         self._lock = threading.Lock()
 
-    def _get_compiler(self):
+    def _get_compiler(self, field: str):
         with self._lock:
             if self._compiler is None:
                 try:
@@ -74,7 +74,7 @@ class Grammars:
                     from transformers import PreTrainedTokenizerFast
                 except ImportError:
                     raise InvalidRequest("structured output needs xgrammar, which this server does not have "
-                                         '(pip install "expertmesh[structured]")', "response_format") from None
+                                         '(pip install "expertmesh[structured]")', field) from None
                 hf = PreTrainedTokenizerFast(tokenizer_object=self.tokenizer.backend)
                 info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=self.vocab_size,
                                                           stop_token_ids=[self.eos_token_id])
@@ -87,7 +87,7 @@ class Grammars:
             raise InvalidRequest(f"{spec.field}: unknown kind {spec.kind!r}; one of {', '.join(KINDS)}", spec.field)
         if len(spec.value) > MAX_SPEC_CHARS:
             raise InvalidRequest(f"{spec.field} has {len(spec.value)} characters; at most {MAX_SPEC_CHARS}", spec.field)
-        compiler = self._get_compiler()
+        compiler = self._get_compiler(spec.field)
         try:
             if spec.kind == "json":  # OpenAI's json_object: an object, any keys (not any JSON value)
                 return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)

@@ -143,3 +143,16 @@ def test_a_block_is_shared_only_behind_the_block_it_was_computed_after():
     b0 = b.seq.block_table[0]
     shared = cache.match_prefix([50, 51, 52, 53, 5, 6, 7, 8, 99])
     assert shared == [b0]  # b's first block, and not a1 behind it
+
+
+def test_blocks_named_one_step_at_a_time_are_found_whole():
+    """A prompt computed 4 tokens (one block) a step names each block as it fills, resuming its
+    chain where the last step stopped; a later identical prompt then shares every full block."""
+    cache = KVCache(CONFIG, num_blocks=16, block_size=4)
+    scheduler = Scheduler(cache, max_batch_tokens=4, max_seqs=4)
+    prompt = list(range(3, 24))  # 21 tokens: 5 full blocks and 1 more
+    first = Scheduled(Sequence(list(prompt)), len(prompt))
+    scheduler.add(first)
+    while first.seq.num_cached < len(prompt):
+        scheduler.update_from_output(scheduler.schedule())
+    assert cache.match_prefix(prompt) == first.seq.block_table[:5]
