@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import threading
 import time
 
 from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
@@ -32,20 +33,17 @@ REGEX = "[a-z]{2000}"  # no stream can complete it within --tokens
 
 def step_ms(serving: ServingEngine, plain: int, constrained: int, tokens: int, grammar) -> float:
     """Mean wall time of one serving-loop step while the batch decodes (prefill excluded)."""
-    import threading
-
     done = threading.Semaphore(0)
     first = threading.Event()
-    params = SamplingParams(temperature=0, max_new_tokens=tokens)
     for i in range(plain + constrained):
         def sink(out, i=i):
             if i == 0 and out.token_ids:
                 first.set()
             if out.finish_reason is not None:
                 done.release()
-        use = grammar if i >= plain else None
-        p = SamplingParams(temperature=0, max_new_tokens=tokens, ignore_eos=use is None) if use is None else params
-        serving.submit(validate_request([1, 100 + i, 200 + i], p, serving.limits, grammar=use), sink)
+        use = grammar if i >= plain else None  # a grammar ends its answer itself: no ignore_eos with it
+        params = SamplingParams(temperature=0, max_new_tokens=tokens, ignore_eos=use is None)
+        serving.submit(validate_request([1, 100 + i, 200 + i], params, serving.limits, grammar=use), sink)
     first.wait(60)
     steps, start = serving.steps, time.perf_counter()
     for _ in range(plain + constrained):

@@ -64,7 +64,7 @@ class ExpertWorker:
     def _apply_change(self, add: set[tuple[int, int]], drop: set[tuple[int, int]], urgent: bool = False) -> None:
         # urgent: streams wait for these experts (a recovery), so nothing is serving meanwhile and
         # the packing may use every core; else one thread, which yields to the serve loop
-        torch.set_num_threads((os.cpu_count() or 1) if urgent else 1)
+        torch.set_num_threads(len(os.sched_getaffinity(0)) if urgent else 1)  # the cores this process may use
         try:
             self._apply(add, drop)
         finally:
