@@ -64,7 +64,7 @@ class ExpertWorker:
     def _apply_change(self, add: set[tuple[int, int]], drop: set[tuple[int, int]], urgent: bool = False) -> None:
         # urgent: streams wait for these experts (a recovery), so nothing is serving meanwhile and
         # the packing may use every core; else one thread, which yields to the serve loop
-        torch.set_num_threads(len(os.sched_getaffinity(0)) if urgent else 1)  # the cores this process may use
+        torch.set_num_threads(_usable_cores() if urgent else 1)
         try:
             self._apply(add, drop)
         finally:
@@ -228,6 +228,12 @@ class ExpertWorker:
                 for e, n in used:
                     self.rows_received[(layer, e)] += n
             pair.send([out], router, 0).wait()
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the OS has it), not the machine's."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else (os.cpu_count() or 1)
 
 
 def _background_thread() -> None:
