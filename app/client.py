@@ -63,7 +63,8 @@ def _placement_dict(placement: pb.Placement) -> dict:
             "workers": [{"worker": w.worker, "node": w.node, "pid": w.pid,
                          "experts": [f"{e.layer}:{e.expert}" for e in w.experts],
                          "rows": {f"{e.layer}:{e.expert}": e.rows for e in w.experts},
-                         "busy_seconds": w.busy_seconds} for w in placement.workers]}
+                         "busy_seconds": w.busy_seconds, "weight_bytes": w.weight_bytes}
+                        for w in placement.workers]}
 
 
 def _print_placement(placement: pb.Placement) -> None:
@@ -71,7 +72,8 @@ def _print_placement(placement: pb.Placement) -> None:
     for w in placement.workers:
         replicated = sum(e.copies > 1 for e in w.experts)
         pairs = " ".join(f"{e.layer}:{e.expert}" + (f"(x{e.copies})" if e.copies > 1 else "") for e in w.experts)
-        print(f"worker {w.worker} (pid {w.pid}): {len(w.experts)} experts, {replicated} replicated: {pairs}")
+        print(f"worker {w.worker} (pid {w.pid}): {len(w.experts)} experts ({w.weight_bytes / 2**20:.1f} MiB), "
+              f"{replicated} replicated: {pairs}")
 
 
 def cmd_info(args) -> int:

@@ -1,12 +1,13 @@
 """Decode latency at small batch against this machine's memory roofline: where a step's time goes.
 
-    python bench/latency.py [--batches 1,8,32 --workers 2 --new-tokens 48 --repeats 3]
+    python bench/latency.py [--batches 1,8,32 --workers 2 --new-tokens 48 --repeats 3 --quantize int8]
 
 A decode step must read every weight it uses (the router's dense layers and lm_head, the experts its
 tokens were routed to) and each sequence's KV context; it cannot run faster than those bytes over the
 memory bandwidth. The bandwidth is measured in the same run, as the best of a large copy (bytes
-read + written), a large read-only sum and the GEMV kernel reading a large weight, on buffers far
-beyond the last-level cache (the GEMV streams faster than the other two here, so it sets the bar). The step
+read + written), a large read-only sum and the linear kernel reading a large weight at one row, on
+buffers far beyond the last-level cache (the kernel streams faster than the other two here, so it
+sets the bar). The step
 time is what a client sees: the serving loop (`ServingEngine`) runs B requests of --prompt-len tokens
 to --new-tokens each from a fresh KV cache, and a step is the median gap between two streamed
 tokens after the first (prefill excluded): scheduling, the model step, sampling, detokenisation and
@@ -19,8 +20,10 @@ lm_head, scheduling, sampling with detokenisation and streaming, and what is lef
 
 Model: hidden 512, intermediate 1792, 4 layers, 8 experts top-2, 8/2 heads of 64, fp32, the real
 tokenizer. Distributed: --workers expert workers on a local Ray (gloo) on the same cores, with
---replicas extra copies if given.
-Last line: decode_b1_reference_over_roofline=<x> decode_b1_distributed_over_roofline=<y>
+--replicas extra copies if given. --quantize int8 adds the in-process engine with int8 weights
+(core/quantize.py), whose roofline counts the int8 bytes it holds.
+Last line: decode_b1_reference_over_roofline=<x> decode_b1_distributed_over_roofline=<y>, and with
+--quantize int8 also decode_b1_int8_over_roofline=<z> int8_over_f32_b1=<w> (tokens/s at batch 1)
 """
 
 from __future__ import annotations
@@ -55,10 +58,11 @@ class Bandwidth:
         self.src = torch.randn(mib << 18)  # mib MiB of fp32, touched (an untouched buffer reads the zero page)
         self.dst = torch.ones_like(self.src)
         self.kernels = cpu_kernels.kernels()
-        self.weight, self.row = self.src.view(-1, 1024), torch.randn(1, 1024)
+        if self.kernels is not None:  # any data is a weight in the blocked layout (P, k, panel)
+            self.weight, self.row = self.src.view(-1, 1024, self.kernels.panel), torch.randn(1, 1024)
 
     def measure(self, repeats: int = 5) -> tuple[float, float, float]:
-        """Best of repeats: a large copy (bytes read + written), a large sum (bytes read) and the GEMV
+        """Best of repeats: a large copy (bytes read + written), a large sum (bytes read) and the linear
         kernel over a large weight at one row (bytes of weight read; 0 without the kernel)."""
         nbytes = self.src.numel() * 4
 
@@ -73,18 +77,19 @@ class Bandwidth:
 
         copy = 2 * nbytes / best(lambda: self.dst.copy_(self.src)) / 1e9
         total = nbytes / best(lambda: self.src.sum()) / 1e9
-        gemv = nbytes / best(lambda: self.kernels.gemv(self.row, self.weight)) / 1e9 if self.kernels else 0.0
+        outputs = self.weight.shape[0] * self.kernels.panel if self.kernels else 0
+        gemv = nbytes / best(lambda: self.kernels.linear(self.row, self.weight, outputs)) / 1e9 if outputs else 0.0
         return copy, total, gemv
 
 
-def step_bytes(engine: Engine, experts_per_layer: float, context_tokens: float, batch: int) -> float:
-    """Bytes a decode step of `batch` sequences must read: dense weights, the experts routed to
-    (distinct per layer, averaged over the steps), each sequence's KV context, embedding rows."""
+def step_bytes(engine: Engine, expert: int, experts_per_layer: float, context_tokens: float, batch: int) -> float:
+    """Bytes a decode step of `batch` sequences must read: dense weights (as held: int8 and scales
+    when quantized), the experts routed to (distinct per layer, averaged over the steps; `expert` bytes
+    each), each sequence's KV context, embedding rows."""
     c, model = engine.config, engine.model
     elem = model.dtype.itemsize
     dense = sum(w.qkv.nbytes + w.o.nbytes + w.gate.nbytes + w.input_norm.nbytes + w.post_attention_norm.nbytes
                 for w in model.layers) + model.lm_head.nbytes + model.final_norm.nbytes
-    expert = 3 * c.intermediate_size * c.hidden_size * elem
     kv = context_tokens * c.num_layers * 2 * c.num_kv_heads * c.head_dim * elem
     return dense + c.num_layers * experts_per_layer * expert + kv + batch * c.hidden_size * elem
 
@@ -252,25 +257,32 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quantize", choices=["none", "int8"], default="none",
+                        help="int8: also the in-process engine with int8 weights")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     bandwidth = Bandwidth()
     copy_bw, read_bw, gemv_bw = bandwidth.measure()
     print(f"memory bandwidth: large copy {copy_bw:.1f} GB/s (read + written), large sum {read_bw:.1f} GB/s, "
-          f"GEMV over 512 MiB {gemv_bw:.1f} GB/s; each run's roofline takes the best of the three, "
+          f"linear kernel over 512 MiB at one row {gemv_bw:.1f} GB/s; each run's roofline takes the best of the three, "
           f"measured just before and after it (this machine's bandwidth drifts); torch threads "
           f"{torch.get_num_threads()}")
-    ratios = {}
+    ratios, speeds = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         path = write_tiny_checkpoint(tmp, **MODEL)
         tokenizer = load_tokenizer(path)
         engines = [("reference", Engine.local(path, kv_blocks=1024), None)]
+        if args.quantize == "int8":
+            engines.append(("int8 (in-process)", Engine.local(path, kv_blocks=1024, quantize="int8"), None))
+        # one expert's bytes as each engine holds it (the workers hold the reference's: fp32)
+        expert_bytes = {name: sum(layer.nbytes for layer in e.experts.weights[(0, 0)]) for name, e, _ in engines}
         if args.workers:
             from expertmesh.cluster.elastic import ExpertCluster
 
             cluster = ExpertCluster(path, args.workers, kv_blocks=1024, replicas=args.replicas)
             copies = f", replicas {args.replicas}" if args.replicas else ""
             engines.append((f"distributed ({args.workers} workers{copies})", cluster.engine, cluster))
+            expert_bytes[engines[-1][0]] = expert_bytes["reference"]
         try:
             for name, engine, cluster in engines:
                 decode_run(engine, tokenizer, 2, args.prompt_len, 4, cluster)  # warm-up
@@ -281,13 +293,14 @@ def main() -> None:
                         step_s, experts, context, _ = decode_run(engine, tokenizer, b, args.prompt_len,
                                                                  args.new_tokens, cluster)
                         bw = (before + max(bandwidth.measure(repeats=2))) / 2 * 1e9
-                        nbytes = step_bytes(engine, experts, context, b)
+                        nbytes = step_bytes(engine, expert_bytes[name], experts, context, b)
                         steps.append(step_s)
                         rooflines.append(nbytes / bw)
                         bandwidths.append(bw / 1e9)
                     step_s = statistics.median(steps)
                     ratio = statistics.median(r / s for r, s in zip(rooflines, steps))
                     ratios[(name.split()[0], b)] = ratio
+                    speeds[(name.split()[0], b)] = b / step_s
                     print(f"{name}, batch {b}: step {step_s * 1e3:.2f} ms ({b / step_s:.0f} tokens/s); "
                           f"reads {nbytes / 1e6:.1f} MB ({experts:.1f} experts/layer, {context:.0f} KV tokens); "
                           f"bandwidth {min(bandwidths):.0f}-{max(bandwidths):.0f} GB/s, roofline "
@@ -299,8 +312,12 @@ def main() -> None:
             for _, _, cluster in engines:
                 if cluster is not None:
                     cluster.shutdown()
-    print(f"decode_b1_reference_over_roofline={ratios.get(('reference', 1), 0):.2f} "
-          f"decode_b1_distributed_over_roofline={ratios.get(('distributed', 1), 0):.2f}")
+    last = (f"decode_b1_reference_over_roofline={ratios.get(('reference', 1), 0):.2f} "
+            f"decode_b1_distributed_over_roofline={ratios.get(('distributed', 1), 0):.2f}")
+    if args.quantize == "int8":
+        last += (f" decode_b1_int8_over_roofline={ratios.get(('int8', 1), 0):.2f} "
+                 f"int8_over_f32_b1={speeds.get(('int8', 1), 0) / speeds.get(('reference', 1), 1):.2f}")
+    print(last)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def start_engine(model_dir: str | Path, settings: ServingConfig = DEFAULTS, work
         progress(f"loading {model_dir} in this process")
         engine = Engine.local(model_dir, DTYPES[settings.dtype], kv_blocks=blocks, block_size=settings.block_size,
                               device="cuda" if use_gpus(settings.device) else "cpu",
-                              graphs=None if settings.cuda_graphs else False)
+                              graphs=None if settings.cuda_graphs else False, quantize=settings.quantize)
         cluster = None
     else:
         progress(f"starting {workers} expert workers on Ray "

@@ -125,7 +125,7 @@ class ExpertCluster:
         self.standby: list[WorkerHandle] = []
         self.worker_bytes = ray.get([h.actor.nbytes.remote() for h in self.workers])
         dtype = DTYPES[settings.dtype]
-        model = RouterModel.from_checkpoint(self.checkpoint, dtype, self.device)  # attention on the GPU too
+        model = RouterModel.from_checkpoint(self.checkpoint, dtype, self.device, settings.quantize)  # GPU too
         cache = KVCache(config, kv_blocks, settings.block_size, dtype, self.device)
         here = ray.get_runtime_context().get_node_id()
         local = any(h.node_id == here for h in self.workers)
@@ -595,23 +595,25 @@ class ExpertCluster:
                 "rows": {(l, e): int(rows[l, e]) for l in range(rows.shape[0]) for e in range(rows.shape[1])}}
 
     def placement(self) -> dict:
-        """The live placement: epoch, and per worker its id, node, pid and experts."""
+        """The live placement: epoch, and per worker its id, node, pid, experts and the bytes of the
+        weights it holds (None for a worker that did not answer in time)."""
         with self._record:
             plan, workers, epoch = self.plan, list(self.workers), self.epoch
         refs = [h.actor.stats.remote() for h in workers]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.settings.heartbeat_timeout_s)
-        rows, busy = {}, {}
+        rows, busy, held = {}, {}, {}
         for h, ref in zip(workers, refs):
             try:
                 stats = ray.get(ref) if ref in ready else {}
             except Exception:  # noqa: BLE001 - a worker lost just now: recovery is on it
                 stats = {}
             rows[h.worker], busy[h.worker] = stats.get("rows_received", {}), stats.get("busy_s", 0.0)
+            held[h.worker] = stats.get("weight_bytes")  # as held: int8 and scales when quantized
         return {"epoch": epoch, "recoveries": self.recoveries,
                 "workers": [{"worker": h.worker, "node": h.node_id, "pid": h.pid,
                              "experts": [f"{l}:{e}" for l, e in plan.worker_pairs(i)],
                              "copies": {f"{l}:{e}": len(plan.holders[(l, e)]) for l, e in plan.worker_pairs(i)},
-                             "rows": rows[h.worker], "busy_s": busy[h.worker]}
+                             "rows": rows[h.worker], "busy_s": busy[h.worker], "weight_bytes": held[h.worker]}
                             for i, h in enumerate(workers)]}
 
     def stats(self) -> list[dict]:

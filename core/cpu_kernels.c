@@ -1,7 +1,7 @@
 /* The CPU's decode kernels (loaded by core/cpu_kernels.py): where a step has few rows, each torch op
  * costs more in dispatch than in arithmetic, and the weights' bytes are the step's real cost.
  *
- *   gemv_*            y = x W^T for 1-2 rows: the bandwidth-bound path of core/linear.py
+ *   linear_*          y = x W^T over fp32, bf16 or int8 weights, any row count: core/linear.py
  *   rms_norm_f32      RMSNorm of a few rows
  *   rope_store_f32    rotate q and k of each row in place, store k and v into the paged cache
  *   decode_attention_f32  one query row per sequence over its cached keys (online softmax)
@@ -15,45 +15,200 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
-#define MAX_ROWS 2 /* gemv: from 4 rows up oneDNN's prepacked GEMM is as fast or faster (bench/linear.py) */
+/* ---- y = x W^T, one kernel for every row count, over the one layout the weights are held in ----
+ *
+ * The layout ("blocked"): W (n, k) cut into panels of 16 outputs, each panel stored k-major, so that
+ * the 16 weights of one input column are adjacent: Wb (P, k, 16), P = ceil(n / 16), rows past n zero
+ * (core/linear.py builds it once, at load). fp32, bf16, or int8 times a per-output scale (P * 16,).
+ * x (m, k) fp32, y (m, P * 16) fp32.
+ *
+ * The micro-kernel keeps MR rows x NB panels of sums in vector registers; each step over k loads NB
+ * panels' 16 weights once for all MR rows and broadcasts one x value per row (no horizontal sums, no
+ * tails: k needs no particular multiple). Outputs split over the threads by whole panels; each thread
+ * walks its panels NB at a time, k in chunks of KC (a chunk of NB panels stays in L1/L2 while every row
+ * tile of x passes it). At a few rows the weights stream from memory once per call (decode is
+ * bandwidth-bound); at many rows the FMAs decide (prefill).
+ *
+ * Row r's outputs depend only on x's row r: each sum runs over k in order, the same whatever m, MR,
+ * the thread count or the chunking, so a row's result is bitwise the same in any batch. */
+#define PANEL 16
+#if defined(__AVX512F__)
+#define VL 16
+#define MR 6 /* 32 vector registers: 24 sums, 4 weight vectors, a broadcast */
+#define NB 4
+#elif defined(__AVX__)
+#define VL 8
+#define MR 6 /* 16 registers: 12 sums, 2 weight vectors, a broadcast */
+#define NB 1
+#else
+#define VL 4 /* SSE, NEON: 16 or 32 registers */
+#define MR 3
+#define NB 1
+#endif
+#define HALVES (PANEL / VL) /* native vectors per panel */
+#define KC 256
 
-int gemv_max_rows(void) { return MAX_ROWS; }
+#if defined(__x86_64__) || defined(__i386__)
+#define IN_REGISTER(v) __asm__("" : "+v"(v))
+#elif defined(__aarch64__)
+#define IN_REGISTER(v) __asm__("" : "+w"(v))
+#else
+#define IN_REGISTER(v) (void)0
+#endif
 
-static inline float bf16_to_f32(uint16_t bits) {
-    uint32_t u = (uint32_t)bits << 16;
-    float f;
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
+typedef uint32_t vu __attribute__((vector_size(VL * 4)));
+typedef uint16_t vh __attribute__((vector_size(VL * 2)));
+typedef int8_t vb __attribute__((vector_size(VL)));
+
+int linear_panel(void) { return PANEL; }
+
+static inline vf vload_f32(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
+/* Widening loads. Compilers turn the generic form into one byte or half-word at a time (GCC 12
+ * does), 8x slower than the weights stream: on x86 the instructions are named. */
+#if defined(__AVX512F__)
+static inline vf vload_bf16(const uint16_t *p) {
+    __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
+    return (vf)_mm512_castsi512_ps(u);
+}
+static inline vf vload_i8(const int8_t *p) {
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+#elif defined(__AVX2__) && VL == 8
+static inline vf vload_bf16(const uint16_t *p) {
+    __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+    return (vf)_mm256_castsi256_ps(u);
+}
+static inline vf vload_i8(const int8_t *p) {
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+#else
+static inline vf vload_bf16(const uint16_t *p) {
+    vh h;
+    memcpy(&h, p, sizeof h);
+    vu u = __builtin_convertvector(h, vu) << 16;
+    vf f;
     memcpy(&f, &u, sizeof f);
     return f;
 }
+static inline vf vload_i8(const int8_t *p) {
+    vb b;
+    memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(__builtin_convertvector(b, vi), vf);
+}
+#endif
 
-/* x (m, k), W (n, k), y (m, n), m <= 2. Each weight row is read once for both rows of x; outputs
- * split in contiguous ranges over the threads (one pass over W, in order, for the prefetcher). With
- * one row the second accumulator re-reads row 0 (from L1). */
-#define GEMV_BODY(LOAD)                                                                     \
-    const float *x0 = x, *x1 = m > 1 ? x + k : x;                                           \
-    _Pragma("omp parallel for num_threads(threads) schedule(static)")                       \
-    for (int64_t o = 0; o < n; o++) {                                                       \
-        float s0 = 0.f, s1 = 0.f;                                                           \
-        _Pragma("omp simd reduction(+:s0,s1)")                                              \
-        for (int64_t i = 0; i < k; i++) {                                                   \
-            float wi = LOAD;                                                                \
-            s0 += wi * x0[i];                                                               \
-            s1 += wi * x1[i];                                                               \
-        }                                                                                   \
-        y[o] = s0;                                                                          \
-        if (m > 1) y[n + o] = s1;                                                           \
-    }
-
-void gemv_f32(const float *restrict x, const float *restrict w, float *restrict y,
-              int64_t m, int64_t n, int64_t k, int threads) {
-    GEMV_BODY(w[o * k + i])
+/* y[r, 16 * b + j] (+)= sum_{i < kc} x[r, i] * wb[b][i][j] for R rows, B panels (wb's panels
+ * `panel_stride` apart); the sums start from y unless `fresh`, and end times scale[16 * b + j] when
+ * scale is given (the last chunk of an int8 weight). IN_REGISTER (an empty asm statement) keeps each
+ * loaded weight vector in a register: without it the compiler folds the loads into every FMA, R loads
+ * where one will do, and the loads, not the FMAs, set the pace. */
+#define MICRO(T, R, B) MICRO_(T, R, B) /* (expands NB before pasting names) */
+#define MICRO_(T, R, B)                                                                                 \
+static inline void micro_##T##_##R##_##B(const float *x, int64_t ldx, const T *wb, int64_t panel_stride, \
+                                         int64_t kc, int fresh, const float *scale, float *y, int64_t ldy) { \
+    vf acc[R][B][HALVES];                                                                               \
+    for (int r = 0; r < R; r++)                                                                         \
+        for (int b = 0; b < B; b++)                                                                     \
+            for (int h = 0; h < HALVES; h++)                                                            \
+                acc[r][b][h] = fresh ? (vf){0} : vload_f32(y + r * ldy + b * PANEL + h * VL);           \
+    for (int64_t i = 0; i < kc; i++) {                                                                  \
+        vf wv[B][HALVES];                                                                               \
+        for (int b = 0; b < B; b++)                                                                     \
+            for (int h = 0; h < HALVES; h++) {                                                          \
+                wv[b][h] = vload_##T(wb + b * panel_stride + i * PANEL + h * VL);                       \
+                IN_REGISTER(wv[b][h]);                                                                  \
+            }                                                                                           \
+        for (int r = 0; r < R; r++) {                                                                   \
+            vf xv = (vf){0} + x[r * ldx + i];                                                           \
+            for (int b = 0; b < B; b++)                                                                 \
+                for (int h = 0; h < HALVES; h++) acc[r][b][h] += xv * wv[b][h];                         \
+        }                                                                                               \
+    }                                                                                                   \
+    for (int r = 0; r < R; r++)                                                                         \
+        for (int b = 0; b < B; b++)                                                                     \
+            for (int h = 0; h < HALVES; h++)                                                            \
+                vstore(y + r * ldy + b * PANEL + h * VL,                                                \
+                       scale ? acc[r][b][h] * vload_f32(scale + b * PANEL + h * VL) : acc[r][b][h]);    \
 }
 
-void gemv_bf16(const float *restrict x, const uint16_t *restrict w, float *restrict y,
-               int64_t m, int64_t n, int64_t k, int threads) {
-    GEMV_BODY(bf16_to_f32(w[o * k + i]))
+/* Rows in tiles of MR (the last tile R < MR rows), panels NB at a time (the last ones singly). */
+#define TILE(T, B) TILE_(T, B)
+#define TILE_NAME(T, B) TILE_NAME_(T, B)
+#define TILE_NAME_(T, B) tile_##T##_##B
+#define TILE_(T, B)                                                                                     \
+static inline void tile_##T##_##B(const float *x, int64_t rows, int64_t ldx, const T *wb, int64_t ps,   \
+                                  int64_t kc, int fresh, const float *scale, float *y, int64_t ldy) {   \
+    for (int64_t r = 0; r < rows; r += MR) {                                                            \
+        const float *xr = x + r * ldx;                                                                  \
+        float *yr = y + r * ldy;                                                                        \
+        switch (rows - r < MR ? rows - r : MR) {                                                        \
+        case 1: micro_##T##_1_##B(xr, ldx, wb, ps, kc, fresh, scale, yr, ldy); break;                   \
+        case 2: micro_##T##_2_##B(xr, ldx, wb, ps, kc, fresh, scale, yr, ldy); break;                   \
+        case 3: micro_##T##_3_##B(xr, ldx, wb, ps, kc, fresh, scale, yr, ldy); break;                   \
+        case 4: micro_##T##_4_##B(xr, ldx, wb, ps, kc, fresh, scale, yr, ldy); break;                   \
+        case 5: micro_##T##_5_##B(xr, ldx, wb, ps, kc, fresh, scale, yr, ldy); break;                   \
+        default: micro_##T##_6_##B(xr, ldx, wb, ps, kc, fresh, scale, yr, ldy); break;                  \
+        }                                                                                               \
+    }                                                                                                   \
 }
+
+/* Panels [first, last) of the product (one thread's share). */
+#define RANGE(T)                                                                                        \
+static void range_##T(const float *x, const T *wb, const float *scale, float *y, int64_t m, int64_t k,  \
+                      int64_t ldy, int64_t first, int64_t last) {                                       \
+    int64_t ps = k * PANEL;                                                                             \
+    for (int64_t p = first; p < last; p += NB) {                                                        \
+        int64_t group = last - p < NB ? last - p : NB;                                                  \
+        for (int64_t c = 0; c < k; c += KC) {                                                           \
+            int64_t kc = k - c < KC ? k - c : KC;                                                       \
+            const float *sc = scale && c + kc == k ? scale + p * PANEL : 0;                             \
+            if (group == NB) {                                                                          \
+                TILE_NAME(T, NB)(x + c, m, k, wb + p * ps + c * PANEL, ps, kc, c == 0, sc, y + p * PANEL, ldy); \
+            } else {                                                                                    \
+                for (int64_t q = p; q < p + group; q++)                                                 \
+                    tile_##T##_1(x + c, m, k, wb + q * ps + c * PANEL, ps, kc, c == 0,                  \
+                                 sc ? sc + (q - p) * PANEL : 0, y + q * PANEL, ldy);                    \
+            }                                                                                           \
+        }                                                                                               \
+    }                                                                                                   \
+}
+
+/* x (m, k), wb (P, k, 16), scale (P * 16,) or NULL, y (m, P * 16): the threads take contiguous runs
+ * of panels, whole groups of NB where there are enough. */
+#define LINEAR(T)                                                                                       \
+void linear_##T(const float *restrict x, const T *restrict wb, const float *restrict scale,             \
+                float *restrict y, int64_t m, int64_t panels, int64_t k, int threads) {                 \
+    int64_t groups = (panels + NB - 1) / NB;                                                            \
+    if (threads > groups) threads = (int)groups;                                                        \
+    if (threads < 1) threads = 1;                                                                       \
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")                                   \
+    for (int t = 0; t < threads; t++) {                                                                 \
+        int64_t first = groups * t / threads * NB, last = groups * (t + 1) / threads * NB;             \
+        if (last > panels) last = panels;                                                               \
+        if (first < last) range_##T(x, wb, scale, y, m, k, panels * PANEL, first, last);               \
+    }                                                                                                   \
+}
+
+typedef float f32;
+typedef uint16_t bf16;
+typedef int8_t i8;
+#define KERNELS(T)                                                                                      \
+    MICRO(T, 1, NB) MICRO(T, 2, NB) MICRO(T, 3, NB) MICRO(T, 4, NB) MICRO(T, 5, NB) MICRO(T, 6, NB)     \
+    TILE(T, NB) RANGE(T) LINEAR(T)
+#if NB != 1
+#define SINGLE(T) MICRO(T, 1, 1) MICRO(T, 2, 1) MICRO(T, 3, 1) MICRO(T, 4, 1) MICRO(T, 5, 1) MICRO(T, 6, 1) TILE(T, 1)
+SINGLE(f32) SINGLE(bf16) SINGLE(i8)
+#endif
+KERNELS(f32)
+KERNELS(bf16)
+KERNELS(i8)
 
 /* x (m, d), w (d,) -> y (m, d) = w * x / sqrt(mean(x^2) + eps) */
 void rms_norm_f32(const float *restrict x, const float *restrict w, float *restrict y,

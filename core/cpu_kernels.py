@@ -6,17 +6,23 @@ path from 4 rows up, streams them at 20-28 GB/s at one row on the 2-core CI mach
 25-34 (bench/linear.py), about the machine's copy bandwidth. The tiny ops (norms, rotary embedding,
 the cache write, attention over a short context, gating, SwiGLU, the combine) cost 2-15 us each in torch's
 dispatch against well under a microsecond of arithmetic; each kernel here replaces 4-12 of them.
-Callers use these only for fp32 (bf16 weights in the GEMV) on the CPU, for few rows, and keep their
-torch code for everything else.
+Callers use the row-wise kernels only for fp32 on the CPU, for few rows, and keep their torch code for
+everything else; the linear kernel takes any row count over fp32, bf16 or int8 weights in its blocked
+layout (`blocked`), the one layout core/linear.py holds.
 
-The C file is compiled once per machine (its CPU flags are in the cache key: `-march=native`) with
-the system's C compiler into the expertmesh cache directory, as Triton caches its kernels. Where no
-compiler works, `kernels()` is None and everything runs on torch, as before.
+The C file is compiled once per machine with the system's C compiler into the expertmesh cache
+directory, as Triton caches its kernels: the source, the flags (`-march=native` unless
+EXPERTMESH_CPU_MARCH names another target, e.g. x86-64-v3 for AVX2 alone, which the tests use to run the
+fallbacks), the CPU's flags and the compiler's identity make the key. Workers starting together build
+it once: the first takes a file lock, the others wait on it and load what it built. Where no compiler
+works, or the build fails or times out, `kernels()` is None (the reason logged) and everything runs on
+torch.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import hashlib
 import logging
@@ -34,7 +40,8 @@ from expertmesh.core.tokenizer import cache_dir
 log = logging.getLogger("expertmesh.cpu_kernels")
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared"]  # and -march (EXPERTMESH_CPU_MARCH, default native)
+BUILD_TIMEOUT_S = 120
 PARALLEL_MIN_BYTES = 256 << 10  # below this a weight is read by one thread: waking the other costs more
 FEW_ROWS = 64  # the row-wise kernels (norm, gating, SwiGLU, combine, decode attention): up to this many rows
 
@@ -50,23 +57,28 @@ def _cpu_flags() -> str:
 
 
 def _build() -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_flags().encode()
-                         + platform.machine().encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
-    if target.exists():
-        return target
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc or gcc) on PATH")
+    flags = [*FLAGS, f"-march={os.environ.get('EXPERTMESH_CPU_MARCH', 'native')}"]
+    identity = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *flags, identity, _cpu_flags(),
+                                                         platform.machine()]).encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
+    if target.exists():
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Built under a temporary name and renamed: processes starting together (expert workers)
-    # never load a half-written library.
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], check=True, capture_output=True,
-                       text=True, timeout=120)
-        os.replace(out, target)
+    # One build per machine: the others wait on the lock, then find the library. Built under a
+    # temporary name and renamed, so nothing ever loads a half-written one.
+    with open(target.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
+            return target
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            out = Path(tmp) / target.name
+            subprocess.run([compiler, *flags, str(SOURCE), "-o", str(out), "-lm"], check=True, capture_output=True,
+                           text=True, timeout=BUILD_TIMEOUT_S)
+            os.replace(out, target)
     return target
 
 
@@ -81,8 +93,9 @@ class CpuKernels:
     def __init__(self, library: ctypes.CDLL):
         p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
         signatures = {
-            "gemv_f32": [p, p, p, i64, i64, i64, i32],
-            "gemv_bf16": [p, p, p, i64, i64, i64, i32],
+            "linear_f32": [p, p, p, p, i64, i64, i64, i32],
+            "linear_bf16": [p, p, p, p, i64, i64, i64, i32],
+            "linear_i8": [p, p, p, p, i64, i64, i64, i32],
             "rms_norm_f32": [p, p, p, i64, i64, f32],
             "rope_store_f32": [p, p, p, p, p, p, p, i64, i64, i64, i64],
             "decode_attention_f32": [p, i64, p, p, p, i64, p, p, i64, i64, i64, i64, i64, i32],
@@ -94,24 +107,38 @@ class CpuKernels:
             fn = getattr(library, name)
             fn.argtypes, fn.restype = args, None
             setattr(self, "_" + name, fn)
-        self.max_rows = library.gemv_max_rows()  # of gemv
+        self.panel = library.linear_panel()  # outputs per panel of the blocked layout
+        self._linear = {torch.float32: self._linear_f32, torch.bfloat16: self._linear_bf16,
+                        torch.int8: self._linear_i8}
 
-    @staticmethod
-    def supports(weight: torch.Tensor) -> bool:
-        """Whether gemv takes this weight."""
-        return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+    def supports(self, weight: torch.Tensor) -> bool:
+        """Whether `linear` takes this weight (blocked)."""
+        return weight.device.type == "cpu" and weight.dtype in self._linear
 
-    def gemv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x (m, k) with m <= max_rows, weight (n, k) contiguous -> x @ weight.T (m, n) in x's dtype."""
+    def blocked(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight (n, k) -> the kernel's layout (P, k, panel), P = ceil(n / panel): panels of outputs,
+        each k-major, the rows past n zero. A new tensor: the caller drops the plain one."""
+        n, k = weight.shape
+        pad = -n % self.panel
+        if pad:
+            weight = torch.cat([weight, weight.new_zeros(pad, k)])
+        return weight.view(-1, self.panel, k).transpose(1, 2).contiguous()
+
+    def linear(self, x: torch.Tensor, blocked: torch.Tensor, n: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x (m, k) @ W.T -> (m, n) fp32, W's blocked layout (P, k, panel) from `blocked`; int8 weights
+        take their per-output scale (P * panel,) fp32. Any m, including 0."""
         m, k = x.shape
-        n = weight.shape[0]
-        assert 0 < m <= self.max_rows and weight.shape[1] == k and weight.is_contiguous(), (x.shape, weight.shape)
+        panels = blocked.shape[0]
+        assert blocked.shape[1:] == (k, self.panel) and blocked.is_contiguous() and n <= panels * self.panel
+        assert (scale is not None) == (blocked.dtype == torch.int8)
+        assert scale is None or (scale.dtype == torch.float32 and scale.shape == (panels * self.panel,))
         x32 = x.float().contiguous()
-        y = torch.empty(m, n, dtype=torch.float32)
-        threads = 1 if weight.nbytes < PARALLEL_MIN_BYTES else torch.get_num_threads()
-        fn = self._gemv_f32 if weight.dtype == torch.float32 else self._gemv_bf16
-        fn(_ptr(x32), _ptr(weight), _ptr(y), m, n, k, threads)
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
+        y = torch.empty(m, panels * self.panel, dtype=torch.float32)
+        if m:
+            threads = 1 if blocked.nbytes < PARALLEL_MIN_BYTES else torch.get_num_threads()
+            self._linear[blocked.dtype](_ptr(x32), _ptr(blocked), _ptr(scale) if scale is not None else None,
+                                        _ptr(y), m, panels, k, threads)
+        return y if n == y.shape[1] else y[:, :n].contiguous()
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x (m, d) fp32 contiguous, weight (d,) fp32 -> (m, d)."""

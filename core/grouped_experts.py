@@ -15,9 +15,10 @@ from expertmesh.core import cpu_kernels
 from expertmesh.core.linear import Linear
 
 
-def fused_expert(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> tuple[Linear, Linear]:
+def fused_expert(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                 quantize: str = "none") -> tuple[Linear, Linear]:
     """An expert as two linear layers: w13 = [w1; w3] (2I, D), one GEMM for gate and up, and w2."""
-    return Linear(torch.cat([w1, w3])), Linear(w2)
+    return Linear(torch.cat([w1, w3]), quantize), Linear(w2, quantize)
 
 
 def swiglu_expert(x: torch.Tensor, w13: Linear, w2: Linear) -> torch.Tensor:

@@ -1,13 +1,14 @@
-"""y = x W^T with the weight prepared once, at load, for the fastest kernel of its device.
+"""y = x W^T with the weight held once, at load, in the layout of the kernel that reads it.
 
-On the CPU two paths, chosen per call by the number of rows (bench/linear.py measures both):
-  - up to 2 rows (decode at batch 1-2, an expert's few rows): the bandwidth-bound GEMV of
-    core/cpu_kernels.c over the weight as given, 1.2-2x oneDNN's speed at one row here;
-  - more rows: oneDNN's GEMM on a copy of the weight reordered ("prepacked") for it once, as
-    torch.compile's frozen graphs do; on the 2-core CI machine 2-4x torch's default GEMM on the
-    32000-row lm_head and up to 3x on the expert layers from 8 rows up.
-Holding both layouts costs the CPU twice the weights' memory. Elsewhere (CUDA), or where oneDNN lacks
-the dtype, it is plain F.linear on the weight as given.
+  - CPU, where core/cpu_kernels.c builds: its blocked layout (panels of 16 outputs, k-major), read
+    by one kernel at every row count: it streams the weight at 26-50 GB/s for decode's 1-8 rows
+    (oneDNN's prepacked GEMM: 20-30) and is level with oneDNN from 32 rows up (bench/linear.py);
+  - CPU without the kernels: oneDNN's prepacked copy where oneDNN takes the dtype (it refuses bf16
+    on CPUs without AVX-512 BF16), else the weight as given for torch's F.linear;
+  - GPU: the weight as given (cuBLAS).
+`quantize="int8"` holds int8 and a scale per output (core/quantize.py): the blocked kernel reads
+int8 and scales in registers; elsewhere (GPU, no kernels) each call dequantizes a chunk of outputs at
+a time, which saves the memory but not the time. Only one layout is ever held: `nbytes` is the truth.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from expertmesh.core import cpu_kernels
+from expertmesh.core.quantize import dequantize, quantize_int8
 
-PACK_BATCH_HINT = 32  # rows the packed layout is tuned for; any row count works
+PACK_BATCH_HINT = 32  # rows oneDNN's packed layout is tuned for; any row count works
+DEQUANTIZE_ROWS = 2048  # outputs dequantized per pass where no int8 kernel reads the weight
 _DEFAULT = object()
 
 
@@ -28,34 +31,51 @@ def _prepack(weight: torch.Tensor) -> torch.Tensor | None:
         return None
     try:
         return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_BATCH_HINT)
-    except (RuntimeError, AttributeError):  # a torch build without these oneDNN ops
+    except (RuntimeError, AttributeError):  # a torch build or a CPU without these oneDNN ops
         return None
 
 
 class Linear:
-    """A bias-free linear layer; weight (out, in). Calling it maps x (n, in) -> (n, out).
+    """A bias-free linear layer; weight (out, in). Calling it maps x (n, in) -> (n, out) in x's dtype.
 
-    gemv_kernel: the kernels for calls of few rows (default: core/cpu_kernels.py's, where they build;
-    None: off).
+    quantize: "none" or "int8". kernels: core/cpu_kernels.py's (default, where they build) or None
+    (off: the torch paths, as on a machine without a C compiler).
+    layout: "blocked" (the C kernel), "packed" (oneDNN), "plain" (F.linear) or "int8" (plain int8,
+    dequantized per call).
     """
 
-    def __init__(self, weight: torch.Tensor, gemv_kernel=_DEFAULT):
-        self.nbytes = weight.numel() * weight.element_size()
-        self._packed = _prepack(weight)
-        small = cpu_kernels.kernels() if gemv_kernel is _DEFAULT else gemv_kernel
-        self._small = small if small is not None and small.supports(weight) else None
-        self.small_rows = self._small.max_rows if self._small is not None else 0  # calls the kernel takes
-        keep_plain = self._packed is None or self._small is not None
-        self.weight = weight.contiguous() if keep_plain else None  # else the packed copy replaces it
-
-    @property
-    def packed(self) -> bool:
-        """oneDNN took the weight (it refuses bf16 on CPUs without AVX-512 BF16 support, e.g. AVX2)."""
-        return self._packed is not None
+    def __init__(self, weight: torch.Tensor, quantize: str = "none", kernels=_DEFAULT):
+        if quantize not in ("none", "int8"):
+            raise ValueError(f"quantize must be 'none' or 'int8', got {quantize!r}")
+        self.out_features, self.in_features = weight.shape
+        self.weight_dtype = torch.int8 if quantize == "int8" else weight.dtype
+        kernels = cpu_kernels.kernels() if kernels is _DEFAULT else kernels
+        weight, self.scale = quantize_int8(weight) if quantize == "int8" else (weight, None)
+        if kernels is not None and kernels.supports(weight):
+            self.layout, self._kernels = "blocked", kernels
+            self.weight = kernels.blocked(weight)  # (P, in, panel)
+            if self.scale is not None:  # one per output of the padded panels
+                self.scale = torch.cat([self.scale, self.scale.new_ones(-self.out_features % kernels.panel)])
+        elif self.scale is not None:
+            self.layout, self.weight = "int8", weight.contiguous()
+        else:
+            packed = _prepack(weight)
+            self.layout = "plain" if packed is None else "packed"
+            self.weight = weight.contiguous() if packed is None else packed
+        self.nbytes = self.weight.numel() * self.weight.element_size()
+        if self.scale is not None:
+            self.nbytes += self.scale.numel() * self.scale.element_size()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= self.small_rows and x.shape[0]:
-            return self._small.gemv(x, self.weight)
-        if self._packed is None:
+        if self.layout == "blocked":
+            y = self._kernels.linear(x, self.weight, self.out_features, self.scale)
+            return y if x.dtype == torch.float32 else y.to(x.dtype)
+        if self.layout == "packed":
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+        if self.layout == "plain":
             return F.linear(x, self.weight)
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
+        y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        for start in range(0, self.out_features, DEQUANTIZE_ROWS):
+            end = start + DEQUANTIZE_ROWS
+            y[:, start:end] = F.linear(x, dequantize(self.weight[start:end], self.scale[start:end], x.dtype))
+        return y

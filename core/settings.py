@@ -14,6 +14,7 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20,
 DTYPES = ("float32", "bfloat16")
 PINGPONG_MODES = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda")
+QUANTIZE = ("none", "int8")  # core/quantize.py
 
 
 class SettingsError(ValueError):
@@ -32,6 +33,9 @@ def parse_bytes(text: str) -> int:
 class ServingConfig:
     # --- the model -------------------------------------------------------------------------------
     dtype: str = "float32"  # compute dtype; bf16 halves memory but on the CPU gained little (bench/)
+    # int8: weight-only, a scale per output channel, quantized at load (experts, attention, lm_head;
+    # the gate stays in dtype): a quarter of fp32's bytes, which is what decode reads
+    quantize: str = "none"
     device: str = "auto"  # auto: GPUs (router and one per worker, NCCL) when this process sees one
     # decode steps of up to 32 sequences as captured CUDA graphs (in-process engine on a GPU, bf16)
     cuda_graphs: bool = True
@@ -68,6 +72,8 @@ class ServingConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise SettingsError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quantize not in QUANTIZE:
+            raise SettingsError(f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
         if self.device not in DEVICES:
             raise SettingsError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.pingpong not in PINGPONG_MODES:

@@ -24,6 +24,7 @@ from expertmesh.router.local_experts import LocalExperts
 from expertmesh.router.model import Experts, RouterModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FEW_LOGIT_ROWS = 2  # sequences whose logits run at layer_threads (see Engine.step)
 
 
 @dataclass
@@ -69,18 +70,21 @@ class Engine:
     @classmethod
     def local(cls, model_dir, dtype: torch.dtype = torch.float32, kv_blocks: int = 512,
               block_size: int = DEFAULTS.block_size, device: str | torch.device = "cpu",
-              graphs: bool | None = None) -> "Engine":
+              graphs: bool | None = None, quantize: str = "none") -> "Engine":
         """The reference engine: every weight of the checkpoint in this process (on `device`).
 
         graphs: decode steps of up to 32 sequences through router/decode_graphs.py; None: where
         CUDA graphs can be captured (CUDA, bf16). True on the CPU runs the same fixed-buffer path
-        eagerly (for tests)."""
+        eagerly (for tests). quantize: "int8" holds the experts, attention and lm_head in int8
+        (core/quantize.py); the graphs' grouped GEMMs read plain weights, so it turns them off."""
         device = torch.device(device)
+        if graphs and quantize != "none":
+            raise ValueError("decode graphs read unquantized stacked experts: graphs=True needs quantize='none'")
         if graphs is None:
-            graphs = decode_graphs.available(device, dtype)
+            graphs = decode_graphs.available(device, dtype) and quantize == "none"
         checkpoint = Checkpoint(model_dir)
-        model = RouterModel.from_checkpoint(checkpoint, dtype, device)
-        experts = LocalExperts.from_checkpoint(checkpoint, dtype, device, stacked=graphs)
+        model = RouterModel.from_checkpoint(checkpoint, dtype, device, quantize)
+        experts = LocalExperts.from_checkpoint(checkpoint, dtype, device, stacked=graphs, quantize=quantize)
         engine = cls(model, experts, KVCache(checkpoint.config, kv_blocks, block_size, dtype, device))
         if graphs:
             engine.graphs = DecodeGraphs(model, experts, engine.cache, capture=device.type == "cuda")
@@ -119,10 +123,10 @@ class Engine:
             token_ids = torch.tensor([t for s, n in zip(group, lens)
                                       for t in s.token_ids[s.num_cached:s.num_cached + n]])
             micro_batches.append((token_ids, batch))
-        # The logits of a few sequences (the GEMV path, bandwidth-bound) run at layer_threads too: a
-        # second thread gains little there, and its OpenMP spin afterwards takes the core a worker
-        # needs (bench/latency.py: distributed decode at batch 1, 14 -> 11 ms a step).
-        few = not all_logits and len(seqs) <= self.model.lm_head.small_rows
+        # The logits of a few sequences (bandwidth-bound) run at layer_threads too: a second thread
+        # gains little there, and its OpenMP spin afterwards takes the core a worker needs
+        # (bench/latency.py: distributed decode at batch 1, 14 -> 11 ms a step).
+        few = not all_logits and len(seqs) <= FEW_LOGIT_ROWS
         threads = torch.get_num_threads()
         if self.layer_threads:
             torch.set_num_threads(self.layer_threads)

@@ -23,14 +23,15 @@ class LocalExperts:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, dtype: torch.dtype, device: str | torch.device = "cpu",
-                        stacked: bool = False) -> "LocalExperts":
+                        stacked: bool = False, quantize: str = "none") -> "LocalExperts":
         """stacked: also hold each layer's experts as one tensor, for run_by_offsets (the per-expert
         layers become views of it on the GPU; the CPU's prepacked layers are copies)."""
         c = checkpoint.config
         pairs = [(layer, e) for layer in range(c.num_layers) for e in range(c.num_experts)]
         weights = {p: tuple(w.to(device) for w in ws) for p, ws in checkpoint.read_experts(pairs, dtype).items()}
         if not stacked:
-            return cls(c, {p: fused_expert(*ws) for p, ws in weights.items()})
+            return cls(c, {p: fused_expert(*weights.pop(p), quantize) for p in pairs})
+        assert quantize == "none", "the stacks' grouped GEMMs read unquantized weights"
         experts = [[weights[(layer, e)] for e in range(c.num_experts)] for layer in range(c.num_layers)]
         w13 = torch.stack([torch.stack([torch.cat([w1, w3]) for w1, _, w3 in layer]) for layer in experts])
         w2 = torch.stack([torch.stack([w2 for _, w2, _ in layer]) for layer in experts])

@@ -43,11 +43,13 @@ class LayerWeights:
 
 
 class RouterModel:
-    def __init__(self, config: MixtralConfig, tensors: dict[str, torch.Tensor]):
+    def __init__(self, config: MixtralConfig, tensors: dict[str, torch.Tensor], quantize: str = "none"):
+        """quantize: "int8" for qkv, o and the lm_head (core/quantize.py); the gate, 8 rows that decide
+        where every token goes, stays in the checkpoint's dtype."""
         self.config = config
         self.embed = tensors["model.embed_tokens.weight"]  # (V, D)
         self.final_norm = tensors["model.norm.weight"]
-        self.lm_head = Linear(tensors.get("lm_head.weight", self.embed))  # (V, D); tied when absent
+        self.lm_head = Linear(tensors.get("lm_head.weight", self.embed), quantize)  # (V, D); tied when absent
         self.dtype = self.embed.dtype
         self.layers = []
         for i in range(config.num_layers):
@@ -55,17 +57,17 @@ class RouterModel:
             self.layers.append(LayerWeights(
                 input_norm=tensors[p + "input_layernorm.weight"],
                 post_attention_norm=tensors[p + "post_attention_layernorm.weight"],
-                qkv=Linear(torch.cat([tensors[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])),
-                o=Linear(tensors[p + "self_attn.o_proj.weight"]),
+                qkv=Linear(torch.cat([tensors.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"]), quantize),
+                o=Linear(tensors.pop(p + "self_attn.o_proj.weight"), quantize),
                 gate=Linear(tensors[p + "block_sparse_moe.gate.weight"]),
             ))
         self.device = self.embed.device
         self.rope = Rope(config.head_dim, config.rope_theta, config.max_position_embeddings, self.device)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Checkpoint, dtype: torch.dtype,
-                        device: str | torch.device = "cpu") -> "RouterModel":
-        return cls(checkpoint.config, {k: t.to(device) for k, t in checkpoint.read_dense(dtype).items()})
+    def from_checkpoint(cls, checkpoint: Checkpoint, dtype: torch.dtype, device: str | torch.device = "cpu",
+                        quantize: str = "none") -> "RouterModel":
+        return cls(checkpoint.config, {k: t.to(device) for k, t in checkpoint.read_dense(dtype).items()}, quantize)
 
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.embed[token_ids.to(self.device)]  # (T,) -> (T, D)

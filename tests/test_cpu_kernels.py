@@ -110,6 +110,6 @@ def test_combine(tokens, k, dim, seed):
 
 
 def test_row_kernels_are_for_few_fp32_cpu_rows():
-    assert cpu_kernels.for_rows(torch.zeros(cpu_kernels.FEW_ROWS, 4)) is KERNELS
+    assert cpu_kernels.for_rows(torch.zeros(cpu_kernels.FEW_ROWS, 4)) is cpu_kernels.kernels()
     assert cpu_kernels.for_rows(torch.zeros(cpu_kernels.FEW_ROWS + 1, 4)) is None  # torch's threads win there
     assert cpu_kernels.for_rows(torch.zeros(2, 4, dtype=torch.bfloat16)) is None

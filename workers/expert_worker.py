@@ -32,10 +32,11 @@ log = logging.getLogger("expertmesh.worker")
 
 
 class ExpertWorker:
-    def __init__(self, worker: int, model_dir: str, dtype: str, threads: int):
+    def __init__(self, worker: int, model_dir: str, dtype: str, threads: int, quantize: str = "none"):
         self.worker = worker  # a stable name for logs; the rank changes with every epoch
         self.model_dir = model_dir
         self.dtype = getattr(torch, dtype)
+        self.quantize = quantize  # "int8": experts held in int8 (core/quantize.py)
         self.threads = threads  # torch threads of the serve loop (ServingConfig.worker_threads)
         self.checkpoint = Checkpoint(model_dir)
         self.config = self.checkpoint.config
@@ -83,7 +84,7 @@ class ExpertWorker:
         for layer in set(by_layer) | set(gone):
             held = self.layers.get(layer)
             if held is None:
-                table = LayerExperts.stack(by_layer[layer])
+                table = LayerExperts.stack(by_layer[layer], quantize=self.quantize)
             else:
                 table = held.changed(by_layer.get(layer, {}), gone.get(layer, set()))
             with self._lock:
@@ -145,7 +146,9 @@ class ExpertWorker:
         with self._pair_ready:
             epochs = sorted(self._pairs)  # pairs formed and not let go yet
         with self._lock:
+            weight_bytes = sum(layer.nbytes for layer in self.layers.values())
             return {"worker": self.worker, "pairs": sorted(self.pairs), "busy_s": self.busy_s, "epochs": epochs,
+                    "weight_bytes": weight_bytes,
                     "rows_received": {f"{l}:{e}": n for (l, e), n in self.rows_received.items()}}
 
     def _pair(self, epoch: int, wait_s: float):

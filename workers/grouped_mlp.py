@@ -3,7 +3,8 @@
 On GPU, small steps (decode) use the Triton grouped kernel, one launch for all experts over the
 stacked weights; larger ones use cuBLAS per expert, which was faster there on an H200 at Mixtral
 8x7B sizes (bench/results/experts_gpu_h200.txt: Triton 1.17x faster at 64 tokens, 0.70x at 1024).
-On the CPU each expert is a pair of prepacked linear layers (core/linear.py) and no stacks are kept.
+On the CPU each expert is a pair of linear layers (core/linear.py) and no stacks are kept. Quantized
+experts (int8) are per-expert layers everywhere (the Triton kernel reads unquantized stacks).
 """
 
 from __future__ import annotations
@@ -25,17 +26,21 @@ class LayerExperts:
     mlps: list[tuple[Linear, Linear]]  # per local index: (w13 (2I, D), w2 (D, I)), as fused_expert
     w13: torch.Tensor | None  # (L, 2I, D): w1 then w3 of each expert, stacked for the Triton kernel
     w2: torch.Tensor | None  # (L, D, I)
+    quantize: str = "none"  # "int8": each layer in int8 (core/quantize.py)
 
     @classmethod
-    def stack(cls, experts: dict[int, tuple], keep_stacks: bool | None = None) -> "LayerExperts":
+    def stack(cls, experts: dict[int, tuple], keep_stacks: bool | None = None,
+              quantize: str = "none") -> "LayerExperts":
         """experts: global id -> (w1 (I, D), w2 (D, I), w3 (I, D)). Stacks are kept on GPU (or when
-        asked), where the per-expert layers are views into them."""
+        asked), where the per-expert layers are views into them; never for quantized experts. Without
+        stacks it takes each expert out of `experts` as it prepares it: the plain weights go as it goes."""
         ids = sorted(experts)
         if keep_stacks is None:
-            keep_stacks = experts[ids[0]][0].is_cuda
+            keep_stacks = experts[ids[0]][0].is_cuda and quantize == "none"
+        assert not (keep_stacks and quantize != "none"), "stacks hold unquantized weights"
         local = {e: i for i, e in enumerate(ids)}
         if not keep_stacks:
-            return cls(local, [fused_expert(*experts[e]) for e in ids], None, None)
+            return cls(local, [fused_expert(*experts.pop(e), quantize) for e in ids], None, None, quantize)
         w13 = torch.stack([torch.cat([experts[e][0], experts[e][2]]) for e in ids]).contiguous()
         w2 = torch.stack([experts[e][1] for e in ids]).contiguous()
         return cls(local, [(Linear(w13[i]), Linear(w2[i])) for i in range(len(ids))], w13, w2)
@@ -50,8 +55,9 @@ class LayerExperts:
             return None
         local = {e: i for i, e in enumerate(ids)}
         if self.w13 is None:
-            mlps = [self.mlps[self.local[e]] if e in self.local else fused_expert(*new[e]) for e in ids]
-            return LayerExperts(local, mlps, None, None)
+            mlps = [self.mlps[self.local[e]] if e in self.local else fused_expert(*new[e], self.quantize)
+                    for e in ids]
+            return LayerExperts(local, mlps, None, None, self.quantize)
         w13 = torch.stack([self.w13[self.local[e]] if e in self.local else torch.cat([new[e][0], new[e][2]])
                            for e in ids]).contiguous()
         w2 = torch.stack([self.w2[self.local[e]] if e in self.local else new[e][1] for e in ids]).contiguous()
