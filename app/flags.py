@@ -71,7 +71,8 @@ def add_engine_flags(parser: argparse.ArgumentParser, default_workers: int) -> N
 def serving_config(args) -> ServingConfig:
     """The ServingConfig the flags describe (checked by ServingConfig itself)."""
     return ServingConfig(
-        dtype=args.dtype, quantize=args.quantize, device=args.device, max_batch_tokens=args.max_batch_tokens, max_seqs=args.max_seqs,
+        dtype=args.dtype, quantize=args.quantize, device=args.device, max_batch_tokens=args.max_batch_tokens,
+        max_seqs=args.max_seqs,
         max_queue=getattr(args, "max_queue", DEFAULTS.max_queue), kv_cache_memory=args.kv_cache_memory,
         stall_timeout_s=getattr(args, "stall_timeout", DEFAULTS.stall_timeout_s),
         block_size=args.block_size, pingpong=args.pingpong, pingpong_min_tokens=args.pingpong_min_tokens,

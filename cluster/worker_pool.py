@@ -106,7 +106,8 @@ def start_workers(ids: list[int], pairs: dict[int, list], model_dir: str, settin
         # Ray starts workers at niceness 15, behind its own daemons; a worker is on the data path of
         # every layer, so a daemon's wake-up would stall the whole step.
         runtime_env={"env_vars": {"RAY_worker_niceness": "0"}},
-    ).remote(i, str(model_dir), settings.dtype, settings.worker_threads, settings.quantize), g) for i, g in zip(ids, groups)]
+    ).remote(i, str(model_dir), settings.dtype, settings.worker_threads, settings.quantize), g)
+        for i, g in zip(ids, groups)]
     try:
         ray.get([h.actor.load.remote(pairs[h.worker]) for h in handles])
         for h, where in zip(handles, ray.get([h.actor.where.remote() for h in handles])):
