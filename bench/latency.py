@@ -78,8 +78,8 @@ class Bandwidth:
         copy = 2 * nbytes / best(lambda: self.dst.copy_(self.src)) / 1e9
         total = nbytes / best(lambda: self.src.sum()) / 1e9
         outputs = self.weight.shape[0] * self.kernels.panel if self.kernels else 0
-        gemv = nbytes / best(lambda: self.kernels.linear(self.row, self.weight, outputs)) / 1e9 if outputs else 0.0
-        return copy, total, gemv
+        kernel = nbytes / best(lambda: self.kernels.linear(self.row, self.weight, outputs)) / 1e9 if outputs else 0.0
+        return copy, total, kernel
 
 
 def step_bytes(engine: Engine, expert: int, experts_per_layer: float, context_tokens: float, batch: int) -> float:
@@ -262,10 +262,10 @@ def main() -> None:
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     bandwidth = Bandwidth()
-    copy_bw, read_bw, gemv_bw = bandwidth.measure()
+    copy_bw, read_bw, kernel_bw = bandwidth.measure()
     print(f"memory bandwidth: large copy {copy_bw:.1f} GB/s (read + written), large sum {read_bw:.1f} GB/s, "
-          f"linear kernel over 512 MiB at one row {gemv_bw:.1f} GB/s; each run's roofline takes the best of the three, "
-          f"measured just before and after it (this machine's bandwidth drifts); torch threads "
+          f"linear kernel over 512 MiB at one row {kernel_bw:.1f} GB/s; each run's roofline takes the best of "
+          f"the three, measured just before and after it (this machine's bandwidth drifts); torch threads "
           f"{torch.get_num_threads()}")
     ratios, speeds = {}, {}
     with tempfile.TemporaryDirectory() as tmp:

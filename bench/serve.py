@@ -1,7 +1,7 @@
 """Serving throughput, in-process (no network): this engine with continuous batching against
 transformers' generate over the same requests, in two baselines.
 
-    python bench/serve.py [--workers 2 --repeats 3]
+    python bench/serve.py [--workers 2 --repeats 3 --quantize int8]
 
 Requests have mixed prompt (8-64) and output (16-64) lengths; tokens/s counts each request's own
 output tokens. Baselines (transformers' MixtralForCausalLM.generate, greedy, fp32):
@@ -16,7 +16,10 @@ concurrent requests (the target) runs repeat --repeats times and each engine's m
 single runs on this machine drift by 20%. Last line:
 throughput_ratio_vs_transformers_c32=<x> (the distributed engine with --workers workers over the
 static baseline; the reference engine's ratio and both engines' ratios over the bucketed baseline
-are printed above it).
+are printed above it). With --quantize int8 both engines run again with int8 weights
+(core/quantize.py), after the fp32 ones, on the same requests: their rows are printed beside fp32's
+(int8's tokens are checked equal between the two int8 engines, not to transformers' fp32 ones) and
+the last line adds int8_over_fp32_c32_reference=<x> int8_over_fp32_c32_distributed=<y>.
 """
 
 from __future__ import annotations
@@ -120,10 +123,36 @@ def check_equal(name: str, got: list[list[int]], expected: list[list[int]], mode
     return ties
 
 
+def int8_throughput(path, tokenizer, workers: int, repeats: int) -> dict[int, tuple[float, float]]:
+    """Concurrency -> (reference, distributed) tokens/s with int8 weights, medians at 32 as for fp32;
+    fails unless both engines give the same greedy tokens."""
+    from expertmesh.cluster.elastic import ExpertCluster
+
+    reference = Engine.local(path, kv_blocks=2048, quantize="int8")
+    cluster = ExpertCluster(path, workers, kv_blocks=2048, settings=ServingConfig(quantize="int8"))
+    rows = {}
+    try:
+        for c in CONCURRENCY:
+            requests = workload(max(4 * c, 8), seed=c)
+            runs = []
+            for _ in range(repeats if c == 32 else 1):
+                ref, ref_out = ours(reference, tokenizer, requests, c)
+                dist, dist_out = ours(cluster.engine, tokenizer, requests, c)
+                if ref_out != dist_out:
+                    raise SystemExit(f"int8, c{c}: the distributed engine's tokens differ from the in-process one's")
+                runs.append((ref, dist))
+            rows[c] = tuple(statistics.median(column) for column in zip(*runs))
+    finally:
+        cluster.shutdown()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2, help="expert workers of the distributed engine")
     parser.add_argument("--repeats", type=int, default=3, help="runs at 32 concurrent requests (median)")
+    parser.add_argument("--quantize", choices=["none", "int8"], default="none",
+                        help="int8: both engines again with int8 weights")
     args = parser.parse_args()
     from transformers import MixtralForCausalLM
 
@@ -156,6 +185,8 @@ def main() -> None:
                 rows[c] = tuple(statistics.median(column) for column in zip(*runs))
         finally:
             cluster.shutdown()
+        if args.quantize == "int8":
+            int8_rows = int8_throughput(path, tokenizer, args.workers, args.repeats)
     print("model: hidden=256 intermediate=512 layers=4 experts=8 top2 fp32, CPU; "
           f"distributed = {args.workers} expert workers on local Ray (gloo); every engine's greedy tokens "
           "equal transformers' (on the request alone where a padded batch differs), up to logit ties "
@@ -169,7 +200,18 @@ def main() -> None:
     static, bucketed, ref, dist = rows[32]
     print(f"reference_throughput_ratio_vs_transformers_c32={ref / static:.2f} "
           f"(over bucketed: {ref / bucketed:.2f}; distributed over bucketed: {dist / bucketed:.2f})")
-    print(f"throughput_ratio_vs_transformers_c32={dist / static:.2f}")
+    last = f"throughput_ratio_vs_transformers_c32={dist / static:.2f}"
+    if args.quantize == "int8":
+        print(f"{'conc':>4} {'reference':>9} {'ref int8':>9} {'int8/fp32':>9} {'distributed':>11} {'dist int8':>9} "
+              f"{'int8/fp32':>9}   (tokens/s; int8 tokens equal between its two engines)")
+        for c, (ref8, dist8) in int8_rows.items():
+            ref, dist = rows[c][2:]
+            print(f"{c:>4} {ref:>9.1f} {ref8:>9.1f} {ref8 / ref:>9.2f} {dist:>11.1f} {dist8:>9.1f} "
+                  f"{dist8 / dist:>9.2f}")
+        ref8, dist8 = int8_rows[32]
+        last += (f" int8_over_fp32_c32_reference={ref8 / rows[32][2]:.2f} "
+                 f"int8_over_fp32_c32_distributed={dist8 / rows[32][3]:.2f}")
+    print(last)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """The CPU's decode kernels (core/cpu_kernels.c), built on first use; None where they cannot be.
 
 At batch 1 a decode step is a chain of matrix-vector products and a few hundred tiny ops. The
-products' speed is how fast the weights stream from memory: oneDNN's prepacked GEMM, torch's best CPU
-path from 4 rows up, streams them at 20-28 GB/s at one row on the 2-core CI machine, the GEMV here at
-25-34 (bench/linear.py), about the machine's copy bandwidth. The tiny ops (norms, rotary embedding,
+products' speed is how fast the weights stream from memory: oneDNN's prepacked GEMM streams them at
+20-30 GB/s at one row on the 2-core CI machine, the linear kernel here at 26-50 (bench/linear.py),
+about the machine's copy bandwidth, and from 32 rows up, where the FMAs decide, it is level with
+oneDNN. The tiny ops (norms, rotary embedding,
 the cache write, attention over a short context, gating, SwiGLU, the combine) cost 2-15 us each in torch's
 dispatch against well under a microsecond of arithmetic; each kernel here replaces 4-12 of them.
 Callers use the row-wise kernels only for fp32 on the CPU, for few rows, and keep their torch code for

@@ -25,7 +25,7 @@ class LocalExperts:
     def from_checkpoint(cls, checkpoint: Checkpoint, dtype: torch.dtype, device: str | torch.device = "cpu",
                         stacked: bool = False, quantize: str = "none") -> "LocalExperts":
         """stacked: also hold each layer's experts as one tensor, for run_by_offsets (the per-expert
-        layers become views of it on the GPU; the CPU's prepacked layers are copies)."""
+        layers become views of it on the GPU; the CPU's blocked layers are copies)."""
         c = checkpoint.config
         pairs = [(layer, e) for layer in range(c.num_layers) for e in range(c.num_experts)]
         weights = {p: tuple(w.to(device) for w in ws) for p, ws in checkpoint.read_experts(pairs, dtype).items()}
@@ -53,7 +53,7 @@ class LocalExperts:
 
     def _per_token(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The same sum for a few tokens, without the sort, gather and scatter that grouping rows by
-        expert takes: each token through its K experts, one row each (the GEMV kernel's case).
+        expert takes: each token through its K experts, one row each (the linear kernel's bandwidth-bound case).
         Reads ids and weights on the host: no device to sync with on the CPU."""
         rows = []
         for t, (token_ids, token_weights) in enumerate(zip(ids.tolist(), weights.tolist())):

@@ -1,6 +1,6 @@
 """The CPU decode kernels (core/cpu_kernels.c) against the torch code they stand in for, on any shape
 hypothesis picks: norms, rotary + cache write, decode attention over paged slots (windowed or not),
-gating, SwiGLU, the combine. (The GEMV is tested with Linear, tests/test_linear.py.)"""
+gating, SwiGLU, the combine. (The linear kernel is tested with Linear, tests/test_linear.py.)"""
 
 from __future__ import annotations
 
