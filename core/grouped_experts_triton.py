@@ -6,6 +6,10 @@ against that tile's expert, reading the stacked weights in place: no padding to 
 per-row weight gathering. Kernel 1 fuses w1/w3 and SiLU (h = silu(x w1^T) * x w3^T), kernel 2 is
 the down projection (y = h w2^T). Runs on GPU, and on the CPU under TRITON_INTERPRET=1 for tests.
 
+int8 weights (w8a16, core/quantize.py): the stacks hold int8 and a scale per output row; a weight
+tile is widened to the rows' dtype as it is loaded, and each output column's sum is multiplied by
+its scale once, after the loop over k (a per-output scale factors out of the sum).
+
 Shape legend: N rows, D hidden, I intermediate, L local experts.
 """
 
@@ -18,9 +22,9 @@ import triton.language as tl
 
 @triton.jit
 def _grouped_gemm(x_ptr, w_ptr, w3_ptr, out_ptr, tile_start_ptr, tile_end_ptr, tile_expert_ptr,
-                  N_COLS, K, stride_xm, stride_we, stride_wn, stride_om,
-                  FUSE_SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
+                  s_ptr, s3_ptr, N_COLS, K, stride_xm, stride_we, stride_wn, stride_om, stride_se,
+                  FUSE_SWIGLU: tl.constexpr, SCALED: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     tile = tl.program_id(0)
     col_block = tl.program_id(1)
     row_start = tl.load(tile_start_ptr + tile)
@@ -39,9 +43,13 @@ def _grouped_gemm(x_ptr, w_ptr, w3_ptr, out_ptr, tile_start_ptr, tile_end_ptr, t
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
         w_offsets = expert * stride_we + cols[None, :] * stride_wn + ks[:, None]  # (BK, BN) = W^T
         w_mask = k_ok[:, None] & col_ok[None, :]
-        acc += tl.dot(x, tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0))
+        acc += tl.dot(x, tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0).to(x.dtype))
         if FUSE_SWIGLU:
-            acc3 += tl.dot(x, tl.load(w3_ptr + w_offsets, mask=w_mask, other=0.0))
+            acc3 += tl.dot(x, tl.load(w3_ptr + w_offsets, mask=w_mask, other=0.0).to(x.dtype))
+    if SCALED:  # int8 weights: each output column times its row's scale
+        acc *= tl.load(s_ptr + expert * stride_se + cols, mask=col_ok, other=0.0)[None, :]
+        if FUSE_SWIGLU:
+            acc3 *= tl.load(s3_ptr + expert * stride_se + cols, mask=col_ok, other=0.0)[None, :]
     if FUSE_SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc3  # silu(x w1^T) * (x w3^T)
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -62,11 +70,12 @@ def _tiles(expert_index: list[int], counts: list[int], block_m: int, device) -> 
 
 
 def triton_grouped_swiglu(rows: torch.Tensor, expert_index: list[int], counts: list[int],
-                          w13s: torch.Tensor, w2s: torch.Tensor,
+                          w13s: torch.Tensor, w2s: torch.Tensor, scales: tuple | None = None,
                           block_m: int = 64, block_n: int = 128, block_k: int = 64,
                           num_warps: int = 8, num_stages: int = 4) -> torch.Tensor:
     """rows (N, D) grouped: counts[g] rows for stacked expert expert_index[g];
-    w13s (L, 2I, D) contiguous (w1 rows, then w3 rows), w2s (L, D, I) contiguous -> (N, D)."""
+    w13s (L, 2I, D) contiguous (w1 rows, then w3 rows), w2s (L, D, I) contiguous -> (N, D).
+    int8 stacks come with scales = (s13 (L, 2I), s2 (L, D)) fp32, one per output row."""
     n, d = rows.shape
     inter = w13s.shape[1] // 2
     out = torch.empty_like(rows)
@@ -75,13 +84,15 @@ def triton_grouped_swiglu(rows: torch.Tensor, expert_index: list[int], counts: l
     rows = rows.contiguous()
     starts, ends, experts = _tiles(expert_index, counts, block_m, rows.device)
     h = torch.empty(n, inter, dtype=rows.dtype, device=rows.device)  # (N, I)
-    # w1 and w3 of an expert share strides inside w13s; w3 starts `inter` rows further on.
+    assert (scales is not None) == (w13s.dtype == torch.int8), "int8 stacks need their scales, and only they"
+    s13, s2 = scales if scales is not None else (w13s, w2s)  # (unread when not SCALED)
+    # w1 and w3 of an expert share strides inside w13s (and s13); w3 starts `inter` rows further on.
     _grouped_gemm[(len(starts), triton.cdiv(inter, block_n))](
-        rows, w13s, w13s[:, inter:], h, starts, ends, experts, inter, d, rows.stride(0), w13s.stride(0),
-        w13s.stride(1), h.stride(0), FUSE_SWIGLU=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages)
+        rows, w13s, w13s[:, inter:], h, starts, ends, experts, s13, s13[:, inter:], inter, d, rows.stride(0),
+        w13s.stride(0), w13s.stride(1), h.stride(0), s13.stride(0), FUSE_SWIGLU=True, SCALED=scales is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     _grouped_gemm[(len(starts), triton.cdiv(d, block_n))](
-        h, w2s, w2s, out, starts, ends, experts, d, inter, h.stride(0), w2s.stride(0),
-        w2s.stride(1), out.stride(0), FUSE_SWIGLU=False, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+        h, w2s, w2s, out, starts, ends, experts, s2, s2, d, inter, h.stride(0), w2s.stride(0),
+        w2s.stride(1), out.stride(0), s2.stride(0), FUSE_SWIGLU=False, SCALED=scales is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     return out

@@ -4,7 +4,8 @@ On GPU, small steps (decode) use the Triton grouped kernel, one launch for all e
 stacked weights; larger ones use cuBLAS per expert, which was faster there on an H200 at Mixtral
 8x7B sizes (bench/results/experts_gpu_h200.txt: Triton 1.17x faster at 64 tokens, 0.70x at 1024).
 On the CPU each expert is a pair of linear layers (core/linear.py) and no stacks are kept. Quantized
-experts (int8) are per-expert layers everywhere (the Triton kernel reads unquantized stacks).
+experts (int8) on GPU are int8 stacks with their scales, which the Triton kernel reads at every row
+count (there is no cuBLAS GEMM over int8 weights to hand large steps to).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from expertmesh.core.grouped_experts import fused_expert, grouped_swiglu
 from expertmesh.core.linear import Linear
+from expertmesh.core.quantize import quantize_int8
 
 TRITON_MAX_ROWS = 128  # rows (tokens x top-k) up to which the Triton kernel beat cuBLAS
 
@@ -23,27 +25,41 @@ TRITON_MAX_ROWS = 128  # rows (tokens x top-k) up to which the Triton kernel bea
 class LayerExperts:
     """The experts a worker holds in one layer."""
     local: dict[int, int]  # global expert id -> local index
-    mlps: list[tuple[Linear, Linear]]  # per local index: (w13 (2I, D), w2 (D, I)), as fused_expert
+    mlps: list[tuple[Linear, Linear]]  # per local index: (w13 (2I, D), w2 (D, I)), as fused_expert; none
+    # for int8 stacks
     w13: torch.Tensor | None  # (L, 2I, D): w1 then w3 of each expert, stacked for the Triton kernel
     w2: torch.Tensor | None  # (L, D, I)
     quantize: str = "none"  # "int8": each layer in int8 (core/quantize.py)
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None  # int8 stacks': (s13 (L, 2I), s2 (L, D)) fp32
 
     @classmethod
     def stack(cls, experts: dict[int, tuple], keep_stacks: bool | None = None,
               quantize: str = "none") -> "LayerExperts":
         """experts: global id -> (w1 (I, D), w2 (D, I), w3 (I, D)). Stacks are kept on GPU (or when
-        asked), where the per-expert layers are views into them; never for quantized experts. Without
+        asked), where the per-expert layers are views into them (int8 stacks have none). Without
         stacks it takes each expert out of `experts` as it prepares it: the plain weights go as it goes."""
         ids = sorted(experts)
         if keep_stacks is None:
-            keep_stacks = experts[ids[0]][0].is_cuda and quantize == "none"
-        assert not (keep_stacks and quantize != "none"), "stacks hold unquantized weights"
+            keep_stacks = experts[ids[0]][0].is_cuda
         local = {e: i for i, e in enumerate(ids)}
         if not keep_stacks:
             return cls(local, [fused_expert(*experts.pop(e), quantize) for e in ids], None, None, quantize)
-        w13 = torch.stack([torch.cat([experts[e][0], experts[e][2]]) for e in ids]).contiguous()
-        w2 = torch.stack([experts[e][1] for e in ids]).contiguous()
-        return cls(local, [(Linear(w13[i]), Linear(w2[i])) for i in range(len(ids))], w13, w2)
+        return cls._stacked(local, [(torch.cat([experts[e][0], experts[e][2]]), experts[e][1]) for e in ids],
+                            quantize)
+
+    @classmethod
+    def _stacked(cls, local: dict[int, int], experts: list[tuple], quantize: str) -> "LayerExperts":
+        """experts: per local index (w13 (2I, D), w2 (D, I)) in the checkpoint's dtype, or, for int8,
+        already quantized ((q13, s13), (q2, s2))."""
+        if quantize == "none":
+            w13 = torch.stack([w13 for w13, _ in experts]).contiguous()
+            w2 = torch.stack([w2 for _, w2 in experts]).contiguous()
+            return cls(local, [(Linear(w13[i]), Linear(w2[i])) for i in range(len(experts))], w13, w2)
+        experts = [(w13, w2) if isinstance(w13, tuple) else (quantize_int8(w13), quantize_int8(w2))
+                   for w13, w2 in experts]
+        q13, s13 = torch.stack([q for (q, _), _ in experts]), torch.stack([s for (_, s), _ in experts])
+        q2, s2 = torch.stack([q for _, (q, _) in experts]), torch.stack([s for _, (_, s) in experts])
+        return cls(local, [], q13, q2, quantize, (s13, s2))
 
     def changed(self, new: dict[int, tuple], gone: set[int]) -> "LayerExperts | None":
         """This layer with experts `new` (global id -> raw (w1, w2, w3)) added and `gone` removed;
@@ -58,13 +74,20 @@ class LayerExperts:
             mlps = [self.mlps[self.local[e]] if e in self.local else fused_expert(*new[e], self.quantize)
                     for e in ids]
             return LayerExperts(local, mlps, None, None, self.quantize)
-        w13 = torch.stack([self.w13[self.local[e]] if e in self.local else torch.cat([new[e][0], new[e][2]])
-                           for e in ids]).contiguous()
-        w2 = torch.stack([self.w2[self.local[e]] if e in self.local else new[e][1] for e in ids]).contiguous()
-        return LayerExperts(local, [(Linear(w13[i]), Linear(w2[i])) for i in range(len(ids))], w13, w2)
+        return self._stacked(local, [self._held(self.local[e]) if e in self.local
+                                     else (torch.cat([new[e][0], new[e][2]]), new[e][1]) for e in ids], self.quantize)
+
+    def _held(self, i: int) -> tuple:
+        """Stacked expert i as _stacked takes it back."""
+        if self.scales is None:
+            return self.w13[i], self.w2[i]
+        return (self.w13[i], self.scales[0][i]), (self.w2[i], self.scales[1][i])
 
     @property
     def nbytes(self) -> int:
+        if self.w13 is not None:  # the stacks (the per-expert layers are views of them)
+            tensors = [self.w13, self.w2, *(self.scales or ())]
+            return sum(t.numel() * t.element_size() for t in tensors)
         return sum(w13.nbytes + w2.nbytes for w13, w2 in self.mlps)
 
 
@@ -72,8 +95,8 @@ def grouped_experts(rows: torch.Tensor, layer: LayerExperts, expert_ids: list[in
                     counts: list[int]) -> torch.Tensor:
     """rows (N, D) grouped by expert: counts[g] rows for global expert expert_ids[g] -> (N, D)."""
     index = [layer.local[e] for e in expert_ids]
-    if rows.is_cuda and layer.w13 is not None and rows.shape[0] <= TRITON_MAX_ROWS:
+    if layer.w13 is not None and (not layer.mlps or rows.is_cuda and rows.shape[0] <= TRITON_MAX_ROWS):
         from expertmesh.core.grouped_experts_triton import triton_grouped_swiglu
 
-        return triton_grouped_swiglu(rows, index, counts, layer.w13, layer.w2)
+        return triton_grouped_swiglu(rows, index, counts, layer.w13, layer.w2, layer.scales)
     return grouped_swiglu(rows, counts, [layer.mlps[i] for i in index])
