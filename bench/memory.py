@@ -9,8 +9,9 @@ defaults: 400 MB of experts, 130 MB of embeddings and lm_head) is loaded by the 
 expert worker holding every expert (`ExpertWorker.load`, the actor's own code, called in-process),
 at --dtype float32 and bfloat16 and with --quantize int8, each in a fresh process. The figure is the
 growth of resident memory (VmRSS) from just before the weights are read to just after, over the bytes
-of weights the process reports holding (`Linear.nbytes` and the tensors beside them; a worker's
-`nbytes()`): 1.00 means nothing but the weights stayed. The KV cache is not part of it (allocated
+of weights the process reports holding (`Linear.nbytes` and the tensors beside them, and the router's
+rotary tables, 32 MB computed at load for 32k positions; a worker's `nbytes()`): 1.00 means nothing but
+the weights stayed. The KV cache is not part of it (allocated
 separately, by size). Target: <= 1.15.
 Last line: rss_over_weights_router=<x> rss_over_weights_worker=<y> (the worse of fp32 and bf16)
 """
@@ -45,6 +46,7 @@ if role == "router":
     before = rss()
     model = RouterModel.from_checkpoint(checkpoint, getattr(torch, dtype), "cpu", quantize)
     held = (model.embed.nbytes + model.final_norm.nbytes + model.lm_head.nbytes
+            + model.rope.cos.nbytes + model.rope.sin.nbytes
             + sum(w.qkv.nbytes + w.o.nbytes + w.gate.nbytes + w.input_norm.nbytes + w.post_attention_norm.nbytes
                   for w in model.layers))
 else:

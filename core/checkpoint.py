@@ -180,7 +180,8 @@ class Checkpoint:
                                           f"{shard} but that file does not hold it")
 
     def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Read the named tensors (hub names), each file memory-mapped and opened once."""
+        """Read the named tensors (hub names), each file memory-mapped and opened once; each tensor is
+        copied out of the mapping (nothing stays mapped after the load)."""
         by_file: dict[Path, list[str]] = {}
         for name in names:
             if name not in self.locations:
@@ -194,7 +195,9 @@ class Checkpoint:
                     if self.layout == "consolidated" and name.endswith(("q_proj.weight", "k_proj.weight")):
                         heads = self.config.num_heads if "q_proj" in name else self.config.num_kv_heads
                         tensor = interleaved_to_half_split(tensor, heads)
-                    out[name] = tensor.to(dtype) if dtype is not None else tensor
+                    # a copy of its own, even in the file's dtype: a tensor still backed by the mapping
+                    # keeps the whole file mapped, and every page the load touched resident with it
+                    out[name] = tensor.to(dtype) if dtype not in (None, tensor.dtype) else tensor.clone()
         return out
 
     def dense_names(self) -> list[str]:

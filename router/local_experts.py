@@ -7,6 +7,7 @@ import torch
 from expertmesh.core.checkpoint import Checkpoint
 from expertmesh.core.config import MixtralConfig
 from expertmesh.core.grouped_experts import fused_expert, grouped_swiglu, grouped_swiglu_by_offsets, swiglu_expert
+from expertmesh.core.heap import release_free_heap
 from expertmesh.core.linear import Linear
 from expertmesh.core.moe_math import combine_rows, sort_by_expert
 
@@ -30,7 +31,9 @@ class LocalExperts:
         pairs = [(layer, e) for layer in range(c.num_layers) for e in range(c.num_experts)]
         weights = {p: tuple(w.to(device) for w in ws) for p, ws in checkpoint.read_experts(pairs, dtype).items()}
         if not stacked:
-            return cls(c, {p: fused_expert(*weights.pop(p), quantize) for p in pairs})
+            experts = cls(c, {p: fused_expert(*weights.pop(p), quantize) for p in pairs})
+            release_free_heap()  # the load's transients
+            return experts
         assert quantize == "none", "the stacks' grouped GEMMs read unquantized weights"
         experts = [[weights[(layer, e)] for e in range(c.num_experts)] for layer in range(c.num_layers)]
         w13 = torch.stack([torch.stack([torch.cat([w1, w3]) for w1, _, w3 in layer]) for layer in experts])

@@ -16,6 +16,7 @@ import torch
 from expertmesh.core import cpu_kernels
 from expertmesh.core.checkpoint import Checkpoint
 from expertmesh.core.config import MixtralConfig
+from expertmesh.core.heap import release_free_heap
 from expertmesh.core.linear import Linear
 from expertmesh.core.moe_math import rms_norm, top_k_gating
 from expertmesh.router.attention import AttentionBatch, Rope, paged_attention
@@ -67,7 +68,9 @@ class RouterModel:
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, dtype: torch.dtype, device: str | torch.device = "cpu",
                         quantize: str = "none") -> "RouterModel":
-        return cls(checkpoint.config, {k: t.to(device) for k, t in checkpoint.read_dense(dtype).items()}, quantize)
+        model = cls(checkpoint.config, {k: t.to(device) for k, t in checkpoint.read_dense(dtype).items()}, quantize)
+        release_free_heap()  # the load's transients
+        return model
 
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.embed[token_ids.to(self.device)]  # (T,) -> (T, D)

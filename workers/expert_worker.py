@@ -26,6 +26,7 @@ import torch
 
 from expertmesh.core import wire
 from expertmesh.core.checkpoint import Checkpoint
+from expertmesh.core.heap import release_free_heap
 from expertmesh.workers.grouped_mlp import LayerExperts, grouped_experts
 
 log = logging.getLogger("expertmesh.worker")
@@ -68,6 +69,7 @@ class ExpertWorker:
         torch.set_num_threads(_usable_cores() if urgent else 1)
         try:
             self._apply(add, drop)
+            release_free_heap()  # the load's transients, and what a drop let go
         finally:
             torch.set_num_threads(1)
 
