@@ -1,7 +1,7 @@
 /* The CPU's decode kernels (loaded by core/cpu_kernels.py): where a step has few rows, each torch op
  * costs more in dispatch than in arithmetic, and the weights' bytes are the step's real cost.
  *
- *   linear_*          y = x W^T over fp32, bf16 or int8 weights, any row count: core/linear.py
+ *   linear_*          y = x W^T over fp32, bf16, int8 or int4 weights, any row count: core/linear.py
  *   rms_norm_f32      RMSNorm of a few rows
  *   rope_store_f32    rotate q and k of each row in place, store k and v into the paged cache
  *   decode_attention_f32  one query row per sequence over its cached keys (online softmax)
@@ -23,7 +23,13 @@
  *
  * The layout ("blocked"): W (n, k) cut into panels of 16 outputs, each panel stored k-major, so that
  * the 16 weights of one input column are adjacent: Wb (P, k, 16), P = ceil(n / 16), rows past n zero
- * (core/linear.py builds it once, at load). fp32, bf16, or int8 times a per-output scale (P * 16,).
+ * (core/linear.py builds it once, at load). The types:
+ *   f32, bf16  the weights;
+ *   i8         int8 times a scale per output (P * 16,) fp32, applied once to each finished sum;
+ *   i4         int4, two to a byte: Wb (P, k, 8) bytes, byte j of a column holding output j in its
+ *              low nibble and output j + 8 in its high one (two's complement, -8..7); a bf16 scale per
+ *              output and group of GROUP columns, (P, ceil(k / GROUP), 16), applied to the weights as
+ *              they are widened.
  * x (m, k) fp32, y (m, P * 16) fp32.
  *
  * The micro-kernel keeps MR rows x NB panels of sums in vector registers; each step over k loads NB
@@ -50,7 +56,8 @@
 #define NB 1
 #endif
 #define HALVES (PANEL / VL) /* native vectors per panel */
-#define KC 256
+#define KC 256 /* a multiple of GROUP */
+#define GROUP 32 /* int4's columns per scale */
 
 #if defined(__x86_64__) || defined(__i386__)
 #define IN_REGISTER(v) __asm__("" : "+v"(v))
@@ -67,9 +74,11 @@ typedef uint16_t vh __attribute__((vector_size(VL * 2)));
 typedef int8_t vb __attribute__((vector_size(VL)));
 
 int linear_panel(void) { return PANEL; }
+int linear_group(void) { return GROUP; }
 
 static inline vf vload_f32(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
+
 /* Widening loads. Compilers turn the generic form into one byte or half-word at a time (GCC 12
  * does), 8x slower than the weights stream: on x86 the instructions are named. */
 #if defined(__AVX512F__)
@@ -104,31 +113,87 @@ static inline vf vload_i8(const int8_t *p) {
 }
 #endif
 
-/* y[r, 16 * b + j] (+)= sum_{i < kc} x[r, i] * wb[b][i][j] for R rows, B panels (wb's panels
+/* One column of a panel (its 16 weights, as HALVES native vectors) for each type. */
+typedef float f32;
+typedef uint16_t bf16;
+typedef int8_t i8;
+typedef uint8_t i4;
+#define COLUMN_f32 PANEL /* elements of the type per column */
+#define COLUMN_bf16 PANEL
+#define COLUMN_i8 PANEL
+#define COLUMN_i4 (PANEL / 2)
+#define GROUPED_f32 0 /* scaled per group of columns */
+#define GROUPED_bf16 0
+#define GROUPED_i8 0
+#define GROUPED_i4 1
+
+static inline void column_f32(const float *p, vf out[HALVES]) {
+    for (int h = 0; h < HALVES; h++) out[h] = vload_f32(p + h * VL);
+}
+static inline void column_bf16(const uint16_t *p, vf out[HALVES]) {
+    for (int h = 0; h < HALVES; h++) out[h] = vload_bf16(p + h * VL);
+}
+static inline void column_i8(const int8_t *p, vf out[HALVES]) {
+    for (int h = 0; h < HALVES; h++) out[h] = vload_i8(p + h * VL);
+}
+static inline void column_i4(const uint8_t *p, vf out[HALVES]) {
+#if defined(__AVX512F__) /* the 8 bytes twice, shifted so lanes 0-7 keep the low nibbles, 8-15 the high */
+    __m128i b = _mm_loadl_epi64((const __m128i *)p);
+    __m512i v = _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(b, b));
+    const __m512i shift = _mm512_set_epi32(24, 24, 24, 24, 24, 24, 24, 24, 28, 28, 28, 28, 28, 28, 28, 28);
+    out[0] = (vf)_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_sllv_epi32(v, shift), 28));
+#elif defined(__AVX2__) && VL == 8
+    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    out[0] = (vf)_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 28), 28));
+    out[1] = (vf)_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 28));
+#else
+    float lanes[PANEL];
+    for (int j = 0; j < PANEL / 2; j++) {
+        lanes[j] = (float)((int8_t)(uint8_t)(p[j] << 4) >> 4);
+        lanes[j + PANEL / 2] = (float)((int8_t)p[j] >> 4);
+    }
+    for (int h = 0; h < HALVES; h++) memcpy(&out[h], lanes + h * VL, sizeof(vf));
+#endif
+}
+
+/* y[r, 16 * b + j] (+)= sum_{i < kc} x[r, i] * W(b)[i][j] for R rows, B panels (wb's panels
  * `panel_stride` apart); the sums start from y unless `fresh`, and end times scale[16 * b + j] when
- * scale is given (the last chunk of an int8 weight). IN_REGISTER (an empty asm statement) keeps each
- * loaded weight vector in a register: without it the compiler folds the loads into every FMA, R loads
- * where one will do, and the loads, not the FMAs, set the pace. */
+ * scale is given (the last chunk of an int8 weight). int4 weights are times their group's scales
+ * (`group_scale`, the chunk's first group of each panel, panels `group_stride` apart) as they load.
+ * IN_REGISTER (an empty asm statement) keeps each loaded weight vector in a register: without it the
+ * compiler folds the loads into every FMA, R loads where one will do, and the loads, not the FMAs,
+ * set the pace. */
 #define MICRO(T, R, B) MICRO_(T, R, B) /* (expands NB before pasting names) */
 #define MICRO_(T, R, B)                                                                                 \
 static inline void micro_##T##_##R##_##B(const float *x, int64_t ldx, const T *wb, int64_t panel_stride, \
-                                         int64_t kc, int fresh, const float *scale, float *y, int64_t ldy) { \
+                                         int64_t kc, int fresh, const float *scale,                     \
+                                         const uint16_t *group_scale, int64_t group_stride, float *y,   \
+                                         int64_t ldy) {                                                 \
     vf acc[R][B][HALVES];                                                                               \
     for (int r = 0; r < R; r++)                                                                         \
         for (int b = 0; b < B; b++)                                                                     \
             for (int h = 0; h < HALVES; h++)                                                            \
                 acc[r][b][h] = fresh ? (vf){0} : vload_f32(y + r * ldy + b * PANEL + h * VL);           \
-    for (int64_t i = 0; i < kc; i++) {                                                                  \
-        vf wv[B][HALVES];                                                                               \
-        for (int b = 0; b < B; b++)                                                                     \
-            for (int h = 0; h < HALVES; h++) {                                                          \
-                wv[b][h] = vload_##T(wb + b * panel_stride + i * PANEL + h * VL);                       \
-                IN_REGISTER(wv[b][h]);                                                                  \
+    for (int64_t g = 0; g < kc; g += GROUPED_##T ? GROUP : KC) {                                        \
+        vf gs[B][HALVES];                                                                               \
+        for (int b = 0; b < B && GROUPED_##T; b++)                                                      \
+            for (int h = 0; h < HALVES; h++)                                                            \
+                gs[b][h] = vload_bf16(group_scale + b * group_stride + g / GROUP * PANEL + h * VL);     \
+        int64_t end = GROUPED_##T && g + GROUP < kc ? g + GROUP : kc;                                   \
+        for (int64_t i = g; i < end; i++) {                                                             \
+            vf wv[B][HALVES];                                                                           \
+            for (int b = 0; b < B; b++) {                                                               \
+                column_##T(wb + b * panel_stride + i * COLUMN_##T, wv[b]);                              \
+                for (int h = 0; h < HALVES; h++) {                                                      \
+                    if (GROUPED_##T) wv[b][h] *= gs[b][h];                                              \
+                    IN_REGISTER(wv[b][h]);                                                              \
+                }                                                                                       \
             }                                                                                           \
-        for (int r = 0; r < R; r++) {                                                                   \
-            vf xv = (vf){0} + x[r * ldx + i];                                                           \
-            for (int b = 0; b < B; b++)                                                                 \
-                for (int h = 0; h < HALVES; h++) acc[r][b][h] += xv * wv[b][h];                         \
+            for (int r = 0; r < R; r++) {                                                               \
+                vf xv = (vf){0} + x[r * ldx + i];                                                       \
+                for (int b = 0; b < B; b++)                                                             \
+                    for (int h = 0; h < HALVES; h++) acc[r][b][h] += xv * wv[b][h];                     \
+            }                                                                                           \
         }                                                                                               \
     }                                                                                                   \
     for (int r = 0; r < R; r++)                                                                         \
@@ -138,53 +203,58 @@ static inline void micro_##T##_##R##_##B(const float *x, int64_t ldx, const T *w
                        scale ? acc[r][b][h] * vload_f32(scale + b * PANEL + h * VL) : acc[r][b][h]);    \
 }
 
-/* Rows in tiles of MR (the last tile R < MR rows), panels NB at a time (the last ones singly). */
+/* Rows in tiles of MR (the last tile R < MR rows). */
 #define TILE(T, B) TILE_(T, B)
 #define TILE_NAME(T, B) TILE_NAME_(T, B)
 #define TILE_NAME_(T, B) tile_##T##_##B
 #define TILE_(T, B)                                                                                     \
 static inline void tile_##T##_##B(const float *x, int64_t rows, int64_t ldx, const T *wb, int64_t ps,   \
-                                  int64_t kc, int fresh, const float *scale, float *y, int64_t ldy) {   \
+                                  int64_t kc, int fresh, const float *sc, const uint16_t *gs,           \
+                                  int64_t gps, float *y, int64_t ldy) {                                 \
     for (int64_t r = 0; r < rows; r += MR) {                                                            \
         const float *xr = x + r * ldx;                                                                  \
         float *yr = y + r * ldy;                                                                        \
         switch (rows - r < MR ? rows - r : MR) {                                                        \
-        case 1: micro_##T##_1_##B(xr, ldx, wb, ps, kc, fresh, scale, yr, ldy); break;                   \
-        case 2: micro_##T##_2_##B(xr, ldx, wb, ps, kc, fresh, scale, yr, ldy); break;                   \
-        case 3: micro_##T##_3_##B(xr, ldx, wb, ps, kc, fresh, scale, yr, ldy); break;                   \
-        case 4: micro_##T##_4_##B(xr, ldx, wb, ps, kc, fresh, scale, yr, ldy); break;                   \
-        case 5: micro_##T##_5_##B(xr, ldx, wb, ps, kc, fresh, scale, yr, ldy); break;                   \
-        default: micro_##T##_6_##B(xr, ldx, wb, ps, kc, fresh, scale, yr, ldy); break;                  \
+        case 1: micro_##T##_1_##B(xr, ldx, wb, ps, kc, fresh, sc, gs, gps, yr, ldy); break;             \
+        case 2: micro_##T##_2_##B(xr, ldx, wb, ps, kc, fresh, sc, gs, gps, yr, ldy); break;             \
+        case 3: micro_##T##_3_##B(xr, ldx, wb, ps, kc, fresh, sc, gs, gps, yr, ldy); break;             \
+        case 4: micro_##T##_4_##B(xr, ldx, wb, ps, kc, fresh, sc, gs, gps, yr, ldy); break;             \
+        case 5: micro_##T##_5_##B(xr, ldx, wb, ps, kc, fresh, sc, gs, gps, yr, ldy); break;             \
+        default: micro_##T##_6_##B(xr, ldx, wb, ps, kc, fresh, sc, gs, gps, yr, ldy); break;            \
         }                                                                                               \
     }                                                                                                   \
 }
 
-/* Panels [first, last) of the product (one thread's share). */
+/* Panels [first, last) of the product (one thread's share), NB at a time (the last ones singly). */
 #define RANGE(T)                                                                                        \
-static void range_##T(const float *x, const T *wb, const float *scale, float *y, int64_t m, int64_t k,  \
-                      int64_t ldy, int64_t first, int64_t last) {                                       \
-    int64_t ps = k * PANEL;                                                                             \
+static void range_##T(const float *x, const T *wb, const float *scale, const uint16_t *group_scale,     \
+                      float *y, int64_t m, int64_t k, int64_t ldy, int64_t first, int64_t last) {       \
+    int64_t ps = k * COLUMN_##T, gps = (k + GROUP - 1) / GROUP * PANEL;                                 \
     for (int64_t p = first; p < last; p += NB) {                                                        \
         int64_t group = last - p < NB ? last - p : NB;                                                  \
         for (int64_t c = 0; c < k; c += KC) {                                                           \
             int64_t kc = k - c < KC ? k - c : KC;                                                       \
             const float *sc = scale && c + kc == k ? scale + p * PANEL : 0;                             \
+            const uint16_t *gs = group_scale ? group_scale + p * gps + c / GROUP * PANEL : 0;           \
+            const T *w = wb + p * ps + c * COLUMN_##T;                                                  \
             if (group == NB) {                                                                          \
-                TILE_NAME(T, NB)(x + c, m, k, wb + p * ps + c * PANEL, ps, kc, c == 0, sc, y + p * PANEL, ldy); \
+                TILE_NAME(T, NB)(x + c, m, k, w, ps, kc, c == 0, sc, gs, gps, y + p * PANEL, ldy);     \
             } else {                                                                                    \
-                for (int64_t q = p; q < p + group; q++)                                                 \
-                    tile_##T##_1(x + c, m, k, wb + q * ps + c * PANEL, ps, kc, c == 0,                  \
-                                 sc ? sc + (q - p) * PANEL : 0, y + q * PANEL, ldy);                    \
+                for (int64_t q = 0; q < group; q++)                                                     \
+                    tile_##T##_1(x + c, m, k, w + q * ps, ps, kc, c == 0, sc ? sc + q * PANEL : 0,      \
+                                 gs ? gs + q * gps : 0, gps, y + (p + q) * PANEL, ldy);                 \
             }                                                                                           \
         }                                                                                               \
     }                                                                                                   \
 }
 
-/* x (m, k), wb (P, k, 16), scale (P * 16,) or NULL, y (m, P * 16): the threads take contiguous runs
- * of panels, whole groups of NB where there are enough. */
+/* x (m, k), wb (the type's blocked layout), scale (P * 16,) fp32 for i8 else NULL, group_scale
+ * (P, ceil(k / GROUP), 16) bf16 for i4 else NULL, y (m, P * 16): the threads take contiguous runs of
+ * panels, whole groups of NB where there are enough. */
 #define LINEAR(T)                                                                                       \
 void linear_##T(const float *restrict x, const T *restrict wb, const float *restrict scale,             \
-                float *restrict y, int64_t m, int64_t panels, int64_t k, int threads) {                 \
+                const uint16_t *restrict group_scale, float *restrict y, int64_t m, int64_t panels,     \
+                int64_t k, int threads) {                                                               \
     int64_t groups = (panels + NB - 1) / NB;                                                            \
     if (threads > groups) threads = (int)groups;                                                        \
     if (threads < 1) threads = 1;                                                                       \
@@ -192,23 +262,21 @@ void linear_##T(const float *restrict x, const T *restrict wb, const float *rest
     for (int t = 0; t < threads; t++) {                                                                 \
         int64_t first = groups * t / threads * NB, last = groups * (t + 1) / threads * NB;             \
         if (last > panels) last = panels;                                                               \
-        if (first < last) range_##T(x, wb, scale, y, m, k, panels * PANEL, first, last);               \
+        if (first < last) range_##T(x, wb, scale, group_scale, y, m, k, panels * PANEL, first, last);  \
     }                                                                                                   \
 }
 
-typedef float f32;
-typedef uint16_t bf16;
-typedef int8_t i8;
 #define KERNELS(T)                                                                                      \
     MICRO(T, 1, NB) MICRO(T, 2, NB) MICRO(T, 3, NB) MICRO(T, 4, NB) MICRO(T, 5, NB) MICRO(T, 6, NB)     \
     TILE(T, NB) RANGE(T) LINEAR(T)
 #if NB != 1
 #define SINGLE(T) MICRO(T, 1, 1) MICRO(T, 2, 1) MICRO(T, 3, 1) MICRO(T, 4, 1) MICRO(T, 5, 1) MICRO(T, 6, 1) TILE(T, 1)
-SINGLE(f32) SINGLE(bf16) SINGLE(i8)
+SINGLE(f32) SINGLE(bf16) SINGLE(i8) SINGLE(i4)
 #endif
 KERNELS(f32)
 KERNELS(bf16)
 KERNELS(i8)
+KERNELS(i4)
 
 /* x (m, d), w (d,) -> y (m, d) = w * x / sqrt(mean(x^2) + eps) */
 void rms_norm_f32(const float *restrict x, const float *restrict w, float *restrict y,

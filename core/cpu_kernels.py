@@ -94,9 +94,10 @@ class CpuKernels:
     def __init__(self, library: ctypes.CDLL):
         p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
         signatures = {
-            "linear_f32": [p, p, p, p, i64, i64, i64, i32],
-            "linear_bf16": [p, p, p, p, i64, i64, i64, i32],
-            "linear_i8": [p, p, p, p, i64, i64, i64, i32],
+            "linear_f32": [p, p, p, p, p, i64, i64, i64, i32],
+            "linear_bf16": [p, p, p, p, p, i64, i64, i64, i32],
+            "linear_i8": [p, p, p, p, p, i64, i64, i64, i32],
+            "linear_i4": [p, p, p, p, p, i64, i64, i64, i32],
             "rms_norm_f32": [p, p, p, i64, i64, f32],
             "rope_store_f32": [p, p, p, p, p, p, p, i64, i64, i64, i64],
             "decode_attention_f32": [p, i64, p, p, p, i64, p, p, i64, i64, i64, i64, i64, i32],
@@ -109,12 +110,13 @@ class CpuKernels:
             fn.argtypes, fn.restype = args, None
             setattr(self, "_" + name, fn)
         self.panel = library.linear_panel()  # outputs per panel of the blocked layout
+        self.group = library.linear_group()  # int4's columns per scale
         self._linear = {torch.float32: self._linear_f32, torch.bfloat16: self._linear_bf16,
-                        torch.int8: self._linear_i8}
+                        torch.int8: self._linear_i8, torch.uint8: self._linear_i4}
 
     def supports(self, weight: torch.Tensor) -> bool:
-        """Whether `linear` takes this weight (blocked)."""
-        return weight.device.type == "cpu" and weight.dtype in self._linear
+        """Whether `linear` takes this weight (blocked; int4 through blocked_int4)."""
+        return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16, torch.int8)
 
     def blocked(self, weight: torch.Tensor) -> torch.Tensor:
         """weight (n, k) -> the kernel's layout (P, k, panel), P = ceil(n / panel): panels of outputs,
@@ -125,20 +127,40 @@ class CpuKernels:
             weight = torch.cat([weight, weight.new_zeros(pad, k)])
         return weight.view(-1, self.panel, k).transpose(1, 2).contiguous()
 
-    def linear(self, x: torch.Tensor, blocked: torch.Tensor, n: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    def blocked_int4(self, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """quantize_int4's (q (n, k) int8 in [-8, 7], scale (n, groups) bf16) -> the kernel's layout:
+        (P, k, panel / 2) uint8, output j of a panel in the low nibble of byte j, output j + panel / 2
+        in the high one; scales (P, groups, panel) bf16."""
+        half = self.panel // 2
+        columns = self.blocked(q)  # (P, k, panel) int8
+        nibbles = columns.view(torch.uint8) & 0xF
+        packed = (nibbles[:, :, :half] | (nibbles[:, :, half:] << 4)).contiguous()
+        pad = -q.shape[0] % self.panel
+        if pad:
+            scale = torch.cat([scale, scale.new_ones(pad, scale.shape[1])])
+        return packed, scale.view(-1, self.panel, scale.shape[1]).transpose(1, 2).contiguous()
+
+    def linear(self, x: torch.Tensor, blocked: torch.Tensor, n: int, scale: torch.Tensor | None = None,
+               group_scale: torch.Tensor | None = None) -> torch.Tensor:
         """x (m, k) @ W.T -> (m, n) fp32, W's blocked layout (P, k, panel) from `blocked`; int8 weights
-        take their per-output scale (P * panel,) fp32. Any m, including 0."""
+        take their per-output scale (P * panel,) fp32, int4 ones (blocked_int4's, uint8 (P, k,
+        panel / 2)) their group scales (P, groups, panel) bf16. Any m, including 0."""
         m, k = x.shape
         panels = blocked.shape[0]
-        assert blocked.shape[1:] == (k, self.panel) and blocked.is_contiguous() and n <= panels * self.panel
+        width = self.panel // 2 if blocked.dtype == torch.uint8 else self.panel
+        assert blocked.shape[1:] == (k, width) and blocked.is_contiguous() and n <= panels * self.panel
         assert (scale is not None) == (blocked.dtype == torch.int8)
         assert scale is None or (scale.dtype == torch.float32 and scale.shape == (panels * self.panel,))
+        assert (group_scale is not None) == (blocked.dtype == torch.uint8)
+        assert group_scale is None or (group_scale.dtype == torch.bfloat16 and group_scale.is_contiguous()
+                                       and group_scale.shape == (panels, -(-k // self.group), self.panel))
         x32 = x.float().contiguous()
         y = torch.empty(m, panels * self.panel, dtype=torch.float32)
         if m:
             threads = 1 if blocked.nbytes < PARALLEL_MIN_BYTES else torch.get_num_threads()
             self._linear[blocked.dtype](_ptr(x32), _ptr(blocked), _ptr(scale) if scale is not None else None,
-                                        _ptr(y), m, panels, k, threads)
+                                        _ptr(group_scale) if group_scale is not None else None, _ptr(y), m,
+                                        panels, k, threads)
         return y if n == y.shape[1] else y[:, :n].contiguous()
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

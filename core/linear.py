@@ -6,9 +6,10 @@
   - CPU without the kernels: oneDNN's prepacked copy where oneDNN takes the dtype (it refuses bf16
     on CPUs without AVX-512 BF16), else the weight as given for torch's F.linear;
   - GPU: the weight as given (cuBLAS).
-`quantize="int8"` holds int8 and a scale per output (core/quantize.py): the blocked kernel reads
-int8 and scales in registers; elsewhere (GPU, no kernels) each call dequantizes a chunk of outputs at
-a time, which saves the memory but not the time. Only one layout is ever held: `nbytes` is the truth.
+`quantize="int8"` holds int8 and a scale per output, `"int4"` two weights a byte and a bf16 scale per
+32 columns (core/quantize.py): the blocked kernel widens and scales them in registers; elsewhere (GPU,
+no kernels) each call dequantizes a chunk of outputs at a time, which saves the memory but not the
+time. Only one layout is ever held: `nbytes` is the truth.
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from expertmesh.core import cpu_kernels
-from expertmesh.core.quantize import dequantize, quantize_int8
+from expertmesh.core.quantize import (
+    QUANTIZE,
+    dequantize,
+    dequantize_int4,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
 
 PACK_BATCH_HINT = 32  # rows oneDNN's packed layout is tuned for; any row count works
 DEQUANTIZE_ROWS = 2048  # outputs dequantized per pass where no int8 kernel reads the weight
@@ -38,37 +47,44 @@ def _prepack(weight: torch.Tensor) -> torch.Tensor | None:
 class Linear:
     """A bias-free linear layer; weight (out, in). Calling it maps x (n, in) -> (n, out) in x's dtype.
 
-    quantize: "none" or "int8". kernels: core/cpu_kernels.py's (default, where they build) or None
-    (off: the torch paths, as on a machine without a C compiler).
-    layout: "blocked" (the C kernel), "packed" (oneDNN), "plain" (F.linear) or "int8" (plain int8,
+    quantize: "none", "int8" or "int4". kernels: core/cpu_kernels.py's (default, where they build) or
+    None (off: the torch paths, as on a machine without a C compiler).
+    layout: "blocked" (the C kernel), "packed" (oneDNN), "plain" (F.linear), or "int8" / "int4" (plain,
     dequantized per call).
     """
 
     def __init__(self, weight: torch.Tensor, quantize: str = "none", kernels=_DEFAULT):
-        if quantize not in ("none", "int8"):
-            raise ValueError(f"quantize must be 'none' or 'int8', got {quantize!r}")
+        if quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
         self.out_features, self.in_features = weight.shape
-        self.weight_dtype = torch.int8 if quantize == "int8" else weight.dtype
         kernels = cpu_kernels.kernels() if kernels is _DEFAULT else kernels
-        weight, self.scale = quantize_int8(weight) if quantize == "int8" else (weight, None)
+        self.scale = self.group_scale = None  # int8's per output; int4's per (output, group)
+        if quantize == "int8":
+            weight, self.scale = quantize_int8(weight)
+        elif quantize == "int4":
+            weight, self.group_scale = quantize_int4(weight)  # (n, k) int8 in [-8, 7]
         if kernels is not None and kernels.supports(weight):
             self.layout, self._kernels = "blocked", kernels
-            self.weight = kernels.blocked(weight)  # (P, in, panel)
+            if quantize == "int4":  # (P, in, panel / 2) bytes, (P, groups, panel)
+                self.weight, self.group_scale = kernels.blocked_int4(weight, self.group_scale)
+            else:
+                self.weight = kernels.blocked(weight)  # (P, in, panel)
             if self.scale is not None:  # one per output of the padded panels
                 self.scale = torch.cat([self.scale, self.scale.new_ones(-self.out_features % kernels.panel)])
-        elif self.scale is not None:
+        elif quantize == "int8":
             self.layout, self.weight = "int8", weight.contiguous()
+        elif quantize == "int4":
+            self.layout, self.weight = "int4", pack_int4(weight)  # (out, in / 2) bytes
         else:
             packed = _prepack(weight)
             self.layout = "plain" if packed is None else "packed"
             self.weight = weight.contiguous() if packed is None else packed
-        self.nbytes = self.weight.numel() * self.weight.element_size()
-        if self.scale is not None:
-            self.nbytes += self.scale.numel() * self.scale.element_size()
+        self.nbytes = sum(t.numel() * t.element_size() for t in (self.weight, self.scale, self.group_scale)
+                          if t is not None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "blocked":
-            y = self._kernels.linear(x, self.weight, self.out_features, self.scale)
+            y = self._kernels.linear(x, self.weight, self.out_features, self.scale, self.group_scale)
             return y if x.dtype == torch.float32 else y.to(x.dtype)
         if self.layout == "packed":
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
@@ -77,5 +93,10 @@ class Linear:
         y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
         for start in range(0, self.out_features, DEQUANTIZE_ROWS):
             end = start + DEQUANTIZE_ROWS
-            y[:, start:end] = F.linear(x, dequantize(self.weight[start:end], self.scale[start:end], x.dtype))
+            if self.layout == "int8":
+                weight = dequantize(self.weight[start:end], self.scale[start:end], x.dtype)
+            else:
+                q = unpack_int4(self.weight[start:end], self.in_features)
+                weight = dequantize_int4(q, self.group_scale[start:end], x.dtype)
+            y[:, start:end] = F.linear(x, weight)
         return y

@@ -1,16 +1,19 @@
-"""Weight-only int8: symmetric, one scale per output channel, quantized at load.
+"""Weight-only quantization at load: int8 per output channel, int4 per group of 32 columns.
 
-W (n, k) -> q (n, k) int8 in [-127, 127] and scale (n,) fp32 with W ~= q * scale[:, None], scale =
-max |W[o, :]| / 127. The activations stay fp32 (bf16 on the GPU): only the weights' bytes shrink (4x
-from fp32, 2x from bf16), which is what bounds decode at small batches. A weight's error is at most
-scale / 2 per entry (half a step); tests/test_quantize.py bounds what that does to the logits.
+int8: W (n, k) -> q (n, k) int8 in [-127, 127] and scale (n,) fp32 with W ~= q * scale[:, None], scale
+= max |W[o, :]| / 127. int4: the same per group of GROUP columns of a row, q in [-8, 7] (the largest
+|W| of the group maps to 7), scale (n, ceil(k / GROUP)) rounded to bf16 first (what is stored: 4.5 bits
+a weight in all, as llama.cpp's Q4_0). The activations stay fp32 (bf16 on the GPU): only the weights'
+bytes shrink, which is what bounds decode at small batches. A weight's error is at most half a step
+(plus the bf16 rounding of int4's scale); tests/test_quantize.py bounds what that does to the logits.
 """
 
 from __future__ import annotations
 
 import torch
 
-QUANTIZE = ("none", "int8")  # the values of --quantize
+QUANTIZE = ("none", "int8", "int4")  # the values of --quantize
+GROUP = 32  # int4's columns per scale (core/cpu_kernels.c's GROUP)
 ROWS_AT_ONCE = 4096  # rows converted per pass: bounds the fp32 working copy of a large bf16 weight
 
 
@@ -31,3 +34,41 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """q (n, k) int8, scale (n,) -> (n, k) in dtype."""
     return (q.to(torch.float32) * scale[:, None]).to(dtype)
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (n, k) -> (q (n, k) int8 in [-8, 7], scale (n, ceil(k / GROUP)) bf16)."""
+    n, k = weight.shape
+    groups = -(-k // GROUP)
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(n, groups, dtype=torch.bfloat16, device=weight.device)
+    for start in range(0, n, ROWS_AT_ONCE):
+        rows = weight[start:start + ROWS_AT_ONCE].float()
+        padded = torch.nn.functional.pad(rows, (0, groups * GROUP - k)).view(rows.shape[0], groups, GROUP)
+        step = (padded.abs().amax(dim=2) / 7).to(torch.bfloat16)
+        step = torch.where(step > 0, step, torch.ones_like(step))
+        quantized = torch.round(padded / step.float()[:, :, None]).clamp_(-8, 7)
+        q[start:start + ROWS_AT_ONCE] = quantized.view(rows.shape[0], -1)[:, :k].to(torch.int8)
+        scale[start:start + ROWS_AT_ONCE] = step
+    return q, scale
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q (n, k) in [-8, 7], scale (n, groups) -> (n, k) in dtype."""
+    k = q.shape[1]
+    return (q.float() * scale.float().repeat_interleave(GROUP, dim=1)[:, :k]).to(dtype)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q (n, k) in [-8, 7] -> (n, ceil(k / 2)) uint8, columns 2c and 2c + 1 in byte c's low and high nibble."""
+    if q.shape[1] % 2:
+        q = torch.nn.functional.pad(q, (0, 1))
+    nibbles = q.to(torch.uint8) & 0xF
+    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """pack_int4's inverse: (n, ceil(k / 2)) uint8 -> (n, k) int8."""
+    low = (packed << 4).view(torch.int8) >> 4  # sign-extended
+    high = packed.view(torch.int8) >> 4
+    return torch.stack([low, high], dim=2).view(packed.shape[0], -1)[:, :k]

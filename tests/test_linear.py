@@ -19,7 +19,15 @@ from hypothesis import strategies as st
 
 from expertmesh.core import cpu_kernels
 from expertmesh.core.linear import Linear
-from expertmesh.core.quantize import dequantize, quantize_int8
+from expertmesh.core.quantize import (
+    GROUP,
+    dequantize,
+    dequantize_int4,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
 
 KERNELS = cpu_kernels.kernels()
 needs_kernels = pytest.mark.skipif(KERNELS is None, reason="no C compiler here: the CPU kernels are off")
@@ -69,19 +77,24 @@ def cpu_kernels_off_packs(weight: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize("kernels", ["default", None])
 @pytest.mark.parametrize("rows", [1, 2, 5, 64])
-def test_int8_layers_hold_a_quarter_and_compute_with_the_dequantized_weight(kernels, rows):
+@pytest.mark.parametrize("in_features", [160, 77])  # 77: a partial last group of int4
+def test_quantized_layers_compute_with_the_dequantized_weight_and_hold_its_bytes(kernels, rows, in_features):
     gen = torch.Generator().manual_seed(rows)
-    weight = torch.randn(200, 160, generator=gen) / 160 ** 0.5
-    x = torch.randn(rows, 160, generator=gen)
-    layer = Linear(weight, "int8") if kernels == "default" else Linear(weight, "int8", kernels=None)
-    assert layer.layout == ("blocked" if kernels == "default" and KERNELS is not None else "int8")
-    q, scale = quantize_int8(weight)
-    assert close(layer(x), F.linear(x, dequantize(q, scale)), 1e-5)
-    # int8 entries plus a scale per output (padded to whole panels in the blocked layout)
-    panels = KERNELS.panel if layer.layout == "blocked" else 1
-    padded = -200 % panels
-    assert layer.nbytes == held_bytes(layer) == (200 + padded) * 160 + (200 + padded) * 4
-    assert layer.nbytes < weight.numel() * 4 / 3.5
+    weight = torch.randn(200, in_features, generator=gen) / in_features ** 0.5
+    x = torch.randn(rows, in_features, generator=gen)
+    blocked = kernels == "default" and KERNELS is not None
+    panels = KERNELS.panel if blocked else 1
+    outputs = 200 + -200 % panels  # padded to whole panels in the blocked layout
+    groups = -(-in_features // GROUP)
+    for quantize, expected_bytes, reference in (
+            ("int8", outputs * in_features + outputs * 4, dequantize(*quantize_int8(weight))),
+            ("int4", (outputs * in_features // 2 if blocked else outputs * ((in_features + 1) // 2))
+             + outputs * groups * 2, dequantize_int4(*quantize_int4(weight)))):
+        layer = Linear(weight, quantize) if kernels == "default" else Linear(weight, quantize, kernels=None)
+        assert layer.layout == ("blocked" if blocked else quantize)
+        assert close(layer(x), F.linear(x, reference), 1e-5)
+        assert layer.nbytes == held_bytes(layer) == expected_bytes, quantize
+    assert expected_bytes < weight.numel() * 4 / 6.5  # int4 and its scales: under 5 bits a weight
 
 
 @settings(max_examples=60, deadline=None)
@@ -98,21 +111,41 @@ def test_int8_error_is_at_most_half_a_step_per_weight(rows, k, seed, spread):
     assert torch.equal(quantize_int8(torch.zeros(2, 3))[0], torch.zeros(2, 3, dtype=torch.int8))
 
 
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 8), k=st.integers(1, 300), seed=st.integers(0, 2**31 - 1),
+       spread=st.sampled_from([1e-3, 1.0, 1e3]))
+def test_int4_error_is_at_most_half_a_step_per_weight_and_packs_losslessly(rows, k, seed, spread):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, k, generator=gen) * spread
+    q, scale = quantize_int4(weight)
+    assert q.dtype == torch.int8 and q.min() >= -8 and q.max() <= 7 and scale.shape == (rows, -(-k // GROUP))
+    step = scale.float().repeat_interleave(GROUP, dim=1)[:, :k]
+    # half a step, plus what rounding the scale to bf16 moved the largest entry of the group (to 7.03 steps)
+    assert ((dequantize_int4(q, scale) - weight).abs() <= step * 0.53).all()
+    assert torch.equal(unpack_int4(pack_int4(q), k), q)
+
+
 @needs_kernels
 @settings(max_examples=80, deadline=None)
 @given(rows=st.integers(1, 40), out_features=st.integers(1, 300), in_features=st.integers(1, 600),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.int8]), seed=st.integers(0, 2**31 - 1))
+       dtype=st.sampled_from(["fp32", "bf16", "int8", "int4"]), seed=st.integers(0, 2**31 - 1))
 def test_the_kernel_matches_f_linear_on_any_shape(rows, out_features, in_features, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(out_features, in_features, generator=gen)
     x = torch.randn(rows, in_features, generator=gen)
-    if dtype == torch.int8:
+    scale = group_scale = None
+    if dtype == "int8":
         q, scale = quantize_int8(weight)
         blocked, expected_weight = KERNELS.blocked(q), dequantize(q, scale)
         scale = torch.cat([scale, scale.new_ones(-out_features % KERNELS.panel)])
+    elif dtype == "int4":
+        q, group_scale = quantize_int4(weight)
+        expected_weight = dequantize_int4(q, group_scale)
+        blocked, group_scale = KERNELS.blocked_int4(q, group_scale)
     else:
-        blocked, expected_weight, scale = KERNELS.blocked(weight.to(dtype)), weight.to(dtype).float(), None
-    got = KERNELS.linear(x, blocked, out_features, scale)
+        as_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+        blocked, expected_weight = KERNELS.blocked(weight.to(as_dtype)), weight.to(as_dtype).float()
+    got = KERNELS.linear(x, blocked, out_features, scale, group_scale)
     # fp32 sums of exact products: as close as F.linear on the fp32 values
     assert got.dtype == torch.float32 and close(got, F.linear(x, expected_weight), 1e-5)
 
@@ -208,10 +241,11 @@ def test_the_kernels_built_for_an_older_cpu_compute_the_same(tmp_path, monkeypat
         for dtype in (torch.float32, torch.bfloat16):
             layer = Linear(weight.to(dtype), kernels=older)
             assert layer.layout == "blocked" and close(layer(x.to(dtype)), F.linear(x, weight.to(dtype).float()), 2e-2)
-        int8 = Linear(weight, "int8", kernels=older)
-        q, scale = quantize_int8(weight)
-        assert close(int8(x), F.linear(x, dequantize(q, scale)), 1e-5)
-        assert torch.equal(int8(x)[:1], int8(x[:1])), "batch-invariant on every target"
+        for quantize, reference in (("int8", dequantize(*quantize_int8(weight))),
+                                    ("int4", dequantize_int4(*quantize_int4(weight)))):
+            layer = Linear(weight, quantize, kernels=older)
+            assert close(layer(x), F.linear(x, reference), 1e-5)
+            assert torch.equal(layer(x)[:1], layer(x[:1])), "batch-invariant on every target"
     norm = torch.randn(333, generator=gen)
     x = torch.randn(5, 333, generator=gen)
     assert torch.allclose(older.rms_norm(x, norm, 1e-5), norm * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5),

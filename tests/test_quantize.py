@@ -1,11 +1,12 @@
-"""--quantize int8 (core/quantize.py): what it costs in quality, bounded, and that a user gets it
-through `run` and through `serve` with expert workers (real Ray, real gRPC), at a quarter of the bytes.
+"""--quantize int8 / int4 (core/quantize.py): what they cost in quality, bounded, and that a user
+gets them through `run` and through `serve` with expert workers (real Ray, real gRPC), at a quarter
+(an eighth) of fp32's bytes.
 
-The bound, per position of a text: the largest logit error at most 4% of the largest |logit|, the
-KL divergence of the next-token distributions (fp32 || int8) at most 1e-3 nats on average and 5e-3 at
-worst, and the greedy choice the same at 90% of positions or more. Measured here: 1.1-1.9% of the
-logit range, KL 1e-6-5e-5 on average, greedy choices 96-98% the same (the random test models' logits
-are nearly flat, so their top two are often within the error of each other).
+int8's bound, per position: the largest logit error at most 4% of the largest |logit|, the KL
+divergence of the next-token distributions (fp32 || int8) at most 1e-3 nats on average and 5e-3 at
+worst, and the greedy choice the same at 90% of positions or more. Measured here: 1.1-2.6% of the
+logit range, KL 1e-6-6e-5 on average, greedy choices 98-100% the same (the random test models' logits
+are nearly flat, so their top two are often within the error of each other). int4's: BOUNDS below.
 """
 
 from __future__ import annotations
@@ -42,27 +43,40 @@ def quality(reference: torch.Tensor, quantized: torch.Tensor) -> dict:
             "greedy_agreement": (reference.argmax(-1) == quantized.argmax(-1)).float().mean().item()}
 
 
-def within_bound(figures: dict) -> bool:
-    return (figures["max_logit_error"] <= 0.04 and figures["kl_mean"] <= 1e-3 and figures["kl_max"] <= 5e-3
-            and figures["greedy_agreement"] >= 0.9)
+BOUNDS = {  # upper bounds, but greedy_agreement: a lower bound
+    "int8": {"max_logit_error": 0.04, "kl_mean": 1e-3, "kl_max": 5e-3, "greedy_agreement": 0.9},
+    # int4 loses far more on these models (measured: KL 2e-4 on the text, 0.017-0.06 on transformers'
+    # configs, whose rows of 64-96 columns are 2-3 groups of random x4 weights); a broken packing or
+    # scale gives KL of nats, which this still catches
+    "int4": {"max_logit_error": 1.5, "kl_mean": 0.1, "kl_max": 0.5, "greedy_agreement": 0.3},
+}
 
 
-def test_int8_logits_over_a_text_stay_within_the_bound(tiny_checkpoint):
+def within_bound(figures: dict, quantize: str) -> bool:
+    bound = BOUNDS[quantize]
+    return all(figures[name] <= bound[name] for name in ("max_logit_error", "kl_mean", "kl_max")) and \
+        figures["greedy_agreement"] >= bound["greedy_agreement"]
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_logits_over_a_text_stay_within_the_bound(tiny_checkpoint, quantize):
     ids = [1, *load_tokenizer(tiny_checkpoint).encode(TEXT)]
     figures = quality(prompt_logits(Engine.local(tiny_checkpoint), ids),
-                      prompt_logits(Engine.local(tiny_checkpoint, quantize="int8"), ids))
-    print(f"int8 vs fp32 over {len(ids)} tokens: {figures}")
-    assert within_bound(figures), figures
+                      prompt_logits(Engine.local(tiny_checkpoint, quantize=quantize), ids))
+    print(f"{quantize} vs fp32 over {len(ids)} tokens: {figures}")
+    assert within_bound(figures, quantize), figures
     assert figures["max_logit_error"] > 0, "the weights were quantized"
 
 
-def test_int8_against_transformers_fp32_stays_within_the_bound(hf_checkpoint):
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_against_transformers_fp32_stays_within_the_bound(hf_checkpoint, quantize):
     model, path = hf_checkpoint[:2]
     ids = [1, 17, 200, 45, 99, 3, 250, 128, 64, 7, 31, 180]
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits[0].float()
-    figures = quality(expected, prompt_logits(Engine.local(path, quantize="int8"), ids))
-    assert within_bound(figures), figures
+    figures = quality(expected, prompt_logits(Engine.local(path, quantize=quantize), ids))
+    print(f"{quantize} vs transformers fp32: {figures}")
+    assert within_bound(figures, quantize), figures
 
 
 def test_quantized_engines_cannot_take_the_graphs_path(tiny_checkpoint):
@@ -77,16 +91,17 @@ def expertmesh(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
-def test_run_and_serve_with_int8_workers_give_the_in_process_int8_tokens(tiny_checkpoint):
-    """The same int8 weights on workers as in one process: the same greedy tokens (each row's sums
+@pytest.mark.parametrize("quantize,fraction", [("int8", 1 / 3.5), ("int4", 1 / 6.5)])
+def test_run_and_serve_with_quantized_workers_give_the_in_process_tokens(tiny_checkpoint, quantize, fraction):
+    """The same quantized weights on workers as in one process: the same greedy tokens (each row's sums
     run in one order whatever batch it is in), through `run` and through `serve --workers 2` over
-    gRPC; `info` reports each worker's bytes as held, about a quarter of fp32's."""
-    expected = greedy_tokens(Engine.local(tiny_checkpoint, quantize="int8"), PROMPTS, 12)
-    run = json.loads(expertmesh("run", "--model", str(tiny_checkpoint), "--quantize", "int8", "--prompt-ids",
+    gRPC; `info` reports each worker's bytes as held: about a quarter of fp32's (int8), an eighth (int4)."""
+    expected = greedy_tokens(Engine.local(tiny_checkpoint, quantize=quantize), PROMPTS, 12)
+    run = json.loads(expertmesh("run", "--model", str(tiny_checkpoint), "--quantize", quantize, "--prompt-ids",
                                 ",".join(map(str, PROMPTS[0])), "--max-new-tokens", "12", "--json").stdout)
     assert run["token_ids"] == expected[0][:len(run["token_ids"])]  # (run stops at EOS)
     assert len(run["token_ids"]) == 12 or run["token_ids"][-1] == 2
-    server = ServerProcess("--model", str(tiny_checkpoint), "--workers", "2", "--quantize", "int8")
+    server = ServerProcess("--model", str(tiny_checkpoint), "--workers", "2", "--quantize", quantize)
     try:
         with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.GenerationStub(channel)
@@ -101,6 +116,6 @@ def test_run_and_serve_with_int8_workers_give_the_in_process_int8_tokens(tiny_ch
     for worker in info["workers"]:
         pairs = [tuple(map(int, name.split(":"))) for name in worker["experts"]]
         weights = checkpoint.read_experts(pairs, torch.float32)
-        int8 = sum(layer.nbytes for p in pairs for layer in fused_expert(*weights[p], "int8"))
+        held = sum(layer.nbytes for p in pairs for layer in fused_expert(*weights[p], quantize))
         fp32 = sum(w.numel() * 4 for p in pairs for w in weights[p])
-        assert worker["weight_bytes"] == int8 and int8 < fp32 / 3.5, (worker["weight_bytes"], int8, fp32)
+        assert worker["weight_bytes"] == held and held < fp32 * fraction, (worker["weight_bytes"], held, fp32)

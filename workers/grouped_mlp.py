@@ -5,7 +5,8 @@ stacked weights; larger ones use cuBLAS per expert, which was faster there on an
 8x7B sizes (bench/results/experts_gpu_h200.txt: Triton 1.17x faster at 64 tokens, 0.70x at 1024).
 On the CPU each expert is a pair of linear layers (core/linear.py) and no stacks are kept. Quantized
 experts (int8) on GPU are int8 stacks with their scales, which the Triton kernel reads at every row
-count (there is no cuBLAS GEMM over int8 weights to hand large steps to).
+count (there is no cuBLAS GEMM over int8 weights to hand large steps to); int4 ones are per-expert
+layers there too (no Triton int4 kernel yet: they dequantize per call).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class LayerExperts:
         stacks it takes each expert out of `experts` as it prepares it: the plain weights go as it goes."""
         ids = sorted(experts)
         if keep_stacks is None:
-            keep_stacks = experts[ids[0]][0].is_cuda
+            keep_stacks = experts[ids[0]][0].is_cuda and quantize != "int4"
+        assert not (keep_stacks and quantize == "int4"), "no stacked int4 kernel"
         local = {e: i for i, e in enumerate(ids)}
         if not keep_stacks:
             return cls(local, [fused_expert(*experts.pop(e), quantize) for e in ids], None, None, quantize)
