@@ -1,6 +1,6 @@
 """Decode latency at small batch against this machine's memory roofline: where a step's time goes.
 
-    python bench/latency.py [--batches 1,8,32 --workers 2 --new-tokens 48 --repeats 3 --quantize int8]
+    python bench/latency.py [--batches 1,8,32 --workers 2 --new-tokens 48 --repeats 3 --quantize int8,int4]
 
 A decode step must read every weight it uses (the router's dense layers and lm_head, the experts its
 tokens were routed to) and each sequence's KV context; it cannot run faster than those bytes over the
@@ -20,10 +20,10 @@ lm_head, scheduling, sampling with detokenisation and streaming, and what is lef
 
 Model: hidden 512, intermediate 1792, 4 layers, 8 experts top-2, 8/2 heads of 64, fp32, the real
 tokenizer. Distributed: --workers expert workers on a local Ray (gloo) on the same cores, with
---replicas extra copies if given. --quantize int8 adds the in-process engine with int8 weights
-(core/quantize.py), whose roofline counts the int8 bytes it holds.
-Last line: decode_b1_reference_over_roofline=<x> decode_b1_distributed_over_roofline=<y>, and with
---quantize int8 also decode_b1_int8_over_roofline=<z> int8_over_f32_b1=<w> (tokens/s at batch 1)
+--replicas extra copies if given. --quantize int8 (int4, or both: int8,int4) adds the in-process engine
+with those weights (core/quantize.py), whose roofline counts the bytes it holds.
+Last line: decode_b1_reference_over_roofline=<x> decode_b1_distributed_over_roofline=<y>, and per
+quantized type also decode_b1_int8_over_roofline=<z> int8_over_f32_b1=<w> (tokens/s at batch 1)
 """
 
 from __future__ import annotations
@@ -257,8 +257,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quantize", choices=["none", "int8"], default="none",
-                        help="int8: also the in-process engine with int8 weights")
+    parser.add_argument("--quantize", default="none",
+                        help="int8, int4 or int8,int4: also the in-process engine with those weights")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     bandwidth = Bandwidth()
@@ -272,8 +272,9 @@ def main() -> None:
         path = write_tiny_checkpoint(tmp, **MODEL)
         tokenizer = load_tokenizer(path)
         engines = [("reference", Engine.local(path, kv_blocks=1024), None)]
-        if args.quantize == "int8":
-            engines.append(("int8 (in-process)", Engine.local(path, kv_blocks=1024, quantize="int8"), None))
+        quantized = [q for q in args.quantize.split(",") if q != "none"]
+        for quantize in quantized:
+            engines.append((f"{quantize} (in-process)", Engine.local(path, kv_blocks=1024, quantize=quantize), None))
         # one expert's bytes as each engine holds it (the workers hold the reference's: fp32)
         expert_bytes = {name: sum(layer.nbytes for layer in e.experts.weights[(0, 0)]) for name, e, _ in engines}
         if args.workers:
@@ -314,9 +315,9 @@ def main() -> None:
                     cluster.shutdown()
     last = (f"decode_b1_reference_over_roofline={ratios.get(('reference', 1), 0):.2f} "
             f"decode_b1_distributed_over_roofline={ratios.get(('distributed', 1), 0):.2f}")
-    if args.quantize == "int8":
-        last += (f" decode_b1_int8_over_roofline={ratios.get(('int8', 1), 0):.2f} "
-                 f"int8_over_f32_b1={speeds.get(('int8', 1), 0) / speeds.get(('reference', 1), 1):.2f}")
+    for quantize in quantized:
+        last += (f" decode_b1_{quantize}_over_roofline={ratios.get((quantize, 1), 0):.2f} "
+                 f"{quantize}_over_f32_b1={speeds.get((quantize, 1), 0) / speeds.get(('reference', 1), 1):.2f}")
     print(last)
 
 

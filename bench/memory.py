@@ -7,7 +7,7 @@ A bf16 checkpoint in Hugging Face layout (Mixtral's own dtype; 32000-token vocab
 defaults: 400 MB of experts, 130 MB of embeddings and lm_head) is loaded by the router's model
 (embeddings, attention, gates, lm_head: `RouterModel.from_checkpoint`, what `serve` builds) and by an
 expert worker holding every expert (`ExpertWorker.load`, the actor's own code, called in-process),
-at --dtype float32 and bfloat16 and with --quantize int8, each in a fresh process. The figure is the
+at --dtype float32 and bfloat16 and with --quantize int8 and int4, each in a fresh process. The figure is the
 growth of resident memory (VmRSS) from just before the weights are read to just after, over the bytes
 of weights the process reports holding (`Linear.nbytes` and the tensors beside them, and the router's
 rotary tables, 32 MB computed at load for 32k positions; a worker's `nbytes()`): 1.00 means nothing but
@@ -83,7 +83,8 @@ def mixtral_table(workers: int = 8) -> None:
     print(f"Mixtral 8x7B ({layers} layers x {experts} experts, hidden {d}, intermediate {i}), bytes held:")
     print(f"{'weights':<10} {'one expert':>11} {'all experts':>12} {f'per worker of {workers}':>18} "
           f"{'router (dense)':>15} {'whole model':>12}")
-    for dtype, quantize in ((torch.float32, "none"), (torch.bfloat16, "none"), (torch.bfloat16, "int8")):
+    for dtype, quantize in ((torch.float32, "none"), (torch.bfloat16, "none"), (torch.bfloat16, "int8"),
+                            (torch.bfloat16, "int4")):
         def made(*shape):
             return torch.empty(*shape, dtype=dtype).normal_(0, 0.02)
 
@@ -93,7 +94,7 @@ def mixtral_table(workers: int = 8) -> None:
         router = (layers * (attention + gate_norms) + Linear(made(vocab, d), quantize).nbytes
                   + vocab * d * dtype.itemsize + d * dtype.itemsize)  # + embeddings (never quantized), final norm
         total = layers * experts * expert
-        name = "int8" if quantize == "int8" else str(dtype).removeprefix("torch.")
+        name = quantize if quantize != "none" else str(dtype).removeprefix("torch.")
         print(f"{name:<10} {expert / 2**20:9.1f} MiB {total / 2**30:8.1f} GiB {total / workers / 2**30:14.1f} GiB "
               f"{router / 2**30:11.2f} GiB {(total + router) / 2**30:8.1f} GiB", flush=True)
 
@@ -121,7 +122,8 @@ def main() -> None:
               f"{args.experts} experts")
         print(f"{'process':<8} {'dtype':<9} {'quantize':<8} {'weights MiB':>12} {'RSS growth MiB':>15} {'ratio':>6}")
         for role in ("router", "worker"):
-            for dtype, quantize in (("float32", "none"), ("bfloat16", "none"), ("float32", "int8")):
+            for dtype, quantize in (("float32", "none"), ("bfloat16", "none"), ("float32", "int8"),
+                                    ("float32", "int4")):
                 m = measure(path, role, dtype, quantize)
                 ratio = m["growth"] / m["held"]
                 if quantize == "none":
