@@ -26,10 +26,11 @@
  * (core/linear.py builds it once, at load). The types:
  *   f32, bf16  the weights;
  *   i8         int8 times a scale per output (P * 16,) fp32, applied once to each finished sum;
- *   i4         int4, two to a byte: Wb (P, k, 8) bytes, byte j of a column holding output j in its
- *              low nibble and output j + 8 in its high one (two's complement, -8..7); a bf16 scale per
- *              output and group of GROUP columns, (P, ceil(k / GROUP), 16), applied to the weights as
- *              they are widened.
+ *   i4         int4, two to a byte: Wb (P, ceil(k / 2), 16) bytes, byte j of pair c holding output j
+ *              of column 2c in its low nibble and of column 2c + 1 in its high one (two's complement,
+ *              -8..7); a bf16 scale per output and group of GROUP columns, (P, ceil(k / GROUP), 16),
+ *              applied to each group's sums (a row or two: registers to spare) or to the weights as
+ *              they are widened (more rows).
  * x (m, k) fp32, y (m, P * 16) fp32.
  *
  * The micro-kernel keeps MR rows x NB panels of sums in vector registers; each step over k loads NB
@@ -113,63 +114,68 @@ static inline vf vload_i8(const int8_t *p) {
 }
 #endif
 
-/* One column of a panel (its 16 weights, as HALVES native vectors) for each type. */
+/* A step of a panel's columns (STEP of them: 16 weights each, as HALVES native vectors) for each type. */
 typedef float f32;
 typedef uint16_t bf16;
 typedef int8_t i8;
 typedef uint8_t i4;
-#define COLUMN_f32 PANEL /* elements of the type per column */
-#define COLUMN_bf16 PANEL
-#define COLUMN_i8 PANEL
-#define COLUMN_i4 (PANEL / 2)
+#define STEP_f32 1 /* columns per step */
+#define STEP_bf16 1
+#define STEP_i8 1
+#define STEP_i4 2
 #define GROUPED_f32 0 /* scaled per group of columns */
 #define GROUPED_bf16 0
 #define GROUPED_i8 0
 #define GROUPED_i4 1
 
-static inline void column_f32(const float *p, vf out[HALVES]) {
-    for (int h = 0; h < HALVES; h++) out[h] = vload_f32(p + h * VL);
+static inline void columns_f32(const float *p, vf out[][HALVES]) {
+    for (int h = 0; h < HALVES; h++) out[0][h] = vload_f32(p + h * VL);
 }
-static inline void column_bf16(const uint16_t *p, vf out[HALVES]) {
-    for (int h = 0; h < HALVES; h++) out[h] = vload_bf16(p + h * VL);
+static inline void columns_bf16(const uint16_t *p, vf out[][HALVES]) {
+    for (int h = 0; h < HALVES; h++) out[0][h] = vload_bf16(p + h * VL);
 }
-static inline void column_i8(const int8_t *p, vf out[HALVES]) {
-    for (int h = 0; h < HALVES; h++) out[h] = vload_i8(p + h * VL);
+static inline void columns_i8(const int8_t *p, vf out[][HALVES]) {
+    for (int h = 0; h < HALVES; h++) out[0][h] = vload_i8(p + h * VL);
 }
-static inline void column_i4(const uint8_t *p, vf out[HALVES]) {
-#if defined(__AVX512F__) /* the 8 bytes twice, shifted so lanes 0-7 keep the low nibbles, 8-15 the high */
-    __m128i b = _mm_loadl_epi64((const __m128i *)p);
-    __m512i v = _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(b, b));
-    const __m512i shift = _mm512_set_epi32(24, 24, 24, 24, 24, 24, 24, 24, 28, 28, 28, 28, 28, 28, 28, 28);
-    out[0] = (vf)_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_sllv_epi32(v, shift), 28));
+/* 16 bytes -> two columns: each byte sign-extended, then its high nibble is an arithmetic shift
+ * away and its low one two. */
+static inline void columns_i4(const uint8_t *p, vf out[][HALVES]) {
+#if defined(__AVX512F__)
+    __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p));
+    out[0][0] = (vf)_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 28), 28));
+    out[1][0] = (vf)_mm512_cvtepi32_ps(_mm512_srai_epi32(v, 4));
 #elif defined(__AVX2__) && VL == 8
-    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-    out[0] = (vf)_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 28), 28));
-    out[1] = (vf)_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 28));
-#else
-    float lanes[PANEL];
-    for (int j = 0; j < PANEL / 2; j++) {
-        lanes[j] = (float)((int8_t)(uint8_t)(p[j] << 4) >> 4);
-        lanes[j + PANEL / 2] = (float)((int8_t)p[j] >> 4);
+    for (int h = 0; h < 2; h++) {
+        __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * h)));
+        out[0][h] = (vf)_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 28), 28));
+        out[1][h] = (vf)_mm256_cvtepi32_ps(_mm256_srai_epi32(v, 4));
     }
-    for (int h = 0; h < HALVES; h++) memcpy(&out[h], lanes + h * VL, sizeof(vf));
+#else
+    float lanes[2][PANEL];
+    for (int j = 0; j < PANEL; j++) {
+        lanes[0][j] = (float)((int8_t)(uint8_t)(p[j] << 4) >> 4);
+        lanes[1][j] = (float)((int8_t)p[j] >> 4);
+    }
+    for (int s = 0; s < 2; s++)
+        for (int h = 0; h < HALVES; h++) memcpy(&out[s][h], lanes[s] + h * VL, sizeof(vf));
 #endif
 }
 
 /* y[r, 16 * b + j] (+)= sum_{i < kc} x[r, i] * W(b)[i][j] for R rows, B panels (wb's panels
  * `panel_stride` apart); the sums start from y unless `fresh`, and end times scale[16 * b + j] when
- * scale is given (the last chunk of an int8 weight). int4 weights are times their group's scales
- * (`group_scale`, the chunk's first group of each panel, panels `group_stride` apart) as they load.
- * IN_REGISTER (an empty asm statement) keeps each loaded weight vector in a register: without it the
- * compiler folds the loads into every FMA, R loads where one will do, and the loads, not the FMAs,
- * set the pace. */
+ * scale is given (the last chunk of an int8 weight). int4 sums are times their group's scales
+ * (`group_scale`, the chunk's first group of each panel, panels `group_stride` apart): per group's sum
+ * for up to 2 rows (GROUP_SUMS), else on each weight as it loads. IN_REGISTER (an empty asm
+ * statement) keeps each loaded weight vector in a register: without it the compiler folds the loads
+ * into every FMA, R loads where one will do, and the loads, not the FMAs, set the pace. */
 #define MICRO(T, R, B) MICRO_(T, R, B) /* (expands NB before pasting names) */
 #define MICRO_(T, R, B)                                                                                 \
 static inline void micro_##T##_##R##_##B(const float *x, int64_t ldx, const T *wb, int64_t panel_stride, \
                                          int64_t kc, int fresh, const float *scale,                     \
                                          const uint16_t *group_scale, int64_t group_stride, float *y,   \
                                          int64_t ldy) {                                                 \
-    vf acc[R][B][HALVES];                                                                               \
+    enum { STEP = STEP_##T, GROUP_SUMS = 0 };                                                           \
+    vf acc[R][B][HALVES], sums[R][B][HALVES];                                                           \
     for (int r = 0; r < R; r++)                                                                         \
         for (int b = 0; b < B; b++)                                                                     \
             for (int h = 0; h < HALVES; h++)                                                            \
@@ -179,22 +185,33 @@ static inline void micro_##T##_##R##_##B(const float *x, int64_t ldx, const T *w
         for (int b = 0; b < B && GROUPED_##T; b++)                                                      \
             for (int h = 0; h < HALVES; h++)                                                            \
                 gs[b][h] = vload_bf16(group_scale + b * group_stride + g / GROUP * PANEL + h * VL);     \
+        for (int r = 0; r < R && GROUP_SUMS; r++)                                                       \
+            for (int b = 0; b < B; b++)                                                                 \
+                for (int h = 0; h < HALVES; h++) sums[r][b][h] = (vf){0};                               \
         int64_t end = GROUPED_##T && g + GROUP < kc ? g + GROUP : kc;                                   \
-        for (int64_t i = g; i < end; i++) {                                                             \
-            vf wv[B][HALVES];                                                                           \
+        for (int64_t i = g; i < end; i += STEP) {                                                       \
+            vf wv[B][STEP][HALVES];                                                                     \
             for (int b = 0; b < B; b++) {                                                               \
-                column_##T(wb + b * panel_stride + i * COLUMN_##T, wv[b]);                              \
-                for (int h = 0; h < HALVES; h++) {                                                      \
-                    if (GROUPED_##T) wv[b][h] *= gs[b][h];                                              \
-                    IN_REGISTER(wv[b][h]);                                                              \
+                columns_##T(wb + b * panel_stride + i / STEP * PANEL, wv[b]);                           \
+                for (int s = 0; s < STEP; s++)                                                          \
+                    for (int h = 0; h < HALVES; h++) {                                                  \
+                        if (GROUPED_##T && !GROUP_SUMS) wv[b][s][h] *= gs[b][h];                        \
+                        IN_REGISTER(wv[b][s][h]);                                                       \
+                    }                                                                                   \
+            }                                                                                           \
+            for (int s = 0; s < STEP && i + s < end; s++)                                               \
+                for (int r = 0; r < R; r++) {                                                           \
+                    vf xv = (vf){0} + x[r * ldx + i + s];                                               \
+                    for (int b = 0; b < B; b++)                                                         \
+                        for (int h = 0; h < HALVES; h++) {                                              \
+                            if (GROUP_SUMS) sums[r][b][h] += xv * wv[b][s][h];                          \
+                            else acc[r][b][h] += xv * wv[b][s][h];                                      \
+                        }                                                                               \
                 }                                                                                       \
-            }                                                                                           \
-            for (int r = 0; r < R; r++) {                                                               \
-                vf xv = (vf){0} + x[r * ldx + i];                                                       \
-                for (int b = 0; b < B; b++)                                                             \
-                    for (int h = 0; h < HALVES; h++) acc[r][b][h] += xv * wv[b][h];                     \
-            }                                                                                           \
         }                                                                                               \
+        for (int r = 0; r < R && GROUP_SUMS; r++)                                                       \
+            for (int b = 0; b < B; b++)                                                                 \
+                for (int h = 0; h < HALVES; h++) acc[r][b][h] += sums[r][b][h] * gs[b][h];              \
     }                                                                                                   \
     for (int r = 0; r < R; r++)                                                                         \
         for (int b = 0; b < B; b++)                                                                     \
@@ -225,18 +242,42 @@ static inline void tile_##T##_##B(const float *x, int64_t rows, int64_t ldx, con
     }                                                                                                   \
 }
 
+/* int4 at more rows than one tile: a chunk of `panels` panels widened and scaled once, into fp32
+ * (what the micro-kernel would do again for every row tile), for the fp32 tiles to read: the same
+ * products, bitwise, at the FMAs' pace rather than the nibbles'. out (panels, KC, 16). */
+static void dequantize_i4(const uint8_t *w, int64_t ps, const uint16_t *gs, int64_t gps, int64_t panels,
+                          int64_t kc, float *out) {
+    for (int64_t b = 0; b < panels; b++)
+        for (int64_t i = 0; i < kc; i += 2) {  /* i, i + 1: one group (GROUP is even) */
+            vf cols[2][HALVES];
+            columns_i4(w + b * ps + i / 2 * PANEL, cols);
+            for (int s = 0; s < 2 && i + s < kc; s++)
+                for (int h = 0; h < HALVES; h++)
+                    vstore(out + (b * KC + i + s) * PANEL + h * VL,
+                           cols[s][h] * vload_bf16(gs + b * gps + i / GROUP * PANEL + h * VL));
+        }
+}
+
 /* Panels [first, last) of the product (one thread's share), NB at a time (the last ones singly). */
 #define RANGE(T)                                                                                        \
 static void range_##T(const float *x, const T *wb, const float *scale, const uint16_t *group_scale,     \
                       float *y, int64_t m, int64_t k, int64_t ldy, int64_t first, int64_t last) {       \
-    int64_t ps = k * COLUMN_##T, gps = (k + GROUP - 1) / GROUP * PANEL;                                 \
+    int64_t ps = (k + STEP_##T - 1) / STEP_##T * PANEL, gps = (k + GROUP - 1) / GROUP * PANEL;         \
     for (int64_t p = first; p < last; p += NB) {                                                        \
         int64_t group = last - p < NB ? last - p : NB;                                                  \
         for (int64_t c = 0; c < k; c += KC) {                                                           \
             int64_t kc = k - c < KC ? k - c : KC;                                                       \
             const float *sc = scale && c + kc == k ? scale + p * PANEL : 0;                             \
             const uint16_t *gs = group_scale ? group_scale + p * gps + c / GROUP * PANEL : 0;           \
-            const T *w = wb + p * ps + c * COLUMN_##T;                                                  \
+            const T *w = wb + p * ps + c / STEP_##T * PANEL;                                            \
+            if (GROUPED_##T && m > MR) {                                                                \
+                float widened[NB * KC * PANEL];                                                         \
+                dequantize_i4((const uint8_t *)w, ps, gs, gps, group, kc, widened);                     \
+                for (int64_t q = 0; q < group; q += group == NB ? NB : 1)                               \
+                    (group == NB ? TILE_NAME(f32, NB) : tile_f32_1)(x + c, m, k, widened + q * KC * PANEL,     \
+                        KC * PANEL, kc, c == 0, 0, 0, 0, y + (p + q) * PANEL, ldy);                     \
+                continue;                                                                               \
+            }                                                                                           \
             if (group == NB) {                                                                          \
                 TILE_NAME(T, NB)(x + c, m, k, w, ps, kc, c == 0, sc, gs, gps, y + p * PANEL, ldy);     \
             } else {                                                                                    \

@@ -129,12 +129,12 @@ class CpuKernels:
 
     def blocked_int4(self, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """quantize_int4's (q (n, k) int8 in [-8, 7], scale (n, groups) bf16) -> the kernel's layout:
-        (P, k, panel / 2) uint8, output j of a panel in the low nibble of byte j, output j + panel / 2
-        in the high one; scales (P, groups, panel) bf16."""
-        half = self.panel // 2
-        columns = self.blocked(q)  # (P, k, panel) int8
-        nibbles = columns.view(torch.uint8) & 0xF
-        packed = (nibbles[:, :, :half] | (nibbles[:, :, half:] << 4)).contiguous()
+        (P, ceil(k / 2), panel) uint8, byte j of pair c holding output j of column 2c in its low nibble
+        and of column 2c + 1 in its high one; scales (P, groups, panel) bf16."""
+        if q.shape[1] % 2:
+            q = torch.cat([q, q.new_zeros(q.shape[0], 1)], dim=1)
+        nibbles = self.blocked(q).view(torch.uint8) & 0xF  # (P, k, panel)
+        packed = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).contiguous()
         pad = -q.shape[0] % self.panel
         if pad:
             scale = torch.cat([scale, scale.new_ones(pad, scale.shape[1])])
@@ -143,12 +143,12 @@ class CpuKernels:
     def linear(self, x: torch.Tensor, blocked: torch.Tensor, n: int, scale: torch.Tensor | None = None,
                group_scale: torch.Tensor | None = None) -> torch.Tensor:
         """x (m, k) @ W.T -> (m, n) fp32, W's blocked layout (P, k, panel) from `blocked`; int8 weights
-        take their per-output scale (P * panel,) fp32, int4 ones (blocked_int4's, uint8 (P, k,
-        panel / 2)) their group scales (P, groups, panel) bf16. Any m, including 0."""
+        take their per-output scale (P * panel,) fp32, int4 ones (blocked_int4's, uint8 (P, ceil(k / 2),
+        panel)) their group scales (P, groups, panel) bf16. Any m, including 0."""
         m, k = x.shape
         panels = blocked.shape[0]
-        width = self.panel // 2 if blocked.dtype == torch.uint8 else self.panel
-        assert blocked.shape[1:] == (k, width) and blocked.is_contiguous() and n <= panels * self.panel
+        steps = -(-k // 2) if blocked.dtype == torch.uint8 else k
+        assert blocked.shape[1:] == (steps, self.panel) and blocked.is_contiguous() and n <= panels * self.panel
         assert (scale is not None) == (blocked.dtype == torch.int8)
         assert scale is None or (scale.dtype == torch.float32 and scale.shape == (panels * self.panel,))
         assert (group_scale is not None) == (blocked.dtype == torch.uint8)
