@@ -198,9 +198,9 @@ class RefuseUndecodable(grpc.aio.ServerInterceptor):
 
 class GenerationService(pb_grpc.GenerationServicer):
     def __init__(self, engine: ServingEngine, tokenizer: TextTokenizer, chat_template: str,
-                 model_info: Callable[[], pb.ModelInfo], prepare_threads: int = 2):
+                 model_info: Callable[[], pb.ModelInfo], prepare_threads: int = 2, tool_format=None):
         self.engine = engine
-        self.prompts = PromptBuilder(tokenizer, chat_template, engine.limits)
+        self.prompts = PromptBuilder(tokenizer, chat_template, engine.limits, tool_format)
         self.builder = RequestBuilder(self.prompts, engine.grammars, engine.limits)
         self.model_info = model_info  # built per call: the placement changes while serving
         # Tokenising and chat rendering run here, off the event loop, so a big prompt never holds up

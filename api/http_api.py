@@ -5,8 +5,10 @@ POST /v1/completions and /v1/chat/completions (server-sent events with "stream":
 Starlette app, served by uvicorn on the gateway's event loop. Fields are OpenAI's where the engine
 supports them, plus the common extensions top_k, min_p, repetition_penalty, ignore_eos, cache_salt
 and vLLM's guided_regex / guided_choice; response_format json_object and json_schema are enforced
-while sampling (router/structured.py); anything it cannot honour (n > 1, suffix, logit_bias,
-tools, ...) is refused with 400 naming the field, never ignored. Errors, of every
+while sampling (router/structured.py); tools, tool_choice and tool turns where the model's tokenizer
+has a tool format (core/tool_format.py: Mistral's v3 and later; a forced call is enforced as the
+calls' JSON schema); anything it cannot honour (n > 1, suffix, logit_bias, tools on Mixtral 8x7B's v1
+tokenizer, ...) is refused with 400 naming the field, never ignored. Errors, of every
 status, come in the API's shape: {"error": {"message", "type", "param", "code"}}.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -26,7 +29,8 @@ from starlette.routing import Route
 
 from expertmesh.api.openai_reply import Reply
 from expertmesh.api.prompts import PromptBuilder
-from expertmesh.api.request_builder import CHAT, TEXT, TOKEN_IDS, ClientRequest, Prompt, RequestBuilder
+from expertmesh.api.request_builder import CHAT, TEXT, TOKEN_IDS, ClientRequest, Prompt, RequestBuilder, ToolRequest
+from expertmesh.core.tool_format import ToolFormat
 from expertmesh.router.requests import MAX_REQUEST_ID_CHARS, InvalidRequest, ValidRequest
 from expertmesh.router.sampling import SamplingParams
 from expertmesh.router.serving import EngineUnavailable, QueueFull, RequestOutput, ServingEngine
@@ -38,21 +42,25 @@ CHAT_DEFAULT_MAX_TOKENS = 256  # the chat API has none: this engine's usual one
 # Our names where they differ from the API's: error messages name the field the client sent.
 API_NAMES = {"max_new_tokens": "max_tokens", "stop_token_ids": "stop", "prompt_logprobs": "logprobs"}
 UNSUPPORTED = {"suffix": "suffix is not supported",
-               "logit_bias": "logit_bias is not supported", "tools": "tools are not supported",
-               "functions": "functions are not supported", "tool_choice": "tools are not supported",
-               "function_call": "functions are not supported",
+               "logit_bias": "logit_bias is not supported",
+               "functions": "functions are not supported (the deprecated form of tools)",
+               "function_call": "functions are not supported (the deprecated form of tool_choice)",
                "reasoning_effort": "reasoning_effort is not supported: the model does not reason in steps",
                "audio": "audio output is not supported", "prediction": "predicted outputs are not supported",
                "store": "store is not supported: nothing is kept after the response",
                "metadata": "metadata is not supported (it goes with store)",
                "web_search_options": "web search is not supported",
-               "parallel_tool_calls": "tools are not supported",
                "moderation": "moderation is not supported",
                "verbosity": "verbosity is not supported",
                "prompt_cache_key": "prompt_cache_key is not supported: the prefix cache is automatic (cache_salt keeps "
                                    "tenants apart)",
                "prompt_cache_options": "prompt cache options are not supported: the prefix cache is automatic",
                "prompt_cache_retention": "prompt cache retention is not supported: the prefix cache is automatic"}
+TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
+NO_TOOL_FORMAT = ("tools need a tool format, and this model's tokenizer has none (Mixtral 8x7B's v1 tokenizer has no "
+                  "tool tokens; a checkpoint with Mistral's tokenizer.model.v3 or later has)")
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+MAX_TOOLS = 128
 # Known fields whose only honoured values are these (the defaults): anything else is refused by name.
 DEFAULT_ONLY = {"modalities": ((["text"],), "only text output is supported"),
                 "service_tier": (("auto", "default"), "one service tier: auto or default")}
@@ -178,14 +186,72 @@ def sampling_from_body(body: dict, chat: bool) -> SamplingParams:
         stop=stop, ignore_eos=_flag(body, "ignore_eos"), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
-def request_from_body(body: dict, chat: bool) -> ClientRequest:
+def request_from_body(body: dict, chat: bool, tool_format: ToolFormat | None = None) -> ClientRequest:
     """A completions or chat body -> the doors' common ClientRequest (api/request_builder.py)."""
     params = sampling_from_body(body, chat)
     salt = body.get("cache_salt", "")
     if not isinstance(salt, str):
         raise ApiError(400, "cache_salt must be a string", "cache_salt")
-    prompts = (Prompt(CHAT, chat_messages(body)),) if chat else tuple(map(_prompt, _prompt_list(body)))
-    return ClientRequest(prompts, params, salt, structure_from_body(body))
+    tools = tools_from_body(body, tool_format if chat else None)
+    prompts = (Prompt(CHAT, chat_messages(body, tool_format)),) if chat else tuple(map(_prompt, _prompt_list(body)))
+    structure = structure_from_body(body)
+    if tools is not None and tools.forced:
+        if structure is not None:
+            raise ApiError(400, "a forced tool call and response_format (or guided_*) cannot both shape the answer",
+                           "tool_choice")
+        schema = ToolFormat.calls_schema(list(tools.tools), None if tools.choice == "required" else tools.choice)
+        if not tools.parallel:
+            schema["maxItems"] = 1
+        structure = StructureSpec("json_schema", json.dumps(schema), "tool_choice")
+    return ClientRequest(prompts, params, salt, structure, tools)
+
+
+def tools_from_body(body: dict, tool_format: ToolFormat | None) -> ToolRequest | None:
+    """tools, tool_choice, parallel_tool_calls -> what the answer may call (None: no tools: none
+    given, or tool_choice "none"). Refused by name on a model without a tool format."""
+    if tool_format is None:
+        for name in TOOL_FIELDS:
+            if body.get(name) is not None:
+                raise ApiError(400, NO_TOOL_FORMAT, name)
+        return None
+    tools, choice, parallel = body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls", True)
+    if parallel is None:
+        parallel = True
+    if not isinstance(parallel, bool):
+        raise ApiError(400, "parallel_tool_calls must be true or false", "parallel_tool_calls")
+    if tools is None or tools == []:
+        if choice not in (None, "none", "auto"):
+            raise ApiError(400, "tool_choice names a tool, but tools is empty", "tool_choice")
+        return None
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise ApiError(400, f"tools must be a list of at most {MAX_TOOLS} tools", "tools")
+    names = []
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise ApiError(400, f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}} "
+                           "with a name of 1-64 letters, digits, _ or -", "tools")
+        if not isinstance(function.get("description", ""), (str, type(None))) or not isinstance(
+                function.get("parameters", {}), (dict, type(None))):
+            raise ApiError(400, f"tools[{i}].function: description must be a string, parameters a JSON schema "
+                           "object", "tools")
+        if name in names:
+            raise ApiError(400, f"tools[{i}]: a second tool named {name}", "tools")
+        names.append(name)
+    if choice is None or choice == "auto":
+        chosen = "auto"
+    elif choice == "none":
+        return None
+    elif choice == "required":
+        chosen = "required"
+    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict) \
+            and choice["function"].get("name") in names:
+        chosen = choice["function"]["name"]
+    else:
+        raise ApiError(400, "tool_choice must be none, auto, required, or {\"type\": \"function\", \"function\": "
+                       "{\"name\": ...}} naming one of tools", "tool_choice")
+    return ToolRequest(tuple(tools), chosen, parallel)
 
 
 def _prompt_list(body: dict) -> list:
@@ -206,9 +272,10 @@ def _prompt(prompt) -> Prompt:
     raise ApiError(400, "prompt must be a string, a list of token ids, or a list of those", "prompt")
 
 
-def chat_messages(body: dict) -> list[dict]:
+def chat_messages(body: dict, tool_format: ToolFormat | None = None) -> list[dict]:
     """`messages` -> [{role, content}] for the chat template: developer is system, an assistant turn
-    may have null content, text content parts are joined; tool turns are refused (no tool format)."""
+    may have null content, text content parts are joined; with a tool format, assistant turns keep
+    their tool_calls and tool turns their tool_call_id (else both are refused)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list", "messages")
@@ -216,7 +283,7 @@ def chat_messages(body: dict) -> list[dict]:
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
         content = m.get("content") if isinstance(m, dict) else None
-        if role == "tool" or (role == "assistant" and m.get("tool_calls")):
+        if (role == "tool" or (role == "assistant" and m.get("tool_calls"))) and tool_format is None:
             raise ApiError(400, f"messages[{i}]: tool calls and results are not supported (this model's "
                            "tokenizer and chat template have no tool format)", "messages")
         if role == "developer":  # OpenAI's newer name for the system message
@@ -230,8 +297,27 @@ def chat_messages(body: dict) -> list[dict]:
             content = "".join(p["text"] for p in content)
         if not isinstance(role, str) or not isinstance(content, str):
             raise ApiError(400, f"messages[{i}] must have a string role and content", "messages")
-        plain.append({"role": role, "content": content})
+        message = {"role": role, "content": content}
+        if role == "tool":
+            if not isinstance(m.get("tool_call_id"), str):
+                raise ApiError(400, f"messages[{i}]: a tool message needs the tool_call_id it answers", "messages")
+            message["tool_call_id"] = m["tool_call_id"]
+        elif role == "assistant" and m.get("tool_calls"):
+            message["tool_calls"] = _tool_calls(m["tool_calls"], i)
+        plain.append(message)
     return plain
+
+
+def _tool_calls(calls, i: int) -> list[dict]:
+    """An assistant turn's tool_calls, checked: [{id, type: function, function: {name, arguments}}]."""
+    if not isinstance(calls, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("id", ""), str) and isinstance(c.get("function"), dict)
+            and isinstance(c["function"].get("name"), str) and isinstance(c["function"].get("arguments"), str)
+            for c in calls):
+        raise ApiError(400, f"messages[{i}].tool_calls must be a list of {{\"id\", \"type\": \"function\", "
+                       "\"function\": {\"name\", \"arguments\"}}", "messages")
+    return [{"id": c.get("id", ""), "type": "function",
+             "function": {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}} for c in calls]
 
 
 def _api_error(exc: InvalidRequest) -> ApiError:
@@ -373,17 +459,18 @@ class OpenAIApi:
             raise ApiError(400, "the body must be a JSON object")
         return body
 
-    def _valid(self, body: dict, chat: bool) -> list[ValidRequest]:
+    def _valid(self, body: dict, chat: bool) -> tuple[list[ValidRequest], ToolRequest | None]:
         """Prompts and sampling of one API request, checked (runs off the event loop): one request
-        per prompt (chat: one)."""
+        per prompt (chat: one), and the tools its answer may call."""
         self._check_model(body)
         try:
-            return self.builder.build(request_from_body(body, chat))
+            client = request_from_body(body, chat, self.prompts.tool_format)
+            return self.builder.build(client), client.tools
         except InvalidRequest as exc:
             raise _api_error(exc) from None
 
     def _chat_ids(self, body: dict) -> list[int]:
-        return self.prompts.chat(chat_messages(body))
+        return self.prompts.chat(chat_messages(body, self.prompts.tool_format))
 
     async def _serve(self, request: Request, chat: bool) -> Response:
         loop = asyncio.get_running_loop()
@@ -397,7 +484,7 @@ class OpenAIApi:
                 given = body.get(name)
                 if given is not None and (not isinstance(given, str) or len(given) > MAX_REQUEST_ID_CHARS):
                     raise ApiError(400, f"{name} must be a string of at most {MAX_REQUEST_ID_CHARS} characters", name)
-            valid = await loop.run_in_executor(self._prepare, self._valid, body, chat)
+            valid, tools = await loop.run_in_executor(self._prepare, self._valid, body, chat)
             queue: asyncio.Queue = asyncio.Queue()
             keys = self._submit(valid, loop, queue)
         except ApiError as exc:
@@ -406,9 +493,11 @@ class OpenAIApi:
             return ApiError(429, str(exc), kind="rate_limit_error").response()
         except EngineUnavailable as exc:
             return ApiError(503, str(exc), kind="service_unavailable").response()
+        tool_format = self.prompts.tool_format
         reply = Reply(chat, body.get("model") or self.model_name, [list(v.prompt_ids) for v in valid],
                       self.engine.tokenizer, echo=not chat and _flag(body, "echo"),
-                      logprobs=valid[0].params.logprobs is not None)
+                      logprobs=valid[0].params.logprobs is not None, tools=tools,
+                      tool_calls_token=tool_format.tool_calls_token if tool_format else None)
         if stream:
             return StreamingResponse(self._events(queue, keys, reply, include_usage), media_type="text/event-stream")
         return await self._collect(request, queue, keys, reply)
@@ -447,7 +536,8 @@ class OpenAIApi:
                     chunk = await asyncio.get_running_loop().run_in_executor(self._prepare, reply.chunk, index, out)
                 else:
                     chunk = reply.chunk(index, out)
-                yield _event(chunk)
+                if chunk is not None:  # (None: a tool call's text, held until it is whole)
+                    yield _event(chunk)
                 if reply.finished:
                     finished = True
                     if include_usage:

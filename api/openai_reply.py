@@ -6,6 +6,11 @@ they join into the text, SentencePiece's leading spaces included; a token that e
 character gets "" and the character comes with the token that completes it. With echo the text
 starts with the prompt's, and (when logprobs are asked for) the prompt's tokens lead the logprobs,
 the first with null logprob and null top_logprobs, as in OpenAI's legacy completions.
+
+A chat that may call tools (core/tool_format.py) is a call when its answer starts with the format's
+[TOOL_CALLS] token (or the prompt ended with it: a forced call): its text, the calls' JSON, is held
+until the answer is whole, then given as `tool_calls` with finish_reason "tool_calls" (streamed:
+in the last chunk). Text that does not parse as calls is given as the content, as it came.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from expertmesh.api.request_builder import ToolRequest
 from expertmesh.core.tokenizer import IncrementalDetokenizer, TextTokenizer
+from expertmesh.core.tool_format import ToolFormat
 from expertmesh.router.sampling import TokenLogprobs
 from expertmesh.router.serving import RequestOutput
 
@@ -32,6 +39,8 @@ class Choice:
     completion_tokens: int = 0
     cached_tokens: int = 0
     outs: list[RequestOutput] = field(default_factory=list)
+    calling: bool | None = None  # a tool call (None: not known before the first token)
+    call_text: str = ""  # a call's text, held until the answer is whole
 
     @property
     def finished(self) -> bool:
@@ -40,15 +49,19 @@ class Choice:
 
 class Reply:
     def __init__(self, chat: bool, model: str, prompts: list[list[int]], tokenizer: TextTokenizer,
-                 echo: bool = False, logprobs: bool = False):
+                 echo: bool = False, logprobs: bool = False, tools: ToolRequest | None = None,
+                 tool_calls_token: int | None = None):
         """prompts: each choice's prompt ids; echo: the text starts with the prompt's; logprobs: the
-        client asked for logprobs (the engine may have computed the prompt's for echo anyway)."""
+        client asked for logprobs (the engine may have computed the prompt's for echo anyway); tools:
+        what the answer may call, and the tool format's [TOOL_CALLS] token id."""
         self.chat, self.model, self.tokenizer, self.echo, self.want_logprobs = chat, model, tokenizer, echo, logprobs
+        self.tools, self.tool_calls_token = tools, tool_calls_token
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.prompt_tokens = sum(len(p) for p in prompts)
         # with echo the pieces start at the prompt's first token; else after the whole prompt
-        self.choices = [Choice(list(p), IncrementalDetokenizer(tokenizer, None if echo else list(p)))
+        self.choices = [Choice(list(p), IncrementalDetokenizer(tokenizer, None if echo else list(p)),
+                               calling=True if tools is not None and tools.forced else None if tools else False)
                         for p in prompts]
 
     @property
@@ -101,13 +114,42 @@ class Reply:
                 "total_tokens": self.prompt_tokens + completion,
                 "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in self.choices)}}
 
-    def chunk(self, index: int, out: RequestOutput) -> dict:
-        """One stream chunk: choice `index`'s output `out`."""
+    def _calls(self, c: Choice, out: RequestOutput, text: str) -> list[dict] | None:
+        """Follow a choice that may be a tool call: None while it is not (or not yet) a whole one,
+        else its calls (its last output)."""
+        if c.calling is None and out.token_ids:
+            c.calling = out.token_ids[0] == self.tool_calls_token
+        if not c.calling:
+            return None
+        c.call_text += text
+        if out.finish_reason is None:
+            return None
+        calls = ToolFormat.parse(c.call_text)
+        if calls is not None and not self.tools.parallel:
+            calls = calls[:1]
+        return calls
+
+    def chunk(self, index: int, out: RequestOutput) -> dict | None:
+        """One stream chunk: choice `index`'s output `out`; None while a tool call's text is held."""
         c = self.choices[index]
         self._count(c, out)
         finish = FINISH.get(out.finish_reason) if out.finish_reason else None
         logprobs = self._logprobs(self._entries(c, out))
         text = self._text(c, out)
+        if self.chat and c.calling is not False:
+            calls = self._calls(c, out, text)
+            if c.calling and out.finish_reason is None:
+                return None
+            if c.calling:  # whole: the calls, or (not parseable) the text held
+                delta = {"role": "assistant"} if c.first else {}
+                c.first = False
+                if calls is None:
+                    delta["content"] = c.call_text
+                else:
+                    delta |= {"content": None, "tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
+                    finish = "tool_calls"
+                choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+                return {**self._head("chat.completion.chunk"), "choices": [choice]}
         if self.chat:
             delta = {"role": "assistant", "content": text} if c.first else {"content": text}
             c.first = False
@@ -121,6 +163,14 @@ class Reply:
         return {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [],
                 "usage": self.usage()}
 
+    def _whole_calls(self, c: Choice, chunks: list[RequestOutput], text: str) -> list[dict] | None:
+        """A whole answer's tool calls, or None when it is not one (or does not parse)."""
+        first = next((out.token_ids[0] for out in chunks if out.token_ids), None)
+        if not c.calling and not (c.calling is None and first is not None and first == self.tool_calls_token):
+            return None
+        calls = ToolFormat.parse(text)
+        return calls if calls is None or self.tools.parallel else calls[:1]
+
     def whole(self, outs: list[list[RequestOutput]]) -> dict:
         """The whole response: outs[i] is choice i's outputs, in order."""
         choices = []
@@ -133,8 +183,13 @@ class Reply:
                 c.first = False
             finish = FINISH.get(chunks[-1].finish_reason)
             if self.chat:
-                choices.append({"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
-                                "logprobs": self._logprobs(entries), "finish_reason": finish})
+                message = {"role": "assistant", "content": text, "refusal": None}
+                calls = self._whole_calls(c, chunks, text)
+                if calls is not None:
+                    message |= {"content": None, "tool_calls": calls}
+                    finish = "tool_calls"
+                choices.append({"index": index, "message": message, "logprobs": self._logprobs(entries),
+                                "finish_reason": finish})
             else:
                 choices.append({"index": index, "text": text, "logprobs": self._logprobs(entries),
                                 "finish_reason": finish})

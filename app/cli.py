@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--sliding-window", type=int, default=None, help="attention window (default: none)")
     tiny.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     tiny.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weight dtype")
+    tiny.add_argument("--tokenizer", choices=["v1", "v3"], default="v1",
+                      help="v1: Mixtral 8x7B's (default); v3: Mixtral 8x22B Instruct's, with tool calls")
     tiny.add_argument("--layout", choices=["hub", "consolidated"], default="hub",
                       help="hub: Hugging Face layout; consolidated: Mistral's params.json layout")
 
@@ -160,7 +162,8 @@ def cmd_tiny_checkpoint(args) -> int:
     from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
 
     out = write_tiny_checkpoint(
-        args.dir, seed=args.seed, dtype=args.dtype, layout=args.layout, num_layers=args.layers,
+        args.dir, seed=args.seed, dtype=args.dtype, layout=args.layout, tokenizer=args.tokenizer,
+        num_layers=args.layers,
         num_experts=args.experts, experts_per_token=args.experts_per_token,
         hidden_size=args.hidden, intermediate_size=args.intermediate, num_heads=args.heads,
         num_kv_heads=args.kv_heads, head_dim=args.hidden // args.heads,

@@ -16,6 +16,7 @@ from expertmesh.cluster.bringup import UsageError, progress, start_engine
 from expertmesh.cluster.controller import AutoscaleSettings, Controller
 from expertmesh.core.chat import load_chat_template
 from expertmesh.core.tokenizer import load_tokenizer
+from expertmesh.core.tool_format import ToolFormat
 from expertmesh.flags import serving_config
 from expertmesh.v1 import generation_pb2 as pb
 
@@ -161,7 +162,8 @@ def cmd_serve(args) -> int:
         tokenizer = load_tokenizer(model_dir, config.bos_token_id, config.eos_token_id)
         serving = ServingEngine(engine, tokenizer, settings, own_thread=False, control=cluster)
         generation = GenerationService(serving, tokenizer, load_chat_template(model_dir),
-                                       lambda: model_info(names[0], config, cluster))
+                                       lambda: model_info(names[0], config, cluster),
+                                       tool_format=ToolFormat.load(model_dir))
         if autoscale is not None:
             controller = Controller(cluster, autoscale)
         if cluster is None:

@@ -105,11 +105,13 @@ def save_consolidated(tensors: dict[str, torch.Tensor], config: MixtralConfig, o
 
 def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, dtype: str = "float32",
                           layout: str = "hub", max_shard_bytes: int = 4 << 20, init_std: float = 0.02,
-                          **overrides) -> Path:
-    """Write a random Mixtral with TINY_DEFAULTS (overridable) and the Mixtral tokenizer files."""
+                          tokenizer: str = "v1", **overrides) -> Path:
+    """Write a random Mixtral with TINY_DEFAULTS (overridable) and the Mixtral tokenizer files:
+    tokenizer v1 (Mixtral 8x7B's) or v3 (Mixtral 8x22B Instruct's, 32768 tokens, with tool calls)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = MixtralConfig(**(TINY_DEFAULTS | overrides | {"dtype": dtype}))
+    vocab = {"vocab_size": 32768} if tokenizer == "v3" else {}
+    config = MixtralConfig(**(TINY_DEFAULTS | vocab | overrides | {"dtype": dtype}))
     tensors = random_weights(config, seed, getattr(torch, dtype), init_std)
     if layout == "hub":
         save_hub(tensors, config, out, max_shard_bytes)
@@ -117,7 +119,7 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, dtype: str = "floa
         save_consolidated(tensors, config, out)
     else:
         raise ValueError(f"layout must be 'hub' or 'consolidated', got {layout!r}")
-    write_tokenizer_files(out)
+    write_tokenizer_files(out, tokenizer)
     return out
 
 

@@ -17,13 +17,18 @@ from tokenizers.models import BPE
 SPIECE_SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 
 
-def mixtral_sentencepiece_path() -> Path:
-    """Mixtral 8x7B's tokenizer model as shipped inside the mistral-common package."""
+# Mistral's SentencePiece tokenizers shipped inside the mistral-common package: v1 is Mixtral 8x7B's
+# (32000 pieces); v3 is Mixtral 8x22B Instruct's (32768: v1's and control tokens, tools among them).
+SHIPPED = {"v1": "tokenizer.model.v1", "v3": "mistral_instruct_tokenizer_240323.model.v3"}
+
+
+def mixtral_sentencepiece_path(version: str = "v1") -> Path:
+    """A Mistral tokenizer model (SHIPPED) as shipped inside the mistral-common package."""
     import mistral_common
 
-    path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    path = Path(mistral_common.__file__).parent / "data" / SHIPPED[version]
     if not path.exists():
-        raise FileNotFoundError(f"{path}: mistral-common does not ship tokenizer.model.v1")
+        raise FileNotFoundError(f"{path}: mistral-common does not ship {SHIPPED[version]}")
     return path
 
 
@@ -70,13 +75,13 @@ def convert_sentencepiece(model_path: str | Path) -> Tokenizer:
     return tokenizer
 
 
-def mixtral_tokenizer_json() -> Path:
-    """Path of the converted Mixtral tokenizer.json, converting once into the cache."""
-    target = cache_dir() / "mixtral-tokenizer-v1.json"
+def mixtral_tokenizer_json(version: str = "v1") -> Path:
+    """Path of the converted tokenizer.json (SHIPPED version), converting once into the cache."""
+    target = cache_dir() / f"mixtral-tokenizer-{version}.json"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        convert_sentencepiece(mixtral_sentencepiece_path()).save(str(tmp))
+        convert_sentencepiece(mixtral_sentencepiece_path(version)).save(str(tmp))
         os.replace(tmp, target)  # atomic: concurrent processes never read half a file
     return target
 
@@ -113,10 +118,14 @@ def load_tokenizer(model_dir: str | Path, bos_token_id: int = 1, eos_token_id: i
     return TextTokenizer(Tokenizer.from_file(str(path)), bos_token_id, eos_token_id)
 
 
-def write_tokenizer_files(model_dir: str | Path) -> None:
-    """Write Mixtral's tokenizer.json and tokenizer_config.json into a checkpoint folder."""
+def write_tokenizer_files(model_dir: str | Path, version: str = "v1") -> None:
+    """Write the tokenizer.json and tokenizer_config.json of a SHIPPED tokenizer into a checkpoint
+    folder; from v3 on also Mistral's own file (tokenizer.model.v3), which carries the tool format
+    (core/tool_format.py), as Mistral's repositories do."""
     model_dir = Path(model_dir)
-    (model_dir / "tokenizer.json").write_bytes(mixtral_tokenizer_json().read_bytes())
+    (model_dir / "tokenizer.json").write_bytes(mixtral_tokenizer_json(version).read_bytes())
+    if version != "v1":
+        (model_dir / f"tokenizer.model.{version}").write_bytes(mixtral_sentencepiece_path(version).read_bytes())
     (model_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
         "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "legacy": True,
