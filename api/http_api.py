@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -29,7 +28,17 @@ from starlette.routing import Route
 
 from expertmesh.api.openai_reply import Reply
 from expertmesh.api.prompts import PromptBuilder
-from expertmesh.api.request_builder import CHAT, TEXT, TOKEN_IDS, ClientRequest, Prompt, RequestBuilder, ToolRequest
+from expertmesh.api.request_builder import (
+    CHAT,
+    TEXT,
+    TOKEN_IDS,
+    ClientRequest,
+    Prompt,
+    RequestBuilder,
+    ToolRequest,
+    tool_request,
+    with_tools,
+)
 from expertmesh.core.tool_format import ToolFormat
 from expertmesh.router.requests import MAX_REQUEST_ID_CHARS, InvalidRequest, ValidRequest
 from expertmesh.router.sampling import SamplingParams
@@ -56,11 +65,6 @@ UNSUPPORTED = {"suffix": "suffix is not supported",
                                    "tenants apart)",
                "prompt_cache_options": "prompt cache options are not supported: the prefix cache is automatic",
                "prompt_cache_retention": "prompt cache retention is not supported: the prefix cache is automatic"}
-TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
-NO_TOOL_FORMAT = ("tools need a tool format, and this model's tokenizer has none (Mixtral 8x7B's v1 tokenizer has no "
-                  "tool tokens; a checkpoint with Mistral's tokenizer.model.v3 or later has)")
-TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
-MAX_TOOLS = 128
 # Known fields whose only honoured values are these (the defaults): anything else is refused by name.
 DEFAULT_ONLY = {"modalities": ((["text"],), "only text output is supported"),
                 "service_tier": (("auto", "default"), "one service tier: auto or default")}
@@ -192,66 +196,17 @@ def request_from_body(body: dict, chat: bool, tool_format: ToolFormat | None = N
     salt = body.get("cache_salt", "")
     if not isinstance(salt, str):
         raise ApiError(400, "cache_salt must be a string", "cache_salt")
-    tools = tools_from_body(body, tool_format if chat else None)
-    prompts = (Prompt(CHAT, chat_messages(body, tool_format)),) if chat else tuple(map(_prompt, _prompt_list(body)))
-    structure = structure_from_body(body)
-    if tools is not None and tools.forced:
-        if structure is not None:
-            raise ApiError(400, "a forced tool call and response_format (or guided_*) cannot both shape the answer",
-                           "tool_choice")
-        schema = ToolFormat.calls_schema(list(tools.tools), None if tools.choice == "required" else tools.choice)
-        if not tools.parallel:
-            schema["maxItems"] = 1
-        structure = StructureSpec("json_schema", json.dumps(schema), "tool_choice")
-    return ClientRequest(prompts, params, salt, structure, tools)
+    try:
+        tools = tools_from_body(body, tool_format if chat else None)
+        prompts = (Prompt(CHAT, chat_messages(body, tool_format)),) if chat else tuple(map(_prompt, _prompt_list(body)))
+        return ClientRequest(prompts, params, salt, with_tools(structure_from_body(body), tools), tools)
+    except InvalidRequest as exc:
+        raise _api_error(exc) from None
 
 
 def tools_from_body(body: dict, tool_format: ToolFormat | None) -> ToolRequest | None:
-    """tools, tool_choice, parallel_tool_calls -> what the answer may call (None: no tools: none
-    given, or tool_choice "none"). Refused by name on a model without a tool format."""
-    if tool_format is None:
-        for name in TOOL_FIELDS:
-            if body.get(name) is not None:
-                raise ApiError(400, NO_TOOL_FORMAT, name)
-        return None
-    tools, choice, parallel = body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls", True)
-    if parallel is None:
-        parallel = True
-    if not isinstance(parallel, bool):
-        raise ApiError(400, "parallel_tool_calls must be true or false", "parallel_tool_calls")
-    if tools is None or tools == []:
-        if choice not in (None, "none", "auto"):
-            raise ApiError(400, "tool_choice names a tool, but tools is empty", "tool_choice")
-        return None
-    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
-        raise ApiError(400, f"tools must be a list of at most {MAX_TOOLS} tools", "tools")
-    names = []
-    for i, tool in enumerate(tools):
-        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
-        name = function.get("name") if isinstance(function, dict) else None
-        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
-            raise ApiError(400, f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}} "
-                           "with a name of 1-64 letters, digits, _ or -", "tools")
-        if not isinstance(function.get("description", ""), (str, type(None))) or not isinstance(
-                function.get("parameters", {}), (dict, type(None))):
-            raise ApiError(400, f"tools[{i}].function: description must be a string, parameters a JSON schema "
-                           "object", "tools")
-        if name in names:
-            raise ApiError(400, f"tools[{i}]: a second tool named {name}", "tools")
-        names.append(name)
-    if choice is None or choice == "auto":
-        chosen = "auto"
-    elif choice == "none":
-        return None
-    elif choice == "required":
-        chosen = "required"
-    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict) \
-            and choice["function"].get("name") in names:
-        chosen = choice["function"]["name"]
-    else:
-        raise ApiError(400, "tool_choice must be none, auto, required, or {\"type\": \"function\", \"function\": "
-                       "{\"name\": ...}} naming one of tools", "tool_choice")
-    return ToolRequest(tuple(tools), chosen, parallel)
+    """tools, tool_choice, parallel_tool_calls -> what the answer may call (api/request_builder.py)."""
+    return tool_request(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"), tool_format)
 
 
 def _prompt_list(body: dict) -> list:
