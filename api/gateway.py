@@ -25,8 +25,20 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from expertmesh.api.prompts import PromptBuilder
-from expertmesh.api.request_builder import CHAT, TEXT, TOKEN_IDS, ClientRequest, Prompt, RequestBuilder
+from expertmesh.api.request_builder import (
+    CHAT,
+    NO_TOOL_FORMAT,
+    TEXT,
+    TOKEN_IDS,
+    ClientRequest,
+    Prompt,
+    RequestBuilder,
+    ToolRequest,
+    tool_request,
+    with_tools,
+)
 from expertmesh.core.tokenizer import TextTokenizer
+from expertmesh.core.tool_format import AnswerCalls, ToolFormat
 from expertmesh.router.requests import (
     MAX_REQUEST_ID_CHARS,
     InvalidRequest,
@@ -66,7 +78,7 @@ def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
         prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None)
 
 
-def request_from_proto(request: pb.GenerateRequest) -> ClientRequest:
+def request_from_proto(request: pb.GenerateRequest, tool_format: ToolFormat | None = None) -> ClientRequest:
     """A Generate call's fields -> the doors' common ClientRequest (api/request_builder.py)."""
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidRequest(f"request_id has {len(request.request_id)} characters; at most "
@@ -80,9 +92,50 @@ def request_from_proto(request: pb.GenerateRequest) -> ClientRequest:
     elif request.token_ids:
         prompt = Prompt(TOKEN_IDS, list(request.token_ids))
     else:
-        prompt = Prompt(CHAT, [{"role": m.role, "content": m.content} for m in request.messages])
+        prompt = Prompt(CHAT, messages_from_proto(request.messages, tool_format))
+    tools = tool_request(tools_from_proto(request.tools) if request.tools else None,
+                         _tool_choice(request.tool_choice) if request.tool_choice else None,
+                         request.parallel_tool_calls if request.HasField("parallel_tool_calls") else None,
+                         tool_format)
+    if tools is not None and prompt.kind != CHAT:
+        raise InvalidRequest("tools need messages (a chat), not a prompt or token ids", "tools")
     return ClientRequest((prompt,), sampling_from_proto(request.sampling), request.cache_salt,
-                         structure_from_proto(request))
+                         with_tools(structure_from_proto(request), tools), tools)
+
+
+def messages_from_proto(messages, tool_format: ToolFormat | None) -> list[dict]:
+    """ChatMessages -> OpenAI-shaped dicts; tool calls and results only where there is a tool format."""
+    out = []
+    for i, m in enumerate(messages):
+        message = {"role": m.role, "content": m.content}
+        if m.tool_calls or m.tool_call_id or m.role == "tool":
+            if tool_format is None:
+                raise InvalidRequest(f"messages[{i}]: tool calls and results need a tool format: {NO_TOOL_FORMAT}",
+                                     "messages")
+            if m.role == "tool":
+                message["tool_call_id"] = m.tool_call_id
+            else:
+                message["tool_calls"] = [{"id": c.id, "type": "function",
+                                          "function": {"name": c.name, "arguments": c.arguments}} for c in m.tool_calls]
+        out.append(message)
+    return out
+
+
+def tools_from_proto(tools) -> list[dict]:
+    """Tools -> OpenAI's shape, their parameter schemas parsed."""
+    out = []
+    for i, t in enumerate(tools):
+        try:
+            parameters = json.loads(t.parameters) if t.parameters else {"type": "object"}
+        except ValueError:
+            raise InvalidRequest(f"tools[{i}].parameters is not JSON", "tools") from None
+        out.append({"type": "function", "function": {"name": t.name, "description": t.description,
+                                                     "parameters": parameters}})
+    return out
+
+
+def _tool_choice(choice: str):
+    return choice if choice in ("", "auto", "none", "required") else {"type": "function", "function": {"name": choice}}
 
 
 def structure_from_proto(request: pb.GenerateRequest) -> StructureSpec | None:
@@ -209,12 +262,14 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.draining = False  # shutting down: streams in flight finish, new calls get UNAVAILABLE
         self.in_flight = 0  # Generate calls not yet ended
 
-    def _valid(self, request: pb.GenerateRequest) -> ValidRequest:
-        """The one check of a Generate call: prompt and sampling against the model and the pool."""
-        return self.builder.build(request_from_proto(request))[0]
+    def _valid(self, request: pb.GenerateRequest) -> tuple[ValidRequest, ToolRequest | None]:
+        """The one check of a Generate call: prompt and sampling against the model and the pool;
+        and the tools its answer may call."""
+        client = request_from_proto(request, self.prompts.tool_format)
+        return self.builder.build(client)[0], client.tools
 
     def _chat_ids(self, messages) -> list[int]:
-        return self.prompts.chat([{"role": m.role, "content": m.content} for m in messages])
+        return self.prompts.chat(messages_from_proto(messages, self.prompts.tool_format))
 
     async def Generate(self, request, context):
         if self.draining:  # UNAVAILABLE, not CANCELLED: clients retry it on another replica
@@ -225,7 +280,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.in_flight += 1
         try:
             try:
-                valid = await loop.run_in_executor(self.prepare, self._valid, request)
+                valid, tools = await loop.run_in_executor(self.prepare, self._valid, request)
                 key = self.engine.submit(valid, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
                                          client_id=request.request_id)
             except InvalidRequest as exc:
@@ -234,13 +289,24 @@ class GenerationService(pb_grpc.GenerationServicer):
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _detail(str(exc)))
             except EngineUnavailable as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, _detail(str(exc)))
+            # an answer that may be tool calls streams as text; its last message carries the calls
+            calls = None if tools is None else AnswerCalls(self.prompts.tool_format.tool_calls_token, tools.forced,
+                                                           tools.parallel)
             while True:
                 out: RequestOutput = await queue.get()
                 if out.error:
                     finished = True
                     code = grpc.StatusCode.UNAVAILABLE if out.retryable else grpc.StatusCode.INTERNAL
                     await context.abort(code, _detail(f"generation failed: {out.error}"))
-                yield response_from_output(out)
+                response = response_from_output(out)
+                if calls is not None:
+                    calls.add(out.token_ids, out.text)
+                    whole = calls.calls() if out.finish_reason is not None else None
+                    if whole:
+                        response.tool_calls.extend(pb.ToolCall(id=c["id"], name=c["function"]["name"],
+                                                               arguments=c["function"]["arguments"]) for c in whole)
+                        response.finish_reason = pb.FINISH_REASON_TOOL_CALLS
+                yield response
                 if out.finish_reason is not None:
                     finished = True
                     return

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from expertmesh.api.request_builder import ToolRequest
 from expertmesh.core.tokenizer import IncrementalDetokenizer, TextTokenizer
-from expertmesh.core.tool_format import ToolFormat
+from expertmesh.core.tool_format import AnswerCalls
 from expertmesh.router.sampling import TokenLogprobs
 from expertmesh.router.serving import RequestOutput
 
@@ -39,8 +39,7 @@ class Choice:
     completion_tokens: int = 0
     cached_tokens: int = 0
     outs: list[RequestOutput] = field(default_factory=list)
-    calling: bool | None = None  # a tool call (None: not known before the first token)
-    call_text: str = ""  # a call's text, held until the answer is whole
+    calls: AnswerCalls | None = None  # when the answer may be tool calls
 
     @property
     def finished(self) -> bool:
@@ -55,13 +54,12 @@ class Reply:
         client asked for logprobs (the engine may have computed the prompt's for echo anyway); tools:
         what the answer may call, and the tool format's [TOOL_CALLS] token id."""
         self.chat, self.model, self.tokenizer, self.echo, self.want_logprobs = chat, model, tokenizer, echo, logprobs
-        self.tools, self.tool_calls_token = tools, tool_calls_token
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.prompt_tokens = sum(len(p) for p in prompts)
         # with echo the pieces start at the prompt's first token; else after the whole prompt
         self.choices = [Choice(list(p), IncrementalDetokenizer(tokenizer, None if echo else list(p)),
-                               calling=True if tools is not None and tools.forced else None if tools else False)
+                               calls=AnswerCalls(tool_calls_token, tools.forced, tools.parallel) if tools else None)
                         for p in prompts]
 
     @property
@@ -114,21 +112,6 @@ class Reply:
                 "total_tokens": self.prompt_tokens + completion,
                 "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in self.choices)}}
 
-    def _calls(self, c: Choice, out: RequestOutput, text: str) -> list[dict] | None:
-        """Follow a choice that may be a tool call: None while it is not (or not yet) a whole one,
-        else its calls (its last output)."""
-        if c.calling is None and out.token_ids:
-            c.calling = out.token_ids[0] == self.tool_calls_token
-        if not c.calling:
-            return None
-        c.call_text += text
-        if out.finish_reason is None:
-            return None
-        calls = ToolFormat.parse(c.call_text)
-        if calls is not None and not self.tools.parallel:
-            calls = calls[:1]
-        return calls
-
     def chunk(self, index: int, out: RequestOutput) -> dict | None:
         """One stream chunk: choice `index`'s output `out`; None while a tool call's text is held."""
         c = self.choices[index]
@@ -136,15 +119,16 @@ class Reply:
         finish = FINISH.get(out.finish_reason) if out.finish_reason else None
         logprobs = self._logprobs(self._entries(c, out))
         text = self._text(c, out)
-        if self.chat and c.calling is not False:
-            calls = self._calls(c, out, text)
-            if c.calling and out.finish_reason is None:
+        if self.chat and c.calls is not None:
+            c.calls.add(out.token_ids, text)
+            if c.calls.calling and out.finish_reason is None:
                 return None
-            if c.calling:  # whole: the calls, or (not parseable) the text held
+            if c.calls.calling:  # whole: the calls, or (not parseable) the text held
+                calls = c.calls.calls()
                 delta = {"role": "assistant"} if c.first else {}
                 c.first = False
                 if calls is None:
-                    delta["content"] = c.call_text
+                    delta["content"] = c.calls.text
                 else:
                     delta |= {"content": None, "tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
                     finish = "tool_calls"
@@ -163,14 +147,6 @@ class Reply:
         return {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [],
                 "usage": self.usage()}
 
-    def _whole_calls(self, c: Choice, chunks: list[RequestOutput], text: str) -> list[dict] | None:
-        """A whole answer's tool calls, or None when it is not one (or does not parse)."""
-        first = next((out.token_ids[0] for out in chunks if out.token_ids), None)
-        if not c.calling and not (c.calling is None and first is not None and first == self.tool_calls_token):
-            return None
-        calls = ToolFormat.parse(text)
-        return calls if calls is None or self.tools.parallel else calls[:1]
-
     def whole(self, outs: list[list[RequestOutput]]) -> dict:
         """The whole response: outs[i] is choice i's outputs, in order."""
         choices = []
@@ -184,7 +160,11 @@ class Reply:
             finish = FINISH.get(chunks[-1].finish_reason)
             if self.chat:
                 message = {"role": "assistant", "content": text, "refusal": None}
-                calls = self._whole_calls(c, chunks, text)
+                calls = None
+                if c.calls is not None:
+                    for out in chunks:
+                        c.calls.add(out.token_ids, out.text)
+                    calls = c.calls.calls()
                 if calls is not None:
                     message |= {"content": None, "tool_calls": calls}
                     finish = "tool_calls"

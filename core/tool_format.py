@@ -98,6 +98,28 @@ class ToolFormat:
                  "function": {"name": c["name"], "arguments": json.dumps(c.get("arguments", {}))}} for c in calls]
 
 
+class AnswerCalls:
+    """Follows one answer that may be tool calls: forced (the prompt ended with [TOOL_CALLS]) or
+    starting with that token. Its text is the calls' JSON."""
+
+    def __init__(self, tool_calls_token: int, forced: bool, parallel: bool = True):
+        self.tool_calls_token, self.parallel = tool_calls_token, parallel
+        self.calling: bool | None = True if forced else None  # None: not known before the first token
+        self.text = ""
+
+    def add(self, token_ids: list[int], text: str) -> None:
+        if self.calling is None and token_ids:
+            self.calling = token_ids[0] == self.tool_calls_token
+        if self.calling:
+            self.text += text
+
+    def calls(self) -> list[dict] | None:
+        """The whole answer's calls (OpenAI's shape; one without parallel), or None when it is not
+        calls or does not parse as them."""
+        calls = ToolFormat.parse(self.text) if self.calling else None
+        return calls if calls is None or self.parallel else calls[:1]
+
+
 def _message(m: dict):
     from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
     from mistral_common.protocol.instruct.tool_calls import FunctionCall, ToolCall

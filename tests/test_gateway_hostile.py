@@ -116,6 +116,14 @@ FIELDS = {  # name -> (valid values, hostile values)
                              st.builds(lambda t: pb.StructuredOutput(regex=t), texts),
                              st.builds(lambda v: pb.StructuredOutput(choice=pb.Choices(values=v)), st.lists(texts)),
                              st.just(pb.StructuredOutput(json_schema="x" * 70000)))),
+    # this server's tokenizer (v1) has no tool format: any tool field is refused (tests/test_tools.py
+    # has a v3 model's)
+    "tools": (st.just([]), st.lists(st.builds(lambda n, d, p: pb.Tool(name=n, description=d, parameters=p),
+                                              texts, texts, texts), min_size=1, max_size=3)),
+    "tool_choice": (st.just(""), texts),
+    "tool_calls": (st.just([]), st.lists(st.builds(lambda i, n, a: pb.ToolCall(id=i, name=n, arguments=a),
+                                                   texts, texts, texts), min_size=1, max_size=2)),
+    "tool_call_id": (st.just(""), texts),
 }
 
 
@@ -140,6 +148,10 @@ def generate_requests(draw) -> pb.GenerateRequest:
     structured = value("structured") if "structured" in bad or draw(st.booleans()) else None
     if structured is not None:
         request.structured.CopyFrom(structured)
+    request.tools.extend(value("tools"))
+    request.tool_choice = value("tool_choice")
+    if draw(st.booleans()):
+        request.parallel_tool_calls = draw(st.booleans())
     kind = value("kind")
     if kind in ("prompt", "several"):
         request.prompt = value("prompt")
@@ -147,7 +159,8 @@ def generate_requests(draw) -> pb.GenerateRequest:
         request.token_ids.extend(value("token_ids"))
     if kind in ("messages", "several"):
         for role in value("roles")[:draw(st.integers(1, 5))]:
-            request.messages.append(pb.ChatMessage(role=role, content=value("content")))
+            request.messages.append(pb.ChatMessage(role=role, content=value("content"), tool_calls=value("tool_calls"),
+                                                   tool_call_id=value("tool_call_id")))
     return request
 
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 
+import grpc
 import jsonschema
 import openai
 import pytest
 
 from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
+from expertmesh.v1 import generation_pb2 as pb
+from expertmesh.v1 import generation_pb2_grpc as pb_grpc
 from tests.gateway_server import ServerProcess
 from tests.test_http_api import http_target, post
 
@@ -137,3 +140,39 @@ def test_bad_tool_requests_are_refused_by_name(server, body, param):
     status, reply = post(f"{http_target(server)}/chat/completions",
                          {"model": "tiny-v3", "messages": ASK, "max_tokens": 2, **body})
     assert status == 400 and reply["error"]["param"] == param, reply
+
+
+def grpc_tool(tool: dict) -> pb.Tool:
+    f = tool["function"]
+    return pb.Tool(name=f["name"], description=f.get("description", ""), parameters=json.dumps(f["parameters"]))
+
+
+def test_grpc_streams_a_forced_call_as_text_and_gives_it_whole_at_the_end(server):
+    """Over gRPC the call's JSON streams as text; the last message has the parsed calls and finish
+    reason TOOL_CALLS; the conversation goes on with the call and its result."""
+    ask = pb.ChatMessage(role="user", content=ASK[0]["content"])
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        out = list(stub.Generate(pb.GenerateRequest(
+            messages=[ask], tools=[grpc_tool(WEATHER), grpc_tool(TIME)], tool_choice="get_weather",
+            parallel_tool_calls=False, sampling=pb.SamplingParams(max_new_tokens=200, temperature=0.7, seed=5)),
+            timeout=120))
+        last = out[-1]
+        assert last.finish_reason == pb.FINISH_REASON_TOOL_CALLS and len(last.tool_calls) == 1, last
+        call = last.tool_calls[0]
+        assert call.name == "get_weather" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.arguments), WEATHER["function"]["parameters"])
+        streamed = json.loads("".join(r.text for r in out))  # the text is the calls' JSON
+        assert [c["name"] for c in streamed] == ["get_weather"]
+        follow = list(stub.Generate(pb.GenerateRequest(
+            messages=[ask, pb.ChatMessage(role="assistant", tool_calls=[call]),
+                      pb.ChatMessage(role="tool", tool_call_id=call.id, content='{"temperature": 21}'),
+                      pb.ChatMessage(role="user", content="And in Rome?")],
+            tools=[grpc_tool(WEATHER)], sampling=pb.SamplingParams(max_new_tokens=3, temperature=0)), timeout=60))
+        assert follow[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
+        for bad in (pb.GenerateRequest(messages=[ask], tools=[pb.Tool(name="f", parameters="{not json")]),
+                    pb.GenerateRequest(prompt="hi", tools=[grpc_tool(WEATHER)]),
+                    pb.GenerateRequest(messages=[ask], tools=[grpc_tool(WEATHER)], tool_choice="nope")):
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Generate(bad, timeout=30))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
