@@ -22,6 +22,34 @@ from expertmesh.router.requests import InvalidRequest
 
 KINDS = ("json", "json_schema", "regex", "choice")
 MAX_SPEC_CHARS = 64 << 10  # a schema, regex or choice list: compiling it must stay cheap
+# JSON schema keywords xgrammar (0.2) accepts and does not enforce (measured: a value they rule out
+# passes), or enforces wrongly (contains refuses what it allows): a schema using one is refused by
+# name, never half-honoured. (maxLength, pattern, minimum, multipleOf, format, maxItems, minProperties,
+# propertyNames, enum, const, anyOf and one-entry allOf are enforced.)
+UNENFORCED = ("uniqueItems", "not", "if", "then", "else", "contains", "minContains", "maxContains",
+              "dependentRequired", "dependentSchemas", "dependencies", "unevaluatedProperties", "unevaluatedItems")
+# where a schema holds subschemas: one, a list of them, or a map of names to them
+_ONE = ("additionalProperties", "items", "propertyNames", "additionalItems", "contains", "not", "if", "then", "else")
+_LIST = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def unenforced_keyword(schema, path: str = "#") -> str | None:
+    """The first keyword of a JSON schema (walking only subschema positions, never property names or
+    enum values) that the grammar engine would not enforce, as "path: keyword"; None when none."""
+    if not isinstance(schema, dict):
+        return None
+    for keyword in UNENFORCED:
+        if keyword in schema:
+            return f"{path}: {keyword}"
+    if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
+        return f"{path}: allOf with several schemas"
+    children = [(f"{path}/{k}", schema[k]) for k in _ONE if isinstance(schema.get(k), dict)]
+    children += [(f"{path}/{k}/{i}", s) for k in _LIST if isinstance(schema.get(k), list)
+                 for i, s in enumerate(schema[k])]
+    children += [(f"{path}/{k}/{name}", s) for k in _MAP if isinstance(schema.get(k), dict)
+                 for name, s in schema[k].items()]
+    return next((found for child_path, child in children if (found := unenforced_keyword(child, child_path))), None)
 
 
 @dataclass(frozen=True)
@@ -92,6 +120,13 @@ class Grammars:
             if spec.kind == "json":  # OpenAI's json_object: an object, any keys (not any JSON value)
                 return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
             if spec.kind == "json_schema":
+                try:
+                    found = unenforced_keyword(json.loads(spec.value))
+                except ValueError:
+                    found = None  # not JSON: the compiler says so
+                if found is not None:
+                    raise InvalidRequest(f"{spec.field}: the schema uses {found}, which structured output cannot "
+                                         "enforce", spec.field)
                 return compiler.compile_json_schema(spec.value, any_whitespace=False)
             if spec.kind == "regex":
                 return compiler.compile_regex(spec.value)

@@ -386,6 +386,28 @@ SCHEMA = {"type": "object", "properties": {
     "required": ["answer", "confident", "colour"], "additionalProperties": False}
 
 
+@pytest.mark.parametrize("schema,enforced", [
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, False),
+    ({"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, False),
+    ({"allOf": [{"type": "integer"}, {"minimum": 3}]}, False),
+    ({"type": "object", "$defs": {"x": {"if": {"type": "integer"}, "then": {"minimum": 3}}}}, False),
+    # keywords' names as property names and enum values are no keywords
+    ({"type": "object", "properties": {"not": {"type": "integer"}, "if": {"enum": ["uniqueItems"]}},
+      "required": ["not"]}, True),
+])
+def test_schema_keywords_the_grammar_cannot_enforce_are_refused_by_name(server, model_name, schema, enforced):
+    """Never half-honoured: a keyword xgrammar accepts without enforcing is refused, naming it."""
+    pytest.importorskip("xgrammar", reason="structured output needs xgrammar (expertmesh[structured])")
+    status, reply = post(f"{http_target(server)}/chat/completions", {
+        "model": model_name, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
+    if enforced:
+        assert status == 200, reply
+    else:
+        assert status == 400 and reply["error"]["param"] == "response_format", reply
+        assert "cannot enforce" in reply["error"]["message"], reply
+
+
 def test_structured_output_follows_its_schema_on_every_sample(client, model_name):
     """The random model left to itself writes no JSON; constrained, every one of 8 sampled answers
     (temperature 1, different seeds) parses and validates against its schema. json_object gives a
