@@ -32,6 +32,7 @@ from expertmesh.api.request_builder import (
     CHAT,
     TEXT,
     TOKEN_IDS,
+    TOOL_FIELDS,
     ClientRequest,
     Prompt,
     RequestBuilder,
@@ -196,17 +197,17 @@ def request_from_body(body: dict, chat: bool, tool_format: ToolFormat | None = N
     salt = body.get("cache_salt", "")
     if not isinstance(salt, str):
         raise ApiError(400, "cache_salt must be a string", "cache_salt")
+    if not chat:
+        for name in TOOL_FIELDS:
+            if body.get(name) is not None:
+                raise ApiError(400, f"{name} is a chat field: the completions API has no tools", name)
     try:
-        tools = tools_from_body(body, tool_format if chat else None)
+        tools = tool_request(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"),
+                             tool_format) if chat else None
         prompts = (Prompt(CHAT, chat_messages(body, tool_format)),) if chat else tuple(map(_prompt, _prompt_list(body)))
         return ClientRequest(prompts, params, salt, with_tools(structure_from_body(body), tools), tools)
     except InvalidRequest as exc:
         raise _api_error(exc) from None
-
-
-def tools_from_body(body: dict, tool_format: ToolFormat | None) -> ToolRequest | None:
-    """tools, tool_choice, parallel_tool_calls -> what the answer may call (api/request_builder.py)."""
-    return tool_request(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"), tool_format)
 
 
 def _prompt_list(body: dict) -> list:

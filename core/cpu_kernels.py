@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from expertmesh.core.quantize import pack_int4
 from expertmesh.core.tokenizer import cache_dir
 
 log = logging.getLogger("expertmesh.cpu_kernels")
@@ -131,10 +132,8 @@ class CpuKernels:
         """quantize_int4's (q (n, k) int8 in [-8, 7], scale (n, groups) bf16) -> the kernel's layout:
         (P, ceil(k / 2), panel) uint8, byte j of pair c holding output j of column 2c in its low nibble
         and of column 2c + 1 in its high one; scales (P, groups, panel) bf16."""
-        if q.shape[1] % 2:
-            q = torch.cat([q, q.new_zeros(q.shape[0], 1)], dim=1)
-        nibbles = self.blocked(q).view(torch.uint8) & 0xF  # (P, k, panel)
-        packed = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).contiguous()
+        columns = self.blocked(q).transpose(1, 2)  # (P, panel, k): pairs of columns along the last dim
+        packed = pack_int4(columns).transpose(1, 2).contiguous()
         pad = -q.shape[0] % self.panel
         if pad:
             scale = torch.cat([scale, scale.new_ones(pad, scale.shape[1])])

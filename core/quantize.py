@@ -60,11 +60,12 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """q (n, k) in [-8, 7] -> (n, ceil(k / 2)) uint8, columns 2c and 2c + 1 in byte c's low and high nibble."""
-    if q.shape[1] % 2:
+    """q (..., k) in [-8, 7] -> (..., ceil(k / 2)) uint8, entries 2c and 2c + 1 of the last dimension in
+    byte c's low and high nibble."""
+    if q.shape[-1] % 2:
         q = torch.nn.functional.pad(q, (0, 1))
     nibbles = q.to(torch.uint8) & 0xF
-    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
 
 
 def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:

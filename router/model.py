@@ -45,8 +45,8 @@ class LayerWeights:
 
 class RouterModel:
     def __init__(self, config: MixtralConfig, tensors: dict[str, torch.Tensor], quantize: str = "none"):
-        """quantize: "int8" for qkv, o and the lm_head (core/quantize.py); the gate, 8 rows that decide
-        where every token goes, stays in the checkpoint's dtype."""
+        """quantize: "int8" or "int4" for qkv, o and the lm_head (core/quantize.py); the gate, 8 rows
+        that decide where every token goes, stays in the checkpoint's dtype."""
         self.config = config
         self.embed = tensors["model.embed_tokens.weight"]  # (V, D)
         self.final_norm = tensors["model.norm.weight"]

@@ -142,6 +142,13 @@ def test_bad_tool_requests_are_refused_by_name(server, body, param):
     assert status == 400 and reply["error"]["param"] == param, reply
 
 
+def test_completions_refuse_tools_as_a_chat_field(server):
+    for field, value in (("tools", [WEATHER]), ("tool_choice", "required"), ("parallel_tool_calls", False)):
+        status, reply = post(f"{http_target(server)}/completions",
+                             {"model": "tiny-v3", "prompt": "x", "max_tokens": 2, field: value})
+        assert status == 400 and reply["error"]["param"] == field and "chat field" in reply["error"]["message"]
+
+
 def grpc_tool(tool: dict) -> pb.Tool:
     f = tool["function"]
     return pb.Tool(name=f["name"], description=f.get("description", ""), parameters=json.dumps(f["parameters"]))

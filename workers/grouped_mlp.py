@@ -30,7 +30,7 @@ class LayerExperts:
     # for int8 stacks
     w13: torch.Tensor | None  # (L, 2I, D): w1 then w3 of each expert, stacked for the Triton kernel
     w2: torch.Tensor | None  # (L, D, I)
-    quantize: str = "none"  # "int8": each layer in int8 (core/quantize.py)
+    quantize: str = "none"  # "int8" or "int4": each expert's layers quantized (core/quantize.py)
     scales: tuple[torch.Tensor, torch.Tensor] | None = None  # int8 stacks': (s13 (L, 2I), s2 (L, D)) fp32
 
     @classmethod
