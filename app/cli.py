@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from expertmesh.core.settings import DEFAULTS
+from expertmesh.core.settings import DEFAULTS, DTYPES, QUANTIZE, ServingConfig
 from expertmesh.core.tiny_checkpoint import TINY_DEFAULTS
 from expertmesh.flags import add_engine_flags, serving_config
 
@@ -122,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--model", help="checkpoint folder (default: the cached tiny Mixtral)")
     plan.add_argument("--workers", type=int, required=True, help="expert workers")
     plan.add_argument("--replicas", default=None, help="extra expert copies, as for serve")
+    plan.add_argument("--redundancy", type=int, default=DEFAULTS.redundancy,
+                      help="copies of every expert, as for serve (where --worker-memory leaves room)")
+    plan.add_argument("--dtype", choices=DTYPES, default=DEFAULTS.dtype, help="compute dtype, as for serve")
+    plan.add_argument("--quantize", choices=QUANTIZE, default=DEFAULTS.quantize, help="as for serve")
+    plan.add_argument("--worker-memory", metavar="SIZE", default=None,
+                      help="expert weights one worker may hold, as for serve: the plan is checked against it")
+    plan.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                      help="where the workers hold their experts (the layouts differ a little; default cpu)")
     plan.add_argument("--json", action="store_true", help="print JSON (a plan file) instead of text")
 
     tiny = sub.add_parser("tiny-checkpoint", help="write a random tiny Mixtral in hub layout",
@@ -173,16 +181,28 @@ def cmd_tiny_checkpoint(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    from expertmesh.cluster.memory_budget import expert_bytes, memory_budget
     from expertmesh.cluster.placement import PlacementPlan
     from expertmesh.core.config import load_config
     from expertmesh.core.tiny_checkpoint import default_model_dir
 
-    config = load_config(args.model or default_model_dir())
+    config = load_config(args.model or default_model_dir())  # config.json alone: no weights are read
+    settings = ServingConfig(dtype=args.dtype, quantize=args.quantize, worker_memory=args.worker_memory,
+                             redundancy=args.redundancy)
+    gpus = args.device == "cuda"
+    budget = memory_budget(config, settings, gpus)
     plan = PlacementPlan.spread(args.workers, config.num_layers, config.num_experts)
     if args.replicas:
         plan = plan.with_replicas(args.replicas)
-    plan.validate()
-    print(plan.to_json() if args.json else plan.describe())
+    plan = plan.with_min_copies(settings.redundancy, budget)
+    plan.validate(budget)
+    if args.json:
+        print(plan.to_json())
+        return 0
+    print(plan.describe(expert_bytes(config, settings, gpus)))
+    if plan.min_copies() < min(settings.redundancy, plan.num_workers):
+        print(f"--redundancy {settings.redundancy}: --worker-memory leaves room for fewer copies of some "
+              f"experts (at least {plan.min_copies()} each)")
     return 0
 
 

@@ -58,6 +58,10 @@ def add_engine_flags(parser: argparse.ArgumentParser, default_workers: int) -> N
     group.add_argument("--standby-workers", type=int, default=d.standby_workers,
                        help="worker processes started ahead with no weights, so that adding or replacing a "
                        f"worker starts no process while streams run (default {d.standby_workers})")
+    group.add_argument("--worker-memory", default=d.worker_memory, metavar="SIZE",
+                       help="expert weights one worker may hold, e.g. 20GiB (counted at --dtype and --quantize): "
+                       "plans never place more, --redundancy's copies go only where it leaves room, and a "
+                       "lost worker whose experts the others have no room for is replaced (default: no limit)")
     group.add_argument("--device", choices=DEVICES, default=d.device,
                        help="run on GPUs (router, and expert workers one GPU each with NCCL) or CPUs "
                        "(gloo); auto (default): GPUs when this process sees one")
@@ -78,4 +82,5 @@ def serving_config(args) -> ServingConfig:
         block_size=args.block_size, pingpong=args.pingpong, pingpong_min_tokens=args.pingpong_min_tokens,
         collective_timeout_s=args.collective_timeout, placement_timeout_s=args.placement_timeout,
         worker_threads=args.worker_threads, cuda_graphs=args.cuda_graphs,
-        heartbeat_timeout_s=args.heartbeat_timeout, redundancy=args.redundancy, standby_workers=args.standby_workers)
+        heartbeat_timeout_s=args.heartbeat_timeout, redundancy=args.redundancy, standby_workers=args.standby_workers,
+        worker_memory=args.worker_memory)

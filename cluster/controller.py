@@ -132,6 +132,12 @@ class Controller:
         current, copies = self.cluster.plan, self.cluster.settings.redundancy
         slots = -(-current.num_experts * min(copies, current.num_workers) // current.num_workers) \
             + self.settings.spare_slots
+        budget = self.cluster.budget
+        if budget is not None:  # --worker-memory: a layer's slots are a worker's room over the layers
+            slots = min(slots, budget.experts // current.num_layers)
+            copies = min(copies, slots * current.num_workers // current.num_experts)
+            if copies < 1:  # no even share fits a layer: leave the plan as it is
+                return False
         new = planner.plan(rows, current, slots, copies)
         before, after = planner.balance(current, rows), planner.balance(new, rows)
         if new.holders == current.holders or not (force or after < before * (1 - REBALANCE_GAIN)):

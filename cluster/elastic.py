@@ -39,6 +39,7 @@ from itertools import count
 import ray
 import torch
 
+from expertmesh.cluster.memory_budget import memory_budget
 from expertmesh.cluster.placement import PlacementError, PlacementPlan
 from expertmesh.cluster.worker_pool import (
     WorkerHandle,
@@ -74,7 +75,6 @@ class ExpertCluster:
     def __init__(self, model_dir, num_workers: int, plan: PlacementPlan | None = None,
                  replicas: str | None = None, address: str | None = None,
                  settings: ServingConfig = DEFAULTS, kv_blocks: int = 512):
-        self.owns_ray = ensure_ray(address)
         self.model_dir = str(model_dir)
         self.settings = settings
         self.checkpoint = Checkpoint(model_dir)
@@ -87,12 +87,15 @@ class ExpertCluster:
             raise PlacementError(f"placement plan is for {plan.num_workers} workers, {plan.num_layers} "
                                  f"layers, {plan.num_experts} experts; the run has {num_workers} workers "
                                  f"and the model {config.num_layers} layers, {config.num_experts} experts")
-        plan = plan.with_min_copies(settings.redundancy)
-        plan.validate()
-        self.target_workers = num_workers  # what restoring brings the count back to
         # "auto": GPU workers (and NCCL) when this router process has a GPU, else CPU and gloo. GPU
         # bundles that the cluster lacks make Ray's autoscaler add GPU nodes (KubeRay: GPU pods).
         self.gpus = use_gpus(settings.device)
+        self.budget = memory_budget(config, settings, self.gpus)  # None: no --worker-memory
+        plan = plan.with_min_copies(settings.redundancy, self.budget)
+        plan.validate(self.budget)
+        self._note_redundancy(plan)
+        self.owns_ray = ensure_ray(address)  # after the checks: a plan that cannot be starts nothing
+        self.target_workers = num_workers  # what restoring brings the count back to
         self.backend = "nccl" if self.gpus else "gloo"
         self.device = torch.device("cuda" if self.gpus else "cpu")
         self._record = threading.Lock()  # plan, workers, epoch, standby and the counters, for readers
@@ -136,6 +139,17 @@ class ExpertCluster:
         self._refill_standby()
         self._monitor = threading.Thread(target=self._watch, name="expertmesh-heartbeats", daemon=True)
         self._monitor.start()
+
+    def _note_redundancy(self, plan: PlacementPlan) -> None:
+        want = min(self.settings.redundancy, plan.num_workers)
+        if plan.min_copies() < want:
+            progress(f"--redundancy {self.settings.redundancy}: --worker-memory leaves room for fewer "
+                     f"copies of some experts (at least {plan.min_copies()} each) on {plan.num_workers} workers")
+
+    def _redundant(self, plan: PlacementPlan) -> PlacementPlan:
+        """plan within --worker-memory (extra copies dropped where a worker is over it), then with
+        --redundancy's copies where it leaves room."""
+        return plan.fitted(self.budget).with_min_copies(self.settings.redundancy, self.budget)
 
     # ---- the serving loop's side ---------------------------------------------------------------
 
@@ -360,21 +374,32 @@ class ExpertCluster:
                 if h not in fenced:
                     stop_worker(h)  # dropped by the data path, or not answering: it must never come back
             survivors = [h for h in workers if h not in lost]
-            if survivors:
-                old = plan
-                for i in sorted((workers.index(h) for h in lost), reverse=True):
-                    plan = plan.without_worker(i)  # its experts: surviving copies, else the least loaded
-                # What survivors hold is the record's (reconciled after every change); asking them
-                # would wait behind a restore's load.
-                have = [set(old.worker_pairs(workers.index(h))) for h in survivors]
-            else:  # nobody left: one worker holds everything (Ray may need a node for it)
-                plan = PlacementPlan.spread(1, plan.num_layers, plan.num_experts)
-                survivors = self._take_workers(1)
-                have = [set()]
+            # What survivors hold is the record's (reconciled after every change); asking them would
+            # wait behind a restore's load.
+            have = [set(plan.worker_pairs(workers.index(h))) for h in survivors]
+            squeezed = plan
+            for i in sorted((workers.index(h) for h in lost), reverse=True):
+                if squeezed.num_workers > 1:  # its experts: surviving copies, else the least loaded
+                    squeezed = squeezed.without_worker(i)
+            squeezed = squeezed.fitted(self.budget)
+            if survivors and not squeezed.over_budget(self.budget):
+                plan = squeezed
+            elif survivors:  # no room on the survivors (--worker-memory): new workers take the lost places
+                fresh = self._take_workers(len(lost))
+                progress(f"the surviving workers have no room for the lost experts (--worker-memory); "
+                         f"{len(fresh)} new worker(s) take the lost place(s)")
+                have = [set() if h in lost else set(plan.worker_pairs(i)) for i, h in enumerate(workers)]
+                survivors = [fresh.pop(0) if h in lost else h for h in workers]
+            else:  # nobody left: as few workers as hold everything (Ray may need nodes for them)
+                count_ = self.budget.workers_for(plan.num_layers * plan.num_experts) if self.budget else 1
+                plan = PlacementPlan.spread(count_, plan.num_layers, plan.num_experts)
+                survivors = self._take_workers(count_)
+                have = [set()] * count_
             # Only experts with no surviving copy are loaded; all of them at once, across survivors.
             loads = [(h, sorted(set(plan.worker_pairs(i)) - held)) for i, (h, held) in enumerate(zip(survivors, have))]
             missing = sum(len(p) for _, p in loads)
-            ray.get([h.actor.load.remote(p, urgent=True) for h, p in loads if p])  # streams wait for them
+            ray.get([h.actor.load.remote(p, urgent=True, peers=_peers(survivors, have, i, p))
+                     for i, (h, p) in enumerate(loads) if p])  # streams wait for them
             loaded_s = time.monotonic() - start
             epoch = self._new_epoch()
             pairs = self._form_epoch(epoch, survivors)
@@ -478,7 +503,6 @@ class ExpertCluster:
                      reason: str) -> None:
         """On the control thread: change to `plan`, whose workers are `keep` (current workers, in
         order) then `fresh` (started, holding nothing)."""
-        plan.validate()
         start = time.monotonic()
         with self._record:
             old_epoch, old_workers = self.epoch, list(self.workers)
@@ -486,11 +510,13 @@ class ExpertCluster:
         new_epoch = [h.worker for h in members] != [h.worker for h in old_workers]
         epoch = None
         try:
+            plan.validate(self.budget)
             have = self._held(keep) + [set()] * len(fresh)
             if any(held is None for held in have):
                 raise ChangeInterrupted("a worker did not answer; ask again")
             loads = [(h, sorted(set(plan.worker_pairs(i)) - held)) for i, (h, held) in enumerate(zip(members, have))]
-            self._wait([h.actor.load.remote(p) for h, p in loads if p], "loading the new copies")
+            self._wait([h.actor.load.remote(p, peers=_peers(members, have, i, p))
+                        for i, (h, p) in enumerate(loads) if p], "loading the new copies")
             pairs = None
             if new_epoch:
                 epoch = self._new_epoch()
@@ -542,7 +568,7 @@ class ExpertCluster:
         while len(keep) > count_:
             plan = plan.without_worker(len(keep) - 1)
             keep.pop()
-        plan = plan.with_min_copies(self.settings.redundancy)
+        plan = self._redundant(plan)
         with self._record:
             unchanged = plan.holders == self.plan.holders and len(keep) == len(self.workers)
         if not unchanged or use:
@@ -555,7 +581,8 @@ class ExpertCluster:
             if plan.num_workers != len(self.workers):
                 raise PlacementError(f"the plan is for {plan.num_workers} workers; the cluster has "
                                      f"{len(self.workers)}")
-            self._reconfigure(plan.with_min_copies(self.settings.redundancy), list(self.workers), [], reason)
+            self._reconfigure(plan.with_min_copies(self.settings.redundancy, self.budget), list(self.workers), [],
+                              reason)
             return self.plan
         return self._submit(change)
 
@@ -563,7 +590,7 @@ class ExpertCluster:
         """Extra copies exactly as SPEC says ('' removes them all, down to --redundancy); returns
         once the plan is live."""
         def change():
-            plan = self.plan.with_replica_spec(spec).with_min_copies(self.settings.redundancy)
+            plan = self.plan.with_replica_spec(spec).with_min_copies(self.settings.redundancy, self.budget)
             self._reconfigure(plan, list(self.workers), [], f"replicas {spec!r}")
             return self.plan
         return self._submit(change)
@@ -573,14 +600,18 @@ class ExpertCluster:
         (standby first) are started on this thread, before the change is queued."""
         if count_ < 1:
             raise PlacementError("at least one worker is needed (use --workers 0 at start for none)")
-        self.target_workers = count_
         with self._record:
             now = len(self.workers)
+        previous, self.target_workers = self.target_workers, count_
         fresh = self._take_workers(count_ - now) if count_ > now else []
         if self._stopping.is_set():  # the change will never run: nothing else would stop them
             for h in fresh:
                 stop_worker(h)
-        return self._submit(self._scale_to, count_, fresh, reason or f"workers {now} -> {count_}")
+        try:
+            return self._submit(self._scale_to, count_, fresh, reason or f"workers {now} -> {count_}")
+        except PlacementError:  # e.g. fewer workers than --worker-memory needs: the count stays
+            self.target_workers = previous
+            raise
 
     # ---- what operators see --------------------------------------------------------------------
 
@@ -657,3 +688,11 @@ class ExpertCluster:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _peers(members: list[WorkerHandle], have: list[set], loader: int, pairs: list) -> list:
+    """[(actor, the pairs of `pairs` it holds)] for every member but `loader` that holds some: where
+    the loader may copy them from instead of reading the checkpoint."""
+    want = set(pairs)
+    return [(h.actor, sorted(held & want)) for j, (h, held) in enumerate(zip(members, have))
+            if j != loader and held and held & want]

@@ -18,6 +18,30 @@ class PlacementError(ValueError):
 
 
 @dataclass(frozen=True)
+class MemoryBudget:
+    """What a worker may hold (--worker-memory): `worker_bytes` of expert weights, each (layer,
+    expert) copy taking `expert_bytes` as held (dtype and --quantize counted)."""
+    worker_bytes: int
+    expert_bytes: int
+
+    @property
+    def experts(self) -> int:
+        """Expert copies one worker has room for."""
+        return self.worker_bytes // self.expert_bytes
+
+    def workers_for(self, copies: int) -> int:
+        """Workers this many expert copies need at the least."""
+        return -(-copies // max(self.experts, 1))
+
+
+def gib(nbytes: int) -> str:
+    """Bytes for people: GiB, MiB or B."""
+    if nbytes >= 2**30:
+        return f"{nbytes / 2**30:.1f} GiB"
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes} B"
+
+
+@dataclass(frozen=True)
 class PlacementPlan:
     num_workers: int
     num_layers: int
@@ -36,8 +60,8 @@ class PlacementPlan:
     def worker_pairs(self, worker: int) -> list[Pair]:
         return sorted(p for p, ws in self.holders.items() if worker in ws)
 
-    def validate(self, bytes_per_expert: int | None = None, worker_budget_bytes: int | None = None) -> None:
-        """Every expert covered by distinct, existing workers; no worker over its memory budget."""
+    def validate(self, budget: MemoryBudget | None = None) -> None:
+        """Every expert covered by distinct, existing workers; no worker over the memory budget."""
         for layer in range(self.num_layers):
             for expert in range(self.num_experts):
                 workers = self.holders.get((layer, expert))
@@ -51,12 +75,36 @@ class PlacementPlan:
         extra = [p for p in self.holders if not (0 <= p[0] < self.num_layers and 0 <= p[1] < self.num_experts)]
         if extra:
             raise PlacementError(f"plan names expert {extra[0]}, which the model does not have")
-        if bytes_per_expert is not None and worker_budget_bytes is not None:
-            for w in range(self.num_workers):
-                need = len(self.worker_pairs(w)) * bytes_per_expert
-                if need > worker_budget_bytes:
-                    raise PlacementError(f"worker {w} needs {need} bytes for its experts, "
-                                         f"over its budget of {worker_budget_bytes}")
+        over = self.over_budget(budget)
+        if over:
+            w, held = over[0], len(self.worker_pairs(over[0]))
+            copies = sum(len(ws) for ws in self.holders.values())
+            raise PlacementError(
+                f"worker {w} would hold {held} experts ({gib(held * budget.expert_bytes)}), over the "
+                f"{gib(budget.worker_bytes)} a worker may hold (--worker-memory: room for {budget.experts} of "
+                f"{gib(budget.expert_bytes)} each); these {copies} expert copies need at least "
+                f"{budget.workers_for(copies)} workers of that size (or a larger --worker-memory, or --quantize)")
+
+    def over_budget(self, budget: MemoryBudget | None) -> list[int]:
+        """Workers that hold more experts than the budget has room for (none without a budget)."""
+        if budget is None:
+            return []
+        load = self._load(self.holders)
+        return [w for w in range(self.num_workers) if load[w] > budget.experts]
+
+    def fitted(self, budget: MemoryBudget | None) -> "PlacementPlan":
+        """This plan with extra copies dropped from workers over the budget (the most copied expert
+        first) until each fits or holds only experts with no other copy; over_budget says whether
+        it fits."""
+        holders = dict(self.holders)
+        for w in self.over_budget(budget):
+            while sum(w in ws for ws in holders.values()) > budget.experts:
+                spare = [p for p, ws in holders.items() if w in ws and len(ws) > 1]
+                if not spare:
+                    break
+                pair = max(spare, key=lambda p: (len(holders[p]), p))
+                holders[pair] = tuple(x for x in holders[pair] if x != w)
+        return PlacementPlan(self.num_workers, self.num_layers, self.num_experts, holders)
 
     def with_replicas(self, spec: str) -> "PlacementPlan":
         """Add copies: SPEC is comma-separated LAYER:EXPERT[xCOPIES], LAYER may be '*' (all layers).
@@ -84,15 +132,19 @@ class PlacementPlan:
                     holders[(layer, expert)] += (min(free, key=lambda w: (load[w], w)),)
         return PlacementPlan(self.num_workers, self.num_layers, self.num_experts, holders)
 
-    def with_min_copies(self, copies: int) -> "PlacementPlan":
-        """Every expert on at least `copies` workers (all of them, where there are fewer): the
-        missing copies go to the least-loaded workers that do not hold the expert yet (--redundancy)."""
+    def with_min_copies(self, copies: int, budget: MemoryBudget | None = None) -> "PlacementPlan":
+        """Every expert on at least `copies` workers (all of them, where there are fewer) where the
+        budget leaves room (--redundancy): the missing copies go to the least-loaded workers that do
+        not hold the expert yet."""
         holders = dict(self.holders)
         want = min(copies, self.num_workers)
+        room = budget.experts if budget is not None else len(holders)
         for pair in sorted(holders):
             while len(holders[pair]) < want:
                 load = self._load(holders)
-                free = [w for w in range(self.num_workers) if w not in holders[pair]]
+                free = [w for w in range(self.num_workers) if w not in holders[pair] and load[w] < room]
+                if not free:
+                    break
                 holders[pair] += (min(free, key=lambda w: (load[w], w)),)
         return PlacementPlan(self.num_workers, self.num_layers, self.num_experts, holders)
 
@@ -172,11 +224,15 @@ class PlacementPlan:
     def from_file(cls, path: str | Path) -> "PlacementPlan":
         return cls.from_json(Path(path).read_text())
 
-    def describe(self) -> str:
+    def min_copies(self) -> int:
+        return min(len(ws) for ws in self.holders.values())
+
+    def describe(self, expert_bytes: int | None = None) -> str:
         lines = []
         for w in range(self.num_workers):
             pairs = self.worker_pairs(w)
             replicated = sum(len(self.holders[p]) > 1 for p in pairs)
-            lines.append(f"worker {w}: {len(pairs)} experts ({replicated} replicated): "
+            size = f", {gib(len(pairs) * expert_bytes)}" if expert_bytes else ""
+            lines.append(f"worker {w}: {len(pairs)} experts ({replicated} replicated{size}): "
                          + " ".join(f"{l}:{e}" for l, e in pairs))
         return "\n".join(lines)

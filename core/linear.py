@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from expertmesh.core import cpu_kernels
 from expertmesh.core.quantize import (
+    GROUP,
     QUANTIZE,
     dequantize,
     dequantize_int4,
@@ -42,6 +43,19 @@ def _prepack(weight: torch.Tensor) -> torch.Tensor | None:
         return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_BATCH_HINT)
     except (RuntimeError, AttributeError):  # a torch build or a CPU without these oneDNN ops
         return None
+
+
+def held_bytes(out_features: int, in_features: int, dtype: torch.dtype, quantize: str = "none",
+               panel: int = 1) -> int:
+    """The bytes Linear holds for an (out, in) weight of `dtype`, counted from the shape alone (the
+    planner budgets Mixtral's 352 MB experts without reading one). panel: the C kernels' blocked
+    layout pads the outputs to whole panels of this many; 1 for the other layouts."""
+    rows = -(-out_features // panel) * panel
+    if quantize == "int8":  # int8, a fp32 scale per output
+        return rows * in_features + rows * 4
+    if quantize == "int4":  # two weights a byte, a bf16 scale per GROUP columns
+        return rows * -(-in_features // 2) + rows * -(-in_features // GROUP) * 2
+    return rows * in_features * dtype.itemsize
 
 
 class Linear:
@@ -81,6 +95,31 @@ class Linear:
             self.weight = weight.contiguous() if packed is None else packed
         self.nbytes = sum(t.numel() * t.element_size() for t in (self.weight, self.scale, self.group_scale)
                           if t is not None)
+
+    def state(self) -> dict | None:
+        """The held form, to hand to another process (a new copy of an expert from a peer's memory:
+        nothing to read, convert, quantize or re-lay). `from_state` takes it back. None for oneDNN's
+        packed layout, an opaque tensor that cannot leave its process."""
+        if self.layout == "packed":
+            return None
+        return {"layout": self.layout, "weight": self.weight, "scale": self.scale, "group_scale": self.group_scale,
+                "out_features": self.out_features, "in_features": self.in_features,
+                "panel": self._kernels.panel if self.layout == "blocked" else None}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Linear | None":
+        """A layer from `state()`'s output; None where this process cannot read that layout (the
+        sender's C kernels are not built here, or lay out other panels): read it from the checkpoint."""
+        kernels = cpu_kernels.kernels() if state["layout"] == "blocked" else None
+        if state["layout"] == "blocked" and (kernels is None or kernels.panel != state["panel"]):
+            return None
+        layer = cls.__new__(cls)
+        layer.layout, layer._kernels = state["layout"], kernels
+        layer.weight, layer.scale, layer.group_scale = state["weight"], state["scale"], state["group_scale"]
+        layer.out_features, layer.in_features = state["out_features"], state["in_features"]
+        layer.nbytes = sum(t.numel() * t.element_size() for t in (layer.weight, layer.scale, layer.group_scale)
+                           if t is not None)
+        return layer
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "blocked":

@@ -62,6 +62,9 @@ class ServingConfig:
     redundancy: int = 1
     # worker processes started ahead with no weights: an add or a replacement starts no process
     standby_workers: int = 0
+    # expert weight bytes one worker may hold (e.g. "20GiB": a GPU's memory less activations and
+    # buffers); plans never exceed it, redundancy's copies go only where it leaves room. None: no limit
+    worker_memory: str | None = None
     placement_timeout_s: float = 600.0  # wait for Ray (and its autoscaler) to provide workers' resources
     # health says NOT_SERVING while a step runs longer than this (a stalled worker, before the
     # collective timeout fails the step); a step of the tiny model takes milliseconds, a GPU's too
@@ -89,6 +92,12 @@ class ServingConfig:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"{name} must be > 0, got {getattr(self, name)}")
         parse_bytes(self.kv_cache_memory)
+        if self.worker_memory is not None and parse_bytes(self.worker_memory) < 1:
+            raise SettingsError(f"worker_memory must be > 0, got {self.worker_memory!r}")
+
+    @property
+    def worker_bytes(self) -> int | None:
+        return None if self.worker_memory is None else parse_bytes(self.worker_memory)
 
     @property
     def kv_cache_bytes(self) -> int:

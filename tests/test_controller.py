@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from expertmesh.cluster.controller import SUSTAIN_WINDOWS, AutoscaleSettings, Controller
-from expertmesh.cluster.placement import PlacementPlan
+from expertmesh.cluster.placement import MemoryBudget, PlacementPlan
 from expertmesh.core.settings import DEFAULTS
 
 LAYERS, EXPERTS = 2, 8
@@ -22,6 +22,7 @@ class Cluster:
         self.changes: list[tuple] = []
         self.metrics = None
         self.settings = DEFAULTS
+        self.budget = None
 
     def scale_workers(self, count: int, reason: str):
         self.changes.append(("workers", count))
@@ -75,6 +76,20 @@ def test_a_skewed_load_is_rebalanced_once_then_left_alone():
     actions = run(Controller(cluster, settings()), 20, 0.5, skewed)
     assert actions[0] == "rebalance" and set(actions[1:]) == {"none"}  # no flapping under a steady load
     assert all(len(cluster.plan.holders[(l, 0)]) == 2 for l in range(LAYERS))  # the hot one on both workers
+
+
+def test_a_rebalance_keeps_every_worker_within_worker_memory():
+    """Room for 9 experts a worker (4 a layer, over 2 layers): the hot expert's second copy needs a
+    slot the budget does not have, so the plan stays as it is; with room for 10 it gets it."""
+    skewed = {(l, e): (900 if e == 0 else 100) for l in range(LAYERS) for e in range(EXPERTS)}
+    tight = Cluster(2)
+    tight.budget = MemoryBudget(worker_bytes=9 * 100, expert_bytes=100)
+    assert set(run(Controller(tight, settings()), 5, 0.5, skewed)) == {"none"} and tight.changes == []
+    roomy = Cluster(2)
+    roomy.budget = MemoryBudget(worker_bytes=10 * 100, expert_bytes=100)
+    assert run(Controller(roomy, settings()), 5, 0.5, skewed)[0] == "rebalance"
+    assert all(len(roomy.plan.holders[(l, 0)]) == 2 for l in range(LAYERS))
+    assert not roomy.plan.over_budget(roomy.budget)
 
 
 def test_sustained_saturation_adds_workers_up_to_the_maximum_only():

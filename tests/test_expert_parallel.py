@@ -298,3 +298,24 @@ def test_plan_errors(checkpoint, ray_cluster):
         ExpertCluster(checkpoint, num_workers=2, plan=uneven_plan(3))
     with pytest.raises(PlacementError, match="copies but only 2 workers"):
         ExpertCluster(checkpoint, num_workers=2, replicas="*:0x3")
+
+
+def test_a_new_copy_comes_from_a_peers_memory(ray_cluster, checkpoint, reference):
+    """A worker added while serving takes its share of copies from the workers that hold them (their
+    held form, through Ray's object store: nothing read, converted or packed again), not from the
+    checkpoint; so do the workers that gain a replica. The copies compute exactly what the
+    originals did."""
+    with ExpertCluster(checkpoint, num_workers=2) as cluster:
+        cluster.scale_workers(3)
+        new = {s["worker"]: s for s in cluster.stats()}[cluster.workers[2].worker]
+        assert new["pairs"] and new["load_rates"]["peer"] > 0 and new["load_rates"]["checkpoint"] is None
+        before = {s["worker"]: s for s in cluster.stats()}
+        cluster.scale_replicas("*:0x3")  # expert 0 of every layer on all three
+        after = {s["worker"]: s for s in cluster.stats()}
+        gained = [w for w in after if set(map(tuple, after[w]["pairs"])) - set(map(tuple, before[w]["pairs"]))]
+        assert gained and all(after[w]["load_rates"]["peer"] is not None for w in gained)
+        assert all(after[w]["load_rates"]["checkpoint"] == before[w]["load_rates"]["checkpoint"] for w in gained)
+        tokens = greedy_tokens(cluster.engine, PROMPTS, NEW_TOKENS)
+        rows = {s["worker"]: s["rows_received"] for s in cluster.stats()}
+    assert tokens == reference["tokens"]
+    assert any(rows[new["worker"]].values())  # the copied experts computed rows

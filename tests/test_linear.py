@@ -97,6 +97,29 @@ def test_quantized_layers_compute_with_the_dequantized_weight_and_hold_its_bytes
     assert expected_bytes < weight.numel() * 4 / 6.5  # int4 and its scales: under 5 bits a weight
 
 
+@pytest.mark.parametrize("kernels", ["default", None])
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
+def test_a_layer_handed_to_another_process_computes_the_same_bits(kernels, quantize):
+    """`state()` is what a peer sends of an expert it holds (pickled through Ray's object store);
+    `from_state` takes it back without reading, converting or re-laying anything. oneDNN's packed
+    tensor cannot leave its process (None: the receiver reads the checkpoint); a blocked layout of
+    other panels than this process's kernels lay out is refused the same way."""
+    import pickle
+
+    gen = torch.Generator().manual_seed(3)
+    weight, x = torch.randn(50, 77, generator=gen), torch.randn(5, 77, generator=gen)
+    layer = Linear(weight, quantize) if kernels == "default" else Linear(weight, quantize, kernels=None)
+    state = layer.state()
+    if layer.layout == "packed":
+        assert state is None
+        return
+    copy = Linear.from_state(pickle.loads(pickle.dumps(state)))
+    assert copy.layout == layer.layout and copy.nbytes == layer.nbytes
+    assert torch.equal(copy(x), layer(x))
+    if layer.layout == "blocked":
+        assert Linear.from_state({**state, "panel": state["panel"] * 2}) is None
+
+
 @settings(max_examples=60, deadline=None)
 @given(rows=st.integers(1, 8), k=st.integers(1, 300), seed=st.integers(0, 2**31 - 1),
        spread=st.sampled_from([1e-3, 1.0, 1e3]))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from expertmesh.cluster.placement import PlacementError, PlacementPlan
+from expertmesh.cluster.placement import MemoryBudget, PlacementError, PlacementPlan
 from tests.test_cli import expertmesh
 
 
@@ -44,8 +44,8 @@ def test_validation_errors():
         PlacementPlan(2, 1, 4, {**plan.holders, (0, 1): (1, 1)}).validate()
     with pytest.raises(PlacementError, match="unknown worker 5"):
         PlacementPlan(2, 1, 4, {**plan.holders, (0, 1): (5,)}).validate()
-    with pytest.raises(PlacementError, match="over its budget"):
-        plan.validate(bytes_per_expert=100, worker_budget_bytes=150)
+    with pytest.raises(PlacementError, match="over the 150 B a worker may hold"):
+        plan.validate(MemoryBudget(worker_bytes=150, expert_bytes=100))
 
 
 def test_plan_file_from_the_cli_drives_a_run(tiny_checkpoint, tmp_path):

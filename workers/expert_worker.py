@@ -27,9 +27,11 @@ import torch
 from expertmesh.core import wire
 from expertmesh.core.checkpoint import Checkpoint
 from expertmesh.core.heap import release_free_heap
+from expertmesh.core.linear import Linear
 from expertmesh.workers.grouped_mlp import LayerExperts, grouped_experts
 
 log = logging.getLogger("expertmesh.worker")
+EXPORT_TIMEOUT_S = 300.0  # one expert from a peer (352 MB in bf16): seconds at any sane bandwidth
 
 
 class ExpertWorker:
@@ -55,40 +57,84 @@ class ExpertWorker:
         # on Ray's pool threads: a later call, `serve` itself, could land on one, and an
         # unprivileged process cannot lower a niceness again.)
         self._changes = ThreadPoolExecutor(1, thread_name_prefix="expertmesh-load", initializer=_background_thread)
+        # Peers' exports, beside the changes (a change here may wait on a peer's export while that
+        # peer's change waits on ours), at nice 19 too: copying weights out yields to serving.
+        self._exports = ThreadPoolExecutor(1, thread_name_prefix="expertmesh-export", initializer=_background_thread)
+        # the best bytes/s a load from each source reached: a new copy comes from a peer's memory
+        # unless that proved slower than the checkpoint (None: not measured yet; the best, not the
+        # latest, so that one slow moment does not rule a source out)
+        self.load_rates: dict[str, float | None] = {"peer": None, "checkpoint": None}
 
-    def _change(self, add: set[tuple[int, int]], drop: set[tuple[int, int]], urgent: bool = False) -> None:
-        """Read experts `add` straight from the safetensors files, let `drop` go, and swap each
-        changed layer's table in whole (a step in flight keeps the table it started with); the
-        experts a layer keeps are not read or packed again. Only the change thread writes
-        `layers` and `pairs`, so what a change reads of them no other change alters meanwhile."""
-        self._changes.submit(self._apply_change, add, drop, urgent).result()
+    def _change(self, add: set[tuple[int, int]], drop: set[tuple[int, int]], urgent: bool = False,
+                peers: list | None = None) -> None:
+        """Take experts `add` from a peer's memory (peers: [(actor, its pairs)]) or read them
+        straight from the safetensors files, let `drop` go, and swap each changed layer's table in
+        whole (a step in flight keeps the table it started with); the experts a layer keeps are not
+        read or packed again. Only the change thread writes `layers` and `pairs`, so what a change
+        reads of them no other change alters meanwhile."""
+        self._changes.submit(self._apply_change, add, drop, urgent, peers).result()
 
-    def _apply_change(self, add: set[tuple[int, int]], drop: set[tuple[int, int]], urgent: bool = False) -> None:
+    def _apply_change(self, add: set[tuple[int, int]], drop: set[tuple[int, int]], urgent: bool = False,
+                      peers: list | None = None) -> None:
         # urgent: streams wait for these experts (a recovery), so nothing is serving meanwhile and
         # the packing may use every core; else one thread, which yields to the serve loop
         torch.set_num_threads(_usable_cores() if urgent else 1)
         try:
-            self._apply(add, drop)
+            self._apply(add, drop, peers or [])
             release_free_heap()  # the load's transients, and what a drop let go
         finally:
             torch.set_num_threads(1)
 
-    def _apply(self, add: set[tuple[int, int]], drop: set[tuple[int, int]]) -> None:
+    def _from_peers(self, add: set[tuple[int, int]], peers: list) -> dict[tuple[int, int], tuple]:
+        """Those of `add` that peers hold and hand over, as ready (w13, w2) layers; one expert at a
+        time, so at most one expert's copy is in flight. A peer lost meanwhile hands over nothing:
+        the checkpoint has the rest."""
+        peer, checkpoint = self.load_rates["peer"], self.load_rates["checkpoint"]
+        if self.device.type != "cpu" or (peer is not None and checkpoint is not None and peer < checkpoint):
+            return {}
+        start, got = time.perf_counter(), {}
+        for actor, pairs in peers:
+            for pair in sorted({tuple(p) for p in pairs} & add - got.keys()):
+                try:
+                    [ref] = ray.get(actor.export.remote(pair), timeout=EXPORT_TIMEOUT_S)
+                    states = ray.get(ref, timeout=EXPORT_TIMEOUT_S) if ref is not None else None
+                except Exception as exc:  # noqa: BLE001 - a lost or slow peer: the checkpoint has it
+                    log.warning("worker %d: peer copy of %s failed (%s); reading the checkpoint", self.worker,
+                                pair, exc)
+                    break
+                layers = tuple(Linear.from_state(s) for s in states) if states is not None else (None,)
+                if None not in layers:
+                    got[pair] = layers
+        if got:
+            nbytes = sum(layer.nbytes for layers in got.values() for layer in layers)
+            self._rate("peer", nbytes / max(time.perf_counter() - start, 1e-9))
+        return got
+
+    def _apply(self, add: set[tuple[int, int]], drop: set[tuple[int, int]], peers: list) -> None:
         add, drop = add - self.pairs, drop & self.pairs  # against what is held now, after earlier changes
         if not add and not drop:
             return
+        prepared: dict[int, dict[int, tuple]] = {}
+        for (layer, expert), layers in self._from_peers(add, peers).items():
+            prepared.setdefault(layer, {})[expert] = layers
+        read = sorted(p for p in add if p[1] not in prepared.get(p[0], {}))
         by_layer: dict[int, dict[int, tuple]] = {}
-        for (layer, expert), ws in self.checkpoint.read_experts(sorted(add), self.dtype).items():
+        start = time.perf_counter()
+        for (layer, expert), ws in self.checkpoint.read_experts(read, self.dtype).items():
             by_layer.setdefault(layer, {})[expert] = tuple(w.to(self.device) for w in ws)
         gone: dict[int, set[int]] = {}
         for layer, expert in drop:
             gone.setdefault(layer, set()).add(expert)
-        for layer in set(by_layer) | set(gone):
+        before = self.nbytes() + sum(layer.nbytes for experts in prepared.values() for layers in experts.values()
+                                     for layer in layers)
+        for layer in set(by_layer) | set(gone) | set(prepared):
             held = self.layers.get(layer)
-            if held is None:
+            if held is None and not prepared.get(layer):
                 table = LayerExperts.stack(by_layer[layer], quantize=self.quantize)
             else:
-                table = held.changed(by_layer.get(layer, {}), gone.get(layer, set()))
+                table = (held or LayerExperts.empty(self.quantize)).changed(by_layer.get(layer, {}),
+                                                                            gone.get(layer, set()),
+                                                                            prepared.get(layer))
             with self._lock:
                 if table is None:
                     self.layers.pop(layer, None)
@@ -96,11 +142,27 @@ class ExpertWorker:
                     self.layers[layer] = table
         with self._lock:
             self.pairs = (self.pairs | add) - drop
+        if read and not drop:  # the checkpoint's rate: the bytes its experts added (read and packed)
+            self._rate("checkpoint", (self.nbytes() - before) / max(time.perf_counter() - start, 1e-9))
 
-    def load(self, pairs: list[tuple[int, int]], urgent: bool = False) -> int:
-        """Hold these experts too; returns the bytes held. urgent: streams wait for them."""
-        self._change({tuple(p) for p in pairs}, set(), urgent)
+    def _rate(self, source: str, rate: float) -> None:
+        self.load_rates[source] = max(self.load_rates[source] or 0.0, rate)
+
+    def load(self, pairs: list[tuple[int, int]], urgent: bool = False, peers: list | None = None) -> int:
+        """Hold these experts too; returns the bytes held. urgent: streams wait for them. peers:
+        [(actor, pairs it holds)] to copy from, where that is not slower than the checkpoint."""
+        self._change({tuple(p) for p in pairs}, set(), urgent, peers)
         return self.nbytes()
+
+    def export(self, pair: tuple[int, int]) -> list:
+        """[a reference to expert `pair` as held] (in Ray's object store, put by a thread at nice 19),
+        for a peer's `load`; [None] when it is not held here or cannot leave this process."""
+        def put():
+            with self._lock:
+                table = self.layers.get(pair[0])
+            states = table.export(pair[1]) if table is not None and pair[1] in table.local else None
+            return ray.put(states) if states is not None else None
+        return [self._exports.submit(put).result()]
 
     def drop(self, pairs: list[tuple[int, int]]) -> int:
         """Let these experts go (the router's plan no longer names them); returns the bytes held."""
@@ -150,7 +212,7 @@ class ExpertWorker:
         with self._lock:
             weight_bytes = sum(layer.nbytes for layer in self.layers.values())
             return {"worker": self.worker, "pairs": sorted(self.pairs), "busy_s": self.busy_s, "epochs": epochs,
-                    "weight_bytes": weight_bytes,
+                    "weight_bytes": weight_bytes, "load_rates": dict(self.load_rates),
                     "rows_received": {f"{l}:{e}": n for (l, e), n in self.rows_received.items()}}
 
     def _pair(self, epoch: int, wait_s: float):

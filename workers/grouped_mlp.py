@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from expertmesh.core import cpu_kernels
 from expertmesh.core.grouped_experts import fused_expert, grouped_swiglu
-from expertmesh.core.linear import Linear
+from expertmesh.core.linear import Linear, held_bytes
 from expertmesh.core.quantize import quantize_int8
 
 TRITON_MAX_ROWS = 128  # rows (tokens x top-k) up to which the Triton kernel beat cuBLAS
@@ -63,19 +64,36 @@ class LayerExperts:
         q2, s2 = torch.stack([q for _, (q, _) in experts]), torch.stack([s for _, (_, s) in experts])
         return cls(local, [], q13, q2, quantize, (s13, s2))
 
-    def changed(self, new: dict[int, tuple], gone: set[int]) -> "LayerExperts | None":
-        """This layer with experts `new` (global id -> raw (w1, w2, w3)) added and `gone` removed;
-        the experts that stay keep their prepared weights (nothing is read or packed again).
-        None when no expert is left."""
+    @classmethod
+    def empty(cls, quantize: str) -> "LayerExperts":
+        """No expert yet (per-expert layers): what `changed` grows from."""
+        return cls({}, [], None, None, quantize)
+
+    def export(self, expert: int) -> tuple | None:
+        """Expert `expert` as held, for a peer to take whole (`changed(prepared=...)`); None where it
+        cannot leave this process (stacks on a GPU, oneDNN's packed layout): read it from the checkpoint."""
+        if self.w13 is not None:
+            return None
+        states = tuple(layer.state() for layer in self.mlps[self.local[expert]])
+        return None if None in states else states
+
+    def changed(self, new: dict[int, tuple], gone: set[int], prepared: dict[int, tuple] | None = None,
+                ) -> "LayerExperts | None":
+        """This layer with experts `new` (global id -> raw (w1, w2, w3)) and `prepared` (global id ->
+        (w13, w2) Linear layers, from a peer's `export`) added and `gone` removed; the experts that
+        stay keep their prepared weights (nothing is read or packed again). None when no expert is left."""
+        prepared = prepared or {}
         kept = [e for e in sorted(self.local) if e not in gone]
-        ids = sorted(set(kept) | set(new))
+        ids = sorted(set(kept) | set(new) | set(prepared))
         if not ids:
             return None
         local = {e: i for i, e in enumerate(ids)}
         if self.w13 is None:
-            mlps = [self.mlps[self.local[e]] if e in self.local else fused_expert(*new[e], self.quantize)
-                    for e in ids]
+            mlps = [self.mlps[self.local[e]] if e in self.local
+                    else prepared[e] if e in prepared
+                    else fused_expert(*new[e], self.quantize) for e in ids]
             return LayerExperts(local, mlps, None, None, self.quantize)
+        assert not prepared, "stacks take no prepared experts"
         return self._stacked(local, [self._held(self.local[e]) if e in self.local
                                      else (torch.cat([new[e][0], new[e][2]]), new[e][1]) for e in ids], self.quantize)
 
@@ -84,6 +102,16 @@ class LayerExperts:
         if self.scales is None:
             return self.w13[i], self.w2[i]
         return (self.w13[i], self.scales[0][i]), (self.w2[i], self.scales[1][i])
+
+    @staticmethod
+    def bytes_per_expert(hidden: int, intermediate: int, dtype: torch.dtype, quantize: str, device: str) -> int:
+        """What one expert of these sizes takes here, from the shapes alone: as `stack` holds it on
+        `device` ("cuda": the weights or int8 stacks as given; "cpu": the kernels' blocked layout,
+        where they build). The placement's memory budget counts with it."""
+        kernels = cpu_kernels.kernels() if device == "cpu" else None
+        panel = kernels.panel if kernels is not None else 1
+        return (held_bytes(2 * intermediate, hidden, dtype, quantize, panel)
+                + held_bytes(hidden, intermediate, dtype, quantize, panel))
 
     @property
     def nbytes(self) -> int:
