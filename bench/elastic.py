@@ -82,23 +82,35 @@ def wait_epoch_change(cluster: ExpertCluster, epoch: int, timeout: float = 120) 
     return time.monotonic()
 
 
-def load_bandwidth(cluster: ExpertCluster, expert_bytes: int, rounds: int = 3) -> tuple[float, float]:
+def evict(path) -> None:
+    """Drop the checkpoint's files from the page cache: the next read comes from the disk."""
+    for name in os.listdir(path):
+        if name.endswith(".safetensors"):
+            fd = os.open(os.path.join(path, name), os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
+def load_bandwidth(cluster: ExpertCluster, expert_bytes: int, path, rounds: int = 3) -> dict[str, float]:
     """Bytes/s at which worker 0 loads 2 experts that worker 1 holds (then drops them again): read
-    from the checkpoint the way a recovery does (urgent: nothing serves meanwhile), and copied from
-    worker 1's memory; the best of `rounds`, alternating."""
+    from the checkpoint the way a recovery does (urgent: nothing serves meanwhile), with its files in
+    the page cache and evicted from it first (cold), and copied from worker 1's memory; the best of
+    `rounds`, alternating."""
     import ray
 
     held = set(cluster.plan.worker_pairs(0))
     pairs = [p for p in sorted(cluster.plan.worker_pairs(1)) if p not in held][:2]
     loader, peer = cluster.workers[0].actor, cluster.workers[1].actor
-    best = {"checkpoint": 0.0, "peer": 0.0}
+    best = {"checkpoint": 0.0, "checkpoint, cold": 0.0, "peer": 0.0}
     for _ in range(rounds):
-        for source, peers in (("checkpoint", None), ("peer", [(peer, pairs)])):
+        for source, peers in (("checkpoint", None), ("checkpoint, cold", None), ("peer", [(peer, pairs)])):
+            if source == "checkpoint, cold":
+                evict(path)
             start = time.monotonic()
             ray.get(loader.load.remote(pairs, urgent=True, peers=peers))
             best[source] = max(best[source], len(pairs) * expert_bytes / (time.monotonic() - start))
             ray.get(loader.drop.remote(pairs))
-    return best["checkpoint"], best["peer"]
+    return best
 
 
 def main() -> None:
@@ -158,7 +170,8 @@ def main() -> None:
             cluster.shutdown()
 
         cluster = ExpertCluster(path, 2, settings=ServingConfig(kv_cache_memory="256MiB"), kv_blocks=2048)
-        bandwidth, peer_bandwidth = load_bandwidth(cluster, expert_bytes)
+        rates = load_bandwidth(cluster, expert_bytes, path)
+        bandwidth = rates["checkpoint"]
         streams = Streams(cluster, path, args.streams)
         try:
             streams.first_after(time.monotonic())
@@ -186,9 +199,10 @@ def main() -> None:
     covered = percentile(table["kill, covered"], 99)
     add = max(percentile(table["replica add"], 99), percentile(table["worker add"], 99))
     bound = missing * expert_bytes / bandwidth + 1.0
-    print(f"load bandwidth from the checkpoint {bandwidth / 1e9:.2f} GB/s, from a peer's memory "
-          f"{peer_bandwidth / 1e9:.2f} GB/s (peer over checkpoint {peer_bandwidth / bandwidth:.2f}x); uncovered kill: "
-          f"{missing} experts ({missing * expert_bytes / 1e9:.2f} GB) to load, from the checkpoint")
+    print(f"load bandwidth from the checkpoint {bandwidth / 1e9:.2f} GB/s ({rates['checkpoint, cold'] / 1e9:.2f} "
+          f"evicted from the page cache), from a peer's memory {rates['peer'] / 1e9:.2f} GB/s (peer over checkpoint "
+          f"{rates['peer'] / bandwidth:.2f}x, over cold {rates['peer'] / rates['checkpoint, cold']:.2f}x); uncovered "
+          f"kill: {missing} experts ({missing * expert_bytes / 1e9:.2f} GB) to load, from the checkpoint")
     print(f"longest covered-kill step over steady p99: {max(table['kill, covered']) / steady:.2f}; p99 in the 2 s "
           f"after the kill over steady: {percentile(table['kill, covered, 2 s'], 99) / steady:.2f}")
     print(f"p99_kill_covered_over_steady={covered / steady:.2f} stall_detect_s={marks['stop, covered']:.2f} "
