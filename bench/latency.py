@@ -19,8 +19,10 @@ expert math or dispatch, the wait for the workers and the combine; per step batc
 lm_head, scheduling, sampling with detokenisation and streaming, and what is left.
 
 Model: hidden 512, intermediate 1792, 4 layers, 8 experts top-2, 8/2 heads of 64, fp32, the real
-tokenizer. Distributed: --workers expert workers on a local Ray (gloo) on the same cores, with
---replicas extra copies if given. --quantize int8 (int4, or both: int8,int4) adds the in-process engine
+tokenizer; or with --mixtral-layers N, N layers at Mixtral 8x7B's sizes (hidden 4096, intermediate
+14336, 32/8 heads of 128, a 32000-token lm_head), from a bf16 checkpoint, computed in fp32.
+Distributed: --workers expert workers on a local Ray (gloo) on the same cores, with --replicas extra
+copies if given. --quantize int8 (int4, or both: int8,int4) adds the in-process engine
 with those weights (core/quantize.py), whose roofline counts the bytes it holds.
 Last line: decode_b1_reference_over_roofline=<x> decode_b1_distributed_over_roofline=<y>, and per
 quantized type also decode_b1_int8_over_roofline=<z> int8_over_f32_b1=<w> (tokens/s at batch 1)
@@ -49,6 +51,9 @@ from expertmesh.router.sampling import SamplingParams
 from expertmesh.router.serving import ServingEngine
 
 MODEL = dict(hidden_size=512, intermediate_size=1792, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64)
+# Mixtral 8x7B's own sizes; --mixtral-layers N of its layers (each 5.6 GB of experts in bf16)
+MIXTRAL = dict(hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8, head_dim=128,
+               max_position_embeddings=32768)
 
 
 class Bandwidth:
@@ -257,6 +262,10 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--mixtral-layers", type=int, default=0,
+                        help="the model at Mixtral 8x7B's sizes with this many layers instead of the small one "
+                        "(a bf16 checkpoint of 2.8 GB a layer; the fp32 engine holds 5.6 GB a layer: 1 layer fits "
+                        "24 GB beside int8, 2 do not)")
     parser.add_argument("--quantize", default="none",
                         help="int8, int4 or int8,int4: also the in-process engine with those weights")
     args = parser.parse_args()
@@ -269,7 +278,14 @@ def main() -> None:
           f"{torch.get_num_threads()}")
     ratios, speeds = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_tiny_checkpoint(tmp, **MODEL)
+        if args.mixtral_layers:
+            start = time.monotonic()
+            path = write_tiny_checkpoint(tmp, dtype="bfloat16", max_shard_bytes=2 << 30, num_layers=args.mixtral_layers,
+                                         **MIXTRAL)
+            print(f"Mixtral 8x7B sizes, {args.mixtral_layers} layer(s): checkpoint written in "
+                  f"{time.monotonic() - start:.0f}s", flush=True)
+        else:
+            path = write_tiny_checkpoint(tmp, **MODEL)
         tokenizer = load_tokenizer(path)
         engines = [("reference", Engine.local(path, kv_blocks=1024), None)]
         quantized = [q for q in args.quantize.split(",") if q != "none"]
