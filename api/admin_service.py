@@ -21,7 +21,9 @@ log = logging.getLogger("expertmesh.admin")
 
 def placement_to_proto(placement: dict) -> pb.Placement:
     """The cluster's placement() dict -> Placement."""
-    msg = pb.Placement(epoch=placement["epoch"], recoveries=placement["recoveries"])
+    msg = pb.Placement(epoch=placement["epoch"], recoveries=placement["recoveries"],
+                       worker_memory_bytes=placement.get("worker_memory_bytes") or 0,
+                       expert_bytes=placement.get("expert_bytes", 0))
     for w in placement["workers"]:
         experts = []
         for name in w["experts"]:

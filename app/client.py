@@ -60,6 +60,7 @@ def cmd_generate(args) -> int:
 
 def _placement_dict(placement: pb.Placement) -> dict:
     return {"epoch": placement.epoch, "recoveries": placement.recoveries,
+            "worker_memory_bytes": placement.worker_memory_bytes or None, "expert_bytes": placement.expert_bytes,
             "workers": [{"worker": w.worker, "node": w.node, "pid": w.pid,
                          "experts": [f"{e.layer}:{e.expert}" for e in w.experts],
                          "rows": {f"{e.layer}:{e.expert}": e.rows for e in w.experts},
@@ -68,7 +69,10 @@ def _placement_dict(placement: pb.Placement) -> dict:
 
 
 def _print_placement(placement: pb.Placement) -> None:
-    print(f"epoch {placement.epoch}, {len(placement.workers)} workers, {placement.recoveries} recoveries")
+    budget = (f", {placement.worker_memory_bytes / 2**20:.1f} MiB a worker may hold (--worker-memory)"
+              if placement.worker_memory_bytes else "")
+    print(f"epoch {placement.epoch}, {len(placement.workers)} workers, {placement.recoveries} recoveries, "
+          f"{placement.expert_bytes / 2**20:.1f} MiB an expert{budget}")
     for w in placement.workers:
         replicated = sum(e.copies > 1 for e in w.experts)
         pairs = " ".join(f"{e.layer}:{e.expert}" + (f"(x{e.copies})" if e.copies > 1 else "") for e in w.experts)

@@ -39,7 +39,7 @@ from itertools import count
 import ray
 import torch
 
-from expertmesh.cluster.memory_budget import memory_budget
+from expertmesh.cluster.memory_budget import expert_bytes, memory_budget
 from expertmesh.cluster.placement import PlacementError, PlacementPlan
 from expertmesh.cluster.worker_pool import (
     WorkerHandle,
@@ -91,6 +91,7 @@ class ExpertCluster:
         # bundles that the cluster lacks make Ray's autoscaler add GPU nodes (KubeRay: GPU pods).
         self.gpus = use_gpus(settings.device)
         self.budget = memory_budget(config, settings, self.gpus)  # None: no --worker-memory
+        self.expert_bytes = expert_bytes(config, settings, self.gpus)
         plan = plan.with_min_copies(settings.redundancy, self.budget)
         plan.validate(self.budget)
         self._note_redundancy(plan)
@@ -640,7 +641,8 @@ class ExpertCluster:
                 stats = {}
             rows[h.worker], busy[h.worker] = stats.get("rows_received", {}), stats.get("busy_s", 0.0)
             held[h.worker] = stats.get("weight_bytes")  # as held: int8 and scales when quantized
-        return {"epoch": epoch, "recoveries": self.recoveries,
+        return {"epoch": epoch, "recoveries": self.recoveries, "expert_bytes": self.expert_bytes,
+                "worker_memory_bytes": self.budget.worker_bytes if self.budget is not None else None,
                 "workers": [{"worker": h.worker, "node": h.node_id, "pid": h.pid,
                              "experts": [f"{l}:{e}" for l, e in plan.worker_pairs(i)],
                              "copies": {f"{l}:{e}": len(plan.holders[(l, e)]) for l, e in plan.worker_pairs(i)},

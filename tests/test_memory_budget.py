@@ -134,6 +134,7 @@ def test_a_lost_worker_with_no_room_on_the_survivors_is_replaced(checkpoint, exp
                            "--kv-cache-memory", "64MiB", "--collective-timeout", "20")
     try:
         before = cli(server, "info")
+        assert before["worker_memory_bytes"] == 12 * one and before["expert_bytes"] == one
         assert [len(w["experts"]) for w in before["workers"]] == [12, 12]
         assert all(w["weight_bytes"] == 12 * one for w in before["workers"])
         for args, message in ((["--replicas", "*:0x2,*:1x2,*:2x2,*:3x2,*:4x2,*:5x2"], "would hold"),

@@ -279,14 +279,18 @@ class WorkerInfo(_message.Message):
     def __init__(self, worker: _Optional[int] = ..., node: _Optional[str] = ..., pid: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., busy_seconds: _Optional[float] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("epoch", "workers", "recoveries")
+    __slots__ = ("epoch", "workers", "recoveries", "worker_memory_bytes", "expert_bytes")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     RECOVERIES_FIELD_NUMBER: _ClassVar[int]
+    WORKER_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_BYTES_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
     recoveries: int
-    def __init__(self, epoch: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., recoveries: _Optional[int] = ...) -> None: ...
+    worker_memory_bytes: int
+    expert_bytes: int
+    def __init__(self, epoch: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., recoveries: _Optional[int] = ..., worker_memory_bytes: _Optional[int] = ..., expert_bytes: _Optional[int] = ...) -> None: ...
 
 class ScaleRequest(_message.Message):
     __slots__ = ("replicas", "workers", "auto")
