@@ -123,14 +123,16 @@ def test_serve_refuses_a_plan_over_worker_memory_before_starting_anything(checkp
     assert "at least 3 workers" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_lost_worker_with_no_room_on_the_survivors_is_replaced(checkpoint, expected):  # noqa: F811
+@pytest.mark.parametrize("standby", ["1", "0"], ids=["standby worker", "new process"])
+def test_a_lost_worker_with_no_room_on_the_survivors_is_replaced(checkpoint, expected, standby):  # noqa: F811
     """2 workers with room for 12 of the 16 experts each and --redundancy 2: 8 experts get a second
     copy. Over the budget: more replicas, and fewer workers, are refused by name. Then SIGKILL a worker
-    under 32 streams: the survivor has no room for the other's experts, so a new worker takes its place;
-    every stream keeps its fault-free tokens and each worker still holds at most its budget."""
+    under 32 streams: the survivor has no room for the other's experts, so a new worker (the standby
+    one, or a process started then) takes its place; every stream keeps its fault-free tokens and each
+    worker still holds at most its budget."""
     one = expert_bytes(load_config(checkpoint), ServingConfig(), gpus=False)
     server = ServerProcess("--model", str(checkpoint), "--workers", "2", "--redundancy", "2",
-                           "--worker-memory", str(12 * one), "--standby-workers", "1",
+                           "--worker-memory", str(12 * one), "--standby-workers", standby,
                            "--kv-cache-memory", "64MiB", "--collective-timeout", "20")
     try:
         before = cli(server, "info")
