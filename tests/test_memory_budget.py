@@ -50,6 +50,28 @@ def test_bytes_per_expert_is_what_a_worker_holds(quantize, dtype, hidden, interm
         assert stacked == 3 * LayerExperts.bytes_per_expert(hidden, intermediate, dtype, quantize, "cuda")
 
 
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
+def test_an_expert_handed_to_a_peer_computes_the_same_and_stacks_stay_home(quantize):
+    """What a worker exports of an expert (its layers as held) becomes, in another table, an expert
+    that computes the same bits; stacked experts (the GPU's) are not exported: the peer reads the
+    checkpoint."""
+    import pickle
+
+    from expertmesh.core.linear import Linear
+    from expertmesh.workers.grouped_mlp import grouped_experts
+
+    gen = torch.Generator().manual_seed(1)
+    raw = {e: (torch.randn(96, 64, generator=gen), torch.randn(64, 96, generator=gen),
+               torch.randn(96, 64, generator=gen)) for e in range(3)}
+    held = LayerExperts.stack(dict(raw), quantize=quantize)
+    states = pickle.loads(pickle.dumps(held.export(2)))
+    copy = LayerExperts.empty(quantize).changed({}, set(), {2: tuple(Linear.from_state(s) for s in states)})
+    rows = torch.randn(5, 64, generator=gen)
+    assert torch.equal(grouped_experts(rows, copy, [2], [5]), grouped_experts(rows, held, [2], [5]))
+    if quantize != "int4":
+        assert LayerExperts.stack(dict(raw), keep_stacks=True, quantize=quantize).export(2) is None
+
+
 def test_plans_keep_within_the_budget():
     budget = MemoryBudget(worker_bytes=10 * 100 + 99, expert_bytes=100)  # room for 10 experts a worker
     assert budget.experts == 10 and budget.workers_for(16) == 2 and budget.workers_for(21) == 3

@@ -71,10 +71,11 @@ class LayerExperts:
 
     def export(self, expert: int) -> tuple | None:
         """Expert `expert` as held, for a peer to take whole (`changed(prepared=...)`); None where it
-        cannot leave this process (stacks on a GPU, oneDNN's packed layout): read it from the checkpoint."""
-        if self.w13 is not None:
+        cannot leave this process (on a GPU, oneDNN's packed layout): read it from the checkpoint."""
+        layers = self.mlps[self.local[expert]] if self.w13 is None else ()
+        if not layers or layers[0].weight.device.type != "cpu":
             return None
-        states = tuple(layer.state() for layer in self.mlps[self.local[expert]])
+        states = tuple(layer.state() for layer in layers)
         return None if None in states else states
 
     def changed(self, new: dict[int, tuple], gone: set[int], prepared: dict[int, tuple] | None = None,
