@@ -119,9 +119,10 @@ class _SchedulerCollector:
 
 
 class _ClusterCollector:
-    """Rows routed and copies per expert, busy seconds per worker, from the cluster at scrape time:
-    expertmesh_worker_layer_rows_total (per worker and layer) always; expertmesh_expert_rows_total
-    and expertmesh_expert_replicas (per layer and expert) when asked for."""
+    """Rows routed and copies per expert, busy seconds and weight bytes per worker, from the cluster at
+    scrape time: expertmesh_worker_layer_rows_total (per worker and layer) always, and
+    expertmesh_worker_memory_bytes where --worker-memory is set; expertmesh_expert_rows_total and
+    expertmesh_expert_replicas (per layer and expert) when asked for."""
 
     def __init__(self, cluster, per_expert: bool):
         self.cluster, self.per_expert = cluster, per_expert
@@ -129,12 +130,15 @@ class _ClusterCollector:
     def collect(self):
         busy = CounterMetricFamily("expertmesh_worker_busy_seconds", "Time each worker spent computing experts",
                                    labels=["worker"])
+        held = GaugeMetricFamily("expertmesh_worker_weight_bytes", "Bytes of expert weights each worker holds "
+                                 "(as held: int8 and scales when quantized)", labels=["worker"])
         by_layer = CounterMetricFamily("expertmesh_worker_layer_rows", "Rows each worker computed, per layer",
                                        labels=["worker", "layer"])
         try:
             for stats in self.cluster.stats():
                 worker = str(stats["worker"])
                 busy.add_metric([worker], stats["busy_s"])
+                held.add_metric([worker], stats["weight_bytes"])
                 layers: dict[str, int] = {}
                 for pair, n in stats["rows_received"].items():
                     layer = pair.split(":", 1)[0]
@@ -145,6 +149,10 @@ class _ClusterCollector:
             log.warning("worker stats unavailable for /metrics: %s", exc)
         yield busy
         yield by_layer
+        yield held
+        if self.cluster.budget is not None:
+            yield GaugeMetricFamily("expertmesh_worker_memory_bytes", "Expert weight bytes one worker may hold "
+                                    "(--worker-memory)", value=self.cluster.budget.worker_bytes)
         if self.per_expert:
             rows = CounterMetricFamily("expertmesh_expert_rows", "Rows routed to each (layer, expert)",
                                        labels=["layer", "expert"])

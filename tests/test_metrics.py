@@ -12,11 +12,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
 from expertmesh.v1 import generation_pb2 as pb
 from expertmesh.v1 import generation_pb2_grpc as pb_grpc
+from expertmesh.workers.grouped_mlp import LayerExperts
 from tests.gateway_server import ServerProcess
 from tests.test_autoscale import wait_for_line
 
@@ -35,7 +37,7 @@ def scrapes(tmp_path_factory):
     server's own warm-up step comes before)."""
     checkpoint = write_tiny_checkpoint(tmp_path_factory.mktemp("metrics"), seed=5, num_experts=4)
     server = ServerProcess("--model", str(checkpoint), "--workers", "1", "--kv-cache-memory", "16MiB",
-                           "--metrics-port", "0", "--served-model-name", "tiny-mixtral")
+                           "--metrics-port", "0", "--served-model-name", "tiny-mixtral", "--worker-memory", "1GiB")
     try:
         url = wait_for_line(server, "expertmesh metrics on", 30).rsplit(" ", 1)[1].strip()
         before = _families(url)
@@ -89,6 +91,10 @@ def test_request_histograms_token_counters_and_levels(scrapes, scrape):
     # every token computed once (no prefix shared between these prompts): rows = tokens x top-2 x 2 layers
     assert grew(scrapes, "expertmesh_worker_layer_rows_total") == REQUESTS * (3 + TOKENS - 1) * 2 * 2
     assert value(scrape, "process_resident_memory_bytes") > 0
+    # the one worker holds every expert: 2 layers x 4, each as LayerExperts counts it; --worker-memory's bytes
+    one = LayerExperts.bytes_per_expert(64, 128, torch.float32, "none", "cpu")
+    assert value(scrape, "expertmesh_worker_weight_bytes") == 2 * 4 * one
+    assert value(scrape, "expertmesh_worker_memory_bytes") == 2**30
     assert "expertmesh_expert_rows" not in scrape  # per (layer, expert) only with --metrics-per-expert
 
 
