@@ -181,7 +181,7 @@ def cmd_tiny_checkpoint(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from expertmesh.cluster.memory_budget import expert_bytes, memory_budget
+    from expertmesh.cluster.memory_budget import expert_bytes, memory_budget, redundancy_shortfall
     from expertmesh.cluster.placement import PlacementPlan
     from expertmesh.core.config import load_config
     from expertmesh.core.tiny_checkpoint import default_model_dir
@@ -189,8 +189,8 @@ def cmd_plan(args) -> int:
     config = load_config(args.model or default_model_dir())  # config.json alone: no weights are read
     settings = ServingConfig(dtype=args.dtype, quantize=args.quantize, worker_memory=args.worker_memory,
                              redundancy=args.redundancy)
-    gpus = args.device == "cuda"
-    budget = memory_budget(config, settings, gpus)
+    one = expert_bytes(config, settings, gpus=args.device == "cuda")
+    budget = memory_budget(settings, one)
     plan = PlacementPlan.spread(args.workers, config.num_layers, config.num_experts)
     if args.replicas:
         plan = plan.with_replicas(args.replicas)
@@ -199,10 +199,10 @@ def cmd_plan(args) -> int:
     if args.json:
         print(plan.to_json())
         return 0
-    print(plan.describe(expert_bytes(config, settings, gpus)))
-    if plan.min_copies() < min(settings.redundancy, plan.num_workers):
-        print(f"--redundancy {settings.redundancy}: --worker-memory leaves room for fewer copies of some "
-              f"experts (at least {plan.min_copies()} each)")
+    print(plan.describe(one))
+    shortfall = redundancy_shortfall(plan, settings.redundancy)
+    if shortfall:
+        print(shortfall)
     return 0
 
 

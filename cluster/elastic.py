@@ -39,7 +39,7 @@ from itertools import count
 import ray
 import torch
 
-from expertmesh.cluster.memory_budget import expert_bytes, memory_budget
+from expertmesh.cluster.memory_budget import expert_bytes, memory_budget, redundancy_shortfall
 from expertmesh.cluster.placement import PlacementError, PlacementPlan
 from expertmesh.cluster.worker_pool import (
     WorkerHandle,
@@ -90,11 +90,13 @@ class ExpertCluster:
         # "auto": GPU workers (and NCCL) when this router process has a GPU, else CPU and gloo. GPU
         # bundles that the cluster lacks make Ray's autoscaler add GPU nodes (KubeRay: GPU pods).
         self.gpus = use_gpus(settings.device)
-        self.budget = memory_budget(config, settings, self.gpus)  # None: no --worker-memory
-        self.expert_bytes = expert_bytes(config, settings, self.gpus)
+        self.expert_bytes = expert_bytes(config, settings, self.gpus)  # one (layer, expert) as held
+        self.budget = memory_budget(settings, self.expert_bytes)  # None: no --worker-memory
         plan = plan.with_min_copies(settings.redundancy, self.budget)
         plan.validate(self.budget)
-        self._note_redundancy(plan)
+        shortfall = redundancy_shortfall(plan, settings.redundancy)
+        if shortfall:
+            progress(shortfall)
         self.owns_ray = ensure_ray(address)  # after the checks: a plan that cannot be starts nothing
         self.target_workers = num_workers  # what restoring brings the count back to
         self.backend = "nccl" if self.gpus else "gloo"
@@ -140,12 +142,6 @@ class ExpertCluster:
         self._refill_standby()
         self._monitor = threading.Thread(target=self._watch, name="expertmesh-heartbeats", daemon=True)
         self._monitor.start()
-
-    def _note_redundancy(self, plan: PlacementPlan) -> None:
-        want = min(self.settings.redundancy, plan.num_workers)
-        if plan.min_copies() < want:
-            progress(f"--redundancy {self.settings.redundancy}: --worker-memory leaves room for fewer "
-                     f"copies of some experts (at least {plan.min_copies()} each) on {plan.num_workers} workers")
 
     def _redundant(self, plan: PlacementPlan) -> PlacementPlan:
         """plan within --worker-memory (extra copies dropped where a worker is over it), then with

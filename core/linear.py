@@ -93,8 +93,12 @@ class Linear:
             packed = _prepack(weight)
             self.layout = "plain" if packed is None else "packed"
             self.weight = weight.contiguous() if packed is None else packed
-        self.nbytes = sum(t.numel() * t.element_size() for t in (self.weight, self.scale, self.group_scale)
-                          if t is not None)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes held: the weight in its layout and the scales beside it."""
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.scale, self.group_scale)
+                   if t is not None)
 
     def state(self) -> dict | None:
         """The held form, to hand to another process (a new copy of an expert from a peer's memory:
@@ -117,8 +121,6 @@ class Linear:
         layer.layout, layer._kernels = state["layout"], kernels
         layer.weight, layer.scale, layer.group_scale = state["weight"], state["scale"], state["group_scale"]
         layer.out_features, layer.in_features = state["out_features"], state["in_features"]
-        layer.nbytes = sum(t.numel() * t.element_size() for t in (layer.weight, layer.scale, layer.group_scale)
-                           if t is not None)
         return layer
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

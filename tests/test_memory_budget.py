@@ -13,9 +13,12 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from expertmesh.cluster.memory_budget import expert_bytes
 from expertmesh.cluster.placement import MemoryBudget, PlacementError, PlacementPlan
+from expertmesh.core import cpu_kernels
 from expertmesh.core.config import load_config
 from expertmesh.core.settings import ServingConfig
 from expertmesh.workers.grouped_mlp import LayerExperts
@@ -31,12 +34,18 @@ MIXTRAL_8X7B = {"architectures": ["MixtralForCausalLM"], "hidden_size": 4096, "i
                 "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
 
 
+@pytest.mark.parametrize("kernels", ["built", "off"])
 @pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hidden,intermediate", [(64, 128), (40, 72), (33, 50)])
-def test_bytes_per_expert_is_what_a_worker_holds(quantize, dtype, hidden, intermediate):
+def test_bytes_per_expert_is_what_a_worker_holds(quantize, dtype, hidden, intermediate, kernels, monkeypatch):
     """Counted from the shapes alone, equal to the bytes the held layers report: the CPU's blocked
-    layout (outputs padded to whole panels) and the GPU's stacks (int8 with their scales)."""
+    layout (outputs padded to whole panels), the layouts of a machine without the C kernels (forced
+    off: oneDNN's packed copy or the plain weight, per-call dequantization), and the GPU's stacks
+    (int8 with their scales)."""
+    if kernels == "off":
+        monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
+
     def experts():
         gen = torch.Generator().manual_seed(0)
         return {e: (torch.randn(intermediate, hidden, generator=gen).to(dtype),
@@ -90,6 +99,34 @@ def test_plans_keep_within_the_budget():
     fitted = wide.fitted(budget)
     assert not fitted.over_budget(budget) and fitted.min_copies() >= 1
     fitted.validate(budget)
+
+
+@settings(max_examples=200, deadline=None)
+@given(workers=st.integers(1, 6), layers=st.integers(1, 3), experts=st.integers(1, 8),
+       room=st.integers(1, 30), redundancy=st.integers(1, 4), replicas=st.integers(0, 3))
+def test_redundancy_and_fitting_never_break_the_budget_or_lose_an_expert(workers, layers, experts, room,
+                                                                         redundancy, replicas):
+    """Any plan, any room: copies are added only where there is room, never past it; `fitted`
+    drops only extra copies (every expert keeps one, no copy is added), and leaves no worker over
+    the room unless its experts have no other copy."""
+    budget = MemoryBudget(worker_bytes=room * 7, expert_bytes=7)
+    spread = PlacementPlan.spread(workers, layers, experts)
+    if spread.over_budget(budget):
+        with pytest.raises(PlacementError, match="would hold"):
+            spread.validate(budget)
+    else:
+        redundant = spread.with_min_copies(redundancy, budget)
+        redundant.validate(budget)
+        assert redundant.min_copies() >= 1
+        for pair, ws in redundant.holders.items():  # short of copies only where every other worker is full
+            if len(ws) < min(redundancy, workers):
+                assert all(len(redundant.worker_pairs(w)) >= room for w in range(workers) if w not in ws)
+    wide = spread.with_min_copies(min(1 + replicas, workers))  # copies regardless of room
+    fitted = wide.fitted(budget)
+    for pair, ws in fitted.holders.items():
+        assert ws and set(ws) <= set(wide.holders[pair])
+    for w in fitted.over_budget(budget):
+        assert all(len(fitted.holders[p]) == 1 for p in fitted.worker_pairs(w))
 
 
 def _write(tmp_path):
