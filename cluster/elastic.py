@@ -24,7 +24,9 @@ loop reports it and waits while the control thread loads only those experts on t
 parallel, and forms the next epoch; the loop applies the commit and runs the same step again from
 its inputs (its KV writes are idempotent and nothing was sampled yet, so every stream keeps exactly
 its tokens). The worker count and --redundancy's copies are then restored in the background, from
-standby workers first (--standby-workers: processes started ahead, with no weights).
+standby workers first (--standby-workers: processes started ahead, with no weights): while nothing
+else changed the plan, the new workers take the lost ones' places, so only the lost copies move
+(from the survivors' memory where they hold them) and the placement is the one before the loss.
 """
 
 from __future__ import annotations
@@ -110,6 +112,9 @@ class ExpertCluster:
         self._fenced: set[int] = set()  # workers the monitor killed for missing heartbeats
         self._dropped: set[int] = set()  # workers the data path lost (their pair failed)
         self._helpers: list[threading.Thread] = []  # restorers and standby refills
+        # the last recovery that served on without the lost workers: (the plan before the loss, its
+        # workers' ids, the plan after): what restoring puts back, while the plan is still that one
+        self._last_loss: tuple[PlacementPlan, list[int], PlacementPlan] | None = None
         self.loop = None  # the serving loop that applies commits (router/serving.py)
         self.recoveries = 0
         self.metrics = None  # api/metrics.py's Metrics, when the server exports them
@@ -379,6 +384,7 @@ class ExpertCluster:
                 if squeezed.num_workers > 1:  # its experts: surviving copies, else the least loaded
                     squeezed = squeezed.without_worker(i)
             squeezed = squeezed.fitted(self.budget)
+            before = (plan, [h.worker for h in workers])
             if survivors and not squeezed.over_budget(self.budget):
                 plan = squeezed
             elif survivors:  # no room on the survivors (--worker-memory): new workers take the lost places
@@ -401,6 +407,9 @@ class ExpertCluster:
             epoch = self._new_epoch()
             pairs = self._form_epoch(epoch, survivors)
             self._commit(lambda: self._switch(epoch, pairs, plan, survivors))
+            if plan is squeezed:
+                with self._record:
+                    self._last_loss = (*before, plan)
         except Exception:  # noqa: BLE001 - recovery itself failed: the loop fails the steps in flight
             log.exception("recovery failed")
             return False
@@ -421,9 +430,14 @@ class ExpertCluster:
         return True
 
     def _restore(self) -> None:
-        """In the background: the configured worker count and --redundancy's copies back."""
+        """In the background: the configured worker count and --redundancy's copies back; new
+        workers take the lost ones' places where nothing changed the plan since the loss."""
         try:
-            self.scale_workers(self.target_workers, reason="restoring after a lost worker")
+            placed = self._put_back()
+            with self._record:
+                short = len(self.workers) < self.target_workers
+            if not placed or short:
+                self.scale_workers(self.target_workers, reason="restoring after a lost worker")
         except Exception as exc:  # noqa: BLE001 - serving goes on; copies on the survivors meanwhile
             if self._stopping.is_set():
                 return
@@ -433,6 +447,45 @@ class ExpertCluster:
                 self._control.submit(self._scale_to, None, [], "restoring copies").result()
             except Exception as exc2:  # noqa: BLE001
                 log.warning("could not restore copies: %s", exc2)
+
+    def _put_back(self) -> bool:
+        """The placement before the last loss, with new workers (standby first) holding what the
+        lost ones held: only the lost copies move, from the survivors' memory where they hold them,
+        and the survivors keep what they serve. False when the plan changed since (or the loss
+        left no place to fill); the caller then restores by scaling."""
+        with self._record:
+            last, plan, workers = self._last_loss, self.plan, list(self.workers)
+        if last is None or last[2] is not plan:
+            return False
+        before, ids, _ = last
+        alive = {h.worker for h in workers}
+        lost = [i for i, w in enumerate(ids) if w not in alive]
+        if not lost or len(workers) + len(lost) > self.target_workers:
+            return False
+        fresh = self._take_workers(len(lost))
+
+        ran = []
+
+        def change():  # on the control thread: the record may have moved while workers started
+            ran.append(True)
+            with self._record:
+                current, keep = self.plan, list(self.workers)
+            if current is not plan:
+                with self._record:  # they hold nothing: back to standby for the scaling that follows
+                    self.standby += fresh
+                return False
+            order = [ids.index(h.worker) for h in keep] + lost
+            names = ", ".join(f"worker {ids[i]}" for i in lost)
+            self._reconfigure(self._redundant(before.renumbered(order)), keep, fresh,
+                              f"new workers in the places of {names}")
+            return True
+        try:
+            return self._submit(change)
+        except BaseException:
+            if not ran:  # the change never ran (the cluster is stopping): nothing else stops them
+                for h in fresh:
+                    stop_worker(h)
+            raise
 
     def _helper(self, target, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

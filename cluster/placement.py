@@ -198,6 +198,15 @@ class PlacementPlan:
             holders[pair] = tuple(new if w == busiest else w for w in holders[pair])
         return PlacementPlan(workers, self.num_layers, self.num_experts, holders)
 
+    def renumbered(self, order: list[int]) -> "PlacementPlan":
+        """This plan with its workers in `order`: worker j of the result holds what worker order[j]
+        holds here (a permutation of 0..num_workers-1). Puts new workers in lost workers' places."""
+        if sorted(order) != list(range(self.num_workers)):
+            raise PlacementError(f"{order} is not an order of this plan's {self.num_workers} workers")
+        new_index = {w: j for j, w in enumerate(order)}
+        holders = {p: tuple(new_index[w] for w in ws) for p, ws in self.holders.items()}
+        return PlacementPlan(self.num_workers, self.num_layers, self.num_experts, holders)
+
     def moves_from(self, old: "PlacementPlan", old_index: dict[int, int]) -> tuple[dict, dict]:
         """What changing from `old` to this plan asks of each worker: (loads, drops), each
         worker index of this plan -> its (layer, expert) pairs. old_index maps this plan's worker

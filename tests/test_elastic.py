@@ -242,6 +242,20 @@ def test_with_redundancy_a_stopped_worker_pauses_no_stream_and_health_stays_serv
         assert statuses and all(s == health_pb2.HealthCheckResponse.SERVING for s in statuses), statuses
         after = cli(server, "info")
         assert after["epoch"] > before["epoch"] and victim not in [w["pid"] for w in after["workers"]]
+        # restored in place: a new worker holds exactly what the stopped one held, the others
+        # exactly what they held before, and only the stopped one's copies were loaded
+        deadline = time.monotonic() + 60
+        while len(after["workers"]) < 3:
+            assert time.monotonic() < deadline, "the worker count did not come back"
+            time.sleep(0.5)
+            after = cli(server, "info")
+        held = {w["worker"]: w["experts"] for w in before["workers"]}
+        lost = before["workers"][1]
+        kept = [w for w in after["workers"] if w["worker"] in held]
+        assert len(kept) == 2 and all(w["experts"] == held[w["worker"]] for w in kept)
+        assert [w["experts"] for w in after["workers"] if w["worker"] not in held] == [lost["experts"]]
+        assert any(f"places of worker {lost['worker']}" in line and f"{len(lost['experts'])} expert copies loaded"
+                   in line for line in server.lines), "".join(server.lines[-20:])
     finally:
         watching.set()
         if victim is not None:

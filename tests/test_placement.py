@@ -34,6 +34,21 @@ def test_bad_replica_specs(spec, message):
         PlacementPlan.spread(4, 2, 8).with_replicas(spec)
 
 
+def test_renumbered_puts_a_new_worker_in_a_lost_ones_place():
+    """What restoring after a loss does: the plan before the loss with the survivors first (in
+    their order after it) and the new worker last holds exactly what each held before."""
+    before = PlacementPlan.spread(4, 2, 8).with_min_copies(2)
+    after_loss = before.without_worker(1)  # workers 0, 2, 3 -> 0, 1, 2
+    restored = before.renumbered([0, 2, 3, 1])
+    restored.validate()
+    assert [restored.worker_pairs(j) for j in range(4)] == [before.worker_pairs(w) for w in (0, 2, 3, 1)]
+    moves = restored.moves_from(after_loss, {0: 0, 1: 1, 2: 2})
+    assert moves[0][3] == before.worker_pairs(1)  # only the lost copies load, all on the new worker
+    assert all(not moves[0][w] for w in range(3))
+    with pytest.raises(PlacementError, match="not an order"):
+        before.renumbered([0, 1, 1, 3])
+
+
 def test_validation_errors():
     plan = PlacementPlan.spread(2, 1, 4)
     holders = dict(plan.holders)

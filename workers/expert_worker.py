@@ -21,14 +21,18 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-import ray
-import torch
+from expertmesh.workers.quiet_start import import_quietly
 
-from expertmesh.core import wire
-from expertmesh.core.checkpoint import Checkpoint
-from expertmesh.core.heap import release_free_heap
-from expertmesh.core.linear import Linear
-from expertmesh.workers.grouped_mlp import LayerExperts, grouped_experts
+import_quietly()  # torch's import at nice 19: this process may be starting beside serving ones
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from expertmesh.core import wire  # noqa: E402
+from expertmesh.core.checkpoint import Checkpoint  # noqa: E402
+from expertmesh.core.heap import release_free_heap  # noqa: E402
+from expertmesh.core.linear import Linear  # noqa: E402
+from expertmesh.workers.grouped_mlp import LayerExperts, grouped_experts  # noqa: E402
 
 log = logging.getLogger("expertmesh.worker")
 EXPORT_TIMEOUT_S = 300.0  # one expert from a peer (352 MB in bf16): seconds at any sane bandwidth
@@ -52,11 +56,14 @@ class ExpertWorker:
         self._pairs: dict[int, tuple] = {}  # epoch -> (its pair with the router, backend)
         self._pair_ready = threading.Condition()
         self._lock = threading.Lock()  # the counters, and `pairs` for readers
-        # Every change to the experts, in arrival order, on this one thread: at nice 19 with one
-        # torch thread, so it yields to the serve loop, which shares the cores with the router. (Not
-        # on Ray's pool threads: a later call, `serve` itself, could land on one, and an
-        # unprivileged process cannot lower a niceness again.)
-        self._changes = ThreadPoolExecutor(1, thread_name_prefix="expertmesh-load", initializer=_background_thread)
+        # Every change to the experts, in arrival order, through this one thread. An urgent one
+        # (streams wait for it: nothing serves) runs on it at the usual priority, with every core.
+        # Any other runs on the quiet thread, at nice 19 with one torch thread, so that it yields to
+        # the serve loop, which shares the cores with the router; the change thread waits for it,
+        # which keeps the order. (Two threads, not one reniced: an unprivileged process cannot lower
+        # a niceness again, and not Ray's pool threads: a later call, `serve` itself, could land on one.)
+        self._changes = ThreadPoolExecutor(1, thread_name_prefix="expertmesh-change")
+        self._quiet = ThreadPoolExecutor(1, thread_name_prefix="expertmesh-load", initializer=_background_thread)
         # Peers' exports, beside the changes (a change here may wait on a peer's export while that
         # peer's change waits on ours), at nice 19 too: copying weights out yields to serving.
         self._exports = ThreadPoolExecutor(1, thread_name_prefix="expertmesh-export", initializer=_background_thread)
@@ -70,15 +77,20 @@ class ExpertWorker:
         """Take experts `add` from a peer's memory (peers: [(actor, its pairs)]) or read them
         straight from the safetensors files, let `drop` go, and swap each changed layer's table in
         whole (a step in flight keeps the table it started with); the experts a layer keeps are not
-        read or packed again. Only the change thread writes `layers` and `pairs`, so what a change
-        reads of them no other change alters meanwhile."""
+        read or packed again. Changes run one at a time, in arrival order (the change thread waits
+        for each), so what a change reads of `layers` and `pairs` no other change alters meanwhile."""
         self._changes.submit(self._apply_change, add, drop, urgent, peers).result()
 
     def _apply_change(self, add: set[tuple[int, int]], drop: set[tuple[int, int]], urgent: bool = False,
                       peers: list | None = None) -> None:
-        # urgent: streams wait for these experts (a recovery), so nothing is serving meanwhile and
-        # the packing may use every core; else one thread, which yields to the serve loop
-        torch.set_num_threads(_usable_cores() if urgent else 1)
+        if urgent:  # a recovery: streams wait for these experts, so nothing serves meanwhile
+            self._apply_now(add, drop, _usable_cores(), peers)
+        else:
+            self._quiet.submit(self._apply_now, add, drop, 1, peers).result()
+
+    def _apply_now(self, add: set[tuple[int, int]], drop: set[tuple[int, int]], threads: int,
+                   peers: list | None) -> None:
+        torch.set_num_threads(threads)
         try:
             self._apply(add, drop, peers or [])
             release_free_heap()  # the load's transients, and what a drop let go
