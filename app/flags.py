@@ -16,7 +16,9 @@ def add_engine_flags(parser: argparse.ArgumentParser, default_workers: int) -> N
     parser.add_argument("--quantize", choices=QUANTIZE, default=d.quantize,
                         help="int8: weight-only int8 with a scale per output channel, quantized at load from the "
                         "checkpoint (experts, attention, lm_head): a quarter of fp32's memory, and decode reads "
-                        f"a quarter of the bytes (default {d.quantize})")
+                        "a quarter of the bytes; int4: groups of 32 with a bf16 scale (4.5 bits a weight); fp8: "
+                        "e4m3 with a scale per output channel, for GPU workers (the Triton kernel reads it; "
+                        f"elsewhere each call dequantizes: int8 is faster on CPUs) (default {d.quantize})")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=d.cuda_graphs,
                         help="capture decode steps of up to 32 sequences as CUDA graphs and replay them "
                         "(--workers 0 on a GPU with --dtype bfloat16; default on)")

@@ -1,9 +1,11 @@
 """GPU check of the expert path at real Mixtral 8x7B dimensions (hidden 4096, intermediate 14336,
 8 experts, top-2, bf16): the Triton grouped kernel against the torch per-expert path, correctness
-and speed, plus the NCCL process-group path of the transport on one rank.
+and speed; the same kernel over int8 and fp8 (e4m3) stacks (--quantize int8 / fp8) against it over
+bf16 at 1-1024 tokens; and an NCCL process group (the transport's backend) on one rank.
 
-    python bench/experts_gpu.py        # needs one CUDA GPU; prints a table and a last line
-Last line: triton_over_torch_moe_speedup_t1024=<x>
+    python bench/experts_gpu.py        # needs one CUDA GPU; prints tables and a last line
+Last line: triton_over_torch_moe_speedup_t1024=<x> int8_over_bf16_t1=<y> fp8_over_bf16_t1=<z>
+(the 8-bit ones: bf16's time over theirs at one token, where reading the weights is the step)
 """
 
 from __future__ import annotations
@@ -39,19 +41,48 @@ def bench_ms(fn, repeats: int = 10) -> float:
 
 
 def nccl_check() -> str:
+    """A one-rank NCCL group built as core/wire.py builds its pairs (a pair needs two GPUs)."""
     import torch.distributed as dist
 
     from expertmesh.core import wire
 
     port = 29400 + os.getpid() % 1000
-    wire.init_process_group(f"tcp://127.0.0.1:{port}", 0, 1, "nccl", 60)
+    store = wire.open_store("127.0.0.1", port, True, 60)
+    options = dist.ProcessGroupNCCL.Options()
+    group = dist.ProcessGroupNCCL(dist.PrefixStore("check/", store), 0, 1, options)
     rows = torch.randn(256, D, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty_like(rows)
-    dist.all_to_all_single(out, rows, [256], [256])
-    ok = torch.equal(out, rows)
-    ms = bench_ms(lambda: dist.all_to_all_single(out, rows, [256], [256]))
-    dist.destroy_process_group()
-    return f"nccl all_to_all_single 1 rank 256x{D} bf16: equal={ok} {ms * 1e3:.0f} us"
+    before = rows.clone()
+    group.allreduce([rows]).wait()
+    ok = torch.equal(rows, before)
+    ms = bench_ms(lambda: group.allreduce([rows]).wait())
+    group.abort()
+    return f"nccl allreduce 1 rank 256x{D} bf16: equal={ok} {ms * 1e3:.0f} us"
+
+
+def eight_bit(experts: dict, gen: torch.Generator) -> dict[str, float]:
+    """int8 and fp8 stacks through the Triton kernel against bf16 stacks through it: ms per call,
+    and the error against bf16's output. Returns bf16's time over each at one token."""
+    layers = {q: LayerExperts.stack(dict(experts), quantize=q) for q in ("none", "int8", "fp8")}
+    print(f"{'tokens':>6} {'bf16 ms':>8} {'int8 ms':>8} {'fp8 ms':>8} {'int8 rel err':>12} {'fp8 rel err':>11}")
+    ratios = {}
+    for tokens in (1, 16, 64, 256, 1024):
+        x = torch.randn(tokens, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        _, ids = torch.topk(torch.randn(tokens, E, device="cuda", generator=gen), K)
+        order, counts = sort_by_expert(ids, E)
+        rows, count_list = x[order // K], counts.tolist()
+        used = [e for e in range(E) if count_list[e]]
+        used_counts = [count_list[e] for e in used]
+        ms, out = {}, {}
+        for q, layer in layers.items():
+            fn = lambda layer=layer: triton_grouped_swiglu(rows, used, used_counts, layer.w13, layer.w2,  # noqa: E731
+                                                           layer.scales)
+            out[q], ms[q] = fn().float(), bench_ms(fn)
+        err = {q: ((out[q] - out["none"]).abs().max() / out["none"].abs().max()).item() for q in ("int8", "fp8")}
+        print(f"{tokens:>6} {ms['none']:>8.3f} {ms['int8']:>8.3f} {ms['fp8']:>8.3f} {err['int8']:>12.2e} "
+              f"{err['fp8']:>11.2e}")
+        if tokens == 1:
+            ratios = {q: ms["none"] / ms[q] for q in ("int8", "fp8")}
+    return ratios
 
 
 def main() -> None:
@@ -62,6 +93,7 @@ def main() -> None:
                    torch.randn(D, I, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02,
                    torch.randn(I, D, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02)
                for e in range(E)}
+    eight = eight_bit(experts, gen)
     layer = LayerExperts.stack(experts)
     del experts
     print(f"{'tokens':>6} {'torch ms':>9} " + " ".join(f"{'tr' + ','.join(map(str, c)):>16}" for c in CONFIGS)
@@ -93,7 +125,8 @@ def main() -> None:
         speedup[tokens] = torch_ms / best
         print(f"{tokens:>6} {torch_ms:>9.3f} " + " ".join(cells) + f" {flops / best / 1e9:>12.1f} {err:>11.2e}")
     print(nccl_check())
-    print(f"triton_over_torch_moe_speedup_t1024={speedup[1024]:.2f}")
+    print(f"triton_over_torch_moe_speedup_t1024={speedup[1024]:.2f} int8_over_bf16_t1={eight['int8']:.2f} "
+          f"fp8_over_bf16_t1={eight['fp8']:.2f}")
 
 
 if __name__ == "__main__":

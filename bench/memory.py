@@ -84,7 +84,7 @@ def mixtral_table(workers: int = 8) -> None:
     print(f"{'weights':<10} {'one expert':>11} {'all experts':>12} {f'per worker of {workers}':>18} "
           f"{'router (dense)':>15} {'whole model':>12}")
     for dtype, quantize in ((torch.float32, "none"), (torch.bfloat16, "none"), (torch.bfloat16, "int8"),
-                            (torch.bfloat16, "int4")):
+                            (torch.bfloat16, "fp8"), (torch.bfloat16, "int4")):
         def made(*shape):
             return torch.empty(*shape, dtype=dtype).normal_(0, 0.02)
 

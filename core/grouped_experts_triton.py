@@ -6,9 +6,10 @@ against that tile's expert, reading the stacked weights in place: no padding to 
 per-row weight gathering. Kernel 1 fuses w1/w3 and SiLU (h = silu(x w1^T) * x w3^T), kernel 2 is
 the down projection (y = h w2^T). Runs on GPU, and on the CPU under TRITON_INTERPRET=1 for tests.
 
-int8 weights (w8a16, core/quantize.py): the stacks hold int8 and a scale per output row; a weight
-tile is widened to the rows' dtype as it is loaded, and each output column's sum is multiplied by
-its scale once, after the loop over k (a per-output scale factors out of the sum).
+int8 or fp8 weights (w8a16, core/quantize.py): the stacks hold int8 or float8 e4m3 and a scale per
+output row; a weight tile is widened to the rows' dtype as it is loaded (fp8 e4m3 needs a GPU that
+has it: Ada, Hopper), and each output column's sum is multiplied by its scale once, after the loop
+over k (a per-output scale factors out of the sum).
 
 Shape legend: N rows, D hidden, I intermediate, L local experts.
 """
@@ -46,7 +47,7 @@ def _grouped_gemm(x_ptr, w_ptr, w3_ptr, out_ptr, tile_start_ptr, tile_end_ptr, t
         acc += tl.dot(x, tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0).to(x.dtype))
         if FUSE_SWIGLU:
             acc3 += tl.dot(x, tl.load(w3_ptr + w_offsets, mask=w_mask, other=0.0).to(x.dtype))
-    if SCALED:  # int8 weights: each output column times its row's scale
+    if SCALED:  # int8 / fp8 weights: each output column times its row's scale
         acc *= tl.load(s_ptr + expert * stride_se + cols, mask=col_ok, other=0.0)[None, :]
         if FUSE_SWIGLU:
             acc3 *= tl.load(s3_ptr + expert * stride_se + cols, mask=col_ok, other=0.0)[None, :]
@@ -75,7 +76,7 @@ def triton_grouped_swiglu(rows: torch.Tensor, expert_index: list[int], counts: l
                           num_warps: int = 8, num_stages: int = 4) -> torch.Tensor:
     """rows (N, D) grouped: counts[g] rows for stacked expert expert_index[g];
     w13s (L, 2I, D) contiguous (w1 rows, then w3 rows), w2s (L, D, I) contiguous -> (N, D).
-    int8 stacks come with scales = (s13 (L, 2I), s2 (L, D)) fp32, one per output row."""
+    int8 and fp8 stacks come with scales = (s13 (L, 2I), s2 (L, D)) fp32, one per output row."""
     n, d = rows.shape
     inter = w13s.shape[1] // 2
     out = torch.empty_like(rows)
@@ -84,7 +85,8 @@ def triton_grouped_swiglu(rows: torch.Tensor, expert_index: list[int], counts: l
     rows = rows.contiguous()
     starts, ends, experts = _tiles(expert_index, counts, block_m, rows.device)
     h = torch.empty(n, inter, dtype=rows.dtype, device=rows.device)  # (N, I)
-    assert (scales is not None) == (w13s.dtype == torch.int8), "int8 stacks need their scales, and only they"
+    assert (scales is not None) == (w13s.dtype in (torch.int8, torch.float8_e4m3fn)), \
+        "int8 and fp8 stacks need their scales, and only they"
     s13, s2 = scales if scales is not None else (w13s, w2s)  # (unread when not SCALED)
     # w1 and w3 of an expert share strides inside w13s (and s13); w3 starts `inter` rows further on.
     _grouped_gemm[(len(starts), triton.cdiv(inter, block_n))](

@@ -9,7 +9,9 @@
 `quantize="int8"` holds int8 and a scale per output, `"int4"` two weights a byte and a bf16 scale per
 32 columns (core/quantize.py): the blocked kernel widens and scales them in registers; elsewhere (GPU,
 no kernels) each call dequantizes a chunk of outputs at a time, which saves the memory but not the
-time. Only one layout is ever held: `nbytes` is the truth.
+time. `"fp8"` (e4m3, a scale per output) is for GPU workers' expert stacks (the Triton kernel reads
+them); a Linear holds it plain and dequantizes per call. Only one layout is ever held: `nbytes` is
+the truth.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from expertmesh.core.quantize import (
     dequantize,
     dequantize_int4,
     pack_int4,
+    quantize_fp8,
     quantize_int4,
     quantize_int8,
     unpack_int4,
@@ -50,6 +53,8 @@ def held_bytes(out_features: int, in_features: int, dtype: torch.dtype, quantize
     """The bytes Linear holds for an (out, in) weight of `dtype`, counted from the shape alone (the
     planner budgets Mixtral's 352 MB experts without reading one). panel: the C kernels' blocked
     layout pads the outputs to whole panels of this many; 1 for the other layouts."""
+    if quantize == "fp8":  # e4m3, a fp32 scale per output; no kernel lays it out: never padded
+        return out_features * in_features + out_features * 4
     rows = -(-out_features // panel) * panel
     if quantize == "int8":  # int8, a fp32 scale per output
         return rows * in_features + rows * 4
@@ -61,10 +66,10 @@ def held_bytes(out_features: int, in_features: int, dtype: torch.dtype, quantize
 class Linear:
     """A bias-free linear layer; weight (out, in). Calling it maps x (n, in) -> (n, out) in x's dtype.
 
-    quantize: "none", "int8" or "int4". kernels: core/cpu_kernels.py's (default, where they build) or
-    None (off: the torch paths, as on a machine without a C compiler).
-    layout: "blocked" (the C kernel), "packed" (oneDNN), "plain" (F.linear), or "int8" / "int4" (plain,
-    dequantized per call).
+    quantize: "none", "int8", "int4" or "fp8". kernels: core/cpu_kernels.py's (default, where they
+    build) or None (off: the torch paths, as on a machine without a C compiler).
+    layout: "blocked" (the C kernel), "packed" (oneDNN), "plain" (F.linear), or "int8" / "int4" /
+    "fp8" (plain, dequantized per call).
     """
 
     def __init__(self, weight: torch.Tensor, quantize: str = "none", kernels=_DEFAULT):
@@ -72,9 +77,11 @@ class Linear:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
         self.out_features, self.in_features = weight.shape
         kernels = cpu_kernels.kernels() if kernels is _DEFAULT else kernels
-        self.scale = self.group_scale = None  # int8's per output; int4's per (output, group)
+        self.scale = self.group_scale = None  # int8's and fp8's per output; int4's per (output, group)
         if quantize == "int8":
             weight, self.scale = quantize_int8(weight)
+        elif quantize == "fp8":
+            weight, self.scale = quantize_fp8(weight)
         elif quantize == "int4":
             weight, self.group_scale = quantize_int4(weight)  # (n, k) int8 in [-8, 7]
         if kernels is not None and kernels.supports(weight):
@@ -85,8 +92,8 @@ class Linear:
                 self.weight = kernels.blocked(weight)  # (P, in, panel)
             if self.scale is not None:  # one per output of the padded panels
                 self.scale = torch.cat([self.scale, self.scale.new_ones(-self.out_features % kernels.panel)])
-        elif quantize == "int8":
-            self.layout, self.weight = "int8", weight.contiguous()
+        elif quantize in ("int8", "fp8"):
+            self.layout, self.weight = quantize, weight.contiguous()
         elif quantize == "int4":
             self.layout, self.weight = "int4", pack_int4(weight)  # (out, in / 2) bytes
         else:
@@ -134,7 +141,7 @@ class Linear:
         y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
         for start in range(0, self.out_features, DEQUANTIZE_ROWS):
             end = start + DEQUANTIZE_ROWS
-            if self.layout == "int8":
+            if self.layout in ("int8", "fp8"):
                 weight = dequantize(self.weight[start:end], self.scale[start:end], x.dtype)
             else:
                 q = unpack_int4(self.weight[start:end], self.in_features)

@@ -1,4 +1,4 @@
-"""Weight-only quantization at load: int8 per output channel, int4 per group of 32 columns.
+"""Weight-only quantization at load: int8 or fp8 per output channel, int4 per group of 32 columns.
 
 int8: W (n, k) -> q (n, k) int8 in [-127, 127] and scale (n,) fp32 with W ~= q * scale[:, None], scale
 = max |W[o, :]| / 127. int4: the same per group of GROUP columns of a row, q in [-8, 7] (the largest
@@ -6,13 +6,21 @@ int8: W (n, k) -> q (n, k) int8 in [-127, 127] and scale (n,) fp32 with W ~= q *
 a weight in all, as llama.cpp's Q4_0). The activations stay fp32 (bf16 on the GPU): only the weights'
 bytes shrink, which is what bounds decode at small batches. A weight's error is at most half a step
 (plus the bf16 rounding of int4's scale); tests/test_quantize.py bounds what that does to the logits.
+
+fp8: W -> q (n, k) float8 e4m3 and scale (n,) fp32, scale = max |W[o, :]| / 448 (e4m3's largest
+finite value), as vLLM's per-channel fp8 checkpoints. e4m3 keeps 3 mantissa bits: a weight's error
+is relative (at most 1/16 of it), not a fixed step, so small weights keep more of their value than
+in int8 and large ones less. For GPU workers (Hopper: the Triton grouped kernel widens it as it
+loads); elsewhere each call dequantizes, which saves the memory but not the time.
 """
 
 from __future__ import annotations
 
 import torch
 
-QUANTIZE = ("none", "int8", "int4")  # the values of --quantize
+QUANTIZE = ("none", "int8", "int4", "fp8")  # the values of --quantize
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # e4m3's largest finite value
 GROUP = 32  # int4's columns per scale (core/cpu_kernels.c's GROUP)
 ROWS_AT_ONCE = 4096  # rows converted per pass: bounds the fp32 working copy of a large bf16 weight
 
@@ -31,8 +39,22 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (n, k), any float dtype -> (q (n, k) float8 e4m3, scale (n,) fp32). Rows of zeros get scale 1."""
+    n = weight.shape[0]
+    q = torch.empty(weight.shape, dtype=FP8, device=weight.device)
+    scale = torch.empty(n, dtype=torch.float32, device=weight.device)
+    for start in range(0, n, ROWS_AT_ONCE):
+        rows = weight[start:start + ROWS_AT_ONCE].float()
+        step = rows.abs().amax(dim=1) / FP8_MAX
+        step = torch.where(step > 0, step, torch.ones_like(step))
+        q[start:start + ROWS_AT_ONCE] = (rows / step[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+        scale[start:start + ROWS_AT_ONCE] = step
+    return q, scale
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """q (n, k) int8, scale (n,) -> (n, k) in dtype."""
+    """q (n, k) int8 or fp8, scale (n,) -> (n, k) in dtype."""
     return (q.to(torch.float32) * scale[:, None]).to(dtype)
 
 

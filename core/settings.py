@@ -14,7 +14,7 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20,
 DTYPES = ("float32", "bfloat16")
 PINGPONG_MODES = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda")
-QUANTIZE = ("none", "int8", "int4")  # core/quantize.py
+QUANTIZE = ("none", "int8", "int4", "fp8")  # core/quantize.py
 
 
 class SettingsError(ValueError):
@@ -34,7 +34,8 @@ class ServingConfig:
     # --- the model -------------------------------------------------------------------------------
     dtype: str = "float32"  # compute dtype; bf16 halves memory but on the CPU gained little (bench/)
     # int8: weight-only, a scale per output channel, quantized at load (experts, attention, lm_head;
-    # the gate stays in dtype): a quarter of fp32's bytes, which is what decode reads
+    # the gate stays in dtype): a quarter of fp32's bytes, which is what decode reads; int4: groups of
+    # 32; fp8: e4m3 per output channel, for GPU workers (core/quantize.py)
     quantize: str = "none"
     device: str = "auto"  # auto: GPUs (router and one per worker, NCCL) when this process sees one
     # decode steps of up to 32 sequences as captured CUDA graphs (in-process engine on a GPU, bf16)

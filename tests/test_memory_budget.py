@@ -35,14 +35,14 @@ MIXTRAL_8X7B = {"architectures": ["MixtralForCausalLM"], "hidden_size": 4096, "i
 
 
 @pytest.mark.parametrize("kernels", ["built", "off"])
-@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hidden,intermediate", [(64, 128), (40, 72), (33, 50)])
 def test_bytes_per_expert_is_what_a_worker_holds(quantize, dtype, hidden, intermediate, kernels, monkeypatch):
     """Counted from the shapes alone, equal to the bytes the held layers report: the CPU's blocked
     layout (outputs padded to whole panels), the layouts of a machine without the C kernels (forced
-    off: oneDNN's packed copy or the plain weight, per-call dequantization), and the GPU's stacks
-    (int8 with their scales)."""
+    off: oneDNN's packed copy or the plain weight, per-call dequantization; fp8 is held plain
+    everywhere), and the GPU's stacks (int8 and fp8 with their scales)."""
     if kernels == "off":
         monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
 
@@ -59,21 +59,22 @@ def test_bytes_per_expert_is_what_a_worker_holds(quantize, dtype, hidden, interm
         assert stacked == 3 * LayerExperts.bytes_per_expert(hidden, intermediate, dtype, quantize, "cuda")
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4", "fp8"])
 def test_an_expert_handed_to_a_peer_computes_the_same_and_stacks_stay_home(quantize):
-    """What a worker exports of an expert (its layers as held) becomes, in another table, an expert
-    that computes the same bits; stacked experts (the GPU's) are not exported: the peer reads the
-    checkpoint."""
+    """What a worker exports of an expert (its layers as held, as raw bytes through the object store)
+    becomes, in another table, an expert that computes the same bits; stacked experts (the GPU's) are
+    not exported: the peer reads the checkpoint."""
     import pickle
 
     from expertmesh.core.linear import Linear
+    from expertmesh.workers.expert_worker import _from_wire, _to_wire
     from expertmesh.workers.grouped_mlp import grouped_experts
 
     gen = torch.Generator().manual_seed(1)
     raw = {e: (torch.randn(96, 64, generator=gen), torch.randn(64, 96, generator=gen),
                torch.randn(96, 64, generator=gen)) for e in range(3)}
     held = LayerExperts.stack(dict(raw), quantize=quantize)
-    states = pickle.loads(pickle.dumps(held.export(2)))
+    states = _from_wire(pickle.loads(pickle.dumps(_to_wire(held.export(2)))))  # as Ray carries it
     copy = LayerExperts.empty(quantize).changed({}, set(), {2: tuple(Linear.from_state(s) for s in states)})
     rows = torch.randn(5, 64, generator=gen)
     assert torch.equal(grouped_experts(rows, copy, [2], [5]), grouped_experts(rows, held, [2], [5]))
@@ -163,6 +164,13 @@ def test_plan_checks_mixtral_8x7b_against_worker_memory_from_its_config_alone(tm
     doubled = PlacementPlan.from_json(_plan(tmp_path, "--workers", "8", "--dtype", "bfloat16", "--quantize", "int8",
                                             "--worker-memory", "12GiB", "--redundancy", "2", "--json").stdout)
     assert doubled.min_copies() == 2 and max(len(doubled.worker_pairs(w)) for w in range(8)) * int8 <= 12 * 2**30
+    # GPU workers in fp8 (e4m3 stacks, a fp32 scale per row): the size of int8's, counted for --device cuda
+    fp8 = expert_bytes(config, ServingConfig(dtype="bfloat16", quantize="fp8", device="cuda"), gpus=True)
+    assert fp8 == int8
+    gpu = _plan(tmp_path, "--workers", "8", "--dtype", "bfloat16", "--quantize", "fp8", "--device", "cuda",
+                "--worker-memory", "12GiB", "--redundancy", "2", "--json")
+    assert gpu.returncode == 0, gpu.stderr
+    assert PlacementPlan.from_json(gpu.stdout).min_copies() == 2
 
 
 @pytest.mark.parametrize("size,message", [("abc", "not a size"), ("0", "worker_memory must be > 0"),

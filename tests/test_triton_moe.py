@@ -29,25 +29,28 @@ def test_triton_matches_torch(counts):
     assert (got - expected).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("quantize, dtype", [("int8", torch.int8), ("fp8", torch.float8_e4m3fn)])
 @pytest.mark.parametrize("counts", [[5, 0, 17, 1], [1], [33, 16]])
-def test_triton_reads_int8_stacks_as_the_cpu_int8_layers_compute(counts):
-    """w8a16: int8 stacks and their scales through the Triton kernel (at any row count: there is no
-    GEMM over int8 weights to hand large steps to) against the CPU's int8 layers of the same experts."""
+def test_triton_reads_8_bit_stacks_as_the_per_expert_layers_compute(counts, quantize, dtype):
+    """w8a16: int8 or fp8 (e4m3) stacks and their scales through the Triton kernel (at any row count:
+    there is no GEMM over 8-bit weights to hand large steps to) against the per-expert layers of the
+    same experts, quantized the same way."""
     gen = torch.Generator().manual_seed(len(counts))
     d, inter = 48, 80
     experts = {e: (torch.randn(inter, d, generator=gen) * 0.1, torch.randn(d, inter, generator=gen) * 0.1,
                    torch.randn(inter, d, generator=gen) * 0.1) for e in range(0, 6, 2)}
-    stacked = LayerExperts.stack(dict(experts), keep_stacks=True, quantize="int8")
-    per_expert = LayerExperts.stack(dict(experts), keep_stacks=False, quantize="int8")
-    assert stacked.w13.dtype == stacked.w2.dtype == torch.int8 and not stacked.mlps
-    assert stacked.nbytes == 3 * (2 * inter * d + d * inter) + 3 * (2 * inter + d) * 4  # int8 + a scale per row
+    stacked = LayerExperts.stack(dict(experts), keep_stacks=True, quantize=quantize)
+    per_expert = LayerExperts.stack(dict(experts), keep_stacks=False, quantize=quantize)
+    assert stacked.w13.dtype == stacked.w2.dtype == dtype and not stacked.mlps
+    assert stacked.nbytes == 3 * (2 * inter * d + d * inter) + 3 * (2 * inter + d) * 4  # a byte + a scale per row
+    assert stacked.nbytes == 3 * LayerExperts.bytes_per_expert(d, inter, torch.float32, quantize, "cuda")
     expert_ids = [0, 2, 4, 2][: len(counts)]
     rows = torch.randn(sum(counts), d, generator=gen)
     expected = grouped_experts(rows, per_expert, expert_ids, counts)
     assert (grouped_experts(rows, stacked, expert_ids, counts) - expected).abs().max().item() < 1e-4
-    # a change keeps the int8 rows and scales of the experts that stay, and quantizes the new one
+    # a change keeps the 8-bit rows and scales of the experts that stay, and quantizes the new one
     changed = stacked.changed({1: tuple(torch.randn(*w.shape, generator=gen) * 0.1 for w in experts[0])}, {2})
-    assert sorted(changed.local) == [0, 1, 4] and changed.w13.dtype == torch.int8
+    assert sorted(changed.local) == [0, 1, 4] and changed.w13.dtype == dtype
     for e in (0, 4):
         assert torch.equal(changed.w13[changed.local[e]], stacked.w13[stacked.local[e]])
         assert torch.equal(changed.scales[1][changed.local[e]], stacked.scales[1][stacked.local[e]])

@@ -4,8 +4,8 @@ On GPU, small steps (decode) use the Triton grouped kernel, one launch for all e
 stacked weights; larger ones use cuBLAS per expert, which was faster there on an H200 at Mixtral
 8x7B sizes (bench/results/experts_gpu_h200.txt: Triton 1.17x faster at 64 tokens, 0.70x at 1024).
 On the CPU each expert is a pair of linear layers (core/linear.py) and no stacks are kept. Quantized
-experts (int8) on GPU are int8 stacks with their scales, which the Triton kernel reads at every row
-count (there is no cuBLAS GEMM over int8 weights to hand large steps to); int4 ones are per-expert
+experts (int8, fp8) on GPU are int8 or fp8 e4m3 stacks with a scale per output row, which the Triton
+kernel reads at every row count (it widens a weight tile as it loads it); int4 ones are per-expert
 layers there too (no Triton int4 kernel yet: they dequantize per call).
 """
 
@@ -18,7 +18,7 @@ import torch
 from expertmesh.core import cpu_kernels
 from expertmesh.core.grouped_experts import fused_expert, grouped_swiglu
 from expertmesh.core.linear import Linear, held_bytes
-from expertmesh.core.quantize import quantize_int8
+from expertmesh.core.quantize import quantize_fp8, quantize_int8
 
 TRITON_MAX_ROWS = 128  # rows (tokens x top-k) up to which the Triton kernel beat cuBLAS
 
@@ -28,17 +28,17 @@ class LayerExperts:
     """The experts a worker holds in one layer."""
     local: dict[int, int]  # global expert id -> local index
     mlps: list[tuple[Linear, Linear]]  # per local index: (w13 (2I, D), w2 (D, I)), as fused_expert; none
-    # for int8 stacks
+    # for int8 and fp8 stacks
     w13: torch.Tensor | None  # (L, 2I, D): w1 then w3 of each expert, stacked for the Triton kernel
     w2: torch.Tensor | None  # (L, D, I)
-    quantize: str = "none"  # "int8" or "int4": each expert's layers quantized (core/quantize.py)
-    scales: tuple[torch.Tensor, torch.Tensor] | None = None  # int8 stacks': (s13 (L, 2I), s2 (L, D)) fp32
+    quantize: str = "none"  # "int8", "int4" or "fp8": each expert's layers quantized (core/quantize.py)
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None  # int8 / fp8 stacks': (s13 (L, 2I), s2 (L, D)) fp32
 
     @classmethod
     def stack(cls, experts: dict[int, tuple], keep_stacks: bool | None = None,
               quantize: str = "none") -> "LayerExperts":
         """experts: global id -> (w1 (I, D), w2 (D, I), w3 (I, D)). Stacks are kept on GPU (or when
-        asked), where the per-expert layers are views into them (int8 stacks have none). Without
+        asked), where the per-expert layers are views into them (int8 and fp8 stacks have none). Without
         stacks it takes each expert out of `experts` as it prepares it: the plain weights go as it goes."""
         ids = sorted(experts)
         if keep_stacks is None:
@@ -52,14 +52,14 @@ class LayerExperts:
 
     @classmethod
     def _stacked(cls, local: dict[int, int], experts: list[tuple], quantize: str) -> "LayerExperts":
-        """experts: per local index (w13 (2I, D), w2 (D, I)) in the checkpoint's dtype, or, for int8,
-        already quantized ((q13, s13), (q2, s2))."""
+        """experts: per local index (w13 (2I, D), w2 (D, I)) in the checkpoint's dtype, or, for int8
+        and fp8, already quantized ((q13, s13), (q2, s2))."""
         if quantize == "none":
             w13 = torch.stack([w13 for w13, _ in experts]).contiguous()
             w2 = torch.stack([w2 for _, w2 in experts]).contiguous()
             return cls(local, [(Linear(w13[i]), Linear(w2[i])) for i in range(len(experts))], w13, w2)
-        experts = [(w13, w2) if isinstance(w13, tuple) else (quantize_int8(w13), quantize_int8(w2))
-                   for w13, w2 in experts]
+        quantized = quantize_fp8 if quantize == "fp8" else quantize_int8
+        experts = [(w13, w2) if isinstance(w13, tuple) else (quantized(w13), quantized(w2)) for w13, w2 in experts]
         q13, s13 = torch.stack([q for (q, _), _ in experts]), torch.stack([s for (_, s), _ in experts])
         q2, s2 = torch.stack([q for _, (q, _) in experts]), torch.stack([s for _, (_, s) in experts])
         return cls(local, [], q13, q2, quantize, (s13, s2))
@@ -107,7 +107,7 @@ class LayerExperts:
     @staticmethod
     def bytes_per_expert(hidden: int, intermediate: int, dtype: torch.dtype, quantize: str, device: str) -> int:
         """What one expert of these sizes takes here, from the shapes alone: as `stack` holds it on
-        `device` ("cuda": the weights or int8 stacks as given; "cpu": the kernels' blocked layout,
+        `device` ("cuda": the weights or int8 / fp8 stacks as given; "cpu": the kernels' blocked layout,
         where they build). The placement's memory budget counts with it."""
         kernels = cpu_kernels.kernels() if device == "cpu" else None
         panel = kernels.panel if kernels is not None else 1
