@@ -179,9 +179,12 @@ class Checkpoint:
                     raise CheckpointError(f"{self.model_dir / INDEX_FILE}: '{name}' is listed in "
                                           f"{shard} but that file does not hold it")
 
-    def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    def read(self, names: list[str], dtype: torch.dtype | None = None, mapped: bool = False
+             ) -> dict[str, torch.Tensor]:
         """Read the named tensors (hub names), each file memory-mapped and opened once; each tensor is
-        copied out of the mapping (nothing stays mapped after the load)."""
+        copied out of the mapping (nothing stays mapped after the load). mapped: a tensor already in
+        `dtype` stays a view of the mapping, for a caller that lays it out at once and drops it (one
+        copy instead of two: new memory is most of a load's cost)."""
         by_file: dict[Path, list[str]] = {}
         for name in names:
             if name not in self.locations:
@@ -197,7 +200,11 @@ class Checkpoint:
                         tensor = interleaved_to_half_split(tensor, heads)
                     # a copy of its own, even in the file's dtype: a tensor still backed by the mapping
                     # keeps the whole file mapped, and every page the load touched resident with it
-                    out[name] = tensor.to(dtype) if dtype not in (None, tensor.dtype) else tensor.clone()
+                    if dtype not in (None, tensor.dtype):
+                        tensor = tensor.to(dtype)
+                    elif not mapped:
+                        tensor = tensor.clone()
+                    out[name] = tensor
         return out
 
     def dense_names(self) -> list[str]:
@@ -207,11 +214,11 @@ class Checkpoint:
     def read_dense(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         return self.read(self.dense_names(), dtype)
 
-    def read_experts(self, pairs: list[tuple[int, int]], dtype: torch.dtype | None = None
+    def read_experts(self, pairs: list[tuple[int, int]], dtype: torch.dtype | None = None, mapped: bool = False
                      ) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Weights (w1, w2, w3) of the given (layer, expert) pairs, and nothing else."""
+        """Weights (w1, w2, w3) of the given (layer, expert) pairs, and nothing else (mapped: as `read`)."""
         for layer, expert in pairs:
             if not (0 <= layer < self.config.num_layers and 0 <= expert < self.config.num_experts):
                 raise KeyError(f"no expert ({layer}, {expert}) in this checkpoint")
-        tensors = self.read([k for pair in pairs for k in expert_keys(*pair)], dtype)
+        tensors = self.read([k for pair in pairs for k in expert_keys(*pair)], dtype, mapped)
         return {pair: tuple(tensors[k] for k in expert_keys(*pair)) for pair in pairs}

@@ -119,14 +119,29 @@ class CpuKernels:
         """Whether `linear` takes this weight (blocked; int4 through blocked_int4)."""
         return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16, torch.int8)
 
-    def blocked(self, weight: torch.Tensor) -> torch.Tensor:
-        """weight (n, k) -> the kernel's layout (P, k, panel), P = ceil(n / panel): panels of outputs,
-        each k-major, the rows past n zero. A new tensor: the caller drops the plain one."""
-        n, k = weight.shape
-        pad = -n % self.panel
-        if pad:
-            weight = torch.cat([weight, weight.new_zeros(pad, k)])
-        return weight.view(-1, self.panel, k).transpose(1, 2).contiguous()
+    def blocked(self, *parts: torch.Tensor) -> torch.Tensor:
+        """The rows of `parts` (each (n_i, k), one after the other: w1 then w3 for an expert's w13)
+        -> the kernel's layout (P, k, panel), P = ceil(n / panel): panels of outputs, each k-major,
+        the rows past n zero. Each part is copied once, straight into place (no joined copy first),
+        so parts may be views of a checkpoint's mapping. A new tensor: the caller drops the parts."""
+        n, k = sum(part.shape[0] for part in parts), parts[0].shape[1]
+        out = torch.empty(-(-n // self.panel), k, self.panel, dtype=parts[0].dtype)
+        rows = out.transpose(1, 2)  # (P, panel, k): rows[p, j] is output row p * panel + j
+        start = 0
+        for part in parts:
+            end = start + part.shape[0]
+            while start < end:  # a partial panel, or a run of whole ones
+                p, j = divmod(start, self.panel)
+                if j or end - start < self.panel:
+                    take = min(self.panel - j, end - start)
+                    rows[p, j:j + take] = part[part.shape[0] - (end - start):][:take]
+                else:
+                    take = (end - start) // self.panel * self.panel
+                    rows[p:p + take // self.panel] = part[part.shape[0] - (end - start):][:take].view(-1, self.panel, k)
+                start += take
+        if n % self.panel:
+            rows[-1, n % self.panel:] = 0
+        return out
 
     def blocked_int4(self, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """quantize_int4's (q (n, k) int8 in [-8, 7], scale (n, groups) bf16) -> the kernel's layout:

@@ -113,3 +113,34 @@ def test_row_kernels_are_for_few_fp32_cpu_rows():
     assert cpu_kernels.for_rows(torch.zeros(cpu_kernels.FEW_ROWS, 4)) is cpu_kernels.kernels()
     assert cpu_kernels.for_rows(torch.zeros(cpu_kernels.FEW_ROWS + 1, 4)) is None  # torch's threads win there
     assert cpu_kernels.for_rows(torch.zeros(2, 4, dtype=torch.bfloat16)) is None
+
+
+@SETTINGS
+@given(first=st.integers(1, 70), second=st.integers(0, 70), k=st.integers(1, 9),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.int8]))
+def test_blocked_lays_out_parts_as_their_rows_joined(first, second, k, dtype):
+    """An expert's w13 laid out from w1 and w3 in place (no joined copy first) is the layout of
+    [w1; w3]: every panel boundary, partial panels and the zero padding past the last row."""
+    gen = _gen(first * 1000 + second * 10 + k)
+    a, b = (torch.randn(n, k, generator=gen).mul(50).to(dtype) for n in (first, second))
+    joined = torch.cat([a, b])
+    pad = -joined.shape[0] % KERNELS.panel
+    expected = torch.cat([joined, joined.new_zeros(pad, k)]).view(-1, KERNELS.panel, k).transpose(1, 2)
+    assert torch.equal(KERNELS.blocked(a, b), expected)
+
+
+def test_an_expert_laid_out_from_mapped_parts_computes_as_from_a_copy(tmp_path):
+    """fused_expert over views of a checkpoint's mapping (what a worker's load hands it) gives the
+    same bits as over copies, and holds nothing of the mapping."""
+    from expertmesh.core.checkpoint import Checkpoint
+    from expertmesh.core.grouped_experts import fused_expert, swiglu_expert
+    from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
+
+    checkpoint = Checkpoint(write_tiny_checkpoint(tmp_path, intermediate_size=40))
+    mapped = checkpoint.read_experts([(0, 1)], torch.float32, mapped=True)[(0, 1)]
+    copied = checkpoint.read_experts([(0, 1)], torch.float32)[(0, 1)]
+    x = torch.randn(3, mapped[0].shape[1])
+    a, b = fused_expert(*mapped), fused_expert(*copied)
+    assert torch.equal(swiglu_expert(x, *a), swiglu_expert(x, *b))
+    assert all(layer.weight.untyped_storage().data_ptr() != w.untyped_storage().data_ptr()  # laid out anew
+               for layer in a for w in mapped)

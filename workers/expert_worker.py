@@ -28,7 +28,7 @@ import_quietly()  # torch's import at nice 19: this process may be starting besi
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from expertmesh.core import wire  # noqa: E402
+from expertmesh.core import cpu_kernels, wire  # noqa: E402
 from expertmesh.core.checkpoint import Checkpoint  # noqa: E402
 from expertmesh.core.heap import release_free_heap  # noqa: E402
 from expertmesh.core.linear import Linear  # noqa: E402
@@ -132,7 +132,11 @@ class ExpertWorker:
         read = sorted(p for p in add if p[1] not in prepared.get(p[0], {}))
         by_layer: dict[int, dict[int, tuple]] = {}
         start = time.perf_counter()
-        for (layer, expert), ws in self.checkpoint.read_experts(read, self.dtype).items():
+        # views of the checkpoint's mapping where its dtype is ours: each laid out (or quantized, or
+        # moved to the GPU) in one copy as its layer is built, and the mapping goes when they do; not
+        # where a layer would hold the weight as given (no C kernels: the view would stay mapped)
+        mapped = self.device.type == "cuda" or self.quantize != "none" or cpu_kernels.kernels() is not None
+        for (layer, expert), ws in self.checkpoint.read_experts(read, self.dtype, mapped).items():
             by_layer.setdefault(layer, {})[expert] = tuple(w.to(self.device) for w in ws)
         gone: dict[int, set[int]] = {}
         for layer, expert in drop:
