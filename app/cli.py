@@ -6,9 +6,13 @@ import argparse
 import json
 import sys
 
-from expertmesh.core.settings import DEFAULTS, DTYPES, QUANTIZE, ServingConfig
-from expertmesh.core.tiny_checkpoint import TINY_DEFAULTS
-from expertmesh.flags import add_engine_flags, serving_config
+from expertmesh.core.heap import use_huge_pages
+
+use_huge_pages()  # before torch allocates: the weights' blocks in huge pages (core/heap.py)
+
+from expertmesh.core.settings import DEFAULTS, DTYPES, QUANTIZE, ServingConfig  # noqa: E402
+from expertmesh.core.tiny_checkpoint import TINY_DEFAULTS  # noqa: E402
+from expertmesh.flags import add_engine_flags, serving_config  # noqa: E402
 
 DEFAULT_PORT = 50051  # gRPC's customary port
 

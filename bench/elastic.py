@@ -33,6 +33,7 @@ import time
 
 from expertmesh.cluster.elastic import ExpertCluster
 from expertmesh.cluster.worker_pool import ensure_ray
+from expertmesh.core.heap import use_huge_pages
 from expertmesh.core.settings import ServingConfig
 from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
 from expertmesh.core.tokenizer import load_tokenizer
@@ -124,6 +125,7 @@ def main() -> None:
     parser.add_argument("--steady-s", type=float, default=6.0)
     parser.add_argument("--show-steps", action="store_true", help="print every step of each phase (arrival s:gap ms)")
     args = parser.parse_args()
+    use_huge_pages()  # as the CLI does, before torch allocates a weight (core/heap.py)
     inter = max(int(args.expert_mb * 1e6 / (3 * args.hidden * 4)), 1)
     expert_bytes = 3 * args.hidden * inter * 4
     ensure_ray(num_cpus=16)

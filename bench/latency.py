@@ -40,6 +40,7 @@ from contextlib import contextmanager
 import torch
 
 from expertmesh.core import cpu_kernels
+from expertmesh.core.heap import use_huge_pages
 from expertmesh.core.settings import ServingConfig
 from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
 from expertmesh.core.tokenizer import load_tokenizer
@@ -269,6 +270,7 @@ def main() -> None:
     parser.add_argument("--quantize", default="none",
                         help="int8, int4 or int8,int4: also the in-process engine with those weights")
     args = parser.parse_args()
+    use_huge_pages()  # as the CLI does, before torch allocates a weight (core/heap.py)
     batches = [int(b) for b in args.batches.split(",")]
     bandwidth = Bandwidth()
     copy_bw, read_bw, kernel_bw = bandwidth.measure()

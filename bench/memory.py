@@ -28,6 +28,8 @@ import tempfile
 # in the allocator must not count against the next.
 CASE = r"""
 import gc, json, sys
+from expertmesh.core.heap import use_huge_pages
+use_huge_pages()  # as the CLI and the workers do, before torch allocates
 import torch
 from expertmesh.core import cpu_kernels
 

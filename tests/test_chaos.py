@@ -1,14 +1,18 @@
-"""Chaos: ten rounds of random events under 32 streams, with the autoscaling controller on.
+"""Chaos: rounds of random events under 32 streams, with the autoscaling controller on.
 
 Each round starts 32 greedy streams, and once every stream is mid-flight one event lands: a worker
 SIGKILLed or SIGSTOPped, a replica added or all extra ones removed, a worker added or retired. Every
 stream must end with the tokens of a fault-free run; after each round the placement record equals
 what the workers report holding, every live worker holds the group of the live epoch and no other,
 no KV block is left in use, and no expert worker process is left that the cluster does not know.
+Ten rounds without a memory budget; six with --worker-memory room for 9 of the 16 experts a worker
+(--redundancy 2 fits only partly, a lost worker's experts may not fit on the survivors, a change
+past the room is refused), where no worker ever holds more than its room.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
@@ -20,7 +24,10 @@ import ray
 
 from expertmesh.cluster.controller import AutoscaleSettings, Controller
 from expertmesh.cluster.elastic import ExpertCluster
+from expertmesh.cluster.memory_budget import expert_bytes
+from expertmesh.cluster.placement import PlacementError
 from expertmesh.cluster.worker_pool import ensure_ray
+from expertmesh.core.checkpoint import Checkpoint
 from expertmesh.core.settings import ServingConfig
 from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
 from expertmesh.router.engine import Engine
@@ -30,7 +37,7 @@ from expertmesh.router.serving import ServingEngine
 from tests.helpers import greedy_tokens, text_tokenizer
 from tests.test_gateway import _processes
 
-STREAMS, TOKENS, ROUNDS = 32, 40, 10
+STREAMS, TOKENS = 32, 40
 PROMPTS = [[1, 500 + 7 * i, 900 + 11 * i, 1300 + 13 * i] for i in range(STREAMS)]
 EVENTS = ("kill", "stop", "add replica", "remove replicas", "add worker", "retire worker")
 
@@ -63,21 +70,28 @@ def run_round(serving: ServingEngine, event) -> tuple[list[list[int]], list[int]
 
 
 def settle(cluster: ExpertCluster, timeout: float = 90) -> None:
-    """Until recovery and restore are done: the target count, every expert on its copies."""
+    """Until recovery and restore are done: the target count, every expert on its copies (as many
+    as the budget has room for)."""
     deadline = time.monotonic() + timeout
     while (cluster._recovery is not None or len(cluster.workers) != cluster.target_workers
            or any(t.is_alive() and t.name == "expertmesh-restore" for t in cluster._helpers)
-           or any(len(ws) < min(2, len(cluster.workers)) for ws in cluster.plan.holders.values())):
+           or cluster.plan.holders != cluster._redundant(cluster.plan).holders):
         assert time.monotonic() < deadline, f"the cluster did not settle: {len(cluster.workers)} workers"
         time.sleep(0.1)
 
 
 @pytest.mark.slow
-def test_random_events_under_streams_lose_nothing_and_leak_nothing(checkpoint):
+@pytest.mark.parametrize("room, rounds", [(None, 10), (9, 6)], ids=["no budget", "worker memory for 9 experts"])
+def test_random_events_under_streams_lose_nothing_and_leak_nothing(checkpoint, room, rounds):
     expected = greedy_tokens(Engine.local(checkpoint), PROMPTS, TOKENS)
     started_ray = ensure_ray(num_cpus=16)
     settings = ServingConfig(collective_timeout_s=20, redundancy=2, standby_workers=1, kv_cache_memory="64MiB")
+    if room is not None:
+        one = expert_bytes(Checkpoint(checkpoint).config, settings, gpus=False)
+        settings = dataclasses.replace(settings, worker_memory=str(room * one + one // 2))
     cluster = ExpertCluster(checkpoint, 3, settings=settings, kv_blocks=2048)
+    if room is not None:  # the budget binds: workers at their room, some experts on one copy
+        assert [len(cluster.plan.worker_pairs(w)) for w in range(3)] == [room] * 3 and cluster.plan.min_copies() == 1
     serving = ServingEngine(cluster.engine, text_tokenizer(cluster.engine), control=cluster)
     # The controller rebalances every second (and would add a worker under load); the rounds'
     # own events change the worker count.
@@ -87,37 +101,48 @@ def test_random_events_under_streams_lose_nothing_and_leak_nothing(checkpoint):
     seen_pids: set[int] = set()
     happened = []
     try:
-        for round_ in range(ROUNDS):
+        for round_ in range(rounds):
             kind = EVENTS[round_ % len(EVENTS)] if round_ < len(EVENTS) else rng.choice(EVENTS)
             workers = list(cluster.workers)
             if kind == "add worker" and len(workers) == 4 or kind == "retire worker" and len(workers) == 2:
                 kind = "retire worker" if kind == "add worker" else "add worker"  # one that changes something
             seen_pids |= {h.pid for h in workers} | {h.pid for h in cluster.standby}
             epoch, plan = cluster.epoch, cluster.plan
+            refused = []
 
             def event():
                 victim = rng.choice(workers)
-                if kind == "kill":
-                    os.kill(victim.pid, signal.SIGKILL)
-                elif kind == "stop":
-                    os.kill(victim.pid, signal.SIGSTOP)
-                elif kind == "add replica":
-                    cluster.scale_replicas(f"*:{rng.randrange(8)}x3")
-                elif kind == "remove replicas":
-                    cluster.scale_replicas("")
-                elif kind == "add worker":
-                    cluster.scale_workers(len(workers) + 1)
-                else:
-                    cluster.scale_workers(len(workers) - 1)
+                try:
+                    if kind == "kill":
+                        os.kill(victim.pid, signal.SIGKILL)
+                    elif kind == "stop":
+                        os.kill(victim.pid, signal.SIGSTOP)
+                    elif kind == "add replica":
+                        cluster.scale_replicas(f"*:{rng.randrange(8)}x3")
+                    elif kind == "remove replicas":
+                        cluster.scale_replicas("")
+                    elif kind == "add worker":
+                        cluster.scale_workers(len(workers) + 1)
+                    else:
+                        cluster.scale_workers(len(workers) - 1)
+                except PlacementError as exc:  # past --worker-memory: refused, nothing changed
+                    assert room is not None, exc
+                    refused.append(str(exc))
 
             tokens, at_event = run_round(serving, event)
             assert all(0 < n < TOKENS for n in at_event), (kind, at_event)  # every stream was mid-flight
             assert tokens == expected, kind
             settle(cluster)
-            if kind in ("kill", "stop", "add worker", "retire worker"):
+            if refused:
+                assert cluster.epoch == epoch and cluster.plan.holders == plan.holders, refused
+                kind = f"{kind} (refused)"
+            elif kind in ("kill", "stop", "add worker", "retire worker"):
                 assert cluster.epoch > epoch, kind  # the event took effect
             elif kind == "add replica":
                 assert cluster.plan.holders != plan.holders or all(len(ws) == 3 for ws in plan.holders.values())
+            if room is not None:  # no worker ever past its room, whatever happened
+                assert not cluster.plan.over_budget(cluster.budget), kind
+                assert all(stats["weight_bytes"] <= cluster.budget.worker_bytes for stats in cluster.stats()), kind
             happened.append(kind)
             print(f"round {round_}: {kind}: epoch {epoch} -> {cluster.epoch}, {len(cluster.workers)} workers, "
                   f"tokens at the event {min(at_event)}-{max(at_event)}")
@@ -137,7 +162,7 @@ def test_random_events_under_streams_lose_nothing_and_leak_nothing(checkpoint):
                 assert time.monotonic() < deadline, "a lost or retired worker's process is still alive"
                 time.sleep(0.2)
                 table = _processes()
-        assert set(happened) == set(EVENTS)
+        assert {kind.removesuffix(" (refused)") for kind in happened} == set(EVENTS[:rounds])
     finally:
         controller.stop()
         serving.shutdown()
