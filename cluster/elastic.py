@@ -115,6 +115,7 @@ class ExpertCluster:
         # the last recovery that served on without the lost workers: (the plan before the loss, its
         # workers' ids, the plan after): what restoring puts back, while the plan is still that one
         self._last_loss: tuple[PlacementPlan, list[int], PlacementPlan] | None = None
+        self._retired: list[ExpertDispatcher] = []  # switched out by the loop, let go by the control thread
         self.loop = None  # the serving loop that applies commits (router/serving.py)
         self.recoveries = 0
         self.metrics = None  # api/metrics.py's Metrics, when the server exports them
@@ -169,8 +170,13 @@ class ExpertCluster:
         return self.engine.experts
 
     def _commit(self, fn) -> object:
-        """Run fn on the serving loop's thread between two steps (with no loop: here, nobody steps)."""
-        return fn() if self.loop is None else self.loop.call(fn).result()
+        """Run fn on the serving loop's thread between two steps (with no loop: here, nobody steps);
+        then, here, let go of what it retired."""
+        result = fn() if self.loop is None else self.loop.call(fn).result()
+        with self._record:
+            retired, self._retired = self._retired, []
+        del retired  # the old epoch's pairs, torn down on this thread (20-30 ms of gloo), not the loop's
+        return result
 
     def _dispatcher(self, pairs: list, plan: PlacementPlan, members: list[WorkerHandle]) -> ExpertDispatcher:
         return ExpertDispatcher(self.checkpoint.config, plan.holders, plan.num_workers, self.device, pairs,
@@ -189,6 +195,7 @@ class ExpertCluster:
         self.engine.experts = self._dispatcher(pairs, plan, members)
         with self._record:
             self.plan, self.workers, self.epoch = plan, members, epoch
+            self._retired.append(old)  # _commit's caller lets it go, off this thread
         if self.metrics is not None:
             self.metrics.epoch_changes.inc()
 

@@ -16,7 +16,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from expertmesh.core.heap import HUGE_PAGES
+from expertmesh.core.heap import huge_pages_env
 from expertmesh.core.settings import ServingConfig
 from expertmesh.workers.expert_worker import RemoteExpertWorker
 
@@ -107,7 +107,7 @@ def start_workers(ids: list[int], pairs: dict[int, list], model_dir: str, settin
         # Ray starts workers at niceness 15, behind its own daemons; a worker is on the data path of
         # every layer, so a daemon's wake-up would stall the whole step.
         # Huge pages for its weights (core/heap.py), set before the process's torch allocates.
-        runtime_env={"env_vars": {"RAY_worker_niceness": "0", **HUGE_PAGES}},
+        runtime_env={"env_vars": {"RAY_worker_niceness": "0", **huge_pages_env()}},
     ).remote(i, str(model_dir), settings.dtype, settings.worker_threads, settings.quantize), g)
         for i, g in zip(ids, groups)]
     try:

@@ -28,8 +28,13 @@ HUGE_PAGES = {"THP_MEM_ALLOC_ENABLE": "1"}  # torch reads it once per process, a
 def use_huge_pages() -> None:
     """Huge pages for this process's large tensors: call before torch allocates (a value already set
     is kept: THP_MEM_ALLOC_ENABLE=0 turns it off)."""
-    for name, value in HUGE_PAGES.items():
-        os.environ.setdefault(name, value)
+    os.environ.update(huge_pages_env())
+
+
+def huge_pages_env() -> dict[str, str]:
+    """The environment that gives a process huge pages, or what this one was given instead (an
+    operator's THP_MEM_ALLOC_ENABLE=0 reaches the workers too)."""
+    return {name: os.environ.get(name, value) for name, value in HUGE_PAGES.items()}
 
 
 @functools.cache
