@@ -18,15 +18,8 @@ from expertmesh.core.linear import Linear
 def fused_expert(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
                  quantize: str = "none") -> tuple[Linear, Linear]:
     """An expert as two linear layers: w13 = [w1; w3] (2I, D), one GEMM for gate and up, and w2.
-    The weights may be views of a checkpoint's mapping: in the C kernels' layout (unquantized) each
-    is copied once, straight into place, with no [w1; w3] copy first."""
-    kernels = cpu_kernels.kernels()
-    if quantize == "none" and kernels is not None and kernels.supports(w1):
-        w13 = Linear.from_state({"layout": "blocked", "weight": kernels.blocked(w1, w3), "scale": None,
-                                 "group_scale": None, "out_features": 2 * w1.shape[0],
-                                 "in_features": w1.shape[1], "panel": kernels.panel})
-        return w13, Linear(w2)
-    return Linear(torch.cat([w1, w3]), quantize), Linear(w2, quantize)
+    The weights may be views of a checkpoint's mapping (Linear lays w1 and w3 out in one copy)."""
+    return Linear((w1, w3), quantize), Linear(w2, quantize)
 
 
 def swiglu_expert(x: torch.Tensor, w13: Linear, w2: Linear) -> torch.Tensor:

@@ -72,12 +72,20 @@ class Linear:
     "fp8" (plain, dequantized per call).
     """
 
-    def __init__(self, weight: torch.Tensor, quantize: str = "none", kernels=_DEFAULT):
+    def __init__(self, weight: torch.Tensor | tuple[torch.Tensor, ...], quantize: str = "none", kernels=_DEFAULT):
+        """weight: (out, in), or its rows in parts ((out_i, in) each: an expert's w1 and w3), which the
+        kernel's layout takes unquantized straight into place, with no joined copy first (so parts
+        may be views of a checkpoint's mapping)."""
         if quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
-        self.out_features, self.in_features = weight.shape
+        parts = weight if isinstance(weight, tuple) else (weight,)
+        self.out_features, self.in_features = sum(part.shape[0] for part in parts), parts[0].shape[1]
         kernels = cpu_kernels.kernels() if kernels is _DEFAULT else kernels
         self.scale = self.group_scale = None  # int8's and fp8's per output; int4's per (output, group)
+        if quantize == "none" and kernels is not None and kernels.supports(parts[0]):
+            self.layout, self._kernels, self.weight = "blocked", kernels, kernels.blocked(*parts)  # (P, in, panel)
+            return
+        weight = torch.cat(parts) if len(parts) > 1 else parts[0]
         if quantize == "int8":
             weight, self.scale = quantize_int8(weight)
         elif quantize == "fp8":
@@ -89,7 +97,7 @@ class Linear:
             if quantize == "int4":  # (P, in, panel / 2) bytes, (P, groups, panel)
                 self.weight, self.group_scale = kernels.blocked_int4(weight, self.group_scale)
             else:
-                self.weight = kernels.blocked(weight)  # (P, in, panel)
+                self.weight = kernels.blocked(weight)  # (P, in, panel): int8
             if self.scale is not None:  # one per output of the padded panels
                 self.scale = torch.cat([self.scale, self.scale.new_ones(-self.out_features % kernels.panel)])
         elif quantize in ("int8", "fp8"):

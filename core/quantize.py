@@ -27,28 +27,25 @@ ROWS_AT_ONCE = 4096  # rows converted per pass: bounds the fp32 working copy of 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """weight (n, k), any float dtype -> (q (n, k) int8, scale (n,) fp32). Rows of zeros get scale 1."""
-    n = weight.shape[0]
-    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    scale = torch.empty(n, dtype=torch.float32, device=weight.device)
-    for start in range(0, n, ROWS_AT_ONCE):
-        rows = weight[start:start + ROWS_AT_ONCE].float()
-        step = rows.abs().amax(dim=1) / 127
-        step = torch.where(step > 0, step, torch.ones_like(step))
-        q[start:start + ROWS_AT_ONCE] = torch.round(rows / step[:, None]).clamp_(-127, 127).to(torch.int8)
-        scale[start:start + ROWS_AT_ONCE] = step
-    return q, scale
+    return _per_output_channel(weight, torch.int8, 127, lambda scaled: torch.round(scaled).clamp_(-127, 127))
 
 
 def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """weight (n, k), any float dtype -> (q (n, k) float8 e4m3, scale (n,) fp32). Rows of zeros get scale 1."""
+    return _per_output_channel(weight, FP8, FP8_MAX, lambda scaled: scaled.clamp_(-FP8_MAX, FP8_MAX))
+
+
+def _per_output_channel(weight: torch.Tensor, dtype: torch.dtype, top: float, to_grid) -> tuple:
+    """Each row scaled so that its largest |w| is `top`, put on dtype's grid by `to_grid` and cast:
+    (q (n, k) dtype, scale (n,) fp32)."""
     n = weight.shape[0]
-    q = torch.empty(weight.shape, dtype=FP8, device=weight.device)
+    q = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     scale = torch.empty(n, dtype=torch.float32, device=weight.device)
     for start in range(0, n, ROWS_AT_ONCE):
         rows = weight[start:start + ROWS_AT_ONCE].float()
-        step = rows.abs().amax(dim=1) / FP8_MAX
+        step = rows.abs().amax(dim=1) / top
         step = torch.where(step > 0, step, torch.ones_like(step))
-        q[start:start + ROWS_AT_ONCE] = (rows / step[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+        q[start:start + ROWS_AT_ONCE] = to_grid(rows / step[:, None]).to(dtype)
         scale[start:start + ROWS_AT_ONCE] = step
     return q, scale
 
