@@ -14,6 +14,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -25,7 +26,9 @@
  * the 16 weights of one input column are adjacent: Wb (P, k, 16), P = ceil(n / 16), rows past n zero
  * (core/linear.py builds it once, at load). The types:
  *   f32, bf16  the weights;
- *   i8         int8 times a scale per output (P * 16,) fp32, applied once to each finished sum;
+ *   i8         int8 in pairs of columns, Wb (P, ceil(k / 2), 16, 2), times a scale per output
+ *              (P * 16,) fp32, applied once to each finished sum; x goes on an int16 grid per row and
+ *              the products are integer (its own section below: linear_i8);
  *   i4         int4, two to a byte: Wb (P, ceil(k / 2), 16) bytes, byte j of pair c holding output j
  *              of column 2c in its low nibble and of column 2c + 1 in its high one (two's complement,
  *              -8..7); a bf16 scale per output and group of GROUP columns, (P, ceil(k / GROUP), 16),
@@ -33,7 +36,7 @@
  *              they are widened (more rows).
  * x (m, k) fp32, y (m, P * 16) fp32.
  *
- * The micro-kernel keeps MR rows x NB panels of sums in vector registers; each step over k loads NB
+ * The micro-kernel (f32, bf16, i4) keeps MR rows x NB panels of sums in vector registers; each step over k loads NB
  * panels' 16 weights once for all MR rows and broadcasts one x value per row (no horizontal sums, no
  * tails: k needs no particular multiple). Outputs split over the threads by whole panels; each thread
  * walks its panels NB at a time, k in chunks of KC (a chunk of NB panels stays in L1/L2 while every row
@@ -72,7 +75,6 @@ typedef float vf __attribute__((vector_size(VL * 4)));
 typedef int32_t vi __attribute__((vector_size(VL * 4)));
 typedef uint32_t vu __attribute__((vector_size(VL * 4)));
 typedef uint16_t vh __attribute__((vector_size(VL * 2)));
-typedef int8_t vb __attribute__((vector_size(VL)));
 
 int linear_panel(void) { return PANEL; }
 int linear_group(void) { return GROUP; }
@@ -87,16 +89,10 @@ static inline vf vload_bf16(const uint16_t *p) {
     __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
     return (vf)_mm512_castsi512_ps(u);
 }
-static inline vf vload_i8(const int8_t *p) {
-    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-}
 #elif defined(__AVX2__) && VL == 8
 static inline vf vload_bf16(const uint16_t *p) {
     __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
     return (vf)_mm256_castsi256_ps(u);
-}
-static inline vf vload_i8(const int8_t *p) {
-    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 #else
 static inline vf vload_bf16(const uint16_t *p) {
@@ -107,25 +103,17 @@ static inline vf vload_bf16(const uint16_t *p) {
     memcpy(&f, &u, sizeof f);
     return f;
 }
-static inline vf vload_i8(const int8_t *p) {
-    vb b;
-    memcpy(&b, p, sizeof b);
-    return __builtin_convertvector(__builtin_convertvector(b, vi), vf);
-}
 #endif
 
 /* A step of a panel's columns (STEP of them: 16 weights each, as HALVES native vectors) for each type. */
 typedef float f32;
 typedef uint16_t bf16;
-typedef int8_t i8;
 typedef uint8_t i4;
 #define STEP_f32 1 /* columns per step */
 #define STEP_bf16 1
-#define STEP_i8 1
 #define STEP_i4 2
 #define GROUPED_f32 0 /* scaled per group of columns */
 #define GROUPED_bf16 0
-#define GROUPED_i8 0
 #define GROUPED_i4 1
 
 static inline void columns_f32(const float *p, vf out[][HALVES]) {
@@ -133,9 +121,6 @@ static inline void columns_f32(const float *p, vf out[][HALVES]) {
 }
 static inline void columns_bf16(const uint16_t *p, vf out[][HALVES]) {
     for (int h = 0; h < HALVES; h++) out[0][h] = vload_bf16(p + h * VL);
-}
-static inline void columns_i8(const int8_t *p, vf out[][HALVES]) {
-    for (int h = 0; h < HALVES; h++) out[0][h] = vload_i8(p + h * VL);
 }
 /* 16 bytes -> two columns: each byte sign-extended, then its high nibble is an arithmetic shift
  * away and its low one two. */
@@ -162,8 +147,7 @@ static inline void columns_i4(const uint8_t *p, vf out[][HALVES]) {
 }
 
 /* y[r, 16 * b + j] (+)= sum_{i < kc} x[r, i] * W(b)[i][j] for R rows, B panels (wb's panels
- * `panel_stride` apart); the sums start from y unless `fresh`, and end times scale[16 * b + j] when
- * scale is given (the last chunk of an int8 weight). int4 sums are times their group's scales
+ * `panel_stride` apart); the sums start from y unless `fresh`. int4 sums are times their group's scales
  * (`group_scale`, the chunk's first group of each panel, panels `group_stride` apart): per group's sum
  * for up to 2 rows (GROUP_SUMS), else on each weight as it loads. IN_REGISTER (an empty asm
  * statement) keeps each loaded weight vector in a register: without it the compiler folds the loads
@@ -171,7 +155,7 @@ static inline void columns_i4(const uint8_t *p, vf out[][HALVES]) {
 #define MICRO(T, R, B) MICRO_(T, R, B) /* (expands NB before pasting names) */
 #define MICRO_(T, R, B)                                                                                 \
 static inline void micro_##T##_##R##_##B(const float *x, int64_t ldx, const T *wb, int64_t panel_stride, \
-                                         int64_t kc, int fresh, const float *scale,                     \
+                                         int64_t kc, int fresh,                                         \
                                          const uint16_t *group_scale, int64_t group_stride, float *y,   \
                                          int64_t ldy) {                                                 \
     enum { STEP = STEP_##T, GROUP_SUMS = 0 };                                                           \
@@ -216,8 +200,7 @@ static inline void micro_##T##_##R##_##B(const float *x, int64_t ldx, const T *w
     for (int r = 0; r < R; r++)                                                                         \
         for (int b = 0; b < B; b++)                                                                     \
             for (int h = 0; h < HALVES; h++)                                                            \
-                vstore(y + r * ldy + b * PANEL + h * VL,                                                \
-                       scale ? acc[r][b][h] * vload_f32(scale + b * PANEL + h * VL) : acc[r][b][h]);    \
+                vstore(y + r * ldy + b * PANEL + h * VL, acc[r][b][h]);                                 \
 }
 
 /* Rows in tiles of MR (the last tile R < MR rows). */
@@ -226,18 +209,18 @@ static inline void micro_##T##_##R##_##B(const float *x, int64_t ldx, const T *w
 #define TILE_NAME_(T, B) tile_##T##_##B
 #define TILE_(T, B)                                                                                     \
 static inline void tile_##T##_##B(const float *x, int64_t rows, int64_t ldx, const T *wb, int64_t ps,   \
-                                  int64_t kc, int fresh, const float *sc, const uint16_t *gs,           \
+                                  int64_t kc, int fresh, const uint16_t *gs,                            \
                                   int64_t gps, float *y, int64_t ldy) {                                 \
     for (int64_t r = 0; r < rows; r += MR) {                                                            \
         const float *xr = x + r * ldx;                                                                  \
         float *yr = y + r * ldy;                                                                        \
         switch (rows - r < MR ? rows - r : MR) {                                                        \
-        case 1: micro_##T##_1_##B(xr, ldx, wb, ps, kc, fresh, sc, gs, gps, yr, ldy); break;             \
-        case 2: micro_##T##_2_##B(xr, ldx, wb, ps, kc, fresh, sc, gs, gps, yr, ldy); break;             \
-        case 3: micro_##T##_3_##B(xr, ldx, wb, ps, kc, fresh, sc, gs, gps, yr, ldy); break;             \
-        case 4: micro_##T##_4_##B(xr, ldx, wb, ps, kc, fresh, sc, gs, gps, yr, ldy); break;             \
-        case 5: micro_##T##_5_##B(xr, ldx, wb, ps, kc, fresh, sc, gs, gps, yr, ldy); break;             \
-        default: micro_##T##_6_##B(xr, ldx, wb, ps, kc, fresh, sc, gs, gps, yr, ldy); break;            \
+        case 1: micro_##T##_1_##B(xr, ldx, wb, ps, kc, fresh, gs, gps, yr, ldy);     break;             \
+        case 2: micro_##T##_2_##B(xr, ldx, wb, ps, kc, fresh, gs, gps, yr, ldy);     break;             \
+        case 3: micro_##T##_3_##B(xr, ldx, wb, ps, kc, fresh, gs, gps, yr, ldy);     break;             \
+        case 4: micro_##T##_4_##B(xr, ldx, wb, ps, kc, fresh, gs, gps, yr, ldy);     break;             \
+        case 5: micro_##T##_5_##B(xr, ldx, wb, ps, kc, fresh, gs, gps, yr, ldy);     break;             \
+        default: micro_##T##_6_##B(xr, ldx, wb, ps, kc, fresh, gs, gps, yr, ldy);     break;            \
         }                                                                                               \
     }                                                                                                   \
 }
@@ -260,14 +243,13 @@ static void dequantize_i4(const uint8_t *w, int64_t ps, const uint16_t *gs, int6
 
 /* Panels [first, last) of the product (one thread's share), NB at a time (the last ones singly). */
 #define RANGE(T)                                                                                        \
-static void range_##T(const float *x, const T *wb, const float *scale, const uint16_t *group_scale,     \
+static void range_##T(const float *x, const T *wb, const uint16_t *group_scale,                         \
                       float *y, int64_t m, int64_t k, int64_t ldy, int64_t first, int64_t last) {       \
     int64_t ps = (k + STEP_##T - 1) / STEP_##T * PANEL, gps = (k + GROUP - 1) / GROUP * PANEL;         \
     for (int64_t p = first; p < last; p += NB) {                                                        \
         int64_t group = last - p < NB ? last - p : NB;                                                  \
         for (int64_t c = 0; c < k; c += KC) {                                                           \
             int64_t kc = k - c < KC ? k - c : KC;                                                       \
-            const float *sc = scale && c + kc == k ? scale + p * PANEL : 0;                             \
             const uint16_t *gs = group_scale ? group_scale + p * gps + c / GROUP * PANEL : 0;           \
             const T *w = wb + p * ps + c / STEP_##T * PANEL;                                            \
             if (GROUPED_##T && m > MR) {                                                                \
@@ -275,25 +257,25 @@ static void range_##T(const float *x, const T *wb, const float *scale, const uin
                 dequantize_i4((const uint8_t *)w, ps, gs, gps, group, kc, widened);                     \
                 for (int64_t q = 0; q < group; q += group == NB ? NB : 1)                               \
                     (group == NB ? TILE_NAME(f32, NB) : tile_f32_1)(x + c, m, k, widened + q * KC * PANEL,     \
-                        KC * PANEL, kc, c == 0, 0, 0, 0, y + (p + q) * PANEL, ldy);                     \
+                        KC * PANEL, kc, c == 0, 0, 0, y + (p + q) * PANEL, ldy);                        \
                 continue;                                                                               \
             }                                                                                           \
             if (group == NB) {                                                                          \
-                TILE_NAME(T, NB)(x + c, m, k, w, ps, kc, c == 0, sc, gs, gps, y + p * PANEL, ldy);     \
+                TILE_NAME(T, NB)(x + c, m, k, w, ps, kc, c == 0, gs, gps, y + p * PANEL, ldy);         \
             } else {                                                                                    \
                 for (int64_t q = 0; q < group; q++)                                                     \
-                    tile_##T##_1(x + c, m, k, w + q * ps, ps, kc, c == 0, sc ? sc + q * PANEL : 0,      \
-                                 gs ? gs + q * gps : 0, gps, y + (p + q) * PANEL, ldy);                 \
+                    tile_##T##_1(x + c, m, k, w + q * ps, ps, kc, c == 0, gs ? gs + q * gps : 0, gps,   \
+                                 y + (p + q) * PANEL, ldy);                                             \
             }                                                                                           \
         }                                                                                               \
     }                                                                                                   \
 }
 
-/* x (m, k), wb (the type's blocked layout), scale (P * 16,) fp32 for i8 else NULL, group_scale
- * (P, ceil(k / GROUP), 16) bf16 for i4 else NULL, y (m, P * 16): the threads take contiguous runs of
- * panels, whole groups of NB where there are enough. */
+/* x (m, k), wb (the type's blocked layout), group_scale (P, ceil(k / GROUP), 16) bf16 for i4 else
+ * NULL, y (m, P * 16): the threads take contiguous runs of panels, whole groups of NB where there are
+ * enough. (`unused`: the place of linear_i8's scale, so that every linear_* takes the same arguments.) */
 #define LINEAR(T)                                                                                       \
-void linear_##T(const float *restrict x, const T *restrict wb, const float *restrict scale,             \
+void linear_##T(const float *restrict x, const T *restrict wb, const float *restrict unused,            \
                 const uint16_t *restrict group_scale, float *restrict y, int64_t m, int64_t panels,     \
                 int64_t k, int threads) {                                                               \
     int64_t groups = (panels + NB - 1) / NB;                                                            \
@@ -303,7 +285,7 @@ void linear_##T(const float *restrict x, const T *restrict wb, const float *rest
     for (int t = 0; t < threads; t++) {                                                                 \
         int64_t first = groups * t / threads * NB, last = groups * (t + 1) / threads * NB;             \
         if (last > panels) last = panels;                                                               \
-        if (first < last) range_##T(x, wb, scale, group_scale, y, m, k, panels * PANEL, first, last);  \
+        if (first < last) range_##T(x, wb, group_scale, y, m, k, panels * PANEL, first, last);         \
     }                                                                                                   \
 }
 
@@ -312,12 +294,200 @@ void linear_##T(const float *restrict x, const T *restrict wb, const float *rest
     TILE(T, NB) RANGE(T) LINEAR(T)
 #if NB != 1
 #define SINGLE(T) MICRO(T, 1, 1) MICRO(T, 2, 1) MICRO(T, 3, 1) MICRO(T, 4, 1) MICRO(T, 5, 1) MICRO(T, 6, 1) TILE(T, 1)
-SINGLE(f32) SINGLE(bf16) SINGLE(i8) SINGLE(i4)
+SINGLE(f32) SINGLE(bf16) SINGLE(i4)
 #endif
 KERNELS(f32)
 KERNELS(bf16)
-KERNELS(i8)
 KERNELS(i4)
+
+/* ---- int8 weights: integer products ----
+ *
+ * Widening each int8 weight to fp32 for an FMA costs three vector instructions per 16 weights, more
+ * than two cores can issue at the rate the bytes arrive (int8 decode was compute-bound at ~42 GB/s).
+ * Instead each row of x is put on an int16 grid of its own (xq = round(x / xs), xs = max |x| / 32767,
+ * at most half a step of error, 1/65534 of the row's largest value: ~100x below the weights' own
+ * int8 step) and two columns at a time go through one multiply-add of int16 pairs into int32 sums
+ * (AVX512-VNNI's vpdpwssd, else vpmaddwd + vpaddd): 32 weights per one or two instructions. The sums
+ * are exact; each chunk of KC columns is turned into fp32 and times xs before it could overflow
+ * (KC * 127 * 32767 < 2^31), and the finished sums times the weight's scale per output.
+ *
+ * The layout: Wb (P, ceil(k / 2), 16, 2) int8: for each pair of columns c, output j's two weights
+ * side by side (w[j, 2c], w[j, 2c + 1]); a missing last column is zero. A row's result depends on
+ * its own values alone (its grid, its sums in one order): the same bits in any batch. */
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the int8 kernel reads a pair of int16 as one little-endian int32"
+#endif
+#define XQ_MAX 32767.f
+
+/* x (m, k) -> xq (m, 2 * ceil(k / 2)) int16 (the odd column's partner zero), xs (m,): x ~= xq * xs.
+ * A row that is not finite gets xq 0 and xs NaN, so that its outputs are NaN, as fp32's would not
+ * be finite either. */
+static void quantize_rows_i16(const float *x, int64_t m, int64_t k, int16_t *xq, float *xs) {
+    int64_t width = (k + 1) / 2 * 2;
+    for (int64_t r = 0; r < m; r++) {
+        const float *xr = x + r * k;
+        int16_t *qr = xq + r * width;
+        float top = 0.f;
+        int finite = 1;
+        for (int64_t i = 0; i < k; i++) {
+            float a = fabsf(xr[i]);
+            finite &= a <= INFINITY && a == a;
+            top = a > top ? a : top;
+        }
+        finite &= top < INFINITY;
+        float inverse = finite && top > 0.f ? XQ_MAX / top : 0.f;
+        xs[r] = finite ? top / XQ_MAX : NAN;
+        #pragma omp simd
+        for (int64_t i = 0; i < k; i++) qr[i] = (int16_t)nearbyintf(xr[i] * inverse);
+        if (width > k) qr[k] = 0;
+    }
+}
+
+/* 32 bytes (16 outputs, two columns each) -> HALVES vectors of VL int32 lanes, each lane output j's
+ * two weights as int16 (low: column 2c); and the multiply-add of such pairs with x's. */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+static inline vi widen_pairs(const int8_t *p, int h) {
+    (void)h;
+    return (vi)_mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p));
+}
+static inline vi dot_pairs(vi acc, vi x, vi w) {
+#if defined(__AVX512VNNI__)
+    return (vi)_mm512_dpwssd_epi32((__m512i)acc, (__m512i)x, (__m512i)w);
+#else
+    return (vi)_mm512_add_epi32((__m512i)acc, _mm512_madd_epi16((__m512i)x, (__m512i)w));
+#endif
+}
+#elif defined(__AVX2__) && VL == 8
+static inline vi widen_pairs(const int8_t *p, int h) {
+    return (vi)_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 16 * h)));
+}
+static inline vi dot_pairs(vi acc, vi x, vi w) {
+    return (vi)_mm256_add_epi32((__m256i)acc, _mm256_madd_epi16((__m256i)x, (__m256i)w));
+}
+#else
+static inline vi widen_pairs(const int8_t *p, int h) {
+    vi lanes;
+    for (int j = 0; j < VL; j++)
+        lanes[j] = (int32_t)(uint16_t)(int16_t)p[2 * (h * VL + j)] | (int32_t)p[2 * (h * VL + j) + 1] * 65536;
+    return lanes;
+}
+static inline vi dot_pairs(vi acc, vi x, vi w) {
+    return acc + ((x << 16) >> 16) * ((w << 16) >> 16) + (x >> 16) * (w >> 16);
+}
+#endif
+#if VL == 16 && !(defined(__AVX512F__) && defined(__AVX512BW__))
+#error "an AVX-512 build needs AVX512BW for the int8 kernel"
+#endif
+
+/* y[r, 16 * b + j] (+)= xs[r] * sum over the `pairs` column pairs of xq[r] . W(b)[., j] for R rows, B
+ * panels; times scale[16 * b + j] when scale is given (the last chunk). */
+#define MICRO_I8(R, B) MICRO_I8_(R, B)
+#define MICRO_I8_(R, B)                                                                                 \
+static inline void micro_i8_##R##_##B(const int16_t *xq, int64_t ldx, const float *xs, const int8_t *wb, \
+                                      int64_t panel_stride, int64_t pairs, int fresh, const float *scale, \
+                                      float *y, int64_t ldy) {                                          \
+    vi acc[R][B][HALVES];                                                                               \
+    for (int r = 0; r < R; r++)                                                                         \
+        for (int b = 0; b < B; b++)                                                                     \
+            for (int h = 0; h < HALVES; h++) acc[r][b][h] = (vi){0};                                    \
+    for (int64_t i = 0; i < pairs; i++) {                                                               \
+        vi wv[B][HALVES];                                                                               \
+        for (int b = 0; b < B; b++)                                                                     \
+            for (int h = 0; h < HALVES; h++) {                                                          \
+                wv[b][h] = widen_pairs(wb + b * panel_stride + i * 2 * PANEL, h);                       \
+                IN_REGISTER(wv[b][h]);                                                                  \
+            }                                                                                           \
+        for (int r = 0; r < R; r++) {                                                                   \
+            int32_t pair;                                                                               \
+            memcpy(&pair, xq + r * ldx + 2 * i, sizeof pair);                                           \
+            vi xv = (vi){0} + pair;                                                                     \
+            for (int b = 0; b < B; b++)                                                                 \
+                for (int h = 0; h < HALVES; h++) acc[r][b][h] = dot_pairs(acc[r][b][h], xv, wv[b][h]);  \
+        }                                                                                               \
+    }                                                                                                   \
+    for (int r = 0; r < R; r++)                                                                         \
+        for (int b = 0; b < B; b++)                                                                     \
+            for (int h = 0; h < HALVES; h++) {                                                          \
+                float *out = y + r * ldy + b * PANEL + h * VL;                                          \
+                vf sum = __builtin_convertvector(acc[r][b][h], vf) * xs[r];                             \
+                IN_REGISTER(sum); /* rounded here in every variant: no FMA with the add below */        \
+                if (!fresh) sum += vload_f32(out);                                                      \
+                vstore(out, scale ? sum * vload_f32(scale + b * PANEL + h * VL) : sum);                 \
+            }                                                                                           \
+}
+
+#define TILE_I8(B) TILE_I8_(B)
+#define TILE_I8_(B)                                                                                     \
+static inline void tile_i8_##B(const int16_t *xq, const float *xs, int64_t rows, int64_t ldx,           \
+                               const int8_t *wb, int64_t ps, int64_t pairs, int fresh, const float *sc, \
+                               float *y, int64_t ldy) {                                                 \
+    for (int64_t r = 0; r < rows; r += MR) {                                                            \
+        const int16_t *xr = xq + r * ldx;                                                               \
+        float *yr = y + r * ldy;                                                                        \
+        switch (rows - r < MR ? rows - r : MR) {                                                        \
+        case 1: micro_i8_1_##B(xr, ldx, xs + r, wb, ps, pairs, fresh, sc, yr, ldy); break;              \
+        case 2: micro_i8_2_##B(xr, ldx, xs + r, wb, ps, pairs, fresh, sc, yr, ldy); break;              \
+        case 3: micro_i8_3_##B(xr, ldx, xs + r, wb, ps, pairs, fresh, sc, yr, ldy); break;              \
+        case 4: micro_i8_4_##B(xr, ldx, xs + r, wb, ps, pairs, fresh, sc, yr, ldy); break;              \
+        case 5: micro_i8_5_##B(xr, ldx, xs + r, wb, ps, pairs, fresh, sc, yr, ldy); break;              \
+        default: micro_i8_6_##B(xr, ldx, xs + r, wb, ps, pairs, fresh, sc, yr, ldy); break;             \
+        }                                                                                               \
+    }                                                                                                   \
+}
+#define TILE_I8_NAME(B) TILE_I8_NAME_(B)
+#define TILE_I8_NAME_(B) tile_i8_##B
+MICRO_I8(1, NB) MICRO_I8(2, NB) MICRO_I8(3, NB) MICRO_I8(4, NB) MICRO_I8(5, NB) MICRO_I8(6, NB) TILE_I8(NB)
+#if NB != 1
+MICRO_I8(1, 1) MICRO_I8(2, 1) MICRO_I8(3, 1) MICRO_I8(4, 1) MICRO_I8(5, 1) MICRO_I8(6, 1) TILE_I8(1)
+#endif
+
+/* Panels [first, last) (one thread's share), NB at a time, KC columns (KC / 2 pairs) per chunk. */
+static void range_i8(const int16_t *xq, const float *xs, const int8_t *wb, const float *scale, float *y,
+                     int64_t m, int64_t k, int64_t ldy, int64_t first, int64_t last) {
+    int64_t pairs_all = (k + 1) / 2, ps = pairs_all * 2 * PANEL, ldx = pairs_all * 2;
+    for (int64_t p = first; p < last; p += NB) {
+        int64_t group = last - p < NB ? last - p : NB;
+        for (int64_t c = 0; c < pairs_all; c += KC / 2) {
+            int64_t pairs = pairs_all - c < KC / 2 ? pairs_all - c : KC / 2;
+            const float *sc = c + pairs == pairs_all ? scale + p * PANEL : 0;
+            const int8_t *w = wb + p * ps + c * 2 * PANEL;
+            if (group == NB) {
+                TILE_I8_NAME(NB)(xq + 2 * c, xs, m, ldx, w, ps, pairs, c == 0, sc, y + p * PANEL, ldy);
+            } else {
+                for (int64_t q = 0; q < group; q++)
+                    tile_i8_1(xq + 2 * c, xs, m, ldx, w + q * ps, ps, pairs, c == 0, sc ? sc + q * PANEL : 0,
+                              y + (p + q) * PANEL, ldy);
+            }
+        }
+    }
+}
+
+/* x (m, k) fp32, wb (P, ceil(k / 2), 16, 2) int8, scale (P * 16,) fp32, y (m, P * 16); group_scale
+ * unused (the place of int4's). Threads as linear_f32's. */
+void linear_i8(const float *restrict x, const int8_t *restrict wb, const float *restrict scale,
+               const uint16_t *restrict group_scale, float *restrict y, int64_t m, int64_t panels, int64_t k,
+               int threads) {
+    (void)group_scale;
+    int64_t width = (k + 1) / 2 * 2;
+    int16_t *xq = malloc((size_t)(m * width) * sizeof *xq);
+    float *xs = malloc((size_t)m * sizeof *xs);
+    if (!xq || !xs) {  /* (rows of x: small beside the weights) a NaN result rather than a crash */
+        for (int64_t i = 0; i < m * panels * PANEL; i++) y[i] = NAN;
+        free(xq), free(xs);
+        return;
+    }
+    quantize_rows_i16(x, m, k, xq, xs);
+    int64_t groups = (panels + NB - 1) / NB;
+    if (threads > groups) threads = (int)groups;
+    if (threads < 1) threads = 1;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int t = 0; t < threads; t++) {
+        int64_t first = groups * t / threads * NB, last = groups * (t + 1) / threads * NB;
+        if (last > panels) last = panels;
+        if (first < last) range_i8(xq, xs, wb, scale, y, m, k, panels * PANEL, first, last);
+    }
+    free(xq), free(xs);
+}
 
 /* x (m, d), w (d,) -> y (m, d) = w * x / sqrt(mean(x^2) + eps) */
 void rms_norm_f32(const float *restrict x, const float *restrict w, float *restrict y,

@@ -116,8 +116,9 @@ class CpuKernels:
                         torch.int8: self._linear_i8, torch.uint8: self._linear_i4}
 
     def supports(self, weight: torch.Tensor) -> bool:
-        """Whether `linear` takes this weight (blocked; int4 through blocked_int4)."""
-        return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16, torch.int8)
+        """Whether `linear` takes this unquantized weight through `blocked` (int8 and int4 come
+        through blocked_int8 and blocked_int4)."""
+        return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
 
     def blocked(self, *parts: torch.Tensor) -> torch.Tensor:
         """The rows of `parts` (each (n_i, k), one after the other: w1 then w3 for an expert's w13)
@@ -143,6 +144,15 @@ class CpuKernels:
             rows[-1, n % self.panel:] = 0
         return out
 
+    def blocked_int8(self, q: torch.Tensor) -> torch.Tensor:
+        """quantize_int8's q (n, k) -> the int8 kernel's layout (P, ceil(k / 2), 2 * panel): for each
+        pair of columns, each output's two weights side by side (an odd k's last partner zero)."""
+        columns = self.blocked(q)  # (P, k, panel)
+        if q.shape[1] % 2:
+            columns = torch.cat([columns, columns.new_zeros(columns.shape[0], 1, self.panel)], dim=1)
+        pairs = columns.view(columns.shape[0], -1, 2, self.panel).transpose(2, 3)  # (P, k / 2, panel, 2)
+        return pairs.reshape(columns.shape[0], -1, 2 * self.panel)
+
     def blocked_int4(self, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """quantize_int4's (q (n, k) int8 in [-8, 7], scale (n, groups) bf16) -> the kernel's layout:
         (P, ceil(k / 2), panel) uint8, byte j of pair c holding output j of column 2c in its low nibble
@@ -157,12 +167,14 @@ class CpuKernels:
     def linear(self, x: torch.Tensor, blocked: torch.Tensor, n: int, scale: torch.Tensor | None = None,
                group_scale: torch.Tensor | None = None) -> torch.Tensor:
         """x (m, k) @ W.T -> (m, n) fp32, W's blocked layout (P, k, panel) from `blocked`; int8 weights
-        take their per-output scale (P * panel,) fp32, int4 ones (blocked_int4's, uint8 (P, ceil(k / 2),
-        panel)) their group scales (P, groups, panel) bf16. Any m, including 0."""
+        (blocked_int8's, (P, ceil(k / 2), 2 * panel)) take their per-output scale (P * panel,) fp32, and
+        x's rows go on an int16 grid each (core/cpu_kernels.c); int4 ones (blocked_int4's, uint8
+        (P, ceil(k / 2), panel)) their group scales (P, groups, panel) bf16. Any m, including 0."""
         m, k = x.shape
         panels = blocked.shape[0]
-        steps = -(-k // 2) if blocked.dtype == torch.uint8 else k
-        assert blocked.shape[1:] == (steps, self.panel) and blocked.is_contiguous() and n <= panels * self.panel
+        shape = {torch.uint8: (-(-k // 2), self.panel), torch.int8: (-(-k // 2), 2 * self.panel)}.get(
+            blocked.dtype, (k, self.panel))
+        assert blocked.shape[1:] == shape and blocked.is_contiguous() and n <= panels * self.panel
         assert (scale is not None) == (blocked.dtype == torch.int8)
         assert scale is None or (scale.dtype == torch.float32 and scale.shape == (panels * self.panel,))
         assert (group_scale is not None) == (blocked.dtype == torch.uint8)

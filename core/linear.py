@@ -7,7 +7,8 @@
     on CPUs without AVX-512 BF16), else the weight as given for torch's F.linear;
   - GPU: the weight as given (cuBLAS).
 `quantize="int8"` holds int8 and a scale per output, `"int4"` two weights a byte and a bf16 scale per
-32 columns (core/quantize.py): the blocked kernel widens and scales them in registers; elsewhere (GPU,
+32 columns (core/quantize.py): the blocked kernel widens and scales them in registers (int8: integer
+products with x on an int16 grid per row, core/cpu_kernels.c); elsewhere (GPU,
 no kernels) each call dequantizes a chunk of outputs at a time, which saves the memory but not the
 time. `"fp8"` (e4m3, a scale per output) is for GPU workers' expert stacks (the Triton kernel reads
 them); a Linear holds it plain and dequantizes per call. Only one layout is ever held: `nbytes` is
@@ -56,8 +57,8 @@ def held_bytes(out_features: int, in_features: int, dtype: torch.dtype, quantize
     if quantize == "fp8":  # e4m3, a fp32 scale per output; no kernel lays it out: never padded
         return out_features * in_features + out_features * 4
     rows = -(-out_features // panel) * panel
-    if quantize == "int8":  # int8, a fp32 scale per output
-        return rows * in_features + rows * 4
+    if quantize == "int8":  # int8, a fp32 scale per output; the blocked layout pairs the columns
+        return rows * (in_features + (in_features % 2 if panel > 1 else 0)) + rows * 4
     if quantize == "int4":  # two weights a byte, a bf16 scale per GROUP columns
         return rows * -(-in_features // 2) + rows * -(-in_features // GROUP) * 2
     return rows * in_features * dtype.itemsize
@@ -92,12 +93,12 @@ class Linear:
             weight, self.scale = quantize_fp8(weight)
         elif quantize == "int4":
             weight, self.group_scale = quantize_int4(weight)  # (n, k) int8 in [-8, 7]
-        if kernels is not None and kernels.supports(weight):
+        if kernels is not None and quantize in ("int8", "int4") and weight.device.type == "cpu":
             self.layout, self._kernels = "blocked", kernels
             if quantize == "int4":  # (P, in, panel / 2) bytes, (P, groups, panel)
                 self.weight, self.group_scale = kernels.blocked_int4(weight, self.group_scale)
             else:
-                self.weight = kernels.blocked(weight)  # (P, in, panel): int8
+                self.weight = kernels.blocked_int8(weight)  # (P, in / 2, 2 * panel): int8
             if self.scale is not None:  # one per output of the padded panels
                 self.scale = torch.cat([self.scale, self.scale.new_ones(-self.out_features % kernels.panel)])
         elif quantize in ("int8", "fp8"):

@@ -3,8 +3,10 @@
 int8: W (n, k) -> q (n, k) int8 in [-127, 127] and scale (n,) fp32 with W ~= q * scale[:, None], scale
 = max |W[o, :]| / 127. int4: the same per group of GROUP columns of a row, q in [-8, 7] (the largest
 |W| of the group maps to 7), scale (n, ceil(k / GROUP)) rounded to bf16 first (what is stored: 4.5 bits
-a weight in all, as llama.cpp's Q4_0). The activations stay fp32 (bf16 on the GPU): only the weights'
-bytes shrink, which is what bounds decode at small batches. A weight's error is at most half a step
+a weight in all, as llama.cpp's Q4_0). Only the weights' bytes shrink, which is what bounds decode at
+small batches: the activations stay fp32 (bf16 on the GPU), except that the CPU's int8 kernel puts
+each row of x on an int16 grid of its own for integer products (core/cpu_kernels.c; 1/65534 of the
+row's largest value at most, ~100x below an int8 weight's step). A weight's error is at most half a step
 (plus the bf16 rounding of int4's scale); tests/test_quantize.py bounds what that does to the logits.
 
 fp8: W -> q (n, k) float8 e4m3 and scale (n,) fp32, scale = max |W[o, :]| / 448 (e4m3's largest

@@ -45,6 +45,13 @@ def close(got: torch.Tensor, expected: torch.Tensor, tolerance: float) -> bool:
     return (got.float() - expected.float()).abs().max().item() <= tolerance * scale
 
 
+def on_int16_grid(x: torch.Tensor) -> torch.Tensor:
+    """What the int8 kernel multiplies its weights by (core/cpu_kernels.c): each row of x rounded to
+    a grid of its own, 32767 steps either side of zero up to the row's largest |value|."""
+    top = x.abs().amax(dim=1, keepdim=True)
+    return torch.round(x * torch.where(top > 0, 32767.0 / top, 0.0)) * (top / 32767.0)
+
+
 def held_bytes(layer: Linear) -> int:
     """Bytes of every tensor the layer keeps."""
     return sum(t.numel() * t.element_size() for t in vars(layer).values() if isinstance(t, torch.Tensor))
@@ -86,13 +93,16 @@ def test_quantized_layers_compute_with_the_dequantized_weight_and_hold_its_bytes
     panels = KERNELS.panel if blocked else 1
     outputs = 200 + -200 % panels  # padded to whole panels in the blocked layout
     groups = -(-in_features // GROUP)
+    columns = in_features + in_features % 2 if blocked else in_features  # the kernel pairs int8's columns
     for quantize, expected_bytes, reference in (
-            ("int8", outputs * in_features + outputs * 4, dequantize(*quantize_int8(weight))),
+            ("int8", outputs * columns + outputs * 4, dequantize(*quantize_int8(weight))),
             ("int4", outputs * ((in_features + 1) // 2) + outputs * groups * 2,
              dequantize_int4(*quantize_int4(weight)))):
         layer = Linear(weight, quantize) if kernels == "default" else Linear(weight, quantize, kernels=None)
         assert layer.layout == ("blocked" if blocked else quantize)
-        assert close(layer(x), F.linear(x, reference), 1e-5)
+        rows_as_read = on_int16_grid(x) if blocked and quantize == "int8" else x
+        assert close(layer(x), F.linear(rows_as_read, reference), 1e-5)
+        assert close(layer(x), F.linear(x, reference), 1e-4)  # the int16 grid: far below int8's own error
         assert layer.nbytes == held_bytes(layer) == expected_bytes, quantize
     assert expected_bytes < weight.numel() * 4 / 6.5  # int4 and its scales: under 5 bits a weight
 
@@ -159,8 +169,10 @@ def test_the_kernel_matches_f_linear_on_any_shape(rows, out_features, in_feature
     scale = group_scale = None
     if dtype == "int8":
         q, scale = quantize_int8(weight)
-        blocked, expected_weight = KERNELS.blocked(q), dequantize(q, scale)
+        blocked, expected_weight = KERNELS.blocked_int8(q), dequantize(q, scale)
         scale = torch.cat([scale, scale.new_ones(-out_features % KERNELS.panel)])
+        assert close(KERNELS.linear(x, blocked, out_features, scale), F.linear(x, expected_weight), 1e-4)
+        x = on_int16_grid(x)  # what the kernel multiplies: its sums are exact from there
     elif dtype == "int4":
         q, group_scale = quantize_int4(weight)
         expected_weight = dequantize_int4(q, group_scale)
@@ -194,6 +206,38 @@ def test_a_row_gets_the_same_bits_in_any_batch(rows, pick, out_features, in_feat
         assert torch.equal(layer(x)[pick:pick + 1], alone)
     finally:
         torch.set_num_threads(before)
+
+
+@needs_kernels
+@pytest.mark.parametrize("in_features", [255, 256, 257, 2000])  # one chunk of KC columns, and eight
+def test_int8_sums_do_not_overflow_at_the_extremes(in_features):
+    """Every weight at +-127 and every x at the top of its int16 grid, with one sign: the largest sums
+    there are (127 * 32767 per column). int32 would overflow past 516 columns; the kernel turns each
+    chunk into fp32 before. Exact results: the products are integers times two scales."""
+    signs = torch.tensor([1.0, -1.0]).repeat(8)  # 16 outputs: one panel, alternating signs
+    weight = signs[:, None] * torch.full((16, in_features), 0.5)
+    layer = Linear(weight, "int8")
+    x = torch.full((3, in_features), 2.0)
+    x[1] = -2.0
+    x[2, ::2] = -2.0  # alternating signs along the row: the sums cancel column by column
+    expected = F.linear(x, weight)
+    assert torch.allclose(layer(x), expected, rtol=1e-6), (layer(x)[:, :2], expected[:, :2])
+
+
+@needs_kernels
+def test_int8_row_that_is_not_finite_gives_nan_and_leaves_the_others_alone():
+    """x's rows go on int16 grids of their own: an inf or NaN in one row makes that row's outputs NaN
+    (as fp32's would not be finite), and the rows beside it in the batch come out as they would alone."""
+    gen = torch.Generator().manual_seed(5)
+    layer = Linear(torch.randn(40, 70, generator=gen), "int8")
+    x = torch.randn(4, 70, generator=gen)
+    alone = layer(x[[0, 3]])
+    x[1, 5], x[2, 69] = float("inf"), float("nan")
+    got = layer(x)
+    assert got[1:3].isnan().all()
+    assert torch.equal(got[[0, 3]], alone)
+    zero = layer(torch.zeros(1, 70))
+    assert torch.equal(zero, torch.zeros(1, 40))
 
 
 @needs_kernels
@@ -269,7 +313,7 @@ def test_the_kernels_built_for_an_older_cpu_compute_the_same(tmp_path, monkeypat
         for quantize, reference in (("int8", dequantize(*quantize_int8(weight))),
                                     ("int4", dequantize_int4(*quantize_int4(weight)))):
             layer = Linear(weight, quantize, kernels=older)
-            assert close(layer(x), F.linear(x, reference), 1e-5)
+            assert close(layer(x), F.linear(on_int16_grid(x) if quantize == "int8" else x, reference), 1e-5)
             assert torch.equal(layer(x)[:1], layer(x[:1])), "batch-invariant on every target"
     norm = torch.randn(333, generator=gen)
     x = torch.randn(5, 333, generator=gen)
