@@ -22,46 +22,59 @@
 
 /* ---- y = x W^T, one kernel for every row count, over the one layout the weights are held in ----
  *
- * The layout ("blocked"): W (n, k) cut into panels of 16 outputs, each panel stored k-major, so that
- * the 16 weights of one input column are adjacent: Wb (P, k, 16), P = ceil(n / 16), rows past n zero
- * (core/linear.py builds it once, at load). The types:
- *   f32, bf16  the weights;
- *   i8         int8 in pairs of columns, Wb (P, ceil(k / 2), 16, 2), times a scale per output
- *              (P * 16,) fp32, applied once to each finished sum; x goes on an int16 grid per row and
- *              the products are integer (its own section below: linear_i8);
- *   i4         int4, two to a byte: Wb (P, ceil(k / 2), 16) bytes, byte j of pair c holding output j
- *              of column 2c in its low nibble and of column 2c + 1 in its high one (two's complement,
- *              -8..7); a bf16 scale per output and group of GROUP columns, (P, ceil(k / GROUP), 16),
- *              applied to each group's sums (a row or two: registers to spare) or to the weights as
- *              they are widened (more rows).
+ * The layouts ("blocked"): W (n, k) cut into panels of 16 outputs, each panel stored k-major, so that
+ * the weights of one input column are adjacent, P = ceil(n / 16) panels, rows past n zero
+ * (core/cpu_kernels.py builds them once, at load). The types:
+ *   f32, bf16  Wb (P, k, 16): the weights;
+ *   i8         Wb (P, ceil(k / 2), 16, 2) int8: for each pair of columns c, output j's two weights
+ *              side by side (w[j, 2c], w[j, 2c + 1]; an odd k's last partner zero); a fp32 scale per
+ *              output (P * 16,), applied once to each finished sum;
+ *   i4         Wb (P, ceil(k / 2), 16) bytes: byte j of pair c holds output j's column 2c in its low
+ *              nibble and column 2c + 1 in its high one, each as q + 8 (0..15 for q in -8..7); a bf16
+ *              scale per output and group of GROUP columns, (P, ceil(k / GROUP), 16), applied to each
+ *              group's sums.
  * x (m, k) fp32, y (m, P * 16) fp32.
  *
- * The micro-kernel (f32, bf16, i4) keeps MR rows x NB panels of sums in vector registers; each step over k loads NB
- * panels' 16 weights once for all MR rows and broadcasts one x value per row (no horizontal sums, no
- * tails: k needs no particular multiple). Outputs split over the threads by whole panels; each thread
- * walks its panels NB at a time, k in chunks of KC (a chunk of NB panels stays in L1/L2 while every row
- * tile of x passes it). At a few rows the weights stream from memory once per call (decode is
- * bandwidth-bound); at many rows the FMAs decide (prefill).
+ * Float weights go through FMAs. For 8- and 4-bit ones, widening each weight to fp32 for an FMA costs
+ * three or more vector instructions per 16 weights, more than two cores issue at the rate the bytes
+ * arrive (int8 decode was compute-bound at ~42 GB/s, int4 at a third of its roofline). So each row of
+ * x goes on an int16 grid of its own (xq = round(x / xs), xs = max |x| / 32767: at most 1/65534 of
+ * the row's largest value off, ~100x below an int8 weight's own step) and two columns at a time go
+ * through one multiply-add of int16 pairs into int32 lanes (AVX512-VNNI's vpdpwssd, else vpmaddwd and
+ * vpaddd): 32 weights per one or two instructions, exact. int8's sums turn into fp32 every chunk of
+ * KC columns, before they could overflow (KC * 127 * 32767 < 2^31); int4's every group, times the
+ * group's scale (its nibbles are q + 8: the group's sum of x times 8 comes off first).
  *
- * Row r's outputs depend only on x's row r: each sum runs over k in order, the same whatever m, MR,
- * the thread count or the chunking, so a row's result is bitwise the same in any batch. */
+ * Each micro-kernel keeps R rows x B panels of sums in vector registers; each step over k loads B
+ * panels' weights once for all R rows and broadcasts one x value (float) or pair (integer) per row
+ * (no horizontal sums, no tails: k needs no particular multiple). Outputs split over the threads by
+ * whole panels; each thread walks its panels NB at a time, k in chunks of KC (a chunk of NB panels
+ * stays in L1/L2 while every row tile of x passes it). At a few rows the weights stream from memory
+ * once per call (decode is bandwidth-bound); at many rows the arithmetic decides (prefill).
+ *
+ * Row r's outputs depend only on x's row r: each sum runs over k in one order, the same whatever m,
+ * the tile, the thread count or the chunking, so a row's result is bitwise the same in any batch. */
 #define PANEL 16
 #if defined(__AVX512F__)
 #define VL 16
 #define MR 6 /* 32 vector registers: 24 sums, 4 weight vectors, a broadcast */
+#define MR_I4 3 /* int4 keeps a group's int32 sums beside the fp32 ones: 12 + 12 + 4 + 1 */
 #define NB 4
 #elif defined(__AVX__)
 #define VL 8
 #define MR 6 /* 16 registers: 12 sums, 2 weight vectors, a broadcast */
+#define MR_I4 3 /* 6 + 6 + 2 + 1 */
 #define NB 1
 #else
 #define VL 4 /* SSE, NEON: 16 or 32 registers */
 #define MR 3
+#define MR_I4 2
 #define NB 1
 #endif
 #define HALVES (PANEL / VL) /* native vectors per panel */
-#define KC 256 /* a multiple of GROUP */
+#define KC 256 /* columns per chunk: a multiple of GROUP */
 #define GROUP 32 /* int4's columns per scale */
+#define XQ_MAX 32767.f /* the int16 grid of a row of x: this many steps either side of zero */
 
 #if defined(__x86_64__) || defined(__i386__)
 #define IN_REGISTER(v) __asm__("" : "+v"(v))
@@ -69,6 +82,9 @@
 #define IN_REGISTER(v) __asm__("" : "+w"(v))
 #else
 #define IN_REGISTER(v) (void)0
+#endif
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the integer kernels read a pair of int16 as one little-endian int32"
 #endif
 
 typedef float vf __attribute__((vector_size(VL * 4)));
@@ -82,17 +98,52 @@ int linear_group(void) { return GROUP; }
 static inline vf vload_f32(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
-/* Widening loads. Compilers turn the generic form into one byte or half-word at a time (GCC 12
- * does), 8x slower than the weights stream: on x86 the instructions are named. */
+/* Widening loads. Compilers turn the generic forms into one byte or half-word at a time (GCC 12
+ * does), 8x slower than the weights stream: on x86 the instructions are named.
+ *   vload_bf16    16 bf16 -> fp32
+ *   widen_pairs   i8: 32 bytes (16 outputs x two columns) -> HALVES vectors of VL int32 lanes, each
+ *                 lane one output's two weights as int16 (low: the even column)
+ *   widen_nibbles i4: 16 bytes -> the same lanes from the two nibbles (0..15) of each byte
+ *   dot_pairs     acc + per lane lo16(x) * lo16(w) + hi16(x) * hi16(w), in int32 */
 #if defined(__AVX512F__)
+#if !defined(__AVX512BW__)
+#error "an AVX-512 build needs AVX512BW for the integer kernels"
+#endif
 static inline vf vload_bf16(const uint16_t *p) {
     __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
     return (vf)_mm512_castsi512_ps(u);
+}
+static inline vi widen_pairs(const int8_t *p, int h) {
+    (void)h;
+    return (vi)_mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p));
+}
+static inline vi widen_nibbles(const uint8_t *p, int h) {
+    (void)h;
+    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    /* (b | b << 12) & 0x000F000F: the low nibble stays at bit 0, the high one moves to bit 16 */
+    return (vi)_mm512_ternarylogic_epi32(b, _mm512_slli_epi32(b, 12), _mm512_set1_epi32(0x000F000F), 0xA8);
+}
+static inline vi dot_pairs(vi acc, vi x, vi w) {
+#if defined(__AVX512VNNI__)
+    return (vi)_mm512_dpwssd_epi32((__m512i)acc, (__m512i)x, (__m512i)w);
+#else
+    return (vi)_mm512_add_epi32((__m512i)acc, _mm512_madd_epi16((__m512i)x, (__m512i)w));
+#endif
 }
 #elif defined(__AVX2__) && VL == 8
 static inline vf vload_bf16(const uint16_t *p) {
     __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
     return (vf)_mm256_castsi256_ps(u);
+}
+static inline vi widen_pairs(const int8_t *p, int h) {
+    return (vi)_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 16 * h)));
+}
+static inline vi widen_nibbles(const uint8_t *p, int h) {
+    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * h)));
+    return (vi)_mm256_and_si256(_mm256_or_si256(b, _mm256_slli_epi32(b, 12)), _mm256_set1_epi32(0x000F000F));
+}
+static inline vi dot_pairs(vi acc, vi x, vi w) {
+    return (vi)_mm256_add_epi32((__m256i)acc, _mm256_madd_epi16((__m256i)x, (__m256i)w));
 }
 #else
 static inline vf vload_bf16(const uint16_t *p) {
@@ -103,104 +154,58 @@ static inline vf vload_bf16(const uint16_t *p) {
     memcpy(&f, &u, sizeof f);
     return f;
 }
+static inline vi widen_pairs(const int8_t *p, int h) {
+    vi lanes;
+    for (int j = 0; j < VL; j++)
+        lanes[j] = (int32_t)(uint16_t)(int16_t)p[2 * (h * VL + j)] | (int32_t)p[2 * (h * VL + j) + 1] * 65536;
+    return lanes;
+}
+static inline vi widen_nibbles(const uint8_t *p, int h) {
+    vi lanes;
+    for (int j = 0; j < VL; j++) lanes[j] = (p[h * VL + j] & 15) | (p[h * VL + j] >> 4) << 16;
+    return lanes;
+}
+static inline vi dot_pairs(vi acc, vi x, vi w) {
+    return acc + ((x << 16) >> 16) * ((w << 16) >> 16) + (x >> 16) * (w >> 16);
+}
 #endif
 
-/* A step of a panel's columns (STEP of them: 16 weights each, as HALVES native vectors) for each type. */
+/* ---- float weights ---- */
 typedef float f32;
 typedef uint16_t bf16;
-typedef uint8_t i4;
-#define STEP_f32 1 /* columns per step */
-#define STEP_bf16 1
-#define STEP_i4 2
-#define GROUPED_f32 0 /* scaled per group of columns */
-#define GROUPED_bf16 0
-#define GROUPED_i4 1
 
-static inline void columns_f32(const float *p, vf out[][HALVES]) {
-    for (int h = 0; h < HALVES; h++) out[0][h] = vload_f32(p + h * VL);
-}
-static inline void columns_bf16(const uint16_t *p, vf out[][HALVES]) {
-    for (int h = 0; h < HALVES; h++) out[0][h] = vload_bf16(p + h * VL);
-}
-/* 16 bytes -> two columns: each byte sign-extended, then its high nibble is an arithmetic shift
- * away and its low one two. */
-static inline void columns_i4(const uint8_t *p, vf out[][HALVES]) {
-#if defined(__AVX512F__)
-    __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p));
-    out[0][0] = (vf)_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 28), 28));
-    out[1][0] = (vf)_mm512_cvtepi32_ps(_mm512_srai_epi32(v, 4));
-#elif defined(__AVX2__) && VL == 8
-    for (int h = 0; h < 2; h++) {
-        __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * h)));
-        out[0][h] = (vf)_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 28), 28));
-        out[1][h] = (vf)_mm256_cvtepi32_ps(_mm256_srai_epi32(v, 4));
-    }
-#else
-    float lanes[2][PANEL];
-    for (int j = 0; j < PANEL; j++) {
-        lanes[0][j] = (float)((int8_t)(uint8_t)(p[j] << 4) >> 4);
-        lanes[1][j] = (float)((int8_t)p[j] >> 4);
-    }
-    for (int s = 0; s < 2; s++)
-        for (int h = 0; h < HALVES; h++) memcpy(&out[s][h], lanes[s] + h * VL, sizeof(vf));
-#endif
-}
+static inline vf column_f32(const float *p, int h) { return vload_f32(p + h * VL); }
+static inline vf column_bf16(const uint16_t *p, int h) { return vload_bf16(p + h * VL); }
 
 /* y[r, 16 * b + j] (+)= sum_{i < kc} x[r, i] * W(b)[i][j] for R rows, B panels (wb's panels
- * `panel_stride` apart); the sums start from y unless `fresh`. int4 sums are times their group's scales
- * (`group_scale`, the chunk's first group of each panel, panels `group_stride` apart): per group's sum
- * for up to 2 rows (GROUP_SUMS), else on each weight as it loads. IN_REGISTER (an empty asm
- * statement) keeps each loaded weight vector in a register: without it the compiler folds the loads
- * into every FMA, R loads where one will do, and the loads, not the FMAs, set the pace. */
+ * `panel_stride` apart); the sums start from y unless `fresh`. IN_REGISTER (an empty asm statement)
+ * keeps each loaded weight vector in a register: without it the compiler folds the loads into every
+ * FMA, R loads where one will do, and the loads, not the FMAs, set the pace. */
 #define MICRO(T, R, B) MICRO_(T, R, B) /* (expands NB before pasting names) */
 #define MICRO_(T, R, B)                                                                                 \
 static inline void micro_##T##_##R##_##B(const float *x, int64_t ldx, const T *wb, int64_t panel_stride, \
-                                         int64_t kc, int fresh,                                         \
-                                         const uint16_t *group_scale, int64_t group_stride, float *y,   \
-                                         int64_t ldy) {                                                 \
-    enum { STEP = STEP_##T, GROUP_SUMS = 0 };                                                           \
-    vf acc[R][B][HALVES], sums[R][B][HALVES];                                                           \
+                                         int64_t kc, int fresh, float *y, int64_t ldy) {                \
+    vf acc[R][B][HALVES];                                                                               \
     for (int r = 0; r < R; r++)                                                                         \
         for (int b = 0; b < B; b++)                                                                     \
             for (int h = 0; h < HALVES; h++)                                                            \
                 acc[r][b][h] = fresh ? (vf){0} : vload_f32(y + r * ldy + b * PANEL + h * VL);           \
-    for (int64_t g = 0; g < kc; g += GROUPED_##T ? GROUP : KC) {                                        \
-        vf gs[B][HALVES];                                                                               \
-        for (int b = 0; b < B && GROUPED_##T; b++)                                                      \
-            for (int h = 0; h < HALVES; h++)                                                            \
-                gs[b][h] = vload_bf16(group_scale + b * group_stride + g / GROUP * PANEL + h * VL);     \
-        for (int r = 0; r < R && GROUP_SUMS; r++)                                                       \
-            for (int b = 0; b < B; b++)                                                                 \
-                for (int h = 0; h < HALVES; h++) sums[r][b][h] = (vf){0};                               \
-        int64_t end = GROUPED_##T && g + GROUP < kc ? g + GROUP : kc;                                   \
-        for (int64_t i = g; i < end; i += STEP) {                                                       \
-            vf wv[B][STEP][HALVES];                                                                     \
-            for (int b = 0; b < B; b++) {                                                               \
-                columns_##T(wb + b * panel_stride + i / STEP * PANEL, wv[b]);                           \
-                for (int s = 0; s < STEP; s++)                                                          \
-                    for (int h = 0; h < HALVES; h++) {                                                  \
-                        if (GROUPED_##T && !GROUP_SUMS) wv[b][s][h] *= gs[b][h];                        \
-                        IN_REGISTER(wv[b][s][h]);                                                       \
-                    }                                                                                   \
+    for (int64_t i = 0; i < kc; i++) {                                                                  \
+        vf wv[B][HALVES];                                                                               \
+        for (int b = 0; b < B; b++)                                                                     \
+            for (int h = 0; h < HALVES; h++) {                                                          \
+                wv[b][h] = column_##T(wb + b * panel_stride + i * PANEL, h);                            \
+                IN_REGISTER(wv[b][h]);                                                                  \
             }                                                                                           \
-            for (int s = 0; s < STEP && i + s < end; s++)                                               \
-                for (int r = 0; r < R; r++) {                                                           \
-                    vf xv = (vf){0} + x[r * ldx + i + s];                                               \
-                    for (int b = 0; b < B; b++)                                                         \
-                        for (int h = 0; h < HALVES; h++) {                                              \
-                            if (GROUP_SUMS) sums[r][b][h] += xv * wv[b][s][h];                          \
-                            else acc[r][b][h] += xv * wv[b][s][h];                                      \
-                        }                                                                               \
-                }                                                                                       \
-        }                                                                                               \
-        for (int r = 0; r < R && GROUP_SUMS; r++)                                                       \
+        for (int r = 0; r < R; r++) {                                                                   \
+            vf xv = (vf){0} + x[r * ldx + i];                                                           \
             for (int b = 0; b < B; b++)                                                                 \
-                for (int h = 0; h < HALVES; h++) acc[r][b][h] += sums[r][b][h] * gs[b][h];              \
+                for (int h = 0; h < HALVES; h++) acc[r][b][h] += xv * wv[b][h];                         \
+        }                                                                                               \
     }                                                                                                   \
     for (int r = 0; r < R; r++)                                                                         \
         for (int b = 0; b < B; b++)                                                                     \
-            for (int h = 0; h < HALVES; h++)                                                            \
-                vstore(y + r * ldy + b * PANEL + h * VL, acc[r][b][h]);                                 \
+            for (int h = 0; h < HALVES; h++) vstore(y + r * ldy + b * PANEL + h * VL, acc[r][b][h]);    \
 }
 
 /* Rows in tiles of MR (the last tile R < MR rows). */
@@ -209,84 +214,63 @@ static inline void micro_##T##_##R##_##B(const float *x, int64_t ldx, const T *w
 #define TILE_NAME_(T, B) tile_##T##_##B
 #define TILE_(T, B)                                                                                     \
 static inline void tile_##T##_##B(const float *x, int64_t rows, int64_t ldx, const T *wb, int64_t ps,   \
-                                  int64_t kc, int fresh, const uint16_t *gs,                            \
-                                  int64_t gps, float *y, int64_t ldy) {                                 \
+                                  int64_t kc, int fresh, float *y, int64_t ldy) {                       \
     for (int64_t r = 0; r < rows; r += MR) {                                                            \
         const float *xr = x + r * ldx;                                                                  \
         float *yr = y + r * ldy;                                                                        \
         switch (rows - r < MR ? rows - r : MR) {                                                        \
-        case 1: micro_##T##_1_##B(xr, ldx, wb, ps, kc, fresh, gs, gps, yr, ldy);     break;             \
-        case 2: micro_##T##_2_##B(xr, ldx, wb, ps, kc, fresh, gs, gps, yr, ldy);     break;             \
-        case 3: micro_##T##_3_##B(xr, ldx, wb, ps, kc, fresh, gs, gps, yr, ldy);     break;             \
-        case 4: micro_##T##_4_##B(xr, ldx, wb, ps, kc, fresh, gs, gps, yr, ldy);     break;             \
-        case 5: micro_##T##_5_##B(xr, ldx, wb, ps, kc, fresh, gs, gps, yr, ldy);     break;             \
-        default: micro_##T##_6_##B(xr, ldx, wb, ps, kc, fresh, gs, gps, yr, ldy);     break;            \
+        case 1: micro_##T##_1_##B(xr, ldx, wb, ps, kc, fresh, yr, ldy); break;                          \
+        case 2: micro_##T##_2_##B(xr, ldx, wb, ps, kc, fresh, yr, ldy); break;                          \
+        case 3: micro_##T##_3_##B(xr, ldx, wb, ps, kc, fresh, yr, ldy); break;                          \
+        case 4: micro_##T##_4_##B(xr, ldx, wb, ps, kc, fresh, yr, ldy); break;                          \
+        case 5: micro_##T##_5_##B(xr, ldx, wb, ps, kc, fresh, yr, ldy); break;                          \
+        default: micro_##T##_6_##B(xr, ldx, wb, ps, kc, fresh, yr, ldy); break;                         \
         }                                                                                               \
     }                                                                                                   \
-}
-
-/* int4 at more rows than one tile: a chunk of `panels` panels widened and scaled once, into fp32
- * (what the micro-kernel would do again for every row tile), for the fp32 tiles to read: the same
- * products, bitwise, at the FMAs' pace rather than the nibbles'. out (panels, KC, 16). */
-static void dequantize_i4(const uint8_t *w, int64_t ps, const uint16_t *gs, int64_t gps, int64_t panels,
-                          int64_t kc, float *out) {
-    for (int64_t b = 0; b < panels; b++)
-        for (int64_t i = 0; i < kc; i += 2) {  /* i, i + 1: one group (GROUP is even) */
-            vf cols[2][HALVES];
-            columns_i4(w + b * ps + i / 2 * PANEL, cols);
-            for (int s = 0; s < 2 && i + s < kc; s++)
-                for (int h = 0; h < HALVES; h++)
-                    vstore(out + (b * KC + i + s) * PANEL + h * VL,
-                           cols[s][h] * vload_bf16(gs + b * gps + i / GROUP * PANEL + h * VL));
-        }
 }
 
 /* Panels [first, last) of the product (one thread's share), NB at a time (the last ones singly). */
 #define RANGE(T)                                                                                        \
-static void range_##T(const float *x, const T *wb, const uint16_t *group_scale,                         \
-                      float *y, int64_t m, int64_t k, int64_t ldy, int64_t first, int64_t last) {       \
-    int64_t ps = (k + STEP_##T - 1) / STEP_##T * PANEL, gps = (k + GROUP - 1) / GROUP * PANEL;         \
+static void range_##T(const float *x, const T *wb, float *y, int64_t m, int64_t k, int64_t ldy,         \
+                      int64_t first, int64_t last) {                                                    \
+    int64_t ps = k * PANEL;                                                                             \
     for (int64_t p = first; p < last; p += NB) {                                                        \
         int64_t group = last - p < NB ? last - p : NB;                                                  \
         for (int64_t c = 0; c < k; c += KC) {                                                           \
             int64_t kc = k - c < KC ? k - c : KC;                                                       \
-            const uint16_t *gs = group_scale ? group_scale + p * gps + c / GROUP * PANEL : 0;           \
-            const T *w = wb + p * ps + c / STEP_##T * PANEL;                                            \
-            if (GROUPED_##T && m > MR) {                                                                \
-                float widened[NB * KC * PANEL];                                                         \
-                dequantize_i4((const uint8_t *)w, ps, gs, gps, group, kc, widened);                     \
-                for (int64_t q = 0; q < group; q += group == NB ? NB : 1)                               \
-                    (group == NB ? TILE_NAME(f32, NB) : tile_f32_1)(x + c, m, k, widened + q * KC * PANEL,     \
-                        KC * PANEL, kc, c == 0, 0, 0, y + (p + q) * PANEL, ldy);                        \
-                continue;                                                                               \
-            }                                                                                           \
+            const T *w = wb + p * ps + c * PANEL;                                                       \
             if (group == NB) {                                                                          \
-                TILE_NAME(T, NB)(x + c, m, k, w, ps, kc, c == 0, gs, gps, y + p * PANEL, ldy);         \
+                TILE_NAME(T, NB)(x + c, m, k, w, ps, kc, c == 0, y + p * PANEL, ldy);                   \
             } else {                                                                                    \
                 for (int64_t q = 0; q < group; q++)                                                     \
-                    tile_##T##_1(x + c, m, k, w + q * ps, ps, kc, c == 0, gs ? gs + q * gps : 0, gps,   \
-                                 y + (p + q) * PANEL, ldy);                                             \
+                    tile_##T##_1(x + c, m, k, w + q * ps, ps, kc, c == 0, y + (p + q) * PANEL, ldy);    \
             }                                                                                           \
         }                                                                                               \
     }                                                                                                   \
 }
 
-/* x (m, k), wb (the type's blocked layout), group_scale (P, ceil(k / GROUP), 16) bf16 for i4 else
- * NULL, y (m, P * 16): the threads take contiguous runs of panels, whole groups of NB where there are
- * enough. (`unused`: the place of linear_i8's scale, so that every linear_* takes the same arguments.) */
+/* The threads take contiguous runs of panels, whole groups of NB where there are enough:
+ * body(first, last) for each run. */
+#define SPLIT_PANELS(panels, threads, body)                                                             \
+    do {                                                                                                \
+        int64_t groups_ = ((panels) + NB - 1) / NB;                                                     \
+        int threads_ = (threads) > groups_ ? (int)groups_ : (threads) < 1 ? 1 : (threads);              \
+        _Pragma("omp parallel for num_threads(threads_) schedule(static)")                              \
+        for (int t = 0; t < threads_; t++) {                                                            \
+            int64_t first = groups_ * t / threads_ * NB, last = groups_ * (t + 1) / threads_ * NB;     \
+            if (last > (panels)) last = (panels);                                                       \
+            if (first < last) body;                                                                     \
+        }                                                                                               \
+    } while (0)
+
+/* x (m, k), wb (P, k, 16) of the type, y (m, P * 16). (`scale`, `group_scale`: unused, the places
+ * of the integer kernels' scales, so that every linear_* takes the same arguments.) */
 #define LINEAR(T)                                                                                       \
-void linear_##T(const float *restrict x, const T *restrict wb, const float *restrict unused,            \
+void linear_##T(const float *restrict x, const T *restrict wb, const float *restrict scale,             \
                 const uint16_t *restrict group_scale, float *restrict y, int64_t m, int64_t panels,     \
                 int64_t k, int threads) {                                                               \
-    int64_t groups = (panels + NB - 1) / NB;                                                            \
-    if (threads > groups) threads = (int)groups;                                                        \
-    if (threads < 1) threads = 1;                                                                       \
-    _Pragma("omp parallel for num_threads(threads) schedule(static)")                                   \
-    for (int t = 0; t < threads; t++) {                                                                 \
-        int64_t first = groups * t / threads * NB, last = groups * (t + 1) / threads * NB;             \
-        if (last > panels) last = panels;                                                               \
-        if (first < last) range_##T(x, wb, group_scale, y, m, k, panels * PANEL, first, last);         \
-    }                                                                                                   \
+    (void)scale, (void)group_scale;                                                                     \
+    SPLIT_PANELS(panels, threads, range_##T(x, wb, y, m, k, panels * PANEL, first, last));              \
 }
 
 #define KERNELS(T)                                                                                      \
@@ -294,36 +278,18 @@ void linear_##T(const float *restrict x, const T *restrict wb, const float *rest
     TILE(T, NB) RANGE(T) LINEAR(T)
 #if NB != 1
 #define SINGLE(T) MICRO(T, 1, 1) MICRO(T, 2, 1) MICRO(T, 3, 1) MICRO(T, 4, 1) MICRO(T, 5, 1) MICRO(T, 6, 1) TILE(T, 1)
-SINGLE(f32) SINGLE(bf16) SINGLE(i4)
+SINGLE(f32) SINGLE(bf16)
 #endif
 KERNELS(f32)
 KERNELS(bf16)
-KERNELS(i4)
 
-/* ---- int8 weights: integer products ----
- *
- * Widening each int8 weight to fp32 for an FMA costs three vector instructions per 16 weights, more
- * than two cores can issue at the rate the bytes arrive (int8 decode was compute-bound at ~42 GB/s).
- * Instead each row of x is put on an int16 grid of its own (xq = round(x / xs), xs = max |x| / 32767,
- * at most half a step of error, 1/65534 of the row's largest value: ~100x below the weights' own
- * int8 step) and two columns at a time go through one multiply-add of int16 pairs into int32 sums
- * (AVX512-VNNI's vpdpwssd, else vpmaddwd + vpaddd): 32 weights per one or two instructions. The sums
- * are exact; each chunk of KC columns is turned into fp32 and times xs before it could overflow
- * (KC * 127 * 32767 < 2^31), and the finished sums times the weight's scale per output.
- *
- * The layout: Wb (P, ceil(k / 2), 16, 2) int8: for each pair of columns c, output j's two weights
- * side by side (w[j, 2c], w[j, 2c + 1]); a missing last column is zero. A row's result depends on
- * its own values alone (its grid, its sums in one order): the same bits in any batch. */
-#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-#error "the int8 kernel reads a pair of int16 as one little-endian int32"
-#endif
-#define XQ_MAX 32767.f
+/* ---- 8- and 4-bit weights: integer products ---- */
 
-/* x (m, k) -> xq (m, 2 * ceil(k / 2)) int16 (the odd column's partner zero), xs (m,): x ~= xq * xs.
- * A row that is not finite gets xq 0 and xs NaN, so that its outputs are NaN, as fp32's would not
- * be finite either. */
-static void quantize_rows_i16(const float *x, int64_t m, int64_t k, int16_t *xq, float *xs) {
-    int64_t width = (k + 1) / 2 * 2;
+/* x (m, k) -> xq (m, 2 * ceil(k / 2)) int16 (an odd k's last partner zero) and xs (m,): x ~= xq * xs.
+ * A row that is not finite gets xq 0 and xs NaN, so that its outputs are NaN, as fp32's would not be
+ * finite either. With gsum (m, ceil(k / GROUP)) given: each group's sum of xq (int4's offset). */
+static void quantize_rows_i16(const float *x, int64_t m, int64_t k, int16_t *xq, float *xs, int32_t *gsum) {
+    int64_t width = (k + 1) / 2 * 2, groups = (k + GROUP - 1) / GROUP;
     for (int64_t r = 0; r < m; r++) {
         const float *xr = x + r * k;
         int16_t *qr = xq + r * width;
@@ -340,47 +306,23 @@ static void quantize_rows_i16(const float *x, int64_t m, int64_t k, int16_t *xq,
         #pragma omp simd
         for (int64_t i = 0; i < k; i++) qr[i] = (int16_t)nearbyintf(xr[i] * inverse);
         if (width > k) qr[k] = 0;
+        for (int64_t g = 0; gsum && g < groups; g++) {
+            int32_t s = 0;
+            for (int64_t i = g * GROUP; i < k && i < (g + 1) * GROUP; i++) s += qr[i];
+            gsum[r * groups + g] = s;
+        }
     }
 }
 
-/* 32 bytes (16 outputs, two columns each) -> HALVES vectors of VL int32 lanes, each lane output j's
- * two weights as int16 (low: column 2c); and the multiply-add of such pairs with x's. */
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-static inline vi widen_pairs(const int8_t *p, int h) {
-    (void)h;
-    return (vi)_mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p));
+/* The pair of xq's columns 2i, 2i + 1 of row r, in every lane. */
+static inline vi x_pair(const int16_t *xq, int64_t i) {
+    int32_t pair;
+    memcpy(&pair, xq + 2 * i, sizeof pair);
+    return (vi){0} + pair;
 }
-static inline vi dot_pairs(vi acc, vi x, vi w) {
-#if defined(__AVX512VNNI__)
-    return (vi)_mm512_dpwssd_epi32((__m512i)acc, (__m512i)x, (__m512i)w);
-#else
-    return (vi)_mm512_add_epi32((__m512i)acc, _mm512_madd_epi16((__m512i)x, (__m512i)w));
-#endif
-}
-#elif defined(__AVX2__) && VL == 8
-static inline vi widen_pairs(const int8_t *p, int h) {
-    return (vi)_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 16 * h)));
-}
-static inline vi dot_pairs(vi acc, vi x, vi w) {
-    return (vi)_mm256_add_epi32((__m256i)acc, _mm256_madd_epi16((__m256i)x, (__m256i)w));
-}
-#else
-static inline vi widen_pairs(const int8_t *p, int h) {
-    vi lanes;
-    for (int j = 0; j < VL; j++)
-        lanes[j] = (int32_t)(uint16_t)(int16_t)p[2 * (h * VL + j)] | (int32_t)p[2 * (h * VL + j) + 1] * 65536;
-    return lanes;
-}
-static inline vi dot_pairs(vi acc, vi x, vi w) {
-    return acc + ((x << 16) >> 16) * ((w << 16) >> 16) + (x >> 16) * (w >> 16);
-}
-#endif
-#if VL == 16 && !(defined(__AVX512F__) && defined(__AVX512BW__))
-#error "an AVX-512 build needs AVX512BW for the int8 kernel"
-#endif
 
-/* y[r, 16 * b + j] (+)= xs[r] * sum over the `pairs` column pairs of xq[r] . W(b)[., j] for R rows, B
- * panels; times scale[16 * b + j] when scale is given (the last chunk). */
+/* int8: y[r, 16 * b + j] (+)= xs[r] * sum over `pairs` column pairs of xq[r] . W(b)[., j], for R rows
+ * and B panels; times scale[16 * b + j] when scale is given (the last chunk). */
 #define MICRO_I8(R, B) MICRO_I8_(R, B)
 #define MICRO_I8_(R, B)                                                                                 \
 static inline void micro_i8_##R##_##B(const int16_t *xq, int64_t ldx, const float *xs, const int8_t *wb, \
@@ -398,9 +340,7 @@ static inline void micro_i8_##R##_##B(const int16_t *xq, int64_t ldx, const floa
                 IN_REGISTER(wv[b][h]);                                                                  \
             }                                                                                           \
         for (int r = 0; r < R; r++) {                                                                   \
-            int32_t pair;                                                                               \
-            memcpy(&pair, xq + r * ldx + 2 * i, sizeof pair);                                           \
-            vi xv = (vi){0} + pair;                                                                     \
+            vi xv = x_pair(xq + r * ldx, i);                                                            \
             for (int b = 0; b < B; b++)                                                                 \
                 for (int h = 0; h < HALVES; h++) acc[r][b][h] = dot_pairs(acc[r][b][h], xv, wv[b][h]);  \
         }                                                                                               \
@@ -416,6 +356,59 @@ static inline void micro_i8_##R##_##B(const int16_t *xq, int64_t ldx, const floa
             }                                                                                           \
 }
 
+/* int4: the same over `pairs` column pairs, group by group: each group's int32 sums, less 8 times
+ * the group's sum of x (gsum, the nibbles' offset), turn fp32 times the group's scales (gscale, the
+ * chunk's first group of each panel, panels `group_stride` apart), then all times xs[r]. */
+#define MICRO_I4(R, B) MICRO_I4_(R, B)
+#define MICRO_I4_(R, B)                                                                                 \
+static inline void micro_i4_##R##_##B(const int16_t *xq, int64_t ldx, const float *xs, const int32_t *gsum, \
+                                      int64_t ldg, const uint8_t *wb, int64_t panel_stride,            \
+                                      const uint16_t *gscale, int64_t group_stride, int64_t pairs,     \
+                                      int fresh, float *y, int64_t ldy) {                               \
+    vf acc[R][B][HALVES];                                                                               \
+    for (int r = 0; r < R; r++)                                                                         \
+        for (int b = 0; b < B; b++)                                                                     \
+            for (int h = 0; h < HALVES; h++) acc[r][b][h] = (vf){0};                                    \
+    for (int64_t g = 0; g * (GROUP / 2) < pairs; g++) {                                                 \
+        int64_t end = (g + 1) * (GROUP / 2) < pairs ? (g + 1) * (GROUP / 2) : pairs;                    \
+        vi sums[R][B][HALVES];                                                                          \
+        for (int r = 0; r < R; r++)                                                                     \
+            for (int b = 0; b < B; b++)                                                                 \
+                for (int h = 0; h < HALVES; h++) sums[r][b][h] = (vi){0};                               \
+        for (int64_t i = g * (GROUP / 2); i < end; i++) {                                               \
+            vi wv[B][HALVES];                                                                           \
+            for (int b = 0; b < B; b++)                                                                 \
+                for (int h = 0; h < HALVES; h++) {                                                      \
+                    wv[b][h] = widen_nibbles(wb + b * panel_stride + i * PANEL, h);                     \
+                    IN_REGISTER(wv[b][h]);                                                              \
+                }                                                                                       \
+            for (int r = 0; r < R; r++) {                                                               \
+                vi xv = x_pair(xq + r * ldx, i);                                                        \
+                for (int b = 0; b < B; b++)                                                             \
+                    for (int h = 0; h < HALVES; h++) sums[r][b][h] = dot_pairs(sums[r][b][h], xv, wv[b][h]); \
+            }                                                                                           \
+        }                                                                                               \
+        for (int b = 0; b < B; b++)                                                                     \
+            for (int h = 0; h < HALVES; h++) {                                                          \
+                vf gs = vload_bf16(gscale + b * group_stride + g * PANEL + h * VL);                     \
+                for (int r = 0; r < R; r++) {                                                           \
+                    vf part = __builtin_convertvector(sums[r][b][h] - 8 * gsum[r * ldg + g], vf) * gs;  \
+                    IN_REGISTER(part);                                                                  \
+                    acc[r][b][h] += part;                                                               \
+                }                                                                                       \
+            }                                                                                           \
+    }                                                                                                   \
+    for (int r = 0; r < R; r++)                                                                         \
+        for (int b = 0; b < B; b++)                                                                     \
+            for (int h = 0; h < HALVES; h++) {                                                          \
+                float *out = y + r * ldy + b * PANEL + h * VL;                                          \
+                vf sum = acc[r][b][h] * xs[r];                                                          \
+                IN_REGISTER(sum);                                                                       \
+                vstore(out, fresh ? sum : sum + vload_f32(out));                                        \
+            }                                                                                           \
+}
+
+/* Rows in tiles of MR (int8) or MR_I4 (int4). */
 #define TILE_I8(B) TILE_I8_(B)
 #define TILE_I8_(B)                                                                                     \
 static inline void tile_i8_##B(const int16_t *xq, const float *xs, int64_t rows, int64_t ldx,           \
@@ -434,11 +427,30 @@ static inline void tile_i8_##B(const int16_t *xq, const float *xs, int64_t rows,
         }                                                                                               \
     }                                                                                                   \
 }
-#define TILE_I8_NAME(B) TILE_I8_NAME_(B)
-#define TILE_I8_NAME_(B) tile_i8_##B
+#define TILE_I4(B) TILE_I4_(B)
+#define TILE_I4_(B)                                                                                     \
+static inline void tile_i4_##B(const int16_t *xq, const float *xs, const int32_t *gsum, int64_t ldg,    \
+                               int64_t rows, int64_t ldx, const uint8_t *wb, int64_t ps,                \
+                               const uint16_t *gscale, int64_t gps, int64_t pairs, int fresh, float *y, \
+                               int64_t ldy) {                                                           \
+    for (int64_t r = 0; r < rows; r += MR_I4) {                                                         \
+        const int16_t *xr = xq + r * ldx;                                                               \
+        float *yr = y + r * ldy;                                                                        \
+        if (rows - r >= 3 && MR_I4 >= 3)                                                                \
+            micro_i4_3_##B(xr, ldx, xs + r, gsum + r * ldg, ldg, wb, ps, gscale, gps, pairs, fresh, yr, ldy); \
+        else if (rows - r >= 2)                                                                         \
+            micro_i4_2_##B(xr, ldx, xs + r, gsum + r * ldg, ldg, wb, ps, gscale, gps, pairs, fresh, yr, ldy); \
+        else                                                                                            \
+            micro_i4_1_##B(xr, ldx, xs + r, gsum + r * ldg, ldg, wb, ps, gscale, gps, pairs, fresh, yr, ldy); \
+    }                                                                                                   \
+}
+#define TILE_I_NAME(T, B) TILE_I_NAME_(T, B)
+#define TILE_I_NAME_(T, B) tile_##T##_##B
 MICRO_I8(1, NB) MICRO_I8(2, NB) MICRO_I8(3, NB) MICRO_I8(4, NB) MICRO_I8(5, NB) MICRO_I8(6, NB) TILE_I8(NB)
+MICRO_I4(1, NB) MICRO_I4(2, NB) MICRO_I4(3, NB) TILE_I4(NB)
 #if NB != 1
 MICRO_I8(1, 1) MICRO_I8(2, 1) MICRO_I8(3, 1) MICRO_I8(4, 1) MICRO_I8(5, 1) MICRO_I8(6, 1) TILE_I8(1)
+MICRO_I4(1, 1) MICRO_I4(2, 1) MICRO_I4(3, 1) TILE_I4(1)
 #endif
 
 /* Panels [first, last) (one thread's share), NB at a time, KC columns (KC / 2 pairs) per chunk. */
@@ -452,7 +464,7 @@ static void range_i8(const int16_t *xq, const float *xs, const int8_t *wb, const
             const float *sc = c + pairs == pairs_all ? scale + p * PANEL : 0;
             const int8_t *w = wb + p * ps + c * 2 * PANEL;
             if (group == NB) {
-                TILE_I8_NAME(NB)(xq + 2 * c, xs, m, ldx, w, ps, pairs, c == 0, sc, y + p * PANEL, ldy);
+                TILE_I_NAME(i8, NB)(xq + 2 * c, xs, m, ldx, w, ps, pairs, c == 0, sc, y + p * PANEL, ldy);
             } else {
                 for (int64_t q = 0; q < group; q++)
                     tile_i8_1(xq + 2 * c, xs, m, ldx, w + q * ps, ps, pairs, c == 0, sc ? sc + q * PANEL : 0,
@@ -462,31 +474,75 @@ static void range_i8(const int16_t *xq, const float *xs, const int8_t *wb, const
     }
 }
 
+static void range_i4(const int16_t *xq, const float *xs, const int32_t *gsum, const uint8_t *wb,
+                     const uint16_t *group_scale, float *y, int64_t m, int64_t k, int64_t ldy, int64_t first,
+                     int64_t last) {
+    int64_t pairs_all = (k + 1) / 2, ps = pairs_all * PANEL, ldx = pairs_all * 2;
+    int64_t groups = (k + GROUP - 1) / GROUP, gps = groups * PANEL;
+    for (int64_t p = first; p < last; p += NB) {
+        int64_t group = last - p < NB ? last - p : NB;
+        for (int64_t c = 0; c < pairs_all; c += KC / 2) {
+            int64_t pairs = pairs_all - c < KC / 2 ? pairs_all - c : KC / 2, g = c / (GROUP / 2);
+            const uint8_t *w = wb + p * ps + c * PANEL;
+            const uint16_t *gs = group_scale + p * gps + g * PANEL;
+            if (group == NB) {
+                TILE_I_NAME(i4, NB)(xq + 2 * c, xs, gsum + g, groups, m, ldx, w, ps, gs, gps, pairs, c == 0,
+                                    y + p * PANEL, ldy);
+            } else {
+                for (int64_t q = 0; q < group; q++)
+                    tile_i4_1(xq + 2 * c, xs, gsum + g, groups, m, ldx, w + q * ps, ps, gs + q * gps, gps, pairs,
+                              c == 0, y + (p + q) * PANEL, ldy);
+            }
+        }
+    }
+}
+
+/* x's rows on their int16 grids (and int4's group sums): buffers the size of x, freed by the caller.
+ * 0 when out of memory. */
+static int16_t *quantized_rows(const float *x, int64_t m, int64_t k, float **xs, int32_t **gsum) {
+    int16_t *xq = malloc((size_t)(m * ((k + 1) / 2 * 2)) * sizeof *xq);
+    *xs = malloc((size_t)m * sizeof **xs);
+    if (gsum) *gsum = malloc((size_t)(m * ((k + GROUP - 1) / GROUP)) * sizeof **gsum);
+    if (!xq || !*xs || (gsum && !*gsum)) {
+        free(xq), free(*xs), *xs = 0;
+        if (gsum) free(*gsum), *gsum = 0;
+        return 0;
+    }
+    quantize_rows_i16(x, m, k, xq, *xs, gsum ? *gsum : 0);
+    return xq;
+}
+
 /* x (m, k) fp32, wb (P, ceil(k / 2), 16, 2) int8, scale (P * 16,) fp32, y (m, P * 16); group_scale
- * unused (the place of int4's). Threads as linear_f32's. */
+ * unused. Out of memory for x's grid (the size of x, small beside the weights): y is NaN. */
 void linear_i8(const float *restrict x, const int8_t *restrict wb, const float *restrict scale,
                const uint16_t *restrict group_scale, float *restrict y, int64_t m, int64_t panels, int64_t k,
                int threads) {
     (void)group_scale;
-    int64_t width = (k + 1) / 2 * 2;
-    int16_t *xq = malloc((size_t)(m * width) * sizeof *xq);
-    float *xs = malloc((size_t)m * sizeof *xs);
-    if (!xq || !xs) {  /* (rows of x: small beside the weights) a NaN result rather than a crash */
+    float *xs;
+    int16_t *xq = quantized_rows(x, m, k, &xs, 0);
+    if (!xq) {
         for (int64_t i = 0; i < m * panels * PANEL; i++) y[i] = NAN;
-        free(xq), free(xs);
         return;
     }
-    quantize_rows_i16(x, m, k, xq, xs);
-    int64_t groups = (panels + NB - 1) / NB;
-    if (threads > groups) threads = (int)groups;
-    if (threads < 1) threads = 1;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int t = 0; t < threads; t++) {
-        int64_t first = groups * t / threads * NB, last = groups * (t + 1) / threads * NB;
-        if (last > panels) last = panels;
-        if (first < last) range_i8(xq, xs, wb, scale, y, m, k, panels * PANEL, first, last);
-    }
+    SPLIT_PANELS(panels, threads, range_i8(xq, xs, wb, scale, y, m, k, panels * PANEL, first, last));
     free(xq), free(xs);
+}
+
+/* x (m, k) fp32, wb (P, ceil(k / 2), 16) bytes, group_scale (P, ceil(k / GROUP), 16) bf16, y
+ * (m, P * 16); scale unused. Out of memory: y is NaN. */
+void linear_i4(const float *restrict x, const uint8_t *restrict wb, const float *restrict scale,
+               const uint16_t *restrict group_scale, float *restrict y, int64_t m, int64_t panels, int64_t k,
+               int threads) {
+    (void)scale;
+    float *xs;
+    int32_t *gsum;
+    int16_t *xq = quantized_rows(x, m, k, &xs, &gsum);
+    if (!xq) {
+        for (int64_t i = 0; i < m * panels * PANEL; i++) y[i] = NAN;
+        return;
+    }
+    SPLIT_PANELS(panels, threads, range_i4(xq, xs, gsum, wb, group_scale, y, m, k, panels * PANEL, first, last));
+    free(xq), free(xs), free(gsum);
 }
 
 /* x (m, d), w (d,) -> y (m, d) = w * x / sqrt(mean(x^2) + eps) */

@@ -156,9 +156,10 @@ class CpuKernels:
     def blocked_int4(self, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """quantize_int4's (q (n, k) int8 in [-8, 7], scale (n, groups) bf16) -> the kernel's layout:
         (P, ceil(k / 2), panel) uint8, byte j of pair c holding output j of column 2c in its low nibble
-        and of column 2c + 1 in its high one; scales (P, groups, panel) bf16."""
+        and of column 2c + 1 in its high one, each as q + 8 (0..15: the kernel's integer products
+        take them unsigned); scales (P, groups, panel) bf16."""
         columns = self.blocked(q).transpose(1, 2)  # (P, panel, k): pairs of columns along the last dim
-        packed = pack_int4(columns).transpose(1, 2).contiguous()
+        packed = pack_int4(columns).transpose(1, 2).contiguous() ^ 0x88  # two's complement -> q + 8
         pad = -q.shape[0] % self.panel
         if pad:
             scale = torch.cat([scale, scale.new_ones(pad, scale.shape[1])])
