@@ -18,7 +18,8 @@ throughput_ratio_vs_transformers_c32=<x> (the distributed engine with --workers 
 static baseline; the reference engine's ratio and both engines' ratios over the bucketed baseline
 are printed above it). With --quantize int8 both engines run again with int8 weights
 (core/quantize.py), after the fp32 ones, on the same requests: their rows are printed beside fp32's
-(int8's tokens are checked equal between the two int8 engines, not to transformers' fp32 ones) and
+(int8's tokens are checked equal between the two int8 engines, or, where they differ, each against
+the in-process int8 engine on the request alone, up to ties, not to transformers' fp32 ones) and
 the last line adds int8_over_fp32_c32_reference=<x> int8_over_fp32_c32_distributed=<y>.
 """
 
@@ -123,9 +124,37 @@ def check_equal(name: str, got: list[list[int]], expected: list[list[int]], mode
     return ties
 
 
+def check_int8(name: str, got: list[list[int]], engine: Engine, tokenizer, requests, which: list[int]) -> int:
+    """Fail unless every request's greedy tokens equal the in-process int8 engine's on that request
+    alone (batch 1: the oracle, as transformers alone is for fp32), or part from them only where the
+    oracle's best two logits tie (within TIE). The engines' paths round differently (a few tokens go
+    through experts one by one in process, all through the workers when distributed; the combine and
+    the norms have a kernel for a few rows and torch's ops for more), which tips near-ties only.
+    Checks the requests `which`; returns how many parted so."""
+    ties = 0
+    for i in which:
+        tokens, (prompt, n) = got[i], requests[i]
+        fresh_cache(engine)
+        serving = ServingEngine(engine, tokenizer, ServingConfig(max_seqs=1), own_thread=False)
+        chunks = serving.generate([prompt], SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True,
+                                                           logprobs=2))[0]
+        alone = [t for c in chunks for t in c.token_ids]
+        if tokens == alone:
+            continue
+        d = next(j for j, (x, y) in enumerate(zip(tokens, alone)) if x != y)
+        step = [lp for c in chunks for lp in c.logprobs][d]  # the oracle's choice and its runner-up
+        gap = step.logprob - dict(step.top).get(tokens[d], float("-inf"))
+        if gap > TIE:
+            raise SystemExit(f"{name}: request {i} parts from the int8 engine's own tokens alone at token {d} "
+                             f"(got {tokens[d]}, alone {alone[d]}, logit gap {gap:.2e})")
+        ties += 1
+    return ties
+
+
 def int8_throughput(path, tokenizer, workers: int, repeats: int) -> dict[int, tuple[float, float]]:
     """Concurrency -> (reference, distributed) tokens/s with int8 weights, medians at 32 as for fp32;
-    fails unless both engines give the same greedy tokens."""
+    fails unless both engines give the in-process engine's greedy tokens alone, up to ties
+    (check_int8)."""
     from expertmesh.cluster.elastic import ExpertCluster
 
     reference = Engine.local(path, kv_blocks=2048, quantize="int8")
@@ -138,8 +167,11 @@ def int8_throughput(path, tokenizer, workers: int, repeats: int) -> dict[int, tu
             for _ in range(repeats if c == 32 else 1):
                 ref, ref_out = ours(reference, tokenizer, requests, c)
                 dist, dist_out = ours(cluster.engine, tokenizer, requests, c)
-                if ref_out != dist_out:
-                    raise SystemExit(f"int8, c{c}: the distributed engine's tokens differ from the in-process one's")
+                if ref_out != dist_out:  # rare (near-ties only): checked against the oracle
+                    which = [i for i, (a, b) in enumerate(zip(ref_out, dist_out)) if a != b]
+                    for name, out in (("int8 reference", ref_out), ("int8 distributed", dist_out)):
+                        ties = check_int8(f"{name}, c{c}", out, reference, tokenizer, requests, which)
+                        print(f"int8, c{c}: {name} engine's tokens equal the engine's alone up to {ties} tie(s)")
                 runs.append((ref, dist))
             rows[c] = tuple(statistics.median(column) for column in zip(*runs))
     finally:

@@ -38,10 +38,13 @@
  * Float weights go through FMAs. For 8- and 4-bit ones, widening each weight to fp32 for an FMA costs
  * three or more vector instructions per 16 weights, more than two cores issue at the rate the bytes
  * arrive (int8 decode was compute-bound at ~42 GB/s, int4 at a third of its roofline). So each row of
- * x goes on an int16 grid of its own (xq = round(x / xs), xs = max |x| / 32767: at most 1/65534 of
- * the row's largest value off, ~100x below an int8 weight's own step) and two columns at a time go
- * through one multiply-add of int16 pairs into int32 lanes (AVX512-VNNI's vpdpwssd, else vpmaddwd and
- * vpaddd): 32 weights per one or two instructions, exact. int8's sums turn into fp32 every chunk of
+ * x is written as two int16 digits, x ~= xs * (hi + lo / 65536) with xs = max |x| / 32767 (at most
+ * max |x| / 2^32 off: finer than fp32 holds any value above 1/256 of the row's largest), and two
+ * columns at a time go through one multiply-add of int16 pairs into int32 lanes per digit
+ * (AVX512-VNNI's vpdpwssd, else vpmaddwd and vpaddd): 32 weights per two to four instructions, exact.
+ * (One digit alone, 1/65534 of the row's largest value, is not enough: a row with an outlier puts
+ * the others on a coarse grid, and the rounding then tips with fp32's last bit, so that the same
+ * token decoded and prefilled gave logprobs 1e-2 apart.) int8's sums turn into fp32 every chunk of
  * KC columns, before they could overflow (KC * 127 * 32767 < 2^31); int4's every group, times the
  * group's scale (its nibbles are q + 8: the group's sum of x times 8 comes off first).
  *
@@ -58,23 +61,27 @@
 #if defined(__AVX512F__)
 #define VL 16
 #define MR 6 /* 32 vector registers: 24 sums, 4 weight vectors, a broadcast */
-#define MR_I4 3 /* int4 keeps a group's int32 sums beside the fp32 ones: 12 + 12 + 4 + 1 */
+#define MR_I8 3 /* two int32 sums per output (x's high and low digits): 24, 4 weights, 2 broadcasts */
+#define MR_I4 2 /* and int4's fp32 ones beside them: 8 + 8 + 8 + 4 + 2 */
 #define NB 4
 #elif defined(__AVX__)
 #define VL 8
 #define MR 6 /* 16 registers: 12 sums, 2 weight vectors, a broadcast */
-#define MR_I4 3 /* 6 + 6 + 2 + 1 */
+#define MR_I8 2 /* 8 + 2 + 2, and a product in flight (no VNNI in AVX2) */
+#define MR_I4 1
 #define NB 1
 #else
 #define VL 4 /* SSE, NEON: 16 or 32 registers */
 #define MR 3
-#define MR_I4 2
+#define MR_I8 1
+#define MR_I4 1
 #define NB 1
 #endif
 #define HALVES (PANEL / VL) /* native vectors per panel */
 #define KC 256 /* columns per chunk: a multiple of GROUP */
 #define GROUP 32 /* int4's columns per scale */
 #define XQ_MAX 32767.f /* the int16 grid of a row of x: this many steps either side of zero */
+#define XQ_LOW 65536.f /* x's low digits: on a grid this much finer (a power of two: exact scaling) */
 
 #if defined(__x86_64__) || defined(__i386__)
 #define IN_REGISTER(v) __asm__("" : "+v"(v))
@@ -285,14 +292,16 @@ KERNELS(bf16)
 
 /* ---- 8- and 4-bit weights: integer products ---- */
 
-/* x (m, k) -> xq (m, 2 * ceil(k / 2)) int16 (an odd k's last partner zero) and xs (m,): x ~= xq * xs.
- * A row that is not finite gets xq 0 and xs NaN, so that its outputs are NaN, as fp32's would not be
- * finite either. With gsum (m, ceil(k / GROUP)) given: each group's sum of xq (int4's offset). */
-static void quantize_rows_i16(const float *x, int64_t m, int64_t k, int16_t *xq, float *xs, int32_t *gsum) {
+/* x (m, k) -> its two digits hi and lo (m, 2 * ceil(k / 2)) int16 each (an odd k's last partner zero)
+ * and xs (m,): x ~= xs * (hi + lo / XQ_LOW). A row that is not finite gets digits 0 and xs NaN, so
+ * that its outputs are NaN, as fp32's would not be finite either. With gsum (m, 2, ceil(k / GROUP))
+ * given: each group's sum of hi, then of lo (int4's offset). */
+static void quantize_rows_i16(const float *x, int64_t m, int64_t k, int16_t *hi, int16_t *lo, float *xs,
+                              int32_t *gsum) {
     int64_t width = (k + 1) / 2 * 2, groups = (k + GROUP - 1) / GROUP;
     for (int64_t r = 0; r < m; r++) {
         const float *xr = x + r * k;
-        int16_t *qr = xq + r * width;
+        int16_t *hr = hi + r * width, *lr = lo + r * width;
         float top = 0.f;
         int finite = 1;
         for (int64_t i = 0; i < k; i++) {
@@ -301,37 +310,52 @@ static void quantize_rows_i16(const float *x, int64_t m, int64_t k, int16_t *xq,
             top = a > top ? a : top;
         }
         finite &= top < INFINITY;
-        float inverse = finite && top > 0.f ? XQ_MAX / top : 0.f;
+        memset(hr, 0, (size_t)width * sizeof *hr);
+        memset(lr, 0, (size_t)width * sizeof *lr);
         xs[r] = finite ? top / XQ_MAX : NAN;
-        #pragma omp simd
-        for (int64_t i = 0; i < k; i++) qr[i] = (int16_t)nearbyintf(xr[i] * inverse);
-        if (width > k) qr[k] = 0;
+        if (finite && top > 0.f) {
+            float step = xs[r], inverse = XQ_MAX / top, low_inverse = inverse * XQ_LOW;
+            #pragma omp simd
+            for (int64_t i = 0; i < k; i++) {
+                float q = nearbyintf(xr[i] * inverse);
+                float rest = fmaf(-q, step, xr[i]);  /* x less its high digit: |rest| <= step / 2 */
+                float l = nearbyintf(rest * low_inverse);
+                hr[i] = (int16_t)q;
+                lr[i] = (int16_t)(l > XQ_MAX ? XQ_MAX : l < -XQ_MAX ? -XQ_MAX : l);
+            }
+        }
         for (int64_t g = 0; gsum && g < groups; g++) {
-            int32_t s = 0;
-            for (int64_t i = g * GROUP; i < k && i < (g + 1) * GROUP; i++) s += qr[i];
-            gsum[r * groups + g] = s;
+            int32_t sh = 0, sl = 0;
+            for (int64_t i = g * GROUP; i < k && i < (g + 1) * GROUP; i++) sh += hr[i], sl += lr[i];
+            gsum[r * 2 * groups + g] = sh;
+            gsum[r * 2 * groups + groups + g] = sl;
         }
     }
 }
 
-/* The pair of xq's columns 2i, 2i + 1 of row r, in every lane. */
-static inline vi x_pair(const int16_t *xq, int64_t i) {
+/* The pair of a row's digits at columns 2i, 2i + 1, in every lane. */
+static inline vi x_pair(const int16_t *digits, int64_t i) {
     int32_t pair;
-    memcpy(&pair, xq + 2 * i, sizeof pair);
+    memcpy(&pair, digits + 2 * i, sizeof pair);
     return (vi){0} + pair;
 }
 
-/* int8: y[r, 16 * b + j] (+)= xs[r] * sum over `pairs` column pairs of xq[r] . W(b)[., j], for R rows
- * and B panels; times scale[16 * b + j] when scale is given (the last chunk). */
+/* Two digits' int32 sums -> their value in units of xs: exact scaling by 2^-16, one rounding. */
+static inline vf digits_value(vi high, vi low) {
+    return __builtin_convertvector(high, vf) + __builtin_convertvector(low, vf) * (1.f / XQ_LOW);
+}
+
+/* int8: y[r, 16 * b + j] (+)= xs[r] * sum over `pairs` column pairs of x's digits . W(b)[., j], for R
+ * rows and B panels; times scale[16 * b + j] when scale is given (the last chunk). */
 #define MICRO_I8(R, B) MICRO_I8_(R, B)
 #define MICRO_I8_(R, B)                                                                                 \
-static inline void micro_i8_##R##_##B(const int16_t *xq, int64_t ldx, const float *xs, const int8_t *wb, \
-                                      int64_t panel_stride, int64_t pairs, int fresh, const float *scale, \
-                                      float *y, int64_t ldy) {                                          \
-    vi acc[R][B][HALVES];                                                                               \
+static inline void micro_i8_##R##_##B(const int16_t *hi, const int16_t *lo, int64_t ldx, const float *xs, \
+                                      const int8_t *wb, int64_t panel_stride, int64_t pairs, int fresh, \
+                                      const float *scale, float *y, int64_t ldy) {                      \
+    vi high[R][B][HALVES], low[R][B][HALVES];                                                           \
     for (int r = 0; r < R; r++)                                                                         \
         for (int b = 0; b < B; b++)                                                                     \
-            for (int h = 0; h < HALVES; h++) acc[r][b][h] = (vi){0};                                    \
+            for (int h = 0; h < HALVES; h++) high[r][b][h] = low[r][b][h] = (vi){0};                    \
     for (int64_t i = 0; i < pairs; i++) {                                                               \
         vi wv[B][HALVES];                                                                               \
         for (int b = 0; b < B; b++)                                                                     \
@@ -340,16 +364,19 @@ static inline void micro_i8_##R##_##B(const int16_t *xq, int64_t ldx, const floa
                 IN_REGISTER(wv[b][h]);                                                                  \
             }                                                                                           \
         for (int r = 0; r < R; r++) {                                                                   \
-            vi xv = x_pair(xq + r * ldx, i);                                                            \
+            vi xh = x_pair(hi + r * ldx, i), xl = x_pair(lo + r * ldx, i);                              \
             for (int b = 0; b < B; b++)                                                                 \
-                for (int h = 0; h < HALVES; h++) acc[r][b][h] = dot_pairs(acc[r][b][h], xv, wv[b][h]);  \
+                for (int h = 0; h < HALVES; h++) {                                                      \
+                    high[r][b][h] = dot_pairs(high[r][b][h], xh, wv[b][h]);                             \
+                    low[r][b][h] = dot_pairs(low[r][b][h], xl, wv[b][h]);                               \
+                }                                                                                       \
         }                                                                                               \
     }                                                                                                   \
     for (int r = 0; r < R; r++)                                                                         \
         for (int b = 0; b < B; b++)                                                                     \
             for (int h = 0; h < HALVES; h++) {                                                          \
                 float *out = y + r * ldy + b * PANEL + h * VL;                                          \
-                vf sum = __builtin_convertvector(acc[r][b][h], vf) * xs[r];                             \
+                vf sum = digits_value(high[r][b][h], low[r][b][h]) * xs[r];                             \
                 IN_REGISTER(sum); /* rounded here in every variant: no FMA with the add below */        \
                 if (!fresh) sum += vload_f32(out);                                                      \
                 vstore(out, scale ? sum * vload_f32(scale + b * PANEL + h * VL) : sum);                 \
@@ -357,24 +384,25 @@ static inline void micro_i8_##R##_##B(const int16_t *xq, int64_t ldx, const floa
 }
 
 /* int4: the same over `pairs` column pairs, group by group: each group's int32 sums, less 8 times
- * the group's sum of x (gsum, the nibbles' offset), turn fp32 times the group's scales (gscale, the
- * chunk's first group of each panel, panels `group_stride` apart), then all times xs[r]. */
+ * the group's sums of x's digits (gsum: high at [r * ldg + g], low `low_at` further on; the nibbles'
+ * offset), turn fp32 times the group's scales (gscale, the chunk's first group of each panel, panels
+ * `group_stride` apart), then all times xs[r]. */
 #define MICRO_I4(R, B) MICRO_I4_(R, B)
 #define MICRO_I4_(R, B)                                                                                 \
-static inline void micro_i4_##R##_##B(const int16_t *xq, int64_t ldx, const float *xs, const int32_t *gsum, \
-                                      int64_t ldg, const uint8_t *wb, int64_t panel_stride,            \
-                                      const uint16_t *gscale, int64_t group_stride, int64_t pairs,     \
-                                      int fresh, float *y, int64_t ldy) {                               \
+static inline void micro_i4_##R##_##B(const int16_t *hi, const int16_t *lo, int64_t ldx, const float *xs, \
+                                      const int32_t *gsum, int64_t ldg, int64_t low_at, const uint8_t *wb, \
+                                      int64_t panel_stride, const uint16_t *gscale, int64_t group_stride, \
+                                      int64_t pairs, int fresh, float *y, int64_t ldy) {                \
     vf acc[R][B][HALVES];                                                                               \
     for (int r = 0; r < R; r++)                                                                         \
         for (int b = 0; b < B; b++)                                                                     \
             for (int h = 0; h < HALVES; h++) acc[r][b][h] = (vf){0};                                    \
     for (int64_t g = 0; g * (GROUP / 2) < pairs; g++) {                                                 \
         int64_t end = (g + 1) * (GROUP / 2) < pairs ? (g + 1) * (GROUP / 2) : pairs;                    \
-        vi sums[R][B][HALVES];                                                                          \
+        vi high[R][B][HALVES], low[R][B][HALVES];                                                       \
         for (int r = 0; r < R; r++)                                                                     \
             for (int b = 0; b < B; b++)                                                                 \
-                for (int h = 0; h < HALVES; h++) sums[r][b][h] = (vi){0};                               \
+                for (int h = 0; h < HALVES; h++) high[r][b][h] = low[r][b][h] = (vi){0};                \
         for (int64_t i = g * (GROUP / 2); i < end; i++) {                                               \
             vi wv[B][HALVES];                                                                           \
             for (int b = 0; b < B; b++)                                                                 \
@@ -383,16 +411,20 @@ static inline void micro_i4_##R##_##B(const int16_t *xq, int64_t ldx, const floa
                     IN_REGISTER(wv[b][h]);                                                              \
                 }                                                                                       \
             for (int r = 0; r < R; r++) {                                                               \
-                vi xv = x_pair(xq + r * ldx, i);                                                        \
+                vi xh = x_pair(hi + r * ldx, i), xl = x_pair(lo + r * ldx, i);                          \
                 for (int b = 0; b < B; b++)                                                             \
-                    for (int h = 0; h < HALVES; h++) sums[r][b][h] = dot_pairs(sums[r][b][h], xv, wv[b][h]); \
+                    for (int h = 0; h < HALVES; h++) {                                                  \
+                        high[r][b][h] = dot_pairs(high[r][b][h], xh, wv[b][h]);                         \
+                        low[r][b][h] = dot_pairs(low[r][b][h], xl, wv[b][h]);                           \
+                    }                                                                                   \
             }                                                                                           \
         }                                                                                               \
         for (int b = 0; b < B; b++)                                                                     \
             for (int h = 0; h < HALVES; h++) {                                                          \
                 vf gs = vload_bf16(gscale + b * group_stride + g * PANEL + h * VL);                     \
                 for (int r = 0; r < R; r++) {                                                           \
-                    vf part = __builtin_convertvector(sums[r][b][h] - 8 * gsum[r * ldg + g], vf) * gs;  \
+                    const int32_t *sums = gsum + r * ldg + g;                                           \
+                    vf part = digits_value(high[r][b][h] - 8 * sums[0], low[r][b][h] - 8 * sums[low_at]) * gs; \
                     IN_REGISTER(part);                                                                  \
                     acc[r][b][h] += part;                                                               \
                 }                                                                                       \
@@ -408,124 +440,128 @@ static inline void micro_i4_##R##_##B(const int16_t *xq, int64_t ldx, const floa
             }                                                                                           \
 }
 
-/* Rows in tiles of MR (int8) or MR_I4 (int4). */
+/* Rows in tiles of up to MR_I8 (int8) or MR_I4 (int4) rows, at most 3. */
 #define TILE_I8(B) TILE_I8_(B)
 #define TILE_I8_(B)                                                                                     \
-static inline void tile_i8_##B(const int16_t *xq, const float *xs, int64_t rows, int64_t ldx,           \
-                               const int8_t *wb, int64_t ps, int64_t pairs, int fresh, const float *sc, \
-                               float *y, int64_t ldy) {                                                 \
-    for (int64_t r = 0; r < rows; r += MR) {                                                            \
-        const int16_t *xr = xq + r * ldx;                                                               \
-        float *yr = y + r * ldy;                                                                        \
-        switch (rows - r < MR ? rows - r : MR) {                                                        \
-        case 1: micro_i8_1_##B(xr, ldx, xs + r, wb, ps, pairs, fresh, sc, yr, ldy); break;              \
-        case 2: micro_i8_2_##B(xr, ldx, xs + r, wb, ps, pairs, fresh, sc, yr, ldy); break;              \
-        case 3: micro_i8_3_##B(xr, ldx, xs + r, wb, ps, pairs, fresh, sc, yr, ldy); break;              \
-        case 4: micro_i8_4_##B(xr, ldx, xs + r, wb, ps, pairs, fresh, sc, yr, ldy); break;              \
-        case 5: micro_i8_5_##B(xr, ldx, xs + r, wb, ps, pairs, fresh, sc, yr, ldy); break;              \
-        default: micro_i8_6_##B(xr, ldx, xs + r, wb, ps, pairs, fresh, sc, yr, ldy); break;             \
-        }                                                                                               \
+static inline void tile_i8_##B(const int16_t *hi, const int16_t *lo, const float *xs, int64_t rows,     \
+                               int64_t ldx, const int8_t *wb, int64_t ps, int64_t pairs, int fresh,     \
+                               const float *sc, float *y, int64_t ldy) {                                \
+    for (int64_t r = 0; r < rows; r += MR_I8) {                                                         \
+        const int16_t *h = hi + r * ldx, *l = lo + r * ldx;                                             \
+        if (MR_I8 >= 3 && rows - r >= 3)                                                                \
+            micro_i8_3_##B(h, l, ldx, xs + r, wb, ps, pairs, fresh, sc, y + r * ldy, ldy);              \
+        else if (MR_I8 >= 2 && rows - r >= 2)                                                           \
+            micro_i8_2_##B(h, l, ldx, xs + r, wb, ps, pairs, fresh, sc, y + r * ldy, ldy);              \
+        else                                                                                            \
+            micro_i8_1_##B(h, l, ldx, xs + r, wb, ps, pairs, fresh, sc, y + r * ldy, ldy);              \
     }                                                                                                   \
 }
 #define TILE_I4(B) TILE_I4_(B)
 #define TILE_I4_(B)                                                                                     \
-static inline void tile_i4_##B(const int16_t *xq, const float *xs, const int32_t *gsum, int64_t ldg,    \
-                               int64_t rows, int64_t ldx, const uint8_t *wb, int64_t ps,                \
-                               const uint16_t *gscale, int64_t gps, int64_t pairs, int fresh, float *y, \
-                               int64_t ldy) {                                                           \
+static inline void tile_i4_##B(const int16_t *hi, const int16_t *lo, const float *xs, const int32_t *gsum, \
+                               int64_t ldg, int64_t low_at, int64_t rows, int64_t ldx, const uint8_t *wb, \
+                               int64_t ps, const uint16_t *gscale, int64_t gps, int64_t pairs, int fresh, \
+                               float *y, int64_t ldy) {                                                 \
     for (int64_t r = 0; r < rows; r += MR_I4) {                                                         \
-        const int16_t *xr = xq + r * ldx;                                                               \
-        float *yr = y + r * ldy;                                                                        \
-        if (rows - r >= 3 && MR_I4 >= 3)                                                                \
-            micro_i4_3_##B(xr, ldx, xs + r, gsum + r * ldg, ldg, wb, ps, gscale, gps, pairs, fresh, yr, ldy); \
-        else if (rows - r >= 2)                                                                         \
-            micro_i4_2_##B(xr, ldx, xs + r, gsum + r * ldg, ldg, wb, ps, gscale, gps, pairs, fresh, yr, ldy); \
+        const int16_t *h = hi + r * ldx, *l = lo + r * ldx;                                             \
+        if (MR_I4 >= 2 && rows - r >= 2)                                                                \
+            micro_i4_2_##B(h, l, ldx, xs + r, gsum + r * ldg, ldg, low_at, wb, ps, gscale, gps, pairs,  \
+                           fresh, y + r * ldy, ldy);                                                    \
         else                                                                                            \
-            micro_i4_1_##B(xr, ldx, xs + r, gsum + r * ldg, ldg, wb, ps, gscale, gps, pairs, fresh, yr, ldy); \
+            micro_i4_1_##B(h, l, ldx, xs + r, gsum + r * ldg, ldg, low_at, wb, ps, gscale, gps, pairs,  \
+                           fresh, y + r * ldy, ldy);                                                    \
     }                                                                                                   \
 }
 #define TILE_I_NAME(T, B) TILE_I_NAME_(T, B)
 #define TILE_I_NAME_(T, B) tile_##T##_##B
-MICRO_I8(1, NB) MICRO_I8(2, NB) MICRO_I8(3, NB) MICRO_I8(4, NB) MICRO_I8(5, NB) MICRO_I8(6, NB) TILE_I8(NB)
-MICRO_I4(1, NB) MICRO_I4(2, NB) MICRO_I4(3, NB) TILE_I4(NB)
+MICRO_I8(1, NB) MICRO_I8(2, NB) MICRO_I8(3, NB) TILE_I8(NB)
+MICRO_I4(1, NB) MICRO_I4(2, NB) TILE_I4(NB)
 #if NB != 1
-MICRO_I8(1, 1) MICRO_I8(2, 1) MICRO_I8(3, 1) MICRO_I8(4, 1) MICRO_I8(5, 1) MICRO_I8(6, 1) TILE_I8(1)
-MICRO_I4(1, 1) MICRO_I4(2, 1) MICRO_I4(3, 1) TILE_I4(1)
+MICRO_I8(1, 1) MICRO_I8(2, 1) MICRO_I8(3, 1) TILE_I8(1)
+MICRO_I4(1, 1) MICRO_I4(2, 1) TILE_I4(1)
 #endif
 
+/* x's rows as digits: hi and lo (m, 2 * ceil(k / 2)) int16, xs (m,), and for int4 gsum (m, 2, groups). */
+typedef struct {
+    int16_t *hi, *lo;
+    float *xs;
+    int32_t *gsum;
+    int64_t width, groups;
+} Digits;
+
 /* Panels [first, last) (one thread's share), NB at a time, KC columns (KC / 2 pairs) per chunk. */
-static void range_i8(const int16_t *xq, const float *xs, const int8_t *wb, const float *scale, float *y,
-                     int64_t m, int64_t k, int64_t ldy, int64_t first, int64_t last) {
-    int64_t pairs_all = (k + 1) / 2, ps = pairs_all * 2 * PANEL, ldx = pairs_all * 2;
+static void range_i8(const Digits *x, const int8_t *wb, const float *scale, float *y, int64_t m, int64_t k,
+                     int64_t ldy, int64_t first, int64_t last) {
+    int64_t pairs_all = (k + 1) / 2, ps = pairs_all * 2 * PANEL;
     for (int64_t p = first; p < last; p += NB) {
         int64_t group = last - p < NB ? last - p : NB;
         for (int64_t c = 0; c < pairs_all; c += KC / 2) {
             int64_t pairs = pairs_all - c < KC / 2 ? pairs_all - c : KC / 2;
             const float *sc = c + pairs == pairs_all ? scale + p * PANEL : 0;
             const int8_t *w = wb + p * ps + c * 2 * PANEL;
+            const int16_t *hi = x->hi + 2 * c, *lo = x->lo + 2 * c;
             if (group == NB) {
-                TILE_I_NAME(i8, NB)(xq + 2 * c, xs, m, ldx, w, ps, pairs, c == 0, sc, y + p * PANEL, ldy);
+                TILE_I_NAME(i8, NB)(hi, lo, x->xs, m, x->width, w, ps, pairs, c == 0, sc, y + p * PANEL, ldy);
             } else {
                 for (int64_t q = 0; q < group; q++)
-                    tile_i8_1(xq + 2 * c, xs, m, ldx, w + q * ps, ps, pairs, c == 0, sc ? sc + q * PANEL : 0,
+                    tile_i8_1(hi, lo, x->xs, m, x->width, w + q * ps, ps, pairs, c == 0, sc ? sc + q * PANEL : 0,
                               y + (p + q) * PANEL, ldy);
             }
         }
     }
 }
 
-static void range_i4(const int16_t *xq, const float *xs, const int32_t *gsum, const uint8_t *wb,
-                     const uint16_t *group_scale, float *y, int64_t m, int64_t k, int64_t ldy, int64_t first,
-                     int64_t last) {
-    int64_t pairs_all = (k + 1) / 2, ps = pairs_all * PANEL, ldx = pairs_all * 2;
-    int64_t groups = (k + GROUP - 1) / GROUP, gps = groups * PANEL;
+static void range_i4(const Digits *x, const uint8_t *wb, const uint16_t *group_scale, float *y, int64_t m,
+                     int64_t k, int64_t ldy, int64_t first, int64_t last) {
+    int64_t pairs_all = (k + 1) / 2, ps = pairs_all * PANEL, gps = x->groups * PANEL;
     for (int64_t p = first; p < last; p += NB) {
         int64_t group = last - p < NB ? last - p : NB;
         for (int64_t c = 0; c < pairs_all; c += KC / 2) {
             int64_t pairs = pairs_all - c < KC / 2 ? pairs_all - c : KC / 2, g = c / (GROUP / 2);
             const uint8_t *w = wb + p * ps + c * PANEL;
             const uint16_t *gs = group_scale + p * gps + g * PANEL;
+            const int16_t *hi = x->hi + 2 * c, *lo = x->lo + 2 * c;
+            const int32_t *sums = x->gsum + g;
             if (group == NB) {
-                TILE_I_NAME(i4, NB)(xq + 2 * c, xs, gsum + g, groups, m, ldx, w, ps, gs, gps, pairs, c == 0,
-                                    y + p * PANEL, ldy);
+                TILE_I_NAME(i4, NB)(hi, lo, x->xs, sums, 2 * x->groups, x->groups, m, x->width, w, ps, gs, gps,
+                                    pairs, c == 0, y + p * PANEL, ldy);
             } else {
                 for (int64_t q = 0; q < group; q++)
-                    tile_i4_1(xq + 2 * c, xs, gsum + g, groups, m, ldx, w + q * ps, ps, gs + q * gps, gps, pairs,
-                              c == 0, y + (p + q) * PANEL, ldy);
+                    tile_i4_1(hi, lo, x->xs, sums, 2 * x->groups, x->groups, m, x->width, w + q * ps, ps,
+                              gs + q * gps, gps, pairs, c == 0, y + (p + q) * PANEL, ldy);
             }
         }
     }
 }
 
-/* x's rows on their int16 grids (and int4's group sums): buffers the size of x, freed by the caller.
- * 0 when out of memory. */
-static int16_t *quantized_rows(const float *x, int64_t m, int64_t k, float **xs, int32_t **gsum) {
-    int16_t *xq = malloc((size_t)(m * ((k + 1) / 2 * 2)) * sizeof *xq);
-    *xs = malloc((size_t)m * sizeof **xs);
-    if (gsum) *gsum = malloc((size_t)(m * ((k + GROUP - 1) / GROUP)) * sizeof **gsum);
-    if (!xq || !*xs || (gsum && !*gsum)) {
-        free(xq), free(*xs), *xs = 0;
-        if (gsum) free(*gsum), *gsum = 0;
+/* x's digits into buffers the size of x (small beside the weights); 0 when out of memory. */
+static int digits_of(const float *x, int64_t m, int64_t k, int with_group_sums, Digits *d) {
+    d->width = (k + 1) / 2 * 2, d->groups = (k + GROUP - 1) / GROUP;
+    d->hi = malloc((size_t)(2 * m * d->width) * sizeof *d->hi);
+    d->lo = d->hi ? d->hi + m * d->width : 0;
+    d->xs = malloc((size_t)m * sizeof *d->xs);
+    d->gsum = with_group_sums ? malloc((size_t)(2 * m * d->groups) * sizeof *d->gsum) : 0;
+    if (!d->hi || !d->xs || (with_group_sums && !d->gsum)) {
+        free(d->hi), free(d->xs), free(d->gsum);
         return 0;
     }
-    quantize_rows_i16(x, m, k, xq, *xs, gsum ? *gsum : 0);
-    return xq;
+    quantize_rows_i16(x, m, k, d->hi, d->lo, d->xs, d->gsum);
+    return 1;
 }
 
 /* x (m, k) fp32, wb (P, ceil(k / 2), 16, 2) int8, scale (P * 16,) fp32, y (m, P * 16); group_scale
- * unused. Out of memory for x's grid (the size of x, small beside the weights): y is NaN. */
+ * unused. Out of memory for x's digits: y is NaN. */
 void linear_i8(const float *restrict x, const int8_t *restrict wb, const float *restrict scale,
                const uint16_t *restrict group_scale, float *restrict y, int64_t m, int64_t panels, int64_t k,
                int threads) {
     (void)group_scale;
-    float *xs;
-    int16_t *xq = quantized_rows(x, m, k, &xs, 0);
-    if (!xq) {
+    Digits d;
+    if (!digits_of(x, m, k, 0, &d)) {
         for (int64_t i = 0; i < m * panels * PANEL; i++) y[i] = NAN;
         return;
     }
-    SPLIT_PANELS(panels, threads, range_i8(xq, xs, wb, scale, y, m, k, panels * PANEL, first, last));
-    free(xq), free(xs);
+    SPLIT_PANELS(panels, threads, range_i8(&d, wb, scale, y, m, k, panels * PANEL, first, last));
+    free(d.hi), free(d.xs);
 }
 
 /* x (m, k) fp32, wb (P, ceil(k / 2), 16) bytes, group_scale (P, ceil(k / GROUP), 16) bf16, y
@@ -534,15 +570,13 @@ void linear_i4(const float *restrict x, const uint8_t *restrict wb, const float 
                const uint16_t *restrict group_scale, float *restrict y, int64_t m, int64_t panels, int64_t k,
                int threads) {
     (void)scale;
-    float *xs;
-    int32_t *gsum;
-    int16_t *xq = quantized_rows(x, m, k, &xs, &gsum);
-    if (!xq) {
+    Digits d;
+    if (!digits_of(x, m, k, 1, &d)) {
         for (int64_t i = 0; i < m * panels * PANEL; i++) y[i] = NAN;
         return;
     }
-    SPLIT_PANELS(panels, threads, range_i4(xq, xs, gsum, wb, group_scale, y, m, k, panels * PANEL, first, last));
-    free(xq), free(xs), free(gsum);
+    SPLIT_PANELS(panels, threads, range_i4(&d, wb, group_scale, y, m, k, panels * PANEL, first, last));
+    free(d.hi), free(d.xs), free(d.gsum);
 }
 
 /* x (m, d), w (d,) -> y (m, d) = w * x / sqrt(mean(x^2) + eps) */

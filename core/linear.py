@@ -7,8 +7,8 @@
     on CPUs without AVX-512 BF16), else the weight as given for torch's F.linear;
   - GPU: the weight as given (cuBLAS).
 `quantize="int8"` holds int8 and a scale per output, `"int4"` two weights a byte and a bf16 scale per
-32 columns (core/quantize.py): the blocked kernel widens and scales them in registers (int8: integer
-products with x on an int16 grid per row, core/cpu_kernels.c); elsewhere (GPU,
+32 columns (core/quantize.py): the blocked kernel multiplies them as integers, with each row of x on an
+int16 grid of its own (core/cpu_kernels.c); elsewhere (GPU,
 no kernels) each call dequantizes a chunk of outputs at a time, which saves the memory but not the
 time. `"fp8"` (e4m3, a scale per output) is for GPU workers' expert stacks (the Triton kernel reads
 them); a Linear holds it plain and dequantizes per call. Only one layout is ever held: `nbytes` is
@@ -95,7 +95,7 @@ class Linear:
             weight, self.group_scale = quantize_int4(weight)  # (n, k) int8 in [-8, 7]
         if kernels is not None and quantize in ("int8", "int4") and weight.device.type == "cpu":
             self.layout, self._kernels = "blocked", kernels
-            if quantize == "int4":  # (P, in, panel / 2) bytes, (P, groups, panel)
+            if quantize == "int4":  # (P, in / 2, panel) bytes, (P, groups, panel)
                 self.weight, self.group_scale = kernels.blocked_int4(weight, self.group_scale)
             else:
                 self.weight = kernels.blocked_int8(weight)  # (P, in / 2, 2 * panel): int8

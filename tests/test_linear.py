@@ -46,18 +46,23 @@ def close(got: torch.Tensor, expected: torch.Tensor, tolerance: float) -> bool:
 
 
 def on_int16_grid(x: torch.Tensor) -> torch.Tensor:
-    """What the int8 and int4 kernels multiply their weights by (core/cpu_kernels.c): each row of x rounded to
-    a grid of its own, 32767 steps either side of zero up to the row's largest |value|."""
+    """What the int8 and int4 kernels multiply their weights by (core/cpu_kernels.c): each row of x
+    as two int16 digits, x ~= xs * (hi + lo / 65536), xs = the row's max |x| / 32767."""
     top = x.abs().amax(dim=1, keepdim=True)
-    return torch.round(x * torch.where(top > 0, 32767.0 / top, 0.0)) * (top / 32767.0)
+    step = top / 32767.0
+    inverse = torch.where(top > 0, 32767.0 / top, 0.0)
+    hi = torch.round(x * inverse)
+    rest = (x.double() - hi.double() * step.double()).float()  # one rounding, as the kernel's fmaf
+    lo = torch.round(rest * (inverse * 65536.0)).clamp(-32767, 32767)
+    return (step.double() * (hi.double() + lo.double() / 65536)).float()
 
 
 def within_the_grid(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """got is x @ weight.T computed on on_int16_grid(x): each x off by at most half a step (its row's
-    max |x| / 65534), so each output off by at most that times the sum of its |weights| (plus fp32's
-    rounding)."""
+    """got is x @ weight.T computed on on_int16_grid(x): each x off by at most half a step of the
+    low digit (its row's max |x| / 2^32), so each output off by at most that times the sum of its
+    |weights|, plus fp32's rounding: as close as fp32 activations come."""
     expected = F.linear(x, weight)
-    bound = x.abs().amax(1, keepdim=True) / 65534 * weight.abs().sum(1) + 1e-5 * expected.abs().max().clamp(min=1)
+    bound = x.abs().amax(1, keepdim=True) / 2**32 * weight.abs().sum(1) + 1e-5 * expected.abs().max().clamp(min=1)
     return bool(((got - expected).abs() <= bound).all())
 
 
@@ -233,6 +238,26 @@ def test_int8_sums_do_not_overflow_at_the_extremes(in_features):
     x[2, ::2] = -2.0  # alternating signs along the row: the sums cancel column by column
     expected = F.linear(x, weight)
     assert torch.allclose(layer(x), expected, rtol=1e-6), (layer(x)[:, :2], expected[:, :2])
+
+
+@needs_kernels
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_a_row_with_an_outlier_keeps_the_precision_of_fp32(quantize):
+    """A row of x with one value 1000x the others. On one int16 digit the others would sit on a grid
+    1/33 of their size, and the rounding would tip with their last bits (the same token decoded and
+    prefilled came out 1e-2 apart in logprob, and then differently in different batches); on two
+    digits a small change of x changes the outputs as it changes fp32's, to fp32's rounding."""
+    gen = torch.Generator().manual_seed(11)
+    weight = torch.randn(64, 512, generator=gen) / 512 ** 0.5
+    reference = dequantize(*quantize_int8(weight)) if quantize == "int8" else dequantize_int4(*quantize_int4(weight))
+    layer = Linear(weight, quantize)
+    x = torch.randn(4, 512, generator=gen)
+    x[:, 7] = 1000.0
+    nudged = x * (1 + 1e-4 * torch.randn(4, 512, generator=gen))
+    nudged[:, 7] = 1000.0
+    change = layer(nudged) - layer(x)
+    expected = F.linear(nudged, reference) - F.linear(x, reference)  # ~3e-4; one digit: off by ~6e-3
+    assert (change - expected).abs().max() <= 1e-6 * layer(x).abs().max()
 
 
 @needs_kernels
