@@ -169,7 +169,7 @@ class CpuKernels:
                group_scale: torch.Tensor | None = None) -> torch.Tensor:
         """x (m, k) @ W.T -> (m, n) fp32, W's blocked layout (P, k, panel) from `blocked`; int8 weights
         (blocked_int8's, (P, ceil(k / 2), 2 * panel)) take their per-output scale (P * panel,) fp32, and
-        x's rows go on an int16 grid each (core/cpu_kernels.c); int4 ones (blocked_int4's, uint8
+        x's rows are written as two int16 digits each (core/cpu_kernels.c); int4 ones (blocked_int4's, uint8
         (P, ceil(k / 2), panel)) their group scales (P, groups, panel) bf16. Any m, including 0."""
         m, k = x.shape
         panels = blocked.shape[0]

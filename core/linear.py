@@ -7,8 +7,8 @@
     on CPUs without AVX-512 BF16), else the weight as given for torch's F.linear;
   - GPU: the weight as given (cuBLAS).
 `quantize="int8"` holds int8 and a scale per output, `"int4"` two weights a byte and a bf16 scale per
-32 columns (core/quantize.py): the blocked kernel multiplies them as integers, with each row of x on an
-int16 grid of its own (core/cpu_kernels.c); elsewhere (GPU,
+32 columns (core/quantize.py): the blocked kernel multiplies them as integers, with each row of x as
+two int16 digits (core/cpu_kernels.c); elsewhere (GPU,
 no kernels) each call dequantizes a chunk of outputs at a time, which saves the memory but not the
 time. `"fp8"` (e4m3, a scale per output) is for GPU workers' expert stacks (the Triton kernel reads
 them); a Linear holds it plain and dequantizes per call. Only one layout is ever held: `nbytes` is

@@ -4,9 +4,9 @@ int8: W (n, k) -> q (n, k) int8 in [-127, 127] and scale (n,) fp32 with W ~= q *
 = max |W[o, :]| / 127. int4: the same per group of GROUP columns of a row, q in [-8, 7] (the largest
 |W| of the group maps to 7), scale (n, ceil(k / GROUP)) rounded to bf16 first (what is stored: 4.5 bits
 a weight in all, as llama.cpp's Q4_0). Only the weights' bytes shrink, which is what bounds decode at
-small batches: the activations stay fp32 (bf16 on the GPU), except that the CPU's int8 kernel puts
-each row of x on an int16 grid of its own for integer products (core/cpu_kernels.c; 1/65534 of the
-row's largest value at most, ~100x below an int8 weight's step). A weight's error is at most half a step
+small batches: the activations stay fp32 (bf16 on the GPU); the CPU's int8 and int4 kernels write
+each row of x as two int16 digits for integer products (core/cpu_kernels.c), as fine as fp32 for
+every value above 1/256 of the row's largest. A weight's error is at most half a step
 (plus the bf16 rounding of int4's scale); tests/test_quantize.py bounds what that does to the logits.
 
 fp8: W -> q (n, k) float8 e4m3 and scale (n,) fp32, scale = max |W[o, :]| / 448 (e4m3's largest

@@ -45,7 +45,7 @@ def close(got: torch.Tensor, expected: torch.Tensor, tolerance: float) -> bool:
     return (got.float() - expected.float()).abs().max().item() <= tolerance * scale
 
 
-def on_int16_grid(x: torch.Tensor) -> torch.Tensor:
+def as_int16_digits(x: torch.Tensor) -> torch.Tensor:
     """What the int8 and int4 kernels multiply their weights by (core/cpu_kernels.c): each row of x
     as two int16 digits, x ~= xs * (hi + lo / 65536), xs = the row's max |x| / 32767."""
     top = x.abs().amax(dim=1, keepdim=True)
@@ -57,8 +57,8 @@ def on_int16_grid(x: torch.Tensor) -> torch.Tensor:
     return (step.double() * (hi.double() + lo.double() / 65536)).float()
 
 
-def within_the_grid(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """got is x @ weight.T computed on on_int16_grid(x): each x off by at most half a step of the
+def within_the_digits(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """got is x @ weight.T computed on as_int16_digits(x): each x off by at most half a step of the
     low digit (its row's max |x| / 2^32), so each output off by at most that times the sum of its
     |weights|, plus fp32's rounding: as close as fp32 activations come."""
     expected = F.linear(x, weight)
@@ -114,9 +114,9 @@ def test_quantized_layers_compute_with_the_dequantized_weight_and_hold_its_bytes
              dequantize_int4(*quantize_int4(weight)))):
         layer = Linear(weight, quantize) if kernels == "default" else Linear(weight, quantize, kernels=None)
         assert layer.layout == ("blocked" if blocked else quantize)
-        rows_as_read = on_int16_grid(x) if blocked else x
+        rows_as_read = as_int16_digits(x) if blocked else x
         assert close(layer(x), F.linear(rows_as_read, reference), 1e-5)
-        assert not blocked or within_the_grid(layer(x), x, reference)
+        assert not blocked or within_the_digits(layer(x), x, reference)
         assert layer.nbytes == held_bytes(layer) == expected_bytes, quantize
     assert expected_bytes < weight.numel() * 4 / 6.5  # int4 and its scales: under 5 bits a weight
 
@@ -185,14 +185,14 @@ def test_the_kernel_matches_f_linear_on_any_shape(rows, out_features, in_feature
         q, scale = quantize_int8(weight)
         blocked, expected_weight = KERNELS.blocked_int8(q), dequantize(q, scale)
         scale = torch.cat([scale, scale.new_ones(-out_features % KERNELS.panel)])
-        assert within_the_grid(KERNELS.linear(x, blocked, out_features, scale), x, expected_weight)
-        x = on_int16_grid(x)  # what the kernel multiplies: its sums are exact from there
+        assert within_the_digits(KERNELS.linear(x, blocked, out_features, scale), x, expected_weight)
+        x = as_int16_digits(x)  # what the kernel multiplies: its sums are exact from there
     elif dtype == "int4":
         q, group_scale = quantize_int4(weight)
         expected_weight = dequantize_int4(q, group_scale)
         blocked, group_scale = KERNELS.blocked_int4(q, group_scale)
-        assert within_the_grid(KERNELS.linear(x, blocked, out_features, None, group_scale), x, expected_weight)
-        x = on_int16_grid(x)
+        assert within_the_digits(KERNELS.linear(x, blocked, out_features, None, group_scale), x, expected_weight)
+        x = as_int16_digits(x)
     else:
         as_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
         blocked, expected_weight = KERNELS.blocked(weight.to(as_dtype)), weight.to(as_dtype).float()
@@ -227,7 +227,7 @@ def test_a_row_gets_the_same_bits_in_any_batch(rows, pick, out_features, in_feat
 @needs_kernels
 @pytest.mark.parametrize("in_features", [255, 256, 257, 2000])  # one chunk of KC columns, and eight
 def test_int8_sums_do_not_overflow_at_the_extremes(in_features):
-    """Every weight at +-127 and every x at the top of its int16 grid, with one sign: the largest sums
+    """Every weight at +-127 and every x at the top of its high int16 digit, with one sign: the largest sums
     there are (127 * 32767 per column). int32 would overflow past 516 columns; the kernel turns each
     chunk into fp32 before. Exact results: the products are integers times two scales."""
     signs = torch.tensor([1.0, -1.0]).repeat(8)  # 16 outputs: one panel, alternating signs
@@ -263,7 +263,7 @@ def test_a_row_with_an_outlier_keeps_the_precision_of_fp32(quantize):
 @needs_kernels
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_a_row_that_is_not_finite_gives_nan_and_leaves_the_others_alone(quantize):
-    """x's rows go on int16 grids of their own: an inf or NaN in one row makes that row's outputs NaN
+    """x's rows become int16 digits each on a scale of their own: an inf or NaN in one row makes that row's outputs NaN
     (as fp32's would not be finite), and the rows beside it in the batch come out as they would alone."""
     gen = torch.Generator().manual_seed(5)
     layer = Linear(torch.randn(40, 70, generator=gen), quantize)
@@ -350,7 +350,7 @@ def test_the_kernels_built_for_an_older_cpu_compute_the_same(tmp_path, monkeypat
         for quantize, reference in (("int8", dequantize(*quantize_int8(weight))),
                                     ("int4", dequantize_int4(*quantize_int4(weight)))):
             layer = Linear(weight, quantize, kernels=older)
-            assert close(layer(x), F.linear(on_int16_grid(x), reference), 1e-5)
+            assert close(layer(x), F.linear(as_int16_digits(x), reference), 1e-5)
             assert torch.equal(layer(x)[:1], layer(x[:1])), "batch-invariant on every target"
     norm = torch.randn(333, generator=gen)
     x = torch.randn(5, 333, generator=gen)
