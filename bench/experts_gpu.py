@@ -1,11 +1,12 @@
 """GPU check of the expert path at real Mixtral 8x7B dimensions (hidden 4096, intermediate 14336,
 8 experts, top-2, bf16): the Triton grouped kernel against the torch per-expert path, correctness
-and speed; the same kernel over int8 and fp8 (e4m3) stacks (--quantize int8 / fp8) against it over
-bf16 at 1-1024 tokens; and an NCCL process group (the transport's backend) on one rank.
+and speed; the same kernel over int8, fp8 (e4m3) and int4 stacks (--quantize int8 / fp8 / int4)
+against it over bf16 at 1-1024 tokens; and an NCCL process group (the transport's backend) on one rank.
 
     python bench/experts_gpu.py        # needs one CUDA GPU; prints tables and a last line
 Last line: triton_over_torch_moe_speedup_t1024=<x> int8_over_bf16_t1=<y> fp8_over_bf16_t1=<z>
-(the 8-bit ones: bf16's time over theirs at one token, where reading the weights is the step)
+int4_over_bf16_t1=<w> (the quantized ones: bf16's time over theirs at one token, where reading the
+weights is the step)
 """
 
 from __future__ import annotations
@@ -59,11 +60,15 @@ def nccl_check() -> str:
     return f"nccl allreduce 1 rank 256x{D} bf16: equal={ok} {ms * 1e3:.0f} us"
 
 
-def eight_bit(experts: dict, gen: torch.Generator) -> dict[str, float]:
-    """int8 and fp8 stacks through the Triton kernel against bf16 stacks through it: ms per call,
-    and the error against bf16's output. Returns bf16's time over each at one token."""
-    layers = {q: LayerExperts.stack(dict(experts), quantize=q) for q in ("none", "int8", "fp8")}
-    print(f"{'tokens':>6} {'bf16 ms':>8} {'int8 ms':>8} {'fp8 ms':>8} {'int8 rel err':>12} {'fp8 rel err':>11}")
+QUANTIZED = ("int8", "fp8", "int4")
+
+
+def quantized(experts: dict, gen: torch.Generator) -> dict[str, float]:
+    """int8, fp8 and int4 stacks through the Triton kernel against bf16 stacks through it: ms per
+    call, and the error against bf16's output. Returns bf16's time over each at one token."""
+    layers = {q: LayerExperts.stack(dict(experts), quantize=q) for q in ("none", *QUANTIZED)}
+    print(f"{'tokens':>6} {'bf16 ms':>8} " + " ".join(f"{q + ' ms':>8}" for q in QUANTIZED) + " "
+          + " ".join(f"{q + ' rel err':>12}" for q in QUANTIZED))
     ratios = {}
     for tokens in (1, 16, 64, 256, 1024):
         x = torch.randn(tokens, D, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -77,11 +82,11 @@ def eight_bit(experts: dict, gen: torch.Generator) -> dict[str, float]:
             fn = lambda layer=layer: triton_grouped_swiglu(rows, used, used_counts, layer.w13, layer.w2,  # noqa: E731
                                                            layer.scales)
             out[q], ms[q] = fn().float(), bench_ms(fn)
-        err = {q: ((out[q] - out["none"]).abs().max() / out["none"].abs().max()).item() for q in ("int8", "fp8")}
-        print(f"{tokens:>6} {ms['none']:>8.3f} {ms['int8']:>8.3f} {ms['fp8']:>8.3f} {err['int8']:>12.2e} "
-              f"{err['fp8']:>11.2e}")
+        err = {q: ((out[q] - out["none"]).abs().max() / out["none"].abs().max()).item() for q in QUANTIZED}
+        print(f"{tokens:>6} {ms['none']:>8.3f} " + " ".join(f"{ms[q]:>8.3f}" for q in QUANTIZED) + " "
+              + " ".join(f"{err[q]:>12.2e}" for q in QUANTIZED))
         if tokens == 1:
-            ratios = {q: ms["none"] / ms[q] for q in ("int8", "fp8")}
+            ratios = {q: ms["none"] / ms[q] for q in QUANTIZED}
     return ratios
 
 
@@ -93,7 +98,7 @@ def main() -> None:
                    torch.randn(D, I, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02,
                    torch.randn(I, D, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02)
                for e in range(E)}
-    eight = eight_bit(experts, gen)
+    eight = quantized(experts, gen)
     layer = LayerExperts.stack(experts)
     del experts
     print(f"{'tokens':>6} {'torch ms':>9} " + " ".join(f"{'tr' + ','.join(map(str, c)):>16}" for c in CONFIGS)
@@ -126,7 +131,7 @@ def main() -> None:
         print(f"{tokens:>6} {torch_ms:>9.3f} " + " ".join(cells) + f" {flops / best / 1e9:>12.1f} {err:>11.2e}")
     print(nccl_check())
     print(f"triton_over_torch_moe_speedup_t1024={speedup[1024]:.2f} int8_over_bf16_t1={eight['int8']:.2f} "
-          f"fp8_over_bf16_t1={eight['fp8']:.2f}")
+          f"fp8_over_bf16_t1={eight['fp8']:.2f} int4_over_bf16_t1={eight['int4']:.2f}")
 
 
 if __name__ == "__main__":

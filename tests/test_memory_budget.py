@@ -42,7 +42,7 @@ def test_bytes_per_expert_is_what_a_worker_holds(quantize, dtype, hidden, interm
     """Counted from the shapes alone, equal to the bytes the held layers report: the CPU's blocked
     layout (outputs padded to whole panels), the layouts of a machine without the C kernels (forced
     off: oneDNN's packed copy or the plain weight, per-call dequantization; fp8 is held plain
-    everywhere), and the GPU's stacks (int8 and fp8 with their scales)."""
+    everywhere), and the GPU's stacks (int8, fp8 and int4 with their scales)."""
     if kernels == "off":
         monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
 
@@ -54,9 +54,8 @@ def test_bytes_per_expert_is_what_a_worker_holds(quantize, dtype, hidden, interm
 
     held = LayerExperts.stack(experts(), quantize=quantize).nbytes
     assert held == 3 * LayerExperts.bytes_per_expert(hidden, intermediate, dtype, quantize, "cpu")
-    if quantize != "int4":  # the GPU's stacks (int4 there is per-expert layers, as the CPU's without kernels)
-        stacked = LayerExperts.stack(experts(), keep_stacks=True, quantize=quantize).nbytes
-        assert stacked == 3 * LayerExperts.bytes_per_expert(hidden, intermediate, dtype, quantize, "cuda")
+    stacked = LayerExperts.stack(experts(), keep_stacks=True, quantize=quantize).nbytes  # the GPU's stacks
+    assert stacked == 3 * LayerExperts.bytes_per_expert(hidden, intermediate, dtype, quantize, "cuda")
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8", "int4", "fp8"])
@@ -78,8 +77,7 @@ def test_an_expert_handed_to_a_peer_computes_the_same_and_stacks_stay_home(quant
     copy = LayerExperts.empty(quantize).changed({}, set(), {2: tuple(Linear.from_state(s) for s in states)})
     rows = torch.randn(5, 64, generator=gen)
     assert torch.equal(grouped_experts(rows, copy, [2], [5]), grouped_experts(rows, held, [2], [5]))
-    if quantize != "int4":
-        assert LayerExperts.stack(dict(raw), keep_stacks=True, quantize=quantize).export(2) is None
+    assert LayerExperts.stack(dict(raw), keep_stacks=True, quantize=quantize).export(2) is None
 
 
 def test_plans_keep_within_the_budget():

@@ -29,12 +29,14 @@ def test_triton_matches_torch(counts):
     assert (got - expected).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("quantize, dtype", [("int8", torch.int8), ("fp8", torch.float8_e4m3fn)])
+@pytest.mark.parametrize("quantize, dtype", [("int8", torch.int8), ("fp8", torch.float8_e4m3fn),
+                                             ("int4", torch.uint8)])
 @pytest.mark.parametrize("counts", [[5, 0, 17, 1], [1], [33, 16]])
-def test_triton_reads_8_bit_stacks_as_the_per_expert_layers_compute(counts, quantize, dtype):
-    """w8a16: int8 or fp8 (e4m3) stacks and their scales through the Triton kernel (at any row count:
-    there is no GEMM over 8-bit weights to hand large steps to) against the per-expert layers of the
-    same experts, quantized the same way."""
+def test_triton_reads_quantized_stacks_as_the_per_expert_layers_compute(counts, quantize, dtype):
+    """w8a16 and w4a16: int8, fp8 (e4m3) or int4 stacks and their scales through the Triton kernel (at
+    any row count: there is no GEMM over such weights to hand large steps to) against the per-expert
+    layers of the same experts, quantized the same way. int4's group scales change along k within a
+    tile (d = 48: a group and a half; 80: two and a half)."""
     gen = torch.Generator().manual_seed(len(counts))
     d, inter = 48, 80
     experts = {e: (torch.randn(inter, d, generator=gen) * 0.1, torch.randn(d, inter, generator=gen) * 0.1,
@@ -42,7 +44,10 @@ def test_triton_reads_8_bit_stacks_as_the_per_expert_layers_compute(counts, quan
     stacked = LayerExperts.stack(dict(experts), keep_stacks=True, quantize=quantize)
     per_expert = LayerExperts.stack(dict(experts), keep_stacks=False, quantize=quantize)
     assert stacked.w13.dtype == stacked.w2.dtype == dtype and not stacked.mlps
-    assert stacked.nbytes == 3 * (2 * inter * d + d * inter) + 3 * (2 * inter + d) * 4  # a byte + a scale per row
+    if quantize != "int4":
+        assert stacked.nbytes == 3 * (2 * inter * d + d * inter) + 3 * (2 * inter + d) * 4  # a byte + a scale per row
+    else:  # half a byte a weight, a bf16 scale per row and 32 columns
+        assert stacked.nbytes == 3 * (2 * inter * d // 2 + d * inter // 2) + 3 * (2 * inter * 2 + d * 3) * 2
     assert stacked.nbytes == 3 * LayerExperts.bytes_per_expert(d, inter, torch.float32, quantize, "cuda")
     expert_ids = [0, 2, 4, 2][: len(counts)]
     rows = torch.randn(sum(counts), d, generator=gen)

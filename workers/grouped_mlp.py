@@ -4,9 +4,9 @@ On GPU, small steps (decode) use the Triton grouped kernel, one launch for all e
 stacked weights; larger ones use cuBLAS per expert, which was faster there on an H200 at Mixtral
 8x7B sizes (bench/results/experts_gpu_h200.txt: Triton 1.17x faster at 64 tokens, 0.70x at 1024).
 On the CPU each expert is a pair of linear layers (core/linear.py) and no stacks are kept. Quantized
-experts (int8, fp8) on GPU are int8 or fp8 e4m3 stacks with a scale per output row, which the Triton
-kernel reads at every row count (it widens a weight tile as it loads it); int4 ones are per-expert
-layers there too (no Triton int4 kernel yet: they dequantize per call).
+experts on GPU are stacks the Triton kernel reads at every row count (it widens a weight tile as it
+loads it): int8 or fp8 e4m3 with a scale per output row, int4 two weights a byte with a bf16 scale
+per output row and 32 columns.
 """
 
 from __future__ import annotations
@@ -18,9 +18,15 @@ import torch
 from expertmesh.core import cpu_kernels
 from expertmesh.core.grouped_experts import fused_expert, grouped_swiglu
 from expertmesh.core.linear import Linear, held_bytes
-from expertmesh.core.quantize import quantize_fp8, quantize_int8
+from expertmesh.core.quantize import pack_int4, quantize_fp8, quantize_int4, quantize_int8
 
 TRITON_MAX_ROWS = 128  # rows (tokens x top-k) up to which the Triton kernel beat cuBLAS
+
+
+def _packed_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (n, k) -> (two a byte (n, ceil(k / 2)) uint8, group scales (n, ceil(k / 32)) bf16)."""
+    q, scale = quantize_int4(weight)
+    return pack_int4(q), scale
 
 
 @dataclass
@@ -28,22 +34,22 @@ class LayerExperts:
     """The experts a worker holds in one layer."""
     local: dict[int, int]  # global expert id -> local index
     mlps: list[tuple[Linear, Linear]]  # per local index: (w13 (2I, D), w2 (D, I)), as fused_expert; none
-    # for int8 and fp8 stacks
+    # for quantized stacks
     w13: torch.Tensor | None  # (L, 2I, D): w1 then w3 of each expert, stacked for the Triton kernel
     w2: torch.Tensor | None  # (L, D, I)
     quantize: str = "none"  # "int8", "int4" or "fp8": each expert's layers quantized (core/quantize.py)
-    scales: tuple[torch.Tensor, torch.Tensor] | None = None  # int8 / fp8 stacks': (s13 (L, 2I), s2 (L, D)) fp32
+    # int8 / fp8 stacks': (s13 (L, 2I), s2 (L, D)) fp32; int4's: (s13 (L, 2I, D / 32), s2 (L, D, I / 32)) bf16
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def stack(cls, experts: dict[int, tuple], keep_stacks: bool | None = None,
               quantize: str = "none") -> "LayerExperts":
         """experts: global id -> (w1 (I, D), w2 (D, I), w3 (I, D)). Stacks are kept on GPU (or when
-        asked), where the per-expert layers are views into them (int8 and fp8 stacks have none). Without
+        asked), where the per-expert layers are views into them (quantized stacks have none). Without
         stacks it takes each expert out of `experts` as it prepares it: the plain weights go as it goes."""
         ids = sorted(experts)
         if keep_stacks is None:
-            keep_stacks = experts[ids[0]][0].is_cuda and quantize != "int4"
-        assert not (keep_stacks and quantize == "int4"), "no stacked int4 kernel"
+            keep_stacks = experts[ids[0]][0].is_cuda
         local = {e: i for i, e in enumerate(ids)}
         if not keep_stacks:
             return cls(local, [fused_expert(*experts.pop(e), quantize) for e in ids], None, None, quantize)
@@ -52,13 +58,13 @@ class LayerExperts:
 
     @classmethod
     def _stacked(cls, local: dict[int, int], experts: list[tuple], quantize: str) -> "LayerExperts":
-        """experts: per local index (w13 (2I, D), w2 (D, I)) in the checkpoint's dtype, or, for int8
-        and fp8, already quantized ((q13, s13), (q2, s2))."""
+        """experts: per local index (w13 (2I, D), w2 (D, I)) in the checkpoint's dtype, or, for int8,
+        fp8 and int4, already quantized ((q13, s13), (q2, s2)) (int4: q packed two a byte)."""
         if quantize == "none":
             w13 = torch.stack([w13 for w13, _ in experts]).contiguous()
             w2 = torch.stack([w2 for _, w2 in experts]).contiguous()
             return cls(local, [(Linear(w13[i]), Linear(w2[i])) for i in range(len(experts))], w13, w2)
-        quantized = quantize_fp8 if quantize == "fp8" else quantize_int8
+        quantized = {"fp8": quantize_fp8, "int8": quantize_int8, "int4": _packed_int4}[quantize]
         experts = [(w13, w2) if isinstance(w13, tuple) else (quantized(w13), quantized(w2)) for w13, w2 in experts]
         q13, s13 = torch.stack([q for (q, _), _ in experts]), torch.stack([s for (_, s), _ in experts])
         q2, s2 = torch.stack([q for _, (q, _) in experts]), torch.stack([s for _, (_, s) in experts])
@@ -107,7 +113,7 @@ class LayerExperts:
     @staticmethod
     def bytes_per_expert(hidden: int, intermediate: int, dtype: torch.dtype, quantize: str, device: str) -> int:
         """What one expert of these sizes takes here, from the shapes alone: as `stack` holds it on
-        `device` ("cuda": the weights or int8 / fp8 stacks as given; "cpu": the kernels' blocked layout,
+        `device` ("cuda": the weights or quantized stacks as given; "cpu": the kernels' blocked layout,
         where they build). The placement's memory budget counts with it."""
         kernels = cpu_kernels.kernels() if device == "cpu" else None
         panel = kernels.panel if kernels is not None else 1
