@@ -345,6 +345,27 @@ static inline vf digits_value(vi high, vi low) {
     return __builtin_convertvector(high, vf) + __builtin_convertvector(low, vf) * (1.f / XQ_LOW);
 }
 
+/* One pair of columns i for R rows and B panels (wb's panels `panel_stride` apart, this pair's
+ * weights `at` bytes in, widened by WIDEN): both digit sums, high and low, of every row and panel.
+ * IN_REGISTER (an empty asm statement) keeps each widened weight vector in a register for all rows. */
+#define DIGITS_STEP(R, B, WIDEN, at)                                                                    \
+    do {                                                                                                \
+        vi wv[B][HALVES];                                                                               \
+        for (int b = 0; b < B; b++)                                                                     \
+            for (int h = 0; h < HALVES; h++) {                                                          \
+                wv[b][h] = WIDEN(wb + b * panel_stride + (at), h);                                      \
+                IN_REGISTER(wv[b][h]);                                                                  \
+            }                                                                                           \
+        for (int r = 0; r < R; r++) {                                                                   \
+            vi xh = x_pair(hi + r * ldx, i), xl = x_pair(lo + r * ldx, i);                              \
+            for (int b = 0; b < B; b++)                                                                 \
+                for (int h = 0; h < HALVES; h++) {                                                      \
+                    high[r][b][h] = dot_pairs(high[r][b][h], xh, wv[b][h]);                             \
+                    low[r][b][h] = dot_pairs(low[r][b][h], xl, wv[b][h]);                               \
+                }                                                                                       \
+        }                                                                                               \
+    } while (0)
+
 /* int8: y[r, 16 * b + j] (+)= xs[r] * sum over `pairs` column pairs of x's digits . W(b)[., j], for R
  * rows and B panels; times scale[16 * b + j] when scale is given (the last chunk). */
 #define MICRO_I8(R, B) MICRO_I8_(R, B)
@@ -356,22 +377,7 @@ static inline void micro_i8_##R##_##B(const int16_t *hi, const int16_t *lo, int6
     for (int r = 0; r < R; r++)                                                                         \
         for (int b = 0; b < B; b++)                                                                     \
             for (int h = 0; h < HALVES; h++) high[r][b][h] = low[r][b][h] = (vi){0};                    \
-    for (int64_t i = 0; i < pairs; i++) {                                                               \
-        vi wv[B][HALVES];                                                                               \
-        for (int b = 0; b < B; b++)                                                                     \
-            for (int h = 0; h < HALVES; h++) {                                                          \
-                wv[b][h] = widen_pairs(wb + b * panel_stride + i * 2 * PANEL, h);                       \
-                IN_REGISTER(wv[b][h]);                                                                  \
-            }                                                                                           \
-        for (int r = 0; r < R; r++) {                                                                   \
-            vi xh = x_pair(hi + r * ldx, i), xl = x_pair(lo + r * ldx, i);                              \
-            for (int b = 0; b < B; b++)                                                                 \
-                for (int h = 0; h < HALVES; h++) {                                                      \
-                    high[r][b][h] = dot_pairs(high[r][b][h], xh, wv[b][h]);                             \
-                    low[r][b][h] = dot_pairs(low[r][b][h], xl, wv[b][h]);                               \
-                }                                                                                       \
-        }                                                                                               \
-    }                                                                                                   \
+    for (int64_t i = 0; i < pairs; i++) DIGITS_STEP(R, B, widen_pairs, i * 2 * PANEL);                 \
     for (int r = 0; r < R; r++)                                                                         \
         for (int b = 0; b < B; b++)                                                                     \
             for (int h = 0; h < HALVES; h++) {                                                          \
@@ -403,22 +409,7 @@ static inline void micro_i4_##R##_##B(const int16_t *hi, const int16_t *lo, int6
         for (int r = 0; r < R; r++)                                                                     \
             for (int b = 0; b < B; b++)                                                                 \
                 for (int h = 0; h < HALVES; h++) high[r][b][h] = low[r][b][h] = (vi){0};                \
-        for (int64_t i = g * (GROUP / 2); i < end; i++) {                                               \
-            vi wv[B][HALVES];                                                                           \
-            for (int b = 0; b < B; b++)                                                                 \
-                for (int h = 0; h < HALVES; h++) {                                                      \
-                    wv[b][h] = widen_nibbles(wb + b * panel_stride + i * PANEL, h);                     \
-                    IN_REGISTER(wv[b][h]);                                                              \
-                }                                                                                       \
-            for (int r = 0; r < R; r++) {                                                               \
-                vi xh = x_pair(hi + r * ldx, i), xl = x_pair(lo + r * ldx, i);                          \
-                for (int b = 0; b < B; b++)                                                             \
-                    for (int h = 0; h < HALVES; h++) {                                                  \
-                        high[r][b][h] = dot_pairs(high[r][b][h], xh, wv[b][h]);                         \
-                        low[r][b][h] = dot_pairs(low[r][b][h], xl, wv[b][h]);                           \
-                    }                                                                                   \
-            }                                                                                           \
-        }                                                                                               \
+        for (int64_t i = g * (GROUP / 2); i < end; i++) DIGITS_STEP(R, B, widen_nibbles, i * PANEL);    \
         for (int b = 0; b < B; b++)                                                                     \
             for (int h = 0; h < HALVES; h++) {                                                          \
                 vf gs = vload_bf16(gscale + b * group_stride + g * PANEL + h * VL);                     \

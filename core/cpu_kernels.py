@@ -8,8 +8,8 @@ oneDNN. The tiny ops (norms, rotary embedding,
 the cache write, attention over a short context, gating, SwiGLU, the combine) cost 2-15 us each in torch's
 dispatch against well under a microsecond of arithmetic; each kernel here replaces 4-12 of them.
 Callers use the row-wise kernels only for fp32 on the CPU, for few rows, and keep their torch code for
-everything else; the linear kernel takes any row count over fp32, bf16 or int8 weights in its blocked
-layout (`blocked`), the one layout core/linear.py holds.
+everything else; the linear kernel takes any row count over fp32, bf16, int8 or int4 weights in their
+blocked layouts (`blocked`, `blocked_int8`, `blocked_int4`), the one layout core/linear.py holds.
 
 The C file is compiled once per machine with the system's C compiler into the expertmesh cache
 directory, as Triton caches its kernels: the source, the flags (`-march=native` unless
