@@ -340,7 +340,8 @@ static inline vi x_pair(const int16_t *digits, int64_t i) {
     return (vi){0} + pair;
 }
 
-/* Two digits' int32 sums -> their value in units of xs: exact scaling by 2^-16, one rounding. */
+/* Two digits' int32 sums -> their value in units of xs (the scaling by 2^-16 exact; the conversions
+ * and the add round as fp32 does, in the same order in every variant). */
 static inline vf digits_value(vi high, vi low) {
     return __builtin_convertvector(high, vf) + __builtin_convertvector(low, vf) * (1.f / XQ_LOW);
 }
