@@ -310,10 +310,12 @@ static void quantize_rows_i16(const float *x, int64_t m, int64_t k, int16_t *hi,
             top = a > top ? a : top;
         }
         finite &= top < INFINITY;
-        memset(hr, 0, (size_t)width * sizeof *hr);
-        memset(lr, 0, (size_t)width * sizeof *lr);
         xs[r] = finite ? top / XQ_MAX : NAN;
-        if (finite && top > 0.f) {
+        hr[width - 1] = lr[width - 1] = 0;  /* an odd k's partner (overwritten below when k is even) */
+        if (!finite || top == 0.f) {
+            memset(hr, 0, (size_t)width * sizeof *hr);
+            memset(lr, 0, (size_t)width * sizeof *lr);
+        } else {
             float step = xs[r], inverse = XQ_MAX / top, low_inverse = inverse * XQ_LOW;
             #pragma omp simd
             for (int64_t i = 0; i < k; i++) {
@@ -526,8 +528,9 @@ static void range_i4(const Digits *x, const uint8_t *wb, const uint16_t *group_s
     }
 }
 
-/* x's digits into buffers the size of x (small beside the weights); 0 when out of memory. */
-static int digits_of(const float *x, int64_t m, int64_t k, int with_group_sums, Digits *d) {
+/* x's digits into buffers the size of x (small beside the weights); 0 when out of memory, and then
+ * the product y (m, n) is NaN: a result no one mistakes for a number. */
+static int digits_of(const float *x, int64_t m, int64_t k, int with_group_sums, Digits *d, float *y, int64_t n) {
     d->width = (k + 1) / 2 * 2, d->groups = (k + GROUP - 1) / GROUP;
     d->hi = malloc((size_t)(2 * m * d->width) * sizeof *d->hi);
     d->lo = d->hi ? d->hi + m * d->width : 0;
@@ -535,6 +538,7 @@ static int digits_of(const float *x, int64_t m, int64_t k, int with_group_sums, 
     d->gsum = with_group_sums ? malloc((size_t)(2 * m * d->groups) * sizeof *d->gsum) : 0;
     if (!d->hi || !d->xs || (with_group_sums && !d->gsum)) {
         free(d->hi), free(d->xs), free(d->gsum);
+        for (int64_t i = 0; i < m * n; i++) y[i] = NAN;
         return 0;
     }
     quantize_rows_i16(x, m, k, d->hi, d->lo, d->xs, d->gsum);
@@ -542,31 +546,25 @@ static int digits_of(const float *x, int64_t m, int64_t k, int with_group_sums, 
 }
 
 /* x (m, k) fp32, wb (P, ceil(k / 2), 16, 2) int8, scale (P * 16,) fp32, y (m, P * 16); group_scale
- * unused. Out of memory for x's digits: y is NaN. */
+ * unused. */
 void linear_i8(const float *restrict x, const int8_t *restrict wb, const float *restrict scale,
                const uint16_t *restrict group_scale, float *restrict y, int64_t m, int64_t panels, int64_t k,
                int threads) {
     (void)group_scale;
     Digits d;
-    if (!digits_of(x, m, k, 0, &d)) {
-        for (int64_t i = 0; i < m * panels * PANEL; i++) y[i] = NAN;
-        return;
-    }
+    if (!digits_of(x, m, k, 0, &d, y, panels * PANEL)) return;
     SPLIT_PANELS(panels, threads, range_i8(&d, wb, scale, y, m, k, panels * PANEL, first, last));
     free(d.hi), free(d.xs);
 }
 
 /* x (m, k) fp32, wb (P, ceil(k / 2), 16) bytes, group_scale (P, ceil(k / GROUP), 16) bf16, y
- * (m, P * 16); scale unused. Out of memory: y is NaN. */
+ * (m, P * 16); scale unused. */
 void linear_i4(const float *restrict x, const uint8_t *restrict wb, const float *restrict scale,
                const uint16_t *restrict group_scale, float *restrict y, int64_t m, int64_t panels, int64_t k,
                int threads) {
     (void)scale;
     Digits d;
-    if (!digits_of(x, m, k, 1, &d)) {
-        for (int64_t i = 0; i < m * panels * PANEL; i++) y[i] = NAN;
-        return;
-    }
+    if (!digits_of(x, m, k, 1, &d, y, panels * PANEL)) return;
     SPLIT_PANELS(panels, threads, range_i4(&d, wb, group_scale, y, m, k, panels * PANEL, first, last));
     free(d.hi), free(d.xs), free(d.gsum);
 }

@@ -34,6 +34,9 @@ needs_kernels = pytest.mark.skipif(KERNELS is None, reason="no C compiler here: 
 HAS_COMPILER = cpu_kernels.shutil.which("cc") is not None or cpu_kernels.shutil.which("gcc") is not None
 # targets older than this machine's that a user's CPU may be: each builds and must compute the same
 OLDER_TARGETS = {"x86_64": ["x86-64-v3", "x86-64"], "aarch64": ["armv8-a"]}.get(platform.machine(), [])
+# AVX-512 without VNNI or BF16 (Skylake-X's set: the integer kernels' vpmaddwd path), where this CPU runs it
+if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"} <= set(cpu_kernels._cpu_flags().split()):
+    OLDER_TARGETS.insert(0, "x86-64-v4")
 
 
 def close(got: torch.Tensor, expected: torch.Tensor, tolerance: float) -> bool:
@@ -335,7 +338,8 @@ def test_the_kernels_build_from_source_into_the_cache(tmp_path, monkeypatch):
 @pytest.mark.skipif(not HAS_COMPILER or not OLDER_TARGETS, reason="no C compiler, or no older target known here")
 @pytest.mark.parametrize("target", OLDER_TARGETS)
 def test_the_kernels_built_for_an_older_cpu_compute_the_same(tmp_path, monkeypatch, target):
-    """What a CPU without AVX-512 (x86-64-v3: AVX2 and FMA) or without AVX (x86-64: SSE2) runs:
+    """What a CPU with AVX-512 but no VNNI or BF16 (x86-64-v4, where this one can run it), without
+    AVX-512 (x86-64-v3: AVX2 and FMA) or without AVX (x86-64: SSE2) runs:
     built here for that target, loaded, and checked like the native build."""
     monkeypatch.setenv("EXPERTMESH_CACHE", str(tmp_path))
     monkeypatch.setenv("EXPERTMESH_CPU_MARCH", target)
