@@ -302,14 +302,18 @@ static void quantize_rows_i16(const float *x, int64_t m, int64_t k, int16_t *hi,
     for (int64_t r = 0; r < m; r++) {
         const float *xr = x + r * k;
         int16_t *hr = hi + r * width, *lr = lo + r * width;
-        float top = 0.f;
-        int finite = 1;
+        /* max |x| over the bits: non-negative floats order as their bits do, and inf and NaN lie above
+         * every finite one (an integer max vectorizes; a float max with NaN in play does not) */
+        uint32_t top_bits = 0;
         for (int64_t i = 0; i < k; i++) {
-            float a = fabsf(xr[i]);
-            finite &= a <= INFINITY && a == a;
-            top = a > top ? a : top;
+            uint32_t bits;
+            memcpy(&bits, xr + i, sizeof bits);
+            bits &= 0x7fffffffu;
+            top_bits = bits > top_bits ? bits : top_bits;
         }
-        finite &= top < INFINITY;
+        float top;
+        memcpy(&top, &top_bits, sizeof top);
+        int finite = top_bits < 0x7f800000u;
         xs[r] = finite ? top / XQ_MAX : NAN;
         hr[width - 1] = lr[width - 1] = 0;  /* an odd k's partner (overwritten below when k is even) */
         if (!finite || top == 0.f) {
@@ -328,7 +332,8 @@ static void quantize_rows_i16(const float *x, int64_t m, int64_t k, int16_t *hi,
         }
         for (int64_t g = 0; gsum && g < groups; g++) {
             int32_t sh = 0, sl = 0;
-            for (int64_t i = g * GROUP; i < k && i < (g + 1) * GROUP; i++) sh += hr[i], sl += lr[i];
+            int64_t end = (g + 1) * GROUP < k ? (g + 1) * GROUP : k;
+            for (int64_t i = g * GROUP; i < end; i++) sh += hr[i], sl += lr[i];
             gsum[r * 2 * groups + g] = sh;
             gsum[r * 2 * groups + groups + g] = sl;
         }
