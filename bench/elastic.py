@@ -220,6 +220,10 @@ def main() -> None:
     print(f"longest covered-kill step over steady p99 (4 workers): {max(table['kill, covered']) / steady4:.2f}; p99 "
           f"in the 2 s after the kill over it: {percentile(table['kill, covered, 2 s'], 99) / steady4:.2f}; over the "
           f"3-worker steady p99: {covered / steady:.2f}")
+    print(f"covered SIGSTOP: longest step {max(table['stop, covered']):.0f} ms, over steady p99 (4 workers) "
+          f"{max(table['stop, covered']) / steady4:.2f}; p99 in the 2 s after the stop over it: "
+          f"{percentile(table['stop, covered, 2 s'], 99) / steady4:.2f} (a late worker's rows go to the other copies "
+          "before heartbeats fence it)")
     print(f"p99_kill_covered_over_steady={covered / steady4:.2f} stall_detect_s={marks['stop, covered']:.2f} "
           f"p99_add_over_steady={add / steady:.2f} resume_uncovered_s={marks['kill, not covered']:.2f} "
           f"resume_uncovered_bound_s={bound:.2f}")

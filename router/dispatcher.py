@@ -8,12 +8,22 @@ A worker lost mid-step (its pair fails: it died, or was fenced for missing heart
 its own rows: they go again to surviving copies of their experts, the step goes on, and the
 workers lost are reported (on_lost) so that the control plane replaces them off the serving path.
 Only an expert with no surviving copy fails the step (ExpertPathError).
+
+A worker whose reply is late (LATE_FACTOR times what replies of its size usually take, at least
+LATE_MIN_S) is not waited for where its experts have other live copies: its rows go to those, and it
+gets no rows until its late replies are in (a stopped or dying worker stalls a step by that much,
+not by the seconds its death takes to show; the heartbeats still fence a stopped one). Over gloo,
+each worker's replies are waited for on a thread of its own (`_Replies`), so the stepping thread can
+stop waiting without giving up the pair: gloo's timed wait closes the pair when it expires. (NCCL's
+wait only orders the waiting thread's CUDA stream: it stays on the stepping thread, and a late
+worker is found by heartbeats alone.)
 Shape legend: T tokens, K experts per token, N = T*K rows, D hidden, W workers, E experts.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -30,10 +40,25 @@ log = logging.getLogger("expertmesh.dispatcher")
 Pair = tuple[int, int]  # (layer, expert)
 Pieces = list[list[tuple[int, int, int]]]  # per worker: (expert, first row, rows), in expert order
 HOST_PLAN_MAX_ROWS = 64  # up to this many rows per layer (tokens x top-k) the plan is made on the host
+LATE_FACTOR = 4.0  # a reply this many times slower than usual for its size is late
+LATE_MIN_S = 0.25  # and none sooner: a busy host's hiccups (here single steps of 2-3x their median)
+USUAL_WEIGHT = 0.1  # an on-time reply's weight in the usual time for its size (a moving average)
 
 
 class ExpertPathError(RuntimeError):
     """The experts cannot serve this step: a worker was lost and some expert has no other copy."""
+
+
+@dataclass(eq=False)
+class Part:
+    """One worker's share of an exchange."""
+    span: slice  # its rows' place in the exchange's rows
+    counts: list[int]  # its rows per expert (E,)
+    works: list = field(default_factory=list)  # send/receive handles
+    posted: float = 0.0  # time.monotonic() when its messages went out
+    done: threading.Event = field(default_factory=threading.Event)  # its works are over (error or not)
+    error: Exception | None = None
+    late: bool = False  # its rows went to other copies: its reply is no longer waited for
 
 
 @dataclass
@@ -42,9 +67,37 @@ class Exchange:
     layer: int
     rows: torch.Tensor  # (N, D) sent, grouped by worker, then expert
     received: torch.Tensor  # (N, D) the experts' outputs, same order
-    # worker -> (send/receive handles, its rows' slice of `rows`, its rows per expert (E,))
-    parts: dict[int, tuple[list, slice, list[int]]] = field(default_factory=dict)
+    parts: dict[int, Part] = field(default_factory=dict)  # by worker
     keep: list = field(default_factory=list)  # tensors the pending sends read from
+
+
+def _wait_out(part: Part) -> None:
+    """Wait for part's works; a failure is part.error. part.done after."""
+    try:
+        for work in part.works:
+            work.wait()
+    except Exception as exc:  # noqa: BLE001 - gloo/nccl report a dead or fenced peer so
+        part.error = exc
+    part.done.set()
+
+
+class _Replies:
+    """Waits out one worker's parts in the order they were posted (its pair delivers in order), on
+    a thread of its own; `answered(worker, part)` after each (on that thread)."""
+
+    def __init__(self, worker: int, answered: Callable[[int, Part], None]):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, args=(worker, answered), name=f"expertmesh-replies-{worker}",
+                         daemon=True).start()
+
+    def put(self, part: Part | None) -> None:
+        """Wait for this part next (None: no more parts; the thread ends)."""
+        self._queue.put(part)
+
+    def _run(self, worker: int, answered: Callable[[int, Part], None]) -> None:
+        while (part := self._queue.get()) is not None:
+            _wait_out(part)
+            answered(worker, part)
 
 
 @dataclass
@@ -98,6 +151,11 @@ class ExpertDispatcher:
         self.pairs = pairs
         self.num_workers = num_workers
         self.lost: set[int] = set()  # workers whose pair failed in this epoch: no more rows for them
+        self.late: set[int] = set()  # workers with a late reply still out: no rows for them meanwhile
+        self.late_replies = 0  # replies not waited for (their rows went to other copies), all told
+        self._late_parts: dict[int, set[Part]] = {}  # worker -> its late parts still out
+        self._usual: dict[int, float] = {}  # a part's rows' bit length -> seconds its reply usually takes
+        self._answers: queue.SimpleQueue = queue.SimpleQueue()  # late parts answered, for the stepping thread
         self.on_lost = on_lost
         self.use_plan(holders)
         self.device = device
@@ -115,13 +173,20 @@ class ExpertDispatcher:
         self.broken = False  # an expert has no live copy left; only tearing it down is left
         self._keepalive = threading.Thread(target=self._keep_alive, args=(keepalive_s,), daemon=True)
         self._keepalive.start()
+        # gloo's waits block the host: one thread per worker waits, so that a late one can be given
+        # up (see the module's docstring); NCCL's order the waiting thread's stream: the stepping thread
+        self._replies = [_Replies(w, self._answered) for w in range(num_workers)] if backend == "gloo" else None
 
     def use_plan(self, holders: Mapping[Pair, tuple[int, ...]]) -> None:
         """Send the next step's rows by these holders (same workers; called between steps)."""
-        # per layer, per expert: the live workers holding a copy
-        self.holders = [[tuple(w for w in holders[(layer, e)] if w not in self.lost)
-                         for e in range(self.config.num_experts)] for layer in range(self.config.num_layers)]
+        # per layer, per expert: the live workers holding a copy, the late ones only where no other does
+        self.holders = [[self._prompt(holders[(layer, e)]) for e in range(self.config.num_experts)]
+                        for layer in range(self.config.num_layers)]
         self._plan = holders
+
+    def _prompt(self, workers: tuple[int, ...]) -> tuple[int, ...]:
+        live = tuple(w for w in workers if w not in self.lost)
+        return tuple(w for w in live if w not in self.late) or live
 
     def _lose(self, worker: int, exc: Exception) -> None:
         """Worker's pair failed: no more rows for it in this epoch."""
@@ -179,35 +244,95 @@ class ExpertDispatcher:
                 counts = [0] * self.config.num_experts
                 for e, _, m in items:
                     counts[e] = m
-                span, works = slice(offset, offset + n), []
+                part = ex.parts[w] = Part(slice(offset, offset + n), counts, posted=time.monotonic())
                 offset += n
-                ex.parts[w] = (works, span, counts)
                 try:
                     if self.receive_first:
-                        works.append(self.pairs[w].recv([ex.received[span]], wire.WORKER_RANK, 0))
-                    sends, tensors = self._send(w, wire.OP_LAYER, layer, counts, rows[span])
+                        part.works.append(self.pairs[w].recv([ex.received[part.span]], wire.WORKER_RANK, 0))
+                    sends, tensors = self._send(w, wire.OP_LAYER, layer, counts, rows[part.span])
                     ex.keep += tensors
-                    works += sends
+                    part.works += sends
                     if not self.receive_first:
-                        works.append(self.pairs[w].recv([ex.received[span]], wire.WORKER_RANK, 0))
+                        part.works.append(self.pairs[w].recv([ex.received[part.span]], wire.WORKER_RANK, 0))
                 except Exception as exc:  # noqa: BLE001 - a closed pair fails at once: rows go again
+                    part.error = exc
                     self._lose(w, exc)
+                if self._replies is not None:
+                    self._replies[w].put(part)
         return ex
 
-    def _collect(self, ex: Exchange) -> list[int]:
-        """Wait for every worker's part of ex; returns the workers that failed it (now lost)."""
-        failed = []
-        for w, (works, _, _) in ex.parts.items():
+    def _answered(self, worker: int, part: Part) -> None:
+        """(On worker's replies thread.) An on-time reply updates the usual time for its size; a
+        late one goes to the stepping thread (`_catch_up`)."""
+        if part.late:
+            self._answers.put((worker, part))
+        elif part.error is None:
+            seconds, size = time.monotonic() - part.posted, part.span.stop - part.span.start
+            usual = self._usual.get(size.bit_length())
+            self._usual[size.bit_length()] = seconds if usual is None else usual + USUAL_WEIGHT * (seconds - usual)
+
+    def _catch_up(self) -> None:
+        """Late replies that came in: a worker with none left out gets rows again; a failed one is lost."""
+        back = False
+        while True:
             try:
-                for work in works:
-                    work.wait()
-            except Exception as exc:  # noqa: BLE001 - gloo/nccl report a dead or slow peer so
-                self._lose(w, exc)
+                w, part = self._answers.get_nowait()
+            except queue.Empty:
+                break
+            self._late_parts.get(w, set()).discard(part)
+            if part.error is not None:
+                self._lose(w, part.error)
+            elif w in self.late and not self._late_parts.get(w):
+                log.warning("the worker in place %d of this epoch answered again: rows go to it again", w)
+                self.late.discard(w)
+                back = True
+        if back:
+            self.use_plan(self._plan)
+
+    def _deadline(self, part: Part) -> float | None:
+        """When part's reply is late: None while replies of its size have no usual time yet."""
+        usual = self._usual.get((part.span.stop - part.span.start).bit_length())
+        return None if usual is None else part.posted + max(LATE_MIN_S, LATE_FACTOR * usual)
+
+    def _give_up_on(self, worker: int, layer: int, part: Part) -> bool:
+        """part's reply missed its deadline: True (the worker is late, its rows go again) where every
+        expert it has rows of has another live copy and the reply is still out; else False (wait)."""
+        if any(n and not [h for h in self.holders[layer][e] if h != worker and h not in self.late]
+               for e, n in enumerate(part.counts)):
+            return False
+        part.late = True
+        if part.done.is_set():  # came in meanwhile: take it (_answered may have queued it too: harmless)
+            part.late = False
+            return False
+        self._late_parts.setdefault(worker, set()).add(part)
+        self.late_replies += 1
+        if worker not in self.late:
+            log.warning("the worker in place %d of this epoch is late (%.2fs for %d rows): its rows go to other "
+                        "copies until it answers", worker, time.monotonic() - part.posted, sum(part.counts))
+            self.late.add(worker)
+            self.use_plan(self._plan)
+        return True
+
+    def _collect(self, ex: Exchange, give_up: bool = True) -> list[int]:
+        """Wait for every worker's part of ex; returns the workers whose rows must go again: those that
+        failed it (now lost) and, with give_up, those late where their experts have other copies."""
+        again = []
+        for w, part in ex.parts.items():
+            if self._replies is None:
+                _wait_out(part)
+            deadline = self._deadline(part) if give_up else None
+            if (deadline is not None and not part.done.wait(max(0.0, deadline - time.monotonic()))
+                    and self._give_up_on(w, ex.layer, part)):
+                again.append(w)
+                continue
+            part.done.wait()  # gloo's or NCCL's own timeout ends a wait on a peer that never answers
+            if part.error is not None:
+                self._lose(w, part.error)
             if w in self.lost:
-                failed.append(w)
+                again.append(w)
         with self._lock:
             self._pending.remove(ex)
-        return failed
+        return again
 
     def _complete(self, ex: Exchange) -> torch.Tensor:
         """ex's results (N, D), in its rows' order; rows of a worker lost on the way go again to
@@ -215,12 +340,14 @@ class ExpertDispatcher:
         failed = self._collect(ex)
         if not failed:
             return ex.received
+        if any(ex.parts[w].late for w in failed):  # its reply may still land in ex.received: use a copy
+            ex.received = ex.received.clone()
         e_count = self.config.num_experts
-        spans = [ex.parts[w] for w in failed]
+        parts = [ex.parts[w] for w in failed]
         # the failed rows' positions in ex.rows, and their experts (each worker's are by expert)
-        at = torch.cat([torch.arange(span.start, span.stop) for _, span, _ in spans])
-        experts = torch.cat([torch.repeat_interleave(torch.arange(e_count), torch.tensor(counts))
-                             for _, _, counts in spans])
+        at = torch.cat([torch.arange(part.span.start, part.span.stop) for part in parts])
+        experts = torch.cat([torch.repeat_interleave(torch.arange(e_count), torch.tensor(part.counts))
+                             for part in parts])
         at = at[torch.argsort(experts, stable=True)]  # grouped by expert, as split_among_replicas wants
         pieces = self._pieces(ex.layer, torch.bincount(experts, minlength=e_count).tolist())
         take = at[piece_rows(pieces)].to(ex.rows.device)
@@ -234,6 +361,7 @@ class ExpertDispatcher:
         k, num_experts = c.experts_per_token, c.num_experts
         assert x.dim() == 2 and x.shape[1] == c.hidden_size, x.shape  # (T, D)
         assert weights.shape == ids.shape == (x.shape[0], k), (weights.shape, ids.shape)  # (T, K)
+        self._catch_up()
         if x.device.type == "cpu" and ids.numel() <= HOST_PLAN_MAX_ROWS:
             # A few rows (decode at small batch): sorted and planned on the host, where a handful of
             # tensor ops would cost more than the rows themselves.
@@ -264,7 +392,9 @@ class ExpertDispatcher:
         self.broken = True
         self._closed.set()
         for ex in list(self._pending):
-            self._collect(ex)
+            self._collect(ex, give_up=False)
+        for replies in self._replies or []:
+            replies.put(None)
         return ExpertPathError(f"expert data path failed: {why}")
 
     def finish(self, flight: InFlight) -> torch.Tensor:
@@ -281,6 +411,11 @@ class ExpertDispatcher:
         OP_SHUTDOWN for the others (next_epoch None: all leave). Best effort: a worker that is gone
         is skipped. Returns the workers that could not be told."""
         self._closed.set()
+        for parts in self._late_parts.values():  # a late reply still out would meet the next message
+            for part in parts:
+                part.done.wait()
+        for replies in self._replies or []:
+            replies.put(None)
         failed = sorted(self.lost)
         with self._lock:  # after this no keep-alive ping is in flight
             sent = []

@@ -132,6 +132,10 @@ def test_random_events_under_streams_lose_nothing_and_leak_nothing(checkpoint, r
             tokens, at_event = run_round(serving, event)
             assert all(0 < n < TOKENS for n in at_event), (kind, at_event)  # every stream was mid-flight
             assert tokens == expected, kind
+            deadline = time.monotonic() + 10
+            while kind == "stop" and cluster.epoch == epoch:  # the streams need not wait for the fence now
+                assert time.monotonic() < deadline, "heartbeats did not fence the stopped worker"
+                time.sleep(0.1)
             settle(cluster)
             if refused:
                 assert cluster.epoch == epoch and cluster.plan.holders == plan.holders, refused

@@ -266,6 +266,53 @@ def test_with_redundancy_a_stopped_worker_pauses_no_stream_and_health_stays_serv
         assert server.stop() == 0, "".join(server.lines[-30:])
 
 
+def test_with_redundancy_a_stopped_worker_is_passed_over_at_once_and_serves_again_when_resumed(checkpoint,
+                                                                                               expected_long):
+    """serve --redundancy 2 with heartbeats that would take 60 s to fence a worker: SIGSTOP one under 32
+    streams for 3 s. Its late replies are not waited for (their rows go to the other copies), so no
+    stream pauses 2 s and nothing is fenced; after SIGCONT its replies come in and rows go to it again.
+    Every stream keeps its tokens. (Waiting for the stopped worker, every stream would pause 3 s.)"""
+    server = ServerProcess("--model", str(checkpoint), "--workers", "3", "--redundancy", "2",
+                           "--kv-cache-memory", "64MiB", "--heartbeat-timeout", "60", "--collective-timeout", "120")
+    victim = None
+    try:
+        before = cli(server, "info")
+        victim = before["workers"][1]
+        streams = Streams(server.target, LONG)
+        streams.wait_for(10)
+        at_stop = streams.mid_flight()
+        os.kill(victim["pid"], signal.SIGSTOP)
+        time.sleep(3)
+        at_resume = streams.mid_flight()
+        os.kill(victim["pid"], signal.SIGCONT)
+        stopped = [b - a for a, b in zip(at_stop, at_resume)]
+        assert min(stopped) >= 10, f"a stream made little progress while the worker was stopped: {stopped}"
+        assert any("place 1 of this epoch is late" in line for line in server.lines), "".join(server.lines[-20:])
+        resumed = cli(server, "info")
+        rows = [sum(w["rows"].values()) for w in resumed["workers"] if w["worker"] == victim["worker"]]
+        deadline = time.monotonic() + 30
+        while True:  # rows go to it again, streams still running
+            later = cli(server, "info")
+            if sum(sum(w["rows"].values()) for w in later["workers"] if w["worker"] == victim["worker"]) > rows[0]:
+                break
+            assert time.monotonic() < deadline, "the resumed worker got no rows"
+            time.sleep(0.5)
+        assert streams.mid_flight()
+        assert streams.join() == expected_long
+        assert streams.longest_pause() < 2.0, streams.longest_pause()
+        assert later["epoch"] == before["epoch"] and [w["pid"] for w in later["workers"]] == [
+            w["pid"] for w in before["workers"]], "nothing was fenced or replaced"
+        assert any("place 1 of this epoch answered again" in line for line in server.lines)
+        assert_idle_and_serving(server)
+    finally:
+        if victim is not None:
+            try:
+                os.kill(victim["pid"], signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        assert server.stop() == 0, "".join(server.lines[-30:])
+
+
 def _group_members(pgid: int) -> list[int]:
     members = []
     for pid in _processes():
