@@ -142,10 +142,12 @@ def piece_rows(pieces: Pieces) -> torch.Tensor:
 class ExpertDispatcher:
     def __init__(self, config: MixtralConfig, holders: Mapping[Pair, tuple[int, ...]], num_workers: int,
                  device: torch.device, pairs: list, backend: str, keepalive_s: float = 2.0,
-                 expert_rows: torch.Tensor | None = None, on_lost: Callable[[list[int]], None] | None = None):
+                 expert_rows: torch.Tensor | None = None, on_lost: Callable[[list[int]], None] | None = None,
+                 reply_times: dict[int, float] | None = None):
         """pairs[w]: this epoch's process group of two with worker w (core/wire.py); holders:
         (layer, expert) -> the workers holding a copy; on_lost(workers): called (on the stepping
-        thread) when workers are lost on the data path."""
+        thread) when workers are lost on the data path; reply_times: what replies usually take, by
+        size, carried from the epoch before (a new epoch's first steps are when workers are busiest)."""
         assert len(pairs) == num_workers, (len(pairs), num_workers)
         self.config = config
         self.pairs = pairs
@@ -154,7 +156,8 @@ class ExpertDispatcher:
         self.late: set[int] = set()  # workers with a late reply still out: no rows for them meanwhile
         self.late_replies = 0  # replies not waited for (their rows went to other copies), all told
         self._late_parts: dict[int, set[Part]] = {}  # worker -> its late parts still out
-        self._usual: dict[int, float] = {}  # a part's rows' bit length -> seconds its reply usually takes
+        # a part's rows' bit length -> seconds its reply usually takes
+        self._usual: dict[int, float] = reply_times if reply_times is not None else {}
         self._answers: queue.SimpleQueue = queue.SimpleQueue()  # late parts answered, for the stepping thread
         self.on_lost = on_lost
         self.use_plan(holders)
@@ -290,8 +293,11 @@ class ExpertDispatcher:
             self.use_plan(self._plan)
 
     def _deadline(self, part: Part) -> float | None:
-        """When part's reply is late: None while replies of its size have no usual time yet."""
-        usual = self._usual.get((part.span.stop - part.span.start).bit_length())
+        """When part's reply is late, from the usual time of replies its size or (not yet known) the
+        next larger size known; None while neither is known."""
+        size = (part.span.stop - part.span.start).bit_length()
+        known = [seconds for at, seconds in list(self._usual.items()) if at >= size]
+        usual = self._usual.get(size, min(known, default=None))
         return None if usual is None else part.posted + max(LATE_MIN_S, LATE_FACTOR * usual)
 
     def _give_up_on(self, worker: int, layer: int, part: Part) -> bool:
