@@ -52,12 +52,15 @@ def run_round(serving: ServingEngine, event) -> tuple[list[list[int]], list[int]
     params = SamplingParams(temperature=0, max_new_tokens=TOKENS, ignore_eos=True)
     outputs: list[list] = [[] for _ in PROMPTS]
     finished = threading.Event()
-    for i, prompt in enumerate(PROMPTS):
-        def sink(out, i=i):
-            outputs[i].append(out)
-            if all(o and o[-1].finish_reason for o in outputs):
-                finished.set()
-        serving.submit(validate_request(prompt, params, serving.limits), sink)
+
+    def submit_all():
+        for i, prompt in enumerate(PROMPTS):
+            def sink(out, i=i):
+                outputs[i].append(out)
+                if all(o and o[-1].finish_reason for o in outputs):
+                    finished.set()
+            serving.submit(validate_request(prompt, params, serving.limits), sink)
+    serving.call(submit_all).result()  # between two steps: a busy host cannot start some streams late
     deadline = time.monotonic() + 120
     while min(sum(len(o.token_ids) for o in list(stream)) for stream in outputs) < 4:
         assert time.monotonic() < deadline, "the streams never started"

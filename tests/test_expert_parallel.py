@@ -148,15 +148,15 @@ class FaultRun:
 
 
 def _stream_while(cluster, fault, after_tokens: int = 6) -> FaultRun:
-    """CHAOS_PROMPTS through a serving loop of its own, `fault()` once every stream has
-    `after_tokens` tokens (on a busy machine the last submits can trail the first by several
-    steps); every stream must finish."""
+    """CHAOS_PROMPTS through a serving loop of its own, all submitted between two steps, `fault()`
+    once every stream has `after_tokens` tokens; every stream must finish."""
     serving = ServingEngine(cluster.engine, text_tokenizer(cluster.engine), control=cluster)
     params = SamplingParams(temperature=0, max_new_tokens=CHAOS_TOKENS, ignore_eos=True)
     outputs: list[list] = [[] for _ in CHAOS_PROMPTS]
     arrivals: list[list[float]] = [[] for _ in CHAOS_PROMPTS]
     finished = threading.Event()
-    try:
+
+    def submit_all():
         for i, prompt in enumerate(CHAOS_PROMPTS):
             def sink(out, i=i):
                 outputs[i].append(out)
@@ -164,6 +164,9 @@ def _stream_while(cluster, fault, after_tokens: int = 6) -> FaultRun:
                 if all(o and o[-1].finish_reason for o in outputs):
                     finished.set()
             serving.submit(validate_request(prompt, params, serving.limits), sink)
+    try:
+        # between two steps: on a busy host a submitting thread can trail the loop by many steps
+        serving.call(submit_all).result()
         while min(sum(len(o.token_ids) for o in list(stream)) for stream in outputs) < after_tokens:
             time.sleep(0.005)
         epoch_before = cluster.epoch
