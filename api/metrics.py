@@ -119,8 +119,8 @@ class _SchedulerCollector:
 
 
 class _ClusterCollector:
-    """Rows routed and copies per expert, busy seconds and weight bytes per worker, from the cluster at
-    scrape time: expertmesh_worker_layer_rows_total (per worker and layer) always, and
+    """Rows routed and copies per expert, busy seconds and weight bytes per worker, late replies, from
+    the cluster at scrape time: expertmesh_worker_layer_rows_total (per worker and layer) always, and
     expertmesh_worker_memory_bytes where --worker-memory is set; expertmesh_expert_rows_total and
     expertmesh_expert_replicas (per layer and expert) when asked for."""
 
@@ -150,6 +150,8 @@ class _ClusterCollector:
         yield busy
         yield by_layer
         yield held
+        yield CounterMetricFamily("expertmesh_late_replies", "Expert replies not waited for: late past their "
+                                  "deadline, their rows went to other copies", value=self.cluster.replies.late)
         if self.cluster.budget is not None:
             yield GaugeMetricFamily("expertmesh_worker_memory_bytes", "Expert weight bytes one worker may hold "
                                     "(--worker-memory)", value=self.cluster.budget.worker_bytes)

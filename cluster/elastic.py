@@ -56,7 +56,7 @@ from expertmesh.cluster.worker_pool import (
 from expertmesh.core import wire
 from expertmesh.core.checkpoint import Checkpoint
 from expertmesh.core.settings import DEFAULTS, ServingConfig
-from expertmesh.router.dispatcher import ExpertDispatcher
+from expertmesh.router.dispatcher import ExpertDispatcher, ReplyRecord
 from expertmesh.router.engine import DTYPES, Engine
 from expertmesh.router.kv_cache import KVCache
 from expertmesh.router.model import RouterModel
@@ -120,7 +120,7 @@ class ExpertCluster:
         self.recoveries = 0
         self.metrics = None  # api/metrics.py's Metrics, when the server exports them
         self.expert_rows = torch.zeros(config.num_layers, config.num_experts, dtype=torch.int64)  # (L, E)
-        self.reply_times: dict[int, float] = {}  # the data path's usual reply times, kept across epochs
+        self.replies = ReplyRecord()  # the data path's reply times and late replies, across epochs
         ids = [self._new_id() for _ in range(num_workers)]
         workers = start_workers(ids, {w: plan.worker_pairs(i) for i, w in enumerate(ids)}, self.model_dir,
                                 settings, self.gpus)
@@ -182,7 +182,7 @@ class ExpertCluster:
     def _dispatcher(self, pairs: list, plan: PlacementPlan, members: list[WorkerHandle]) -> ExpertDispatcher:
         return ExpertDispatcher(self.checkpoint.config, plan.holders, plan.num_workers, self.device, pairs,
                                 self.backend, keepalive_s=max(self.settings.collective_timeout_s / 4, 0.5),
-                                expert_rows=self.expert_rows, reply_times=self.reply_times,
+                                expert_rows=self.expert_rows, replies=self.replies,
                                 on_lost=lambda lost: self._lost_on_path([members[w] for w in lost]))
 
     def _switch(self, epoch: int, pairs: list, plan: PlacementPlan, members: list[WorkerHandle]) -> None:

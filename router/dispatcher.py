@@ -13,8 +13,8 @@ A worker whose reply is late (LATE_FACTOR times what replies of its size usually
 LATE_MIN_S) is not waited for where its experts have other live copies: its rows go to those, and it
 gets no rows until its late replies are in (a stopped or dying worker stalls a step by that much,
 not by the seconds its death takes to show; the heartbeats still fence a stopped one). Over gloo,
-each worker's replies are waited for on a thread of its own (`_Replies`), so the stepping thread can
-stop waiting without giving up the pair: gloo's timed wait closes the pair when it expires. (NCCL's
+each worker's replies are waited for on a thread of its own (`_ReplyWaiter`), so the stepping thread
+can stop waiting without giving up the pair: gloo's timed wait closes the pair when it expires. (NCCL's
 wait only orders the waiting thread's CUDA stream: it stays on the stepping thread, and a late
 worker is found by heartbeats alone.)
 Shape legend: T tokens, K experts per token, N = T*K rows, D hidden, W workers, E experts.
@@ -81,7 +81,15 @@ def _wait_out(part: Part) -> None:
     part.done.set()
 
 
-class _Replies:
+@dataclass
+class ReplyRecord:
+    """What the data path learns of the workers' replies; the cluster keeps one across epochs (a new
+    epoch's first steps, right after a loss, are when workers are busiest)."""
+    usual: dict[int, float] = field(default_factory=dict)  # a part's rows' bit length -> seconds its reply takes
+    late: int = 0  # replies not waited for (their rows went to other copies), all told
+
+
+class _ReplyWaiter:
     """Waits out one worker's parts in the order they were posted (its pair delivers in order), on
     a thread of its own; `answered(worker, part)` after each (on that thread)."""
 
@@ -143,21 +151,19 @@ class ExpertDispatcher:
     def __init__(self, config: MixtralConfig, holders: Mapping[Pair, tuple[int, ...]], num_workers: int,
                  device: torch.device, pairs: list, backend: str, keepalive_s: float = 2.0,
                  expert_rows: torch.Tensor | None = None, on_lost: Callable[[list[int]], None] | None = None,
-                 reply_times: dict[int, float] | None = None):
+                 replies: ReplyRecord | None = None):
         """pairs[w]: this epoch's process group of two with worker w (core/wire.py); holders:
         (layer, expert) -> the workers holding a copy; on_lost(workers): called (on the stepping
-        thread) when workers are lost on the data path; reply_times: what replies usually take, by
-        size, carried from the epoch before (a new epoch's first steps are when workers are busiest)."""
+        thread) when workers are lost on the data path; replies: what replies usually take, carried
+        from the epoch before."""
         assert len(pairs) == num_workers, (len(pairs), num_workers)
         self.config = config
         self.pairs = pairs
         self.num_workers = num_workers
         self.lost: set[int] = set()  # workers whose pair failed in this epoch: no more rows for them
         self.late: set[int] = set()  # workers with a late reply still out: no rows for them meanwhile
-        self.late_replies = 0  # replies not waited for (their rows went to other copies), all told
         self._late_parts: dict[int, set[Part]] = {}  # worker -> its late parts still out
-        # a part's rows' bit length -> seconds its reply usually takes
-        self._usual: dict[int, float] = reply_times if reply_times is not None else {}
+        self.replies = replies if replies is not None else ReplyRecord()
         self._answers: queue.SimpleQueue = queue.SimpleQueue()  # late parts answered, for the stepping thread
         self.on_lost = on_lost
         self.use_plan(holders)
@@ -178,7 +184,7 @@ class ExpertDispatcher:
         self._keepalive.start()
         # gloo's waits block the host: one thread per worker waits, so that a late one can be given
         # up (see the module's docstring); NCCL's order the waiting thread's stream: the stepping thread
-        self._replies = [_Replies(w, self._answered) for w in range(num_workers)] if backend == "gloo" else None
+        self._waiters = [_ReplyWaiter(w, self._answered) for w in range(num_workers)] if backend == "gloo" else None
 
     def use_plan(self, holders: Mapping[Pair, tuple[int, ...]]) -> None:
         """Send the next step's rows by these holders (same workers; called between steps)."""
@@ -260,8 +266,8 @@ class ExpertDispatcher:
                 except Exception as exc:  # noqa: BLE001 - a closed pair fails at once: rows go again
                     part.error = exc
                     self._lose(w, exc)
-                if self._replies is not None:
-                    self._replies[w].put(part)
+                if self._waiters is not None:
+                    self._waiters[w].put(part)
         return ex
 
     def _answered(self, worker: int, part: Part) -> None:
@@ -270,9 +276,9 @@ class ExpertDispatcher:
         if part.late:
             self._answers.put((worker, part))
         elif part.error is None:
-            seconds, size = time.monotonic() - part.posted, part.span.stop - part.span.start
-            usual = self._usual.get(size.bit_length())
-            self._usual[size.bit_length()] = seconds if usual is None else usual + USUAL_WEIGHT * (seconds - usual)
+            seconds, size = time.monotonic() - part.posted, (part.span.stop - part.span.start).bit_length()
+            usual = self.replies.usual.get(size)
+            self.replies.usual[size] = seconds if usual is None else usual + USUAL_WEIGHT * (seconds - usual)
 
     def _catch_up(self) -> None:
         """Late replies that came in: a worker with none left out gets rows again; a failed one is lost."""
@@ -296,8 +302,8 @@ class ExpertDispatcher:
         """When part's reply is late, from the usual time of replies its size or (not yet known) the
         next larger size known; None while neither is known."""
         size = (part.span.stop - part.span.start).bit_length()
-        known = [seconds for at, seconds in list(self._usual.items()) if at >= size]
-        usual = self._usual.get(size, min(known, default=None))
+        known = [seconds for at, seconds in list(self.replies.usual.items()) if at >= size]
+        usual = self.replies.usual.get(size, min(known, default=None))
         return None if usual is None else part.posted + max(LATE_MIN_S, LATE_FACTOR * usual)
 
     def _give_up_on(self, worker: int, layer: int, part: Part) -> bool:
@@ -311,7 +317,7 @@ class ExpertDispatcher:
             part.late = False
             return False
         self._late_parts.setdefault(worker, set()).add(part)
-        self.late_replies += 1
+        self.replies.late += 1
         if worker not in self.late:
             log.warning("the worker in place %d of this epoch is late (%.2fs for %d rows): its rows go to other "
                         "copies until it answers", worker, time.monotonic() - part.posted, sum(part.counts))
@@ -324,7 +330,7 @@ class ExpertDispatcher:
         failed it (now lost) and, with give_up, those late where their experts have other copies."""
         again = []
         for w, part in ex.parts.items():
-            if self._replies is None:
+            if self._waiters is None:
                 _wait_out(part)
             deadline = self._deadline(part) if give_up else None
             if (deadline is not None and not part.done.wait(max(0.0, deadline - time.monotonic()))
@@ -399,8 +405,8 @@ class ExpertDispatcher:
         self._closed.set()
         for ex in list(self._pending):
             self._collect(ex, give_up=False)
-        for replies in self._replies or []:
-            replies.put(None)
+        for waiter in self._waiters or []:
+            waiter.put(None)
         return ExpertPathError(f"expert data path failed: {why}")
 
     def finish(self, flight: InFlight) -> torch.Tensor:
@@ -420,8 +426,8 @@ class ExpertDispatcher:
         for parts in self._late_parts.values():  # a late reply still out would meet the next message
             for part in parts:
                 part.done.wait()
-        for replies in self._replies or []:
-            replies.put(None)
+        for waiter in self._waiters or []:
+            waiter.put(None)
         failed = sorted(self.lost)
         with self._lock:  # after this no keep-alive ping is in flight
             sent = []

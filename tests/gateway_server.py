@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 
 class ServerProcess:
@@ -47,3 +48,33 @@ class ServerProcess:
                 self.proc.wait()
         time.sleep(0.2)
         return self.proc.returncode
+
+
+def wait_for_line(server: ServerProcess, text: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        line = next((line for line in server.lines if text in line), None)
+        if line is not None:
+            return line
+        assert time.monotonic() < deadline, f"no {text!r} in:\n" + "".join(server.lines[-30:])
+        time.sleep(0.1)
+
+
+def scrape(url: str) -> dict[str, float]:
+    """name{labels} -> value, from Prometheus' text format."""
+    samples = {}
+    for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def total(samples: dict, name: str, **labels) -> float:
+    """The sum of `name`'s samples whose labels include `labels`."""
+    out = 0.0
+    for key, value in samples.items():
+        match = re.fullmatch(rf"{name}(\{{(.*)\}})?", key)
+        if match and all(f'{k}="{v}"' in (match.group(2) or "") for k, v in labels.items()):
+            out += value
+    return out

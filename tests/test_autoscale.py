@@ -4,15 +4,13 @@ happened, and when the load stops the worker is retired."""
 
 from __future__ import annotations
 
-import re
 import time
-import urllib.request
 
 import pytest
 
 from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
 from expertmesh.router.engine import Engine
-from tests.gateway_server import ServerProcess
+from tests.gateway_server import ServerProcess, scrape, total, wait_for_line
 from tests.helpers import greedy_tokens
 from tests.test_elastic import LONG, PROMPTS, Streams, cli
 
@@ -22,34 +20,7 @@ def checkpoint(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("autoscale"), seed=81, init_std=0.1, num_experts=8)
 
 
-def wait_for_line(server: ServerProcess, text: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        line = next((line for line in server.lines if text in line), None)
-        if line is not None:
-            return line
-        assert time.monotonic() < deadline, f"no {text!r} in:\n" + "".join(server.lines[-30:])
-        time.sleep(0.1)
 
-
-def scrape(url: str) -> dict[str, float]:
-    """name{labels} -> value, from Prometheus' text format."""
-    samples = {}
-    for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
-
-
-def total(samples: dict, name: str, **labels) -> float:
-    """The sum of `name`'s samples whose labels include `labels`."""
-    out = 0.0
-    for key, value in samples.items():
-        match = re.fullmatch(rf"{name}(\{{(.*)\}})?", key)
-        if match and all(f'{k}="{v}"' in (match.group(2) or "") for k, v in labels.items()):
-            out += value
-    return out
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
 from expertmesh.router.engine import Engine
 from expertmesh.v1 import generation_pb2 as pb
 from expertmesh.v1 import generation_pb2_grpc as pb_grpc
-from tests.gateway_server import ServerProcess
+from tests.gateway_server import ServerProcess, scrape, total, wait_for_line
 from tests.helpers import greedy_tokens, wait_until_idle
 from tests.test_gateway import _expert_worker_pids, _processes
 
@@ -273,9 +273,12 @@ def test_with_redundancy_a_stopped_worker_is_passed_over_at_once_and_serves_agai
     stream pauses 2 s and nothing is fenced; after SIGCONT its replies come in and rows go to it again.
     Every stream keeps its tokens. (Waiting for the stopped worker, every stream would pause 3 s.)"""
     server = ServerProcess("--model", str(checkpoint), "--workers", "3", "--redundancy", "2",
-                           "--kv-cache-memory", "64MiB", "--heartbeat-timeout", "60", "--collective-timeout", "120")
+                           "--kv-cache-memory", "64MiB", "--heartbeat-timeout", "60", "--collective-timeout", "120",
+                           "--metrics-port", "0")
     victim = None
     try:
+        metrics_url = wait_for_line(server, "expertmesh metrics on", 30).rsplit(" ", 1)[1].strip()
+        assert total(scrape(metrics_url), "expertmesh_late_replies_total") == 0
         before = cli(server, "info")
         victim = before["workers"][1]
         streams = Streams(server.target, LONG)
@@ -303,6 +306,7 @@ def test_with_redundancy_a_stopped_worker_is_passed_over_at_once_and_serves_agai
         assert later["epoch"] == before["epoch"] and [w["pid"] for w in later["workers"]] == [
             w["pid"] for w in before["workers"]], "nothing was fenced or replaced"
         assert any("place 1 of this epoch answered again" in line for line in server.lines)
+        assert total(scrape(metrics_url), "expertmesh_late_replies_total") >= 1
         assert_idle_and_serving(server)
     finally:
         if victim is not None:

@@ -19,8 +19,7 @@ from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
 from expertmesh.v1 import generation_pb2 as pb
 from expertmesh.v1 import generation_pb2_grpc as pb_grpc
 from expertmesh.workers.grouped_mlp import LayerExperts
-from tests.gateway_server import ServerProcess
-from tests.test_autoscale import wait_for_line
+from tests.gateway_server import ServerProcess, wait_for_line
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "expertmesh.json"
 REQUESTS, TOKENS = 6, 5

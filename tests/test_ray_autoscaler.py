@@ -22,9 +22,8 @@ import pytest
 
 from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
 from expertmesh.router.engine import Engine
-from tests.gateway_server import ServerProcess
+from tests.gateway_server import ServerProcess, wait_for_line
 from tests.helpers import greedy_tokens
-from tests.test_autoscale import wait_for_line
 from tests.test_elastic import LONG, PROMPTS, Streams, cli
 
 CONFIG = """
