@@ -423,8 +423,10 @@ class ExpertDispatcher:
         OP_SHUTDOWN for the others (next_epoch None: all leave). Best effort: a worker that is gone
         is skipped. Returns the workers that could not be told."""
         self._closed.set()
-        for parts in self._late_parts.values():  # a late reply still out would meet the next message
-            for part in parts:
+        for w, parts in self._late_parts.items():
+            for part in parts if next_epoch is not None and w in moving else ():
+                # its reply must be sent before its old pair closes; a worker leaving (or fenced:
+                # killed, its sockets closing only once its memory is freed) is not waited for
                 part.done.wait()
         for waiter in self._waiters or []:
             waiter.put(None)
