@@ -295,10 +295,13 @@ KERNELS(bf16)
 /* x (m, k) -> its two digits hi and lo (m, 2 * ceil(k / 2)) int16 each (an odd k's last partner zero)
  * and xs (m,): x ~= xs * (hi + lo / XQ_LOW). A row that is not finite gets digits 0 and xs NaN, so
  * that its outputs are NaN, as fp32's would not be finite either. With gsum (m, 2, ceil(k / GROUP))
- * given: each group's sum of hi, then of lo (int4's offset). */
+ * given: each group's sum of hi, then of lo (int4's offset). Rows shared among `threads` (each row's
+ * digits are its own: the same whatever the split; serial, they were a quarter of a 32-row product on
+ * two threads). */
 static void quantize_rows_i16(const float *x, int64_t m, int64_t k, int16_t *hi, int16_t *lo, float *xs,
-                              int32_t *gsum) {
+                              int32_t *gsum, int threads) {
     int64_t width = (k + 1) / 2 * 2, groups = (k + GROUP - 1) / GROUP;
+    #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && m > 1)
     for (int64_t r = 0; r < m; r++) {
         const float *xr = x + r * k;
         int16_t *hr = hi + r * width, *lr = lo + r * width;
@@ -535,7 +538,8 @@ static void range_i4(const Digits *x, const uint8_t *wb, const uint16_t *group_s
 
 /* x's digits into buffers the size of x (small beside the weights); 0 when out of memory, and then
  * the product y (m, n) is NaN: a result no one mistakes for a number. */
-static int digits_of(const float *x, int64_t m, int64_t k, int with_group_sums, Digits *d, float *y, int64_t n) {
+static int digits_of(const float *x, int64_t m, int64_t k, int with_group_sums, Digits *d, float *y, int64_t n,
+                     int threads) {
     d->width = (k + 1) / 2 * 2, d->groups = (k + GROUP - 1) / GROUP;
     d->hi = malloc((size_t)(2 * m * d->width) * sizeof *d->hi);
     d->lo = d->hi ? d->hi + m * d->width : 0;
@@ -546,7 +550,7 @@ static int digits_of(const float *x, int64_t m, int64_t k, int with_group_sums, 
         for (int64_t i = 0; i < m * n; i++) y[i] = NAN;
         return 0;
     }
-    quantize_rows_i16(x, m, k, d->hi, d->lo, d->xs, d->gsum);
+    quantize_rows_i16(x, m, k, d->hi, d->lo, d->xs, d->gsum, threads);
     return 1;
 }
 
@@ -557,7 +561,7 @@ void linear_i8(const float *restrict x, const int8_t *restrict wb, const float *
                int threads) {
     (void)group_scale;
     Digits d;
-    if (!digits_of(x, m, k, 0, &d, y, panels * PANEL)) return;
+    if (!digits_of(x, m, k, 0, &d, y, panels * PANEL, threads)) return;
     SPLIT_PANELS(panels, threads, range_i8(&d, wb, scale, y, m, k, panels * PANEL, first, last));
     free(d.hi), free(d.xs);
 }
@@ -569,7 +573,7 @@ void linear_i4(const float *restrict x, const uint8_t *restrict wb, const float 
                int threads) {
     (void)scale;
     Digits d;
-    if (!digits_of(x, m, k, 1, &d, y, panels * PANEL)) return;
+    if (!digits_of(x, m, k, 1, &d, y, panels * PANEL, threads)) return;
     SPLIT_PANELS(panels, threads, range_i4(&d, wb, group_scale, y, m, k, panels * PANEL, first, last));
     free(d.hi), free(d.xs), free(d.gsum);
 }
