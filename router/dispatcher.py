@@ -328,14 +328,17 @@ class ExpertDispatcher:
     def _collect(self, ex: Exchange, give_up: bool = True) -> list[int]:
         """Wait for every worker's part of ex; returns the workers whose rows must go again: those that
         failed it (now lost) and, with give_up, those late where their experts have other copies."""
-        again = []
+        for part in ex.parts.values() if self._waiters is None else ():
+            _wait_out(part)
+        deadlines = {w: self._deadline(part) for w, part in ex.parts.items()} if give_up else {}
+        late = []  # earliest deadline first: no part's wait delays the check of one due sooner
+        for w in sorted((w for w, at in deadlines.items() if at is not None), key=deadlines.__getitem__):
+            part = ex.parts[w]
+            if not part.done.wait(max(0.0, deadlines[w] - time.monotonic())) and self._give_up_on(w, ex.layer, part):
+                late.append(w)
+        again = list(late)
         for w, part in ex.parts.items():
-            if self._waiters is None:
-                _wait_out(part)
-            deadline = self._deadline(part) if give_up else None
-            if (deadline is not None and not part.done.wait(max(0.0, deadline - time.monotonic()))
-                    and self._give_up_on(w, ex.layer, part)):
-                again.append(w)
+            if w in late:
                 continue
             part.done.wait()  # gloo's or NCCL's own timeout ends a wait on a peer that never answers
             if part.error is not None:
