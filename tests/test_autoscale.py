@@ -20,9 +20,6 @@ def checkpoint(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("autoscale"), seed=81, init_std=0.1, num_experts=8)
 
 
-
-
-
 @pytest.mark.slow
 def test_the_controller_scales_out_under_load_and_back_in_after(checkpoint):
     tokens = LONG  # long enough for several load windows and the change that follows them

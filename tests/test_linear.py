@@ -295,6 +295,28 @@ def test_the_kernel_uses_every_thread_on_large_weights_and_one_on_small():
     assert torch.equal(results[0], results[1]) and close(results[0], x @ big_weight(big).T, 1e-5)
 
 
+@needs_kernels
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_a_small_quantized_weight_at_many_rows_gets_the_same_bits_on_any_thread_count(quantize):
+    """At most 128 KiB at 32 rows: under PARALLEL_MIN_BYTES, but enough products for every thread
+    (the panels split among them, and x's rows written as digits by all of them); the same bits as
+    one thread, and each row as alone."""
+    gen = torch.Generator().manual_seed(13)
+    layer = Linear(torch.randn(256, 512, generator=gen), quantize)
+    assert layer.nbytes < cpu_kernels.PARALLEL_MIN_BYTES
+    x = torch.randn(32, 512, generator=gen)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(layer(x))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1])
+    assert all(torch.equal(results[1][r:r + 1], layer(x[r:r + 1])) for r in (0, 17, 31))
+
+
 def big_weight(layer: Linear) -> torch.Tensor:
     """The (out, in) weight back from the blocked layout."""
     return layer.weight.transpose(1, 2).reshape(-1, layer.in_features)[:layer.out_features]
