@@ -58,11 +58,19 @@ class RequestLimits:
 
 
 @dataclass(frozen=True)
+class Resume:
+    """Where a stream stands that another router began (and lost): it goes on from here."""
+    output_ids: tuple[int, ...]  # tokens the client already has, in order
+    sent_chars: int  # characters of their text the client already has (a stop string's start may be held)
+
+
+@dataclass(frozen=True)
 class ValidRequest:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     cache_salt: str = ""  # requests share prefix-cache blocks only under the same salt
     grammar: object = None  # a compiled grammar its answer must follow (router/structured.py)
+    resume: Resume | None = None  # a continuation: the prompt's answer so far (the gateway's record)
 
 
 def _check_params(p: SamplingParams, vocab_size: int) -> None:

@@ -3,13 +3,16 @@ top-k/top-p/min-p, seeds, log-probabilities.
 
 Filters apply in this order, each to the distribution the ones before it left (renormalised):
 penalties, temperature, top-k, min-p, top-p (tests/test_sampling.py checks the frequencies).
-Every request samples from its own torch.Generator, so a seed gives the same tokens whatever else is
-in the batch. Log-probabilities are those of the model's own distribution (log-softmax of the raw
+A seeded request draws each token from a generator keyed by (seed, position in the sequence), so a
+seed gives the same tokens whatever else is in the batch, and a stream continued on another router
+from its emitted tokens (router/requests.py's Resume) draws what the first router would have drawn.
+Log-probabilities are those of the model's own distribution (log-softmax of the raw
 logits, before penalties and temperature), so they add up to the sequence's log-likelihood.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -56,16 +59,28 @@ def position_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list
             for t, lp, ids, values in zip(tokens, chosen, best.indices.tolist(), best.values.tolist())]
 
 
-class RequestSampler:
-    """Samples one request's tokens; keeps its generator and output-token counts."""
+def draw_seed(seed: int, position: int) -> int:
+    """The seed of the draw at `position` (the sequence's length before the token) of a request
+    seeded with `seed`: a hash, so neighbouring positions and seeds give unrelated streams."""
+    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # torch takes seeds below 2**63 on every build
 
-    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int, constraint=None):
-        """constraint: router/structured.py's Constraint, when the answer must follow a grammar."""
+
+class RequestSampler:
+    """Samples one request's tokens; keeps its output-token counts and, for a grammar, its state."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int, constraint=None,
+                 prior_output: tuple[int, ...] = ()):
+        """constraint: router/structured.py's Constraint, when the answer must follow a grammar.
+        prior_output: tokens this request already produced elsewhere (a continuation): counted as its
+        output and followed by the grammar, as if sampled here."""
         self.params = params
         self.constraint = constraint
-        self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.prompt_ids = torch.tensor(prompt_ids, dtype=torch.int64)
         self.output_counts = torch.zeros(vocab_size, dtype=torch.float32)
+        self.position = len(prompt_ids)  # of the next draw, in the whole sequence
+        for token in prior_output:
+            self._took(token)
 
     @property
     def plain_greedy(self) -> bool:
@@ -107,13 +122,20 @@ class RequestSampler:
                 before = torch.cumsum(sorted_probs, 0) - sorted_probs  # mass of better tokens
                 sorted_probs = sorted_probs.masked_fill(before >= p.top_p, 0.0)
                 probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-            token = int(torch.multinomial(probs, 1, generator=self.generator))
-        if self.constraint is not None:
-            self.constraint.accept(token)
-        self.output_counts[token] += 1
+            generator = None
+            if p.seed is not None:
+                generator = torch.Generator().manual_seed(draw_seed(p.seed, self.position))
+            token = int(torch.multinomial(probs, 1, generator=generator))
+        self._took(token)
         if p.logprobs is None:
             return token, None
         logprobs = torch.log_softmax(logits, dim=-1)
         top = torch.topk(logprobs, p.logprobs) if p.logprobs else None
         pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
         return token, TokenLogprobs(token, float(logprobs[token]), pairs)
+
+    def _took(self, token: int) -> None:
+        if self.constraint is not None:
+            self.constraint.accept(token)
+        self.output_counts[token] += 1
+        self.position += 1

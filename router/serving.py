@@ -31,7 +31,7 @@ import torch
 from expertmesh.core.settings import DEFAULTS, ServingConfig
 from expertmesh.core.tokenizer import IncrementalDetokenizer, TextTokenizer
 from expertmesh.router.engine import Engine, Sequence
-from expertmesh.router.requests import RequestLimits, ValidRequest, validate_request
+from expertmesh.router.requests import InvalidRequest, RequestLimits, ValidRequest, validate_request
 from expertmesh.router.sampling import RequestSampler, SamplingParams, TokenLogprobs, position_logprobs
 from expertmesh.router.scheduler import Scheduled, Scheduler
 from expertmesh.router.structured import Grammars
@@ -102,6 +102,7 @@ class Request(Scheduled):
     first_step_at: float | None = None  # monotonic time of its first step (the end of its queueing)
     first_token_at: float | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # filled as the prompt is computed
+    resumed_tokens: int = 0  # a continuation: output tokens another router produced (in prompt_len here)
 
 
 class ServingEngine:
@@ -146,20 +147,31 @@ class ServingEngine:
 
     # ---- any thread ----------------------------------------------------------------------------
 
-    def submit(self, valid: ValidRequest, sink: Callable[[RequestOutput], None], client_id: str = "") -> str:
-        """Queue a request checked by validate_request; returns its key (for cancel). Raises
-        QueueFull or EngineUnavailable at once instead of dropping it."""
+    def submit(self, valid: ValidRequest, sink: Callable[[RequestOutput], None], client_id: str = "",
+               key: str | None = None) -> str:
+        """Queue a request checked by validate_request; returns its key (for cancel: `key`, when the
+        caller names it, else a fresh one). Raises QueueFull or EngineUnavailable at once instead of
+        dropping it; a continuation its grammar refuses raises InvalidRequest."""
         assert isinstance(valid, ValidRequest), "requests are checked at the boundary (validate_request)"
         prompt_ids, params = list(valid.prompt_ids), valid.params
-        key = uuid.uuid4().hex
-        scored = params.prompt_logprobs is not None  # every prompt position computed here, none shared
+        key = key or uuid.uuid4().hex
+        prior = valid.resume.output_ids if valid.resume is not None else ()
+        # every prompt position computed here, none shared (a continuation's client has them already)
+        scored = params.prompt_logprobs is not None and not prior
         constraint = None if valid.grammar is None else self.grammars.constraint(valid.grammar)
-        request = Request(seq=Sequence(prompt_ids, cache_salt=valid.cache_salt), prompt_len=len(prompt_ids), key=key,
+        try:
+            sampler = RequestSampler(params, prompt_ids, self.config.vocab_size, constraint, prior)
+        except RuntimeError as exc:  # the grammar refused a token already sent: never a silent change
+            raise InvalidRequest(f"the stream cannot go on under its grammar: {exc}", "response_format") from None
+        request = Request(seq=Sequence(prompt_ids + list(prior), cache_salt=valid.cache_salt),
+                          prompt_len=len(prompt_ids) + len(prior), key=key,
                           share_prefix=not scored, prompt_logprobs=[None] if scored else None,
-                          client_id=client_id or key, params=params,
-                          sampler=RequestSampler(params, prompt_ids, self.config.vocab_size, constraint),
+                          client_id=client_id or key, params=params, sampler=sampler,
                           detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids), sink=sink,
-                          arrived=time.monotonic())
+                          output_ids=list(prior), resumed_tokens=len(prior), arrived=time.monotonic())
+        for token in prior:  # the text as the first router had it, token by token (the same deltas)
+            request.text += request.detokenizer.add([token])
+        request.emitted = valid.resume.sent_chars if prior else 0
         with self._wake:
             if not self.healthy or self._stopping:
                 raise EngineUnavailable("the engine is not serving (its expert path failed, or it is stopping)")
@@ -448,14 +460,15 @@ class ServingEngine:
             m, now = self.metrics, time.monotonic()
             m.finished(reason)
             m.e2e.observe(now - request.arrived)
-            m.prompt_tokens.inc(request.prompt_len)
+            m.prompt_tokens.inc(request.prompt_len - request.resumed_tokens)
             if request.first_token_at is not None:
                 m.decode_time.observe(request.last_token_at - request.first_token_at)
         self.scheduler.finish(request)
         self._requests.pop(request.key, None)
         out = out or RequestOutput(request.client_id, [], "")
         out.finish_reason, out.error, out.retryable = reason, error, retryable
-        out.usage = Usage(request.prompt_len, len(request.output_ids), max(request.cached_prompt_tokens, 0))
+        out.usage = Usage(request.prompt_len - request.resumed_tokens, len(request.output_ids),
+                          max(min(request.cached_prompt_tokens, request.prompt_len - request.resumed_tokens), 0))
         try:
             request.sink(out)
         except Exception:  # noqa: BLE001 - a caller that went away must not stop the loop

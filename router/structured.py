@@ -109,8 +109,11 @@ class Grammars:
                 self._compiler = xgr.GrammarCompiler(info, max_threads=2)
             return self._compiler
 
-    def compile(self, spec: StructureSpec):
-        """-> a compiled grammar for Constraint; InvalidRequest (naming spec.field) when it is bad."""
+    def compile(self, spec: StructureSpec) -> "CompiledSpec":
+        """-> a compiled grammar for constraint(); InvalidRequest (naming spec.field) when it is bad."""
+        return CompiledSpec(spec, self._compile(spec))
+
+    def _compile(self, spec: StructureSpec):
         if spec.kind not in KINDS:
             raise InvalidRequest(f"{spec.field}: unknown kind {spec.kind!r}; one of {', '.join(KINDS)}", spec.field)
         if len(spec.value) > MAX_SPEC_CHARS:
@@ -139,5 +142,19 @@ class Grammars:
         except Exception as exc:  # noqa: BLE001 - xgrammar's errors for a bad schema, regex or grammar
             raise InvalidRequest(f"{spec.field} could not be compiled: {str(exc)[:300]}", spec.field) from None
 
-    def constraint(self, compiled) -> Constraint:
-        return Constraint(compiled, self.vocab_size)
+    def constraint(self, compiled: "CompiledSpec") -> Constraint:
+        """The grammar's state for one request; a grammar that came from another process (which
+        carries only its spec) is compiled here, for this process's tokenizer."""
+        grammar = compiled.grammar if compiled.grammar is not None else self._compile(compiled.spec)
+        return Constraint(grammar, self.vocab_size)
+
+
+@dataclass
+class CompiledSpec:
+    """A spec and its compiled grammar. Pickled (to a router in another process), it carries the
+    spec alone: xgrammar's compiled grammars do not pickle, and the router compiles its own."""
+    spec: StructureSpec
+    grammar: object = None
+
+    def __getstate__(self) -> dict:
+        return {"spec": self.spec, "grammar": None}
