@@ -332,12 +332,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         return pb.TokenizeResponse(token_ids=ids)
 
     async def GetServerStats(self, request, context):
-        e = self.engine
-        cache = e.engine.cache
-        return pb.ServerStats(running=len(e.scheduler.running), waiting=len(e.scheduler.waiting),
-                              kv_blocks_total=cache.num_blocks, kv_blocks_free=cache.free_blocks,
-                              kv_block_size=cache.block_size, preemptions=e.scheduler.preemptions,
-                              steps=e.steps, healthy=e.healthy)
+        return pb.ServerStats(**self.engine.server_stats())
 
 
 class BearerTokenAuth(grpc.aio.ServerInterceptor):

@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: the checkpoint folder's name)")
     serve.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus metrics on http://HOST:PORT/metrics (default off; 0 picks one)")
+    serve.add_argument("--routers", type=int, default=1,
+                       help="routers (attention, KV cache, scheduler) over the one expert pool: the serve "
+                       "process's own, and N-1 more as Ray actors; the gateway continues a lost router's "
+                       "streams on the others, token for token (needs --workers; default 1)")
     serve.add_argument("--metrics-per-expert", action="store_true",
                        help="also export rows and copies per (layer, expert): 256 series each for Mixtral "
                        "8x7B (default: rows per worker and layer)")

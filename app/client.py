@@ -95,12 +95,18 @@ def cmd_info(args) -> int:
     if args.json:
         model = json_format.MessageToDict(info, preserving_proto_field_name=True)
         model.pop("workers", None)
+        model.pop("routers", None)
+        routers = [{"router": r.router, "pid": r.pid, "node": r.node, "state": r.state, "streams": r.streams,
+                    "kv_blocks_free": r.kv_blocks_free, "kv_blocks_total": r.kv_blocks_total} for r in info.routers]
         live = _placement_dict(placement) if placement else {"epoch": 0, "recoveries": 0, "workers": []}
-        print(json.dumps({"model": model, **live}))
+        print(json.dumps({"model": model, "routers": routers, **live}))
         return 0
     print(f"model {info.model_name}: {info.num_layers} layers, {info.num_experts} experts "
           f"(top-{info.experts_per_token}), hidden {info.hidden_size}, vocab {info.vocab_size}, "
           f"context {info.max_context}")
+    for r in info.routers:
+        print(f"router {r.router}: pid {r.pid}, {r.state}, {r.streams} streams, "
+              f"KV {r.kv_blocks_total - r.kv_blocks_free}/{r.kv_blocks_total} blocks in use")
     if placement is None:
         print("experts: all in the router process (no expert workers)")
     else:

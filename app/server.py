@@ -21,13 +21,16 @@ from expertmesh.flags import serving_config
 from expertmesh.v1 import generation_pb2 as pb
 
 
-def model_info(name: str, config, cluster) -> pb.ModelInfo:
+def model_info(name: str, config, cluster, fleet=None) -> pb.ModelInfo:
     info = pb.ModelInfo(model_name=name, vocab_size=config.vocab_size, max_context=config.max_position_embeddings,
                         num_layers=config.num_layers, num_experts=config.num_experts,
                         experts_per_token=config.experts_per_token, hidden_size=config.hidden_size)
     if cluster is not None:
         for w in placement_to_proto(cluster.placement()).workers:
             info.workers.append(pb.WorkerPlacement(worker=w.worker, experts=w.experts))
+    if fleet is not None:
+        for r in fleet.routers():
+            info.routers.append(pb.RouterInfo(**r))
     return info
 
 
@@ -154,15 +157,23 @@ def cmd_serve(args) -> int:
         tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes())
     settings = serving_config(args)
     autoscale = autoscale_settings(args)
+    if args.routers < 1:
+        raise UsageError("--routers must be >= 1")
+    if args.routers > 1 and (args.workers < 1 or autoscale is not None):
+        raise UsageError("--routers N > 1 needs expert workers (--workers N, N >= 1) and, for now, no --autoscale")
     names = args.served_model_name or [model_dir.name]
     engine, cluster = start_engine(model_dir, settings, args.workers, args.replicas, args.placement, args.address)
-    controller = None
+    controller = fleet = None
     try:
         config = engine.config
         tokenizer = load_tokenizer(model_dir, config.bos_token_id, config.eos_token_id)
         serving = ServingEngine(engine, tokenizer, settings, own_thread=False, control=cluster)
-        generation = GenerationService(serving, tokenizer, load_chat_template(model_dir),
-                                       lambda: model_info(names[0], config, cluster),
+        front = serving  # what both doors submit to: router 0 alone, or the fleet over every router
+        if args.routers > 1:
+            fleet = start_fleet(serving, cluster, settings, args.routers)
+            front = fleet
+        generation = GenerationService(front, tokenizer, load_chat_template(model_dir),
+                                       lambda: model_info(names[0], config, cluster, fleet),
                                        tool_format=ToolFormat.load(model_dir))
         if autoscale is not None:
             controller = Controller(cluster, autoscale)
@@ -183,9 +194,9 @@ def cmd_serve(args) -> int:
         if args.http_port is not None:
             from expertmesh.api.http_api import OpenAIApi
 
-            http_app = OpenAIApi(serving, generation.prompts, names, lambda: gateway.serving_now(),
+            http_app = OpenAIApi(front, generation.prompts, names, lambda: gateway.serving_now(),
                                  generation.prepare, auth_token=token, max_body_bytes=args.max_message_bytes).app()
-        gateway = GatewayThread((generation, admin, http_app), serving, args, token, tls)
+        gateway = GatewayThread((generation, admin, http_app), front, args, token, tls)
         # One real step before saying SERVING: the whole path (and every worker) works.
         serving.generate([[config.bos_token_id]], SamplingParams(max_new_tokens=1))
         gateway.mark_warmed()
@@ -209,6 +220,8 @@ def cmd_serve(args) -> int:
     finally:
         if controller is not None:
             controller.stop()
+        if fleet is not None:
+            fleet.stop()
         if cluster is not None and not _shutdown_within(cluster, CLUSTER_SHUTDOWN_S):
             # Ray's own processes are going too (a SIGTERM to the whole process group): its calls
             # would wait a minute for a GCS that is gone. Nothing is left to hand back.
@@ -220,6 +233,20 @@ def cmd_serve(args) -> int:
 
 
 CLUSTER_SHUTDOWN_S = 3.0  # a live Ray lets workers go in well under a second
+
+
+def start_fleet(serving, cluster, settings, routers: int):
+    """Routers 1..routers-1 as Ray actors over the cluster's workers, and the gateway's fleet over
+    them and router 0 (`serving`)."""
+    from expertmesh.api.router_fleet import POLL_WAIT_S, RouterFleet
+    from expertmesh.cluster.bringup import kv_blocks_for
+    from expertmesh.cluster.router_actor import start_routers
+
+    progress(f"starting {routers - 1} more router(s) as Ray actors")
+    handles = start_routers(cluster, list(range(1, routers)), kv_blocks_for(cluster.checkpoint.config, settings))
+    # a poll that has nothing returns after POLL_WAIT_S: one unanswered past the heartbeat timeout is a stall
+    return RouterFleet(serving, handles, router_deadline_s=settings.heartbeat_timeout_s + POLL_WAIT_S,
+                       block_size=settings.block_size)
 
 
 def _shutdown_within(cluster, seconds: float) -> bool:

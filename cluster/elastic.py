@@ -121,6 +121,7 @@ class ExpertCluster:
         self.metrics = None  # api/metrics.py's Metrics, when the server exports them
         self.expert_rows = torch.zeros(config.num_layers, config.num_experts, dtype=torch.int64)  # (L, E)
         self.replies = ReplyRecord()  # the data path's reply times and late replies, across epochs
+        self.routers: list[int] = []  # the fleet's other routers (Ray actors) with pairs to every worker
         ids = [self._new_id() for _ in range(num_workers)]
         workers = start_workers(ids, {w: plan.worker_pairs(i) for i, w in enumerate(ids)}, self.model_dir,
                                 settings, self.gpus)
@@ -550,6 +551,38 @@ class ExpertCluster:
             if not self._stopping.is_set():
                 log.warning("could not start standby workers: %s", exc)
 
+    # ---- the fleet's other routers -------------------------------------------------------------
+
+    def connect_router(self, router: int, actor) -> None:
+        """Form the pairs of router `router` (a Ray actor of cluster/router_actor.py) with every
+        worker of the current epoch and start the workers' serve loops for it. On the control
+        thread: no change of the record runs meanwhile."""
+        def change():
+            with self._record:
+                epoch, workers, plan = self.epoch, list(self.workers), self.plan
+            timeout = self.settings.collective_timeout_s
+            joins = [h.actor.join_epoch.remote(epoch, self.store_host, self.store_port, self.backend, timeout, router)
+                     for h in workers]
+            connected = actor.connect.remote(self.store_host, self.store_port, epoch, [h.worker for h in workers],
+                                             dict(plan.holders))
+            try:
+                ray.get(joins + [connected], timeout=timeout + 60)
+            except BaseException:
+                for h in workers:
+                    h.actor.forget_epoch.remote(epoch, router)
+                raise
+            for h in workers:
+                h.actor.serve.remote(epoch, timeout, router)
+            with self._record:
+                self.routers.append(router)
+        self._submit(change)
+
+    def _refuse_with_routers(self, what: str) -> None:
+        """Planned changes switch router 0 alone so far: with other routers they would strand them."""
+        if self.routers:
+            raise PlacementError(f"{what} while serving with --routers > 1 is not built yet: the other routers "
+                                 "would keep the old plan (restart with the new size instead)")
+
     # ---- planned changes ---------------------------------------------------------------------------
 
     def _submit(self, fn, *args) -> object:
@@ -635,6 +668,7 @@ class ExpertCluster:
 
     def apply_plan(self, plan: PlacementPlan, reason: str) -> PlacementPlan:
         """Change to `plan` on the current workers (the controller's rebalance)."""
+        self._refuse_with_routers("a rebalance")
         def change():
             if plan.num_workers != len(self.workers):
                 raise PlacementError(f"the plan is for {plan.num_workers} workers; the cluster has "
@@ -647,6 +681,8 @@ class ExpertCluster:
     def scale_replicas(self, spec: str) -> PlacementPlan:
         """Extra copies exactly as SPEC says ('' removes them all, down to --redundancy); returns
         once the plan is live."""
+        self._refuse_with_routers("changing replicas")
+
         def change():
             plan = self.plan.with_replica_spec(spec).with_min_copies(self.settings.redundancy, self.budget)
             self._reconfigure(plan, list(self.workers), [], f"replicas {spec!r}")
@@ -658,6 +694,7 @@ class ExpertCluster:
         (standby first) are started on this thread, before the change is queued."""
         if count_ < 1:
             raise PlacementError("at least one worker is needed (use --workers 0 at start for none)")
+        self._refuse_with_routers("scaling workers")
         with self._record:
             now = len(self.workers)
         previous, self.target_workers = self.target_workers, count_

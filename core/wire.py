@@ -1,8 +1,9 @@
 """The data-path protocol between the router (rank 0) and expert workers (ranks 1..W).
 
-Pairs and membership epochs: in each epoch the router talks to each worker over a process group of
-two of their own (router rank 0, worker rank 1), built directly on one long-lived store (the router
-hosts it) under the prefix "epoch{N}/worker{id}/". Pairs, not one group of all: gloo fails every op
+Pairs and membership epochs: in each epoch each router talks to each worker over a process group of
+two of their own (router rank 0, worker rank 1), built directly on one long-lived store (the serve
+process hosts it) under the prefix "epoch{N}/worker{id}/" (router 0, the serve process's own) or
+"epoch{N}/router{R}/worker{id}/" (router R of the fleet, a Ray actor). Pairs, not one group of all: gloo fails every op
 of a group, on every member, once any member dies (measured), so one worker's death would stop all
 the others; with pairs it fails only its own, and the router sends its rows to other copies. The
 next epoch's pairs form while the current ones serve; an OP_SWITCH on the current pair moves a
@@ -82,13 +83,14 @@ def open_store(host: str, port: int, is_router: bool, timeout_s: float):
                          timeout=timedelta(seconds=timeout_s))
 
 
-def open_pair(store, epoch: int, worker: int, rank: int, backend: str, timeout_s: float):
-    """This process's end (rank ROUTER_RANK or WORKER_RANK) of the pair of the router and worker
-    `worker` (its stable id) in epoch `epoch`; blocks until the other end joins. Every send and
-    receive on it fails after timeout_s instead of hanging."""
+def open_pair(store, epoch: int, worker: int, rank: int, backend: str, timeout_s: float, router: int = 0):
+    """This process's end (rank ROUTER_RANK or WORKER_RANK) of the pair of router `router` and worker
+    `worker` (stable ids) in epoch `epoch`; blocks until the other end joins. Every send and receive
+    on it fails after timeout_s instead of hanging."""
     import torch.distributed as dist
 
-    prefixed = dist.PrefixStore(f"epoch{epoch}/worker{worker}/", store)
+    name = f"epoch{epoch}/worker{worker}/" if router == 0 else f"epoch{epoch}/router{router}/worker{worker}/"
+    prefixed = dist.PrefixStore(name, store)
     timeout = timedelta(seconds=timeout_s)
     if backend == "nccl":
         options = dist.ProcessGroupNCCL.Options()

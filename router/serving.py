@@ -223,6 +223,14 @@ class ServingEngine:
         started = self._step_started
         return started is not None and time.monotonic() - started > after_s
 
+    def server_stats(self) -> dict:
+        """Levels for GetServerStats, read from any thread (each a single read of loop-owned state)."""
+        cache = self.engine.cache
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_blocks_total": cache.num_blocks, "kv_blocks_free": cache.free_blocks,
+                "kv_block_size": cache.block_size, "preemptions": self.scheduler.preemptions,
+                "steps": self.steps, "healthy": self.healthy}
+
     def stop(self) -> None:
         """Ask the loop to cancel what is left and return (callable from any thread)."""
         with self._wake:

@@ -53,7 +53,7 @@ class ExpertWorker:
         self.rows_received: Counter = Counter()  # (layer, expert) -> rows served
         self.busy_s = 0.0  # time spent computing experts (the controller's measure of load)
         self._store = None
-        self._pairs: dict[int, tuple] = {}  # epoch -> (its pair with the router, backend)
+        self._pairs: dict[tuple[int, int], tuple] = {}  # (epoch, router) -> (their pair, backend)
         self._pair_ready = threading.Condition()
         self._lock = threading.Lock()  # the counters, and `pairs` for readers
         # Every change to the experts, in arrival order, through this one thread. An urgent one
@@ -202,47 +202,49 @@ class ExpertWorker:
         return {"worker": self.worker, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                 "ip": ray.util.get_node_ip_address()}
 
-    def join_epoch(self, epoch: int, store_host: str, store_port: int, backend: str, timeout_s: float) -> None:
-        """Form this worker's end of its pair with the router in epoch `epoch` (while the current
-        epoch serves)."""
+    def join_epoch(self, epoch: int, store_host: str, store_port: int, backend: str, timeout_s: float,
+                   router: int = 0) -> None:
+        """Form this worker's end of its pair with router `router` in epoch `epoch` (while the
+        current epoch serves)."""
         if self.device.type == "cuda":
             torch.cuda.set_device(0)  # Ray exposes this actor's GPU as device 0
         if self._store is None:
             self._store = wire.open_store(store_host, store_port, False, timeout_s)
-        pair = wire.open_pair(self._store, epoch, self.worker, wire.WORKER_RANK, backend, timeout_s)
+        pair = wire.open_pair(self._store, epoch, self.worker, wire.WORKER_RANK, backend, timeout_s, router)
         with self._pair_ready:
-            self._pairs[epoch] = (pair, backend)
+            self._pairs[(epoch, router)] = (pair, backend)
             self._pair_ready.notify_all()
 
-    def forget_epoch(self, epoch: int) -> None:
-        """Epoch `epoch` never went live (its change was abandoned): let its pair go, so that the
-        serve loop never moves into it."""
+    def forget_epoch(self, epoch: int, router: int = 0) -> None:
+        """Epoch `epoch` never went live for router `router` (its change was abandoned): let its
+        pair go, so that the serve loop never moves into it."""
         with self._pair_ready:
-            joined = self._pairs.pop(epoch, None)
+            joined = self._pairs.pop((epoch, router), None)
         if joined is not None:
             wire.close_pair(*joined)
 
     def stats(self) -> dict:
         with self._pair_ready:
-            epochs = sorted(self._pairs)  # pairs formed and not let go yet
+            epochs = sorted({e for e, _ in self._pairs})  # pairs formed and not let go yet
         with self._lock:
             weight_bytes = sum(layer.nbytes for layer in self.layers.values())
             return {"worker": self.worker, "pairs": sorted(self.pairs), "busy_s": self.busy_s, "epochs": epochs,
                     "weight_bytes": weight_bytes, "load_rates": dict(self.load_rates),
                     "rows_received": {f"{l}:{e}": n for (l, e), n in self.rows_received.items()}}
 
-    def _pair(self, epoch: int, wait_s: float):
+    def _pair(self, epoch: int, router: int, wait_s: float):
         with self._pair_ready:
-            self._pair_ready.wait_for(lambda: epoch in self._pairs, timeout=wait_s)
-            return self._pairs.get(epoch)
+            self._pair_ready.wait_for(lambda: (epoch, router) in self._pairs, timeout=wait_s)
+            return self._pairs.get((epoch, router))
 
-    def serve(self, epoch: int, timeout_s: float) -> str:
-        """The data-path loop, from epoch `epoch` on. Returns how it ended."""
+    def serve(self, epoch: int, timeout_s: float, router: int = 0) -> str:
+        """The data-path loop with router `router`, from epoch `epoch` on (one call per router, each
+        on a thread of its own: every worker serves every router). Returns how it ended."""
         # Set on this thread: OpenMP thread counts are per calling thread, and a Ray threaded
         # actor runs each call on a pool thread.
         torch.set_num_threads(self.threads)
         while True:
-            joined = self._pair(epoch, timeout_s)
+            joined = self._pair(epoch, router, timeout_s)
             if joined is None:
                 return f"epoch {epoch} never formed"
             pair, backend = joined
@@ -252,15 +254,16 @@ class ExpertWorker:
                 log.warning("worker %d: epoch %d ended: %s", self.worker, epoch, exc)
                 ended = None
             with self._pair_ready:
-                self._pairs.pop(epoch, None)
+                self._pairs.pop((epoch, router), None)
             wire.close_pair(pair, backend)
             if isinstance(ended, int):  # OP_SWITCH: go on in the next epoch
                 epoch = ended
                 continue
             if ended is None:  # the pair failed: the router may be forming the next epoch
                 with self._pair_ready:
-                    self._pair_ready.wait_for(lambda: any(e > epoch for e in self._pairs), timeout=2 * timeout_s + 30)
-                    newer = [e for e in self._pairs if e > epoch]
+                    self._pair_ready.wait_for(lambda: any(e > epoch and r == router for e, r in self._pairs),
+                                              timeout=2 * timeout_s + 30)
+                    newer = [e for e, r in self._pairs if e > epoch and r == router]
                 if not newer:
                     return "lost"
                 epoch = max(newer)  # the latest: the control plane forms epochs in order, one at a time
@@ -345,4 +348,4 @@ def _background_thread() -> None:
 # epoch, stats, heartbeats) meanwhile; enough of them that a heartbeat never queues behind calls
 # that wait for a long load (load, drop and held each hold a thread until their change has run).
 # Made here rather than with a decorator so Ray pickles the class by reference, not by value.
-RemoteExpertWorker = ray.remote(max_concurrency=8)(ExpertWorker)
+RemoteExpertWorker = ray.remote(max_concurrency=16)(ExpertWorker)  # a serve loop per router, and control

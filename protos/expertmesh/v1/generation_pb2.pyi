@@ -201,7 +201,7 @@ class WorkerPlacement(_message.Message):
     def __init__(self, worker: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "vocab_size", "max_context", "num_layers", "num_experts", "experts_per_token", "hidden_size", "workers")
+    __slots__ = ("model_name", "vocab_size", "max_context", "num_layers", "num_experts", "experts_per_token", "hidden_size", "workers", "routers")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +210,7 @@ class ModelInfo(_message.Message):
     EXPERTS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    ROUTERS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     vocab_size: int
     max_context: int
@@ -218,7 +219,26 @@ class ModelInfo(_message.Message):
     experts_per_token: int
     hidden_size: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerPlacement]
-    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., hidden_size: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerPlacement, _Mapping]]] = ...) -> None: ...
+    routers: _containers.RepeatedCompositeFieldContainer[RouterInfo]
+    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., hidden_size: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerPlacement, _Mapping]]] = ..., routers: _Optional[_Iterable[_Union[RouterInfo, _Mapping]]] = ...) -> None: ...
+
+class RouterInfo(_message.Message):
+    __slots__ = ("router", "pid", "node", "state", "streams", "kv_blocks_free", "kv_blocks_total")
+    ROUTER_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STREAMS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    router: int
+    pid: int
+    node: str
+    state: str
+    streams: int
+    kv_blocks_free: int
+    kv_blocks_total: int
+    def __init__(self, router: _Optional[int] = ..., pid: _Optional[int] = ..., node: _Optional[str] = ..., state: _Optional[str] = ..., streams: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text", "messages")

@@ -1,0 +1,181 @@
+"""Routers as a fleet through `serve --routers 2` and the CLI (real Ray, real gRPC): a router killed
+(SIGKILL) or stopped (SIGSTOP) under 32 streams of every kind loses none of them; each of its
+streams goes on on the other router from the tokens its client had, with exactly the tokens and
+text of a run with no fault."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+
+from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
+from expertmesh.core.tokenizer import load_tokenizer
+from expertmesh.router.engine import Engine
+from expertmesh.v1 import generation_pb2 as pb
+from expertmesh.v1 import generation_pb2_grpc as pb_grpc
+from tests.gateway_server import ServerProcess, wait_for_line
+from tests.helpers import greedy_tokens
+
+STREAMS, TOKENS = 32, 200
+PROMPTS = [[1, 1000 + 7 * i, 2000 + 11 * i, 3000 + 13 * i] for i in range(STREAMS)]
+SCHEMA = json.dumps({"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                                      "n": {"type": "integer"}}, "required": ["name", "n"]})
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("fleet"), seed=61, init_std=0.1, num_experts=8)
+
+
+@pytest.fixture(scope="module")
+def requests(checkpoint):
+    """32 requests of five kinds: greedy, seeded, greedy with a stop string that ends it early (cut
+    from the reference engine's text), seeded with logprobs, seeded under a JSON schema."""
+    tokenizer = load_tokenizer(checkpoint)
+    greedy = greedy_tokens(Engine.local(checkpoint), PROMPTS, TOKENS)
+    out = []
+    for i, prompt in enumerate(PROMPTS):
+        kind = ("greedy", "seeded", "stop", "logprobs", "json")[i % 5]
+        s = pb.SamplingParams(max_new_tokens=TOKENS, ignore_eos=kind != "json")
+        if kind in ("greedy", "stop"):
+            s.temperature = 0
+        else:
+            s.temperature, s.top_p, s.seed = 0.9, 0.95, 100 + i
+        if kind == "stop":
+            text = tokenizer.decode(prompt + greedy[i])[len(tokenizer.decode(prompt)):]
+            s.stop.append(text[len(text) * 2 // 3:][:4])  # ends the stream about two thirds in
+        if kind == "logprobs":
+            s.logprobs = 2
+        request = pb.GenerateRequest(token_ids=prompt, sampling=s, request_id=f"client-{i}")
+        if kind == "json":
+            request.structured.json_schema = SCHEMA
+        out.append((kind, request))
+    return out
+
+
+def cli(server: ServerProcess, *args: str) -> dict:
+    result = subprocess.run([sys.executable, "-m", "expertmesh", *args, "--target", server.target, "--json"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+class Streams:
+    """The requests as concurrent gRPC streams; `join()` returns each one's responses."""
+
+    def __init__(self, target: str, requests):
+        self.channel = grpc.insecure_channel(target)
+        self.stub = pb_grpc.GenerationStub(self.channel)
+        self.requests = requests
+        self.results: dict[int, object] = {}
+        self.counts = [0] * len(requests)
+        self.arrivals: list[list[float]] = [[] for _ in requests]
+        self.threads = [threading.Thread(target=self._one, args=(i,)) for i in range(len(requests))]
+        for t in self.threads:
+            t.start()
+
+    def _one(self, i: int) -> None:
+        got = []
+        try:
+            for r in self.stub.Generate(self.requests[i][1], timeout=300):
+                got.append(r)
+                self.counts[i] += len(r.token_ids)
+                self.arrivals[i].append(time.monotonic())
+            self.results[i] = got
+        except grpc.RpcError as exc:
+            self.results[i] = exc
+
+    def wait_for(self, tokens: int) -> None:
+        deadline = time.monotonic() + 120
+        while min(self.counts) < tokens:
+            assert time.monotonic() < deadline, self.counts
+            assert not any(isinstance(r, Exception) for r in self.results.values()), self.results
+            time.sleep(0.01)
+
+    def join(self) -> list[dict]:
+        for t in self.threads:
+            t.join(timeout=300)
+        self.channel.close()
+        out = []
+        for i in range(len(self.requests)):
+            result = self.results[i]
+            assert not isinstance(result, Exception), (i, result)
+            out.append({"tokens": [t for r in result for t in r.token_ids], "text": "".join(r.text for r in result),
+                        "logprob_ids": [lp.token_id for r in result for lp in r.logprobs],
+                        "finish": result[-1].finish_reason, "usage": result[-1].usage,
+                        "ids": {r.request_id for r in result}})
+        return out
+
+
+def check_same_as_reference(got: list[dict], reference: list[dict], requests) -> None:
+    for i, ((kind, request), g, want) in enumerate(zip(requests, got, reference)):
+        assert g["tokens"] == want["tokens"], (i, kind)
+        assert g["text"] == want["text"], (i, kind)  # no token twice, none missing
+        assert g["finish"] == want["finish"], (i, kind)
+        assert g["logprob_ids"] == want["logprob_ids"], (i, kind)
+        assert g["usage"].prompt_tokens == len(request.token_ids), (i, kind)  # the request counted once
+        assert g["usage"].completion_tokens == len(g["tokens"]), (i, kind)
+        assert g["ids"] == {request.request_id}, (i, kind)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, requests):
+    """The 32 requests through `serve --routers 2` with no fault."""
+    server = ServerProcess("--model", str(checkpoint), "--workers", "2", "--routers", "2", "--kv-cache-memory", "64MiB")
+    try:
+        got = Streams(server.target, requests).join()
+    finally:
+        assert server.stop() == 0, "".join(server.lines[-30:])
+    kinds = [kind for kind, _ in requests]
+    assert all(g["finish"] == pb.FINISH_REASON_STOP for g, k in zip(got, kinds) if k == "stop")
+    assert all(len(g["tokens"]) < TOKENS for g, k in zip(got, kinds) if k == "stop")
+    assert all(json.loads(g["text"]) for g, k in zip(got, kinds) if k == "json")
+    assert all(len(g["logprob_ids"]) == len(g["tokens"]) for g, k in zip(got, kinds) if k == "logprobs")
+    return got
+
+
+@pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
+def test_a_lost_router_loses_no_stream(checkpoint, requests, reference, fault):
+    server = ServerProcess("--model", str(checkpoint), "--workers", "2", "--routers", "2", "--kv-cache-memory", "64MiB",
+                           "--heartbeat-timeout", "2")
+    victim = None
+    try:
+        before = cli(server, "info")
+        assert [(r["router"], r["state"]) for r in before["routers"]] == [(0, "serving"), (1, "serving")]
+        victim = before["routers"][1]["pid"]
+        streams = Streams(server.target, requests)
+        streams.wait_for(5)
+        with grpc.insecure_channel(server.target) as channel:  # the CLI would take a second to start
+            held = pb_grpc.GenerationStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=30).routers[1].streams
+        at_fault = list(streams.counts)
+        assert held > 0 and all(0 < n < TOKENS for n in at_fault), (held, at_fault)  # the fault meets live streams
+        os.kill(victim, getattr(signal, fault))
+        faulted = time.monotonic()
+        line = wait_for_line(server, f"router 1 (pid {victim}) lost", 30)
+        found = time.monotonic() - faulted
+        moved = int(line.split("continuing its ")[1].split()[0])
+        assert moved > 0, line
+        if fault == "SIGSTOP":
+            assert "no answer to a poll" in line, line
+            assert found < 3.0, f"a stopped router was found after {found:.1f}s"
+        got = streams.join()
+        check_same_as_reference(got, reference, requests)
+        after = cli(server, "info")
+        assert [(r["router"], r["state"]) for r in after["routers"]] == [(0, "serving"), (1, "lost")]
+        # the moved streams went on on router 0 after the fault: tokens kept arriving
+        assert sum(1 for arrivals in streams.arrivals if arrivals[-1] > faulted) >= moved
+    finally:
+        if victim is not None and fault == "SIGSTOP":
+            try:
+                os.kill(victim, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        assert server.stop() == 0, "".join(server.lines[-30:])
