@@ -149,8 +149,12 @@ class RemoteRouter(Member):
 class RouterFleet:
     """submit/cancel for the doors, over router 0 (`local`) and the router actors `remote`."""
 
-    def __init__(self, local: ServingEngine, remote: list, router_deadline_s: float, block_size: int = 16):
+    def __init__(self, local: ServingEngine, remote: list, router_deadline_s: float, block_size: int = 16,
+                 local_epoch: Callable[[], int] = lambda: 0, on_lost: Callable[[int], None] = lambda router: None):
+        """local_epoch: router 0's membership epoch now; on_lost(router): the control plane's hook
+        (changes stop waiting for a router the fleet fenced)."""
         self.local_engine = local
+        self.local_epoch, self.on_lost = local_epoch, on_lost
         self.limits, self.grammars = local.limits, local.grammars
         self.block_size = block_size
         self._lock = threading.Lock()
@@ -214,7 +218,8 @@ class RouterFleet:
             out = []
             for m in self.members:
                 load = m.snapshot() if m.state == "serving" else {}
-                out.append({"router": m.router, "pid": m.pid, "node": m.node_id,
+                epoch = self.local_epoch() if m is self.members[0] else load.get("epoch") or 0
+                out.append({"router": m.router, "pid": m.pid, "node": m.node_id, "epoch": epoch,
                             "state": m.state if m.serving or m.state == "lost" else "unhealthy",
                             "streams": m.streams, "kv_blocks_free": load.get("kv_blocks_free", 0),
                             "kv_blocks_total": load.get("kv_blocks_total", 0)})
@@ -302,6 +307,7 @@ class RouterFleet:
             ray.kill(member.actor)  # a stalled router must never come back
         except Exception:  # noqa: BLE001 - already gone
             pass
+        self.on_lost(member.router)
         self._resubmit(moves)
 
     def _move(self, stream: Stream, exclude: Member) -> tuple | None:

@@ -97,7 +97,8 @@ def cmd_info(args) -> int:
         model.pop("workers", None)
         model.pop("routers", None)
         routers = [{"router": r.router, "pid": r.pid, "node": r.node, "state": r.state, "streams": r.streams,
-                    "kv_blocks_free": r.kv_blocks_free, "kv_blocks_total": r.kv_blocks_total} for r in info.routers]
+                    "kv_blocks_free": r.kv_blocks_free, "kv_blocks_total": r.kv_blocks_total, "epoch": r.epoch}
+                   for r in info.routers]
         live = _placement_dict(placement) if placement else {"epoch": 0, "recoveries": 0, "workers": []}
         print(json.dumps({"model": model, "routers": routers, **live}))
         return 0

@@ -246,7 +246,8 @@ def start_fleet(serving, cluster, settings, routers: int):
     handles = start_routers(cluster, list(range(1, routers)), kv_blocks_for(cluster.checkpoint.config, settings))
     # a poll that has nothing returns after POLL_WAIT_S: one unanswered past the heartbeat timeout is a stall
     return RouterFleet(serving, handles, router_deadline_s=settings.heartbeat_timeout_s + POLL_WAIT_S,
-                       block_size=settings.block_size)
+                       block_size=settings.block_size, local_epoch=lambda: cluster.epoch,
+                       on_lost=cluster.forget_router)
 
 
 def _shutdown_within(cluster, seconds: float) -> bool:

@@ -43,6 +43,7 @@ import torch
 
 from expertmesh.cluster.memory_budget import expert_bytes, memory_budget, redundancy_shortfall
 from expertmesh.cluster.placement import PlacementError, PlacementPlan
+from expertmesh.cluster.router_set import RouterSet
 from expertmesh.cluster.worker_pool import (
     WorkerHandle,
     ensure_ray,
@@ -121,7 +122,7 @@ class ExpertCluster:
         self.metrics = None  # api/metrics.py's Metrics, when the server exports them
         self.expert_rows = torch.zeros(config.num_layers, config.num_experts, dtype=torch.int64)  # (L, E)
         self.replies = ReplyRecord()  # the data path's reply times and late replies, across epochs
-        self.routers: list[int] = []  # the fleet's other routers (Ray actors) with pairs to every worker
+        self.routers = RouterSet(self.backend, settings.collective_timeout_s)  # the fleet's other routers
         ids = [self._new_id() for _ in range(num_workers)]
         workers = start_workers(ids, {w: plan.worker_pairs(i) for i, w in enumerate(ids)}, self.model_dir,
                                 settings, self.gpus)
@@ -171,13 +172,17 @@ class ExpertCluster:
     def dispatcher(self) -> ExpertDispatcher:
         return self.engine.experts
 
-    def _commit(self, fn) -> object:
+    def _commit(self, fn, epoch: int | None = None, plan: PlacementPlan | None = None) -> object:
         """Run fn on the serving loop's thread between two steps (with no loop: here, nobody steps);
-        then, here, let go of what it retired."""
+        then, here, let go of what it retired. With `plan`: the fleet's other routers apply the same
+        change (to `epoch`'s pairs, or to the plan on the same pairs) before this returns, so that
+        nothing is dropped while a router still sends rows by the old plan."""
         result = fn() if self.loop is None else self.loop.call(fn).result()
         with self._record:
             retired, self._retired = self._retired, []
         del retired  # the old epoch's pairs, torn down on this thread (20-30 ms of gloo), not the loop's
+        if plan is not None and self.routers:
+            self.routers.commit(epoch, dict(plan.holders))
         return result
 
     def _dispatcher(self, pairs: list, plan: PlacementPlan, members: list[WorkerHandle]) -> ExpertDispatcher:
@@ -224,6 +229,7 @@ class ExpertCluster:
                                 timeout) for h in members]
             ray.get(joins, timeout=timeout + 30)
             pairs = [m.result(timeout=timeout + 30) for m in mine]
+            self.routers.form(epoch, members, (self.store_host, self.store_port))
         except BaseException:
             self._forget_epoch(epoch, members)
             raise
@@ -237,6 +243,7 @@ class ExpertCluster:
     def _forget_epoch(self, epoch: int, members: list[WorkerHandle]) -> None:
         for h in members:  # best effort: a lost member has nothing left to forget
             h.actor.forget_epoch.remote(epoch)
+        self.routers.forget(epoch, members)
 
     def _wait(self, refs: list, what: str) -> list:
         """ray.get(refs), giving way when a recovery is asked for or the cluster stops."""
@@ -415,7 +422,7 @@ class ExpertCluster:
             loaded_s = time.monotonic() - start
             epoch = self._new_epoch()
             pairs = self._form_epoch(epoch, survivors)
-            self._commit(lambda: self._switch(epoch, pairs, plan, survivors))
+            self._commit(lambda: self._switch(epoch, pairs, plan, survivors), epoch, plan)
             if plan is squeezed:
                 with self._record:
                     self._last_loss = (*before, plan)
@@ -554,34 +561,20 @@ class ExpertCluster:
     # ---- the fleet's other routers -------------------------------------------------------------
 
     def connect_router(self, router: int, actor) -> None:
-        """Form the pairs of router `router` (a Ray actor of cluster/router_actor.py) with every
-        worker of the current epoch and start the workers' serve loops for it. On the control
-        thread: no change of the record runs meanwhile."""
+        """Connect router `router` (a Ray actor of cluster/router_actor.py) to every worker of the
+        current epoch; every change from now on reaches it too (cluster/router_set.py). On the
+        control thread: no change of the record runs meanwhile."""
         def change():
             with self._record:
                 epoch, workers, plan = self.epoch, list(self.workers), self.plan
-            timeout = self.settings.collective_timeout_s
-            joins = [h.actor.join_epoch.remote(epoch, self.store_host, self.store_port, self.backend, timeout, router)
-                     for h in workers]
-            connected = actor.connect.remote(self.store_host, self.store_port, epoch, [h.worker for h in workers],
-                                             dict(plan.holders))
-            try:
-                ray.get(joins + [connected], timeout=timeout + 60)
-            except BaseException:
-                for h in workers:
-                    h.actor.forget_epoch.remote(epoch, router)
-                raise
-            for h in workers:
-                h.actor.serve.remote(epoch, timeout, router)
-            with self._record:
-                self.routers.append(router)
+            self.routers.add(router, actor, epoch, workers, dict(plan.holders), (self.store_host, self.store_port))
         self._submit(change)
 
-    def _refuse_with_routers(self, what: str) -> None:
-        """Planned changes switch router 0 alone so far: with other routers they would strand them."""
-        if self.routers:
-            raise PlacementError(f"{what} while serving with --routers > 1 is not built yet: the other routers "
-                                 "would keep the old plan (restart with the new size instead)")
+    def forget_router(self, router: int) -> None:
+        """The gateway lost router `router` and fenced it: changes no longer wait for it. Any
+        thread; queued behind the change in progress, not waited for."""
+        if not self._stopping.is_set():
+            self._control.submit(self.routers.forget_router, router)
 
     # ---- planned changes ---------------------------------------------------------------------------
 
@@ -625,7 +618,7 @@ class ExpertCluster:
 
             if self._interrupt.is_set():
                 raise ChangeInterrupted("a worker was lost meanwhile; ask again")
-            self._commit(commit)
+            self._commit(commit, epoch if new_epoch else None, plan)
         except BaseException:
             if epoch is not None:
                 self._forget_epoch(epoch, members)
@@ -668,7 +661,6 @@ class ExpertCluster:
 
     def apply_plan(self, plan: PlacementPlan, reason: str) -> PlacementPlan:
         """Change to `plan` on the current workers (the controller's rebalance)."""
-        self._refuse_with_routers("a rebalance")
         def change():
             if plan.num_workers != len(self.workers):
                 raise PlacementError(f"the plan is for {plan.num_workers} workers; the cluster has "
@@ -681,8 +673,6 @@ class ExpertCluster:
     def scale_replicas(self, spec: str) -> PlacementPlan:
         """Extra copies exactly as SPEC says ('' removes them all, down to --redundancy); returns
         once the plan is live."""
-        self._refuse_with_routers("changing replicas")
-
         def change():
             plan = self.plan.with_replica_spec(spec).with_min_copies(self.settings.redundancy, self.budget)
             self._reconfigure(plan, list(self.workers), [], f"replicas {spec!r}")
@@ -694,7 +684,6 @@ class ExpertCluster:
         (standby first) are started on this thread, before the change is queued."""
         if count_ < 1:
             raise PlacementError("at least one worker is needed (use --workers 0 at start for none)")
-        self._refuse_with_routers("scaling workers")
         with self._record:
             now = len(self.workers)
         previous, self.target_workers = self.target_workers, count_

@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import ray
@@ -63,26 +64,76 @@ class Router:
         self._submitted: set[str] = set()
         self._cancelled_early: set[str] = set()
         self.epoch: int | None = None
+        self.members: list[int] = []  # the current epoch's workers, in rank order
+        self.store = None
+        self._prepared: dict[int, tuple[list[int], list]] = {}  # epoch -> (its workers, this router's pairs)
+        self.replies = ReplyRecord()  # reply times, across epochs
+        self.changes = ChangeWaiter(settings.collective_timeout_s + 30)
 
     def where(self) -> dict:
         return {"router": self.router, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
 
-    def connect(self, store_host: str, store_port: int, epoch: int, workers: list[int], holders: dict) -> None:
-        """Form this router's pairs with `workers` (the epoch's members, in rank order; each joins
-        its end meanwhile) and start serving with placement `holders`."""
+    def prepare(self, store_host: str, store_port: int, epoch: int, workers: list[int]) -> None:
+        """Form this router's pairs with `workers` (epoch `epoch`'s members, in rank order; each
+        joins its end meanwhile), to be switched to by switch()."""
         timeout = self.settings.collective_timeout_s
-        store = wire.open_store(store_host, store_port, False, timeout)
-        pairs = [wire.open_pair(store, epoch, w, wire.ROUTER_RANK, self.backend, timeout, self.router)
+        if self.store is None:
+            self.store = wire.open_store(store_host, store_port, False, timeout)
+        pairs = [wire.open_pair(self.store, epoch, w, wire.ROUTER_RANK, self.backend, timeout, self.router)
                  for w in workers]
-        dispatcher = ExpertDispatcher(self.checkpoint.config, holders, len(workers), self.device, pairs, self.backend,
-                                      keepalive_s=max(timeout / 4, 0.5), replies=ReplyRecord(),
-                                      on_lost=lambda lost: log.warning("router %d: workers %s lost on the data path",
-                                                                       self.router, lost))
-        engine = Engine(self.model, dispatcher, self.cache, pingpong=self.settings.pingpong,
+        with self._keys:
+            self._prepared[epoch] = (workers, pairs)
+
+    def forget(self, epoch: int) -> None:
+        """Epoch `epoch` never went live: let its pairs go."""
+        with self._keys:
+            _, pairs = self._prepared.pop(epoch, (None, []))
+        for pair in pairs:
+            wire.close_pair(pair, self.backend)
+
+    def connect(self, store_host: str, store_port: int, epoch: int, workers: list[int], holders: dict) -> None:
+        """Form the pairs with the current epoch's `workers` and start serving with placement
+        `holders`."""
+        self.prepare(store_host, store_port, epoch, workers)
+        with self._keys:
+            self.members, pairs = self._prepared.pop(epoch)
+        engine = Engine(self.model, self._dispatcher(pairs, holders), self.cache, pingpong=self.settings.pingpong,
                         pingpong_min_tokens=self.settings.pingpong_min_tokens,
-                        layer_threads=1 if not self.device.type == "cuda" else None)
-        self.store, self.epoch = store, epoch
-        self.serving = ServingEngine(engine, self.tokenizer, self.settings, own_thread=True)
+                        layer_threads=1 if self.device.type != "cuda" else None)
+        self.epoch = epoch
+        self.serving = ServingEngine(engine, self.tokenizer, self.settings, own_thread=True, control=self.changes)
+
+    def switch(self, epoch: int, holders: dict, deadline_s: float) -> None:
+        """Apply the cluster's change to epoch `epoch` (prepared) at the loop's next step boundary;
+        returns once applied."""
+        with self._keys:
+            workers, pairs = self._prepared.pop(epoch)
+
+        def apply():  # on the loop's thread, between steps
+            old = self.serving.engine.experts
+            staying = set(workers)
+            old.end_epoch(epoch, {i for i, w in enumerate(self.members) if w in staying})
+            for pair in old.pairs:
+                wire.close_pair(pair, self.backend)
+            self.serving.engine.experts = self._dispatcher(pairs, holders)
+            self.members, self.epoch = workers, epoch
+            self.changes.applied()
+
+        self.serving.call(apply).result(timeout=deadline_s)
+
+    def use_plan(self, holders: dict, deadline_s: float) -> None:
+        """Apply a new plan on the same pairs at the loop's next step boundary; returns once applied."""
+        def apply():
+            self.serving.engine.experts.use_plan(holders)
+            self.changes.applied()
+
+        self.serving.call(apply).result(timeout=deadline_s)
+
+    def _dispatcher(self, pairs: list, holders: dict) -> ExpertDispatcher:
+        return ExpertDispatcher(self.checkpoint.config, holders, len(pairs), self.device, pairs, self.backend,
+                                keepalive_s=max(self.settings.collective_timeout_s / 4, 0.5), replies=self.replies,
+                                on_lost=lambda lost: log.warning("router %d: workers %s lost on the data path",
+                                                                 self.router, lost))
 
     def submit(self, key: str, valid: ValidRequest, client_id: str) -> None:
         """Queue a request under the gateway's key; a refusal comes back through poll() as its
@@ -131,6 +182,44 @@ class Router:
                 "running": len(s.scheduler.running), "waiting": len(s.scheduler.waiting),
                 "kv_blocks_free": self.cache.free_blocks, "kv_blocks_total": self.cache.num_blocks,
                 "steps": s.steps}
+
+
+class ChangeWaiter:
+    """The serving loop's control plane in a router actor. The cluster finds lost workers itself
+    (heartbeats) and sends every router its change; so a failed step only waits here for the next
+    change to be applied (True: step again), or for `wait_s` (False: the loop fails the requests in
+    flight, and the gateway continues them on another router)."""
+
+    def __init__(self, wait_s: float):
+        self.wait_s = wait_s
+        self._waiting: list[Future] = []
+        self._lock = threading.Lock()
+
+    def attach(self, loop) -> None:
+        pass  # changes come through switch()/use_plan(), which post to the loop themselves
+
+    def report_failure(self, exc: Exception | None) -> Future:
+        future: Future = Future()
+        with self._lock:
+            self._waiting.append(future)
+        timer = threading.Timer(self.wait_s, self._give_up, args=(future,))
+        timer.daemon = True
+        timer.start()
+        return future
+
+    def applied(self) -> None:
+        """A change was applied (on the loop's thread): the steps waiting for one may run again."""
+        with self._lock:
+            waiting, self._waiting = self._waiting, []
+        for future in waiting:  # each future is taken from the list once, by applied() or _give_up()
+            future.set_result(True)
+
+    def _give_up(self, future: Future) -> None:
+        with self._lock:
+            if future not in self._waiting:
+                return
+            self._waiting.remove(future)
+        future.set_result(False)
 
 
 RemoteRouter = ray.remote(max_concurrency=8)(Router)  # polls, submits, cancels and loads side by side

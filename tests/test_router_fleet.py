@@ -179,3 +179,46 @@ def test_a_lost_router_loses_no_stream(checkpoint, requests, reference, fault):
             except ProcessLookupError:
                 pass
         assert server.stop() == 0, "".join(server.lines[-30:])
+
+
+LONG = 1000
+
+
+@pytest.fixture(scope="module")
+def expected_long(checkpoint):
+    """Greedy tokens of the reference engine (itself checked against transformers): long streams that
+    outlast a worker add and a worker's loss."""
+    return greedy_tokens(Engine.local(checkpoint), PROMPTS, LONG)
+
+
+def test_worker_changes_reach_every_router_and_lose_no_stream(checkpoint, expected_long):
+    """serve --routers 2: a worker added (scale) and then one killed (SIGKILL) under 32 streams
+    spread over both routers: each change moves both routers to the new epoch, no router is lost,
+    no stream migrates, and every stream keeps the reference engine's tokens."""
+    server = ServerProcess("--model", str(checkpoint), "--workers", "2", "--routers", "2", "--kv-cache-memory", "64MiB",
+                           "--standby-workers", "1")
+    try:
+        greedy = [("greedy", pb.GenerateRequest(token_ids=p, sampling=pb.SamplingParams(
+            temperature=0, max_new_tokens=LONG, ignore_eos=True))) for p in PROMPTS]
+        before = cli(server, "info")
+        streams = Streams(server.target, greedy)
+        streams.wait_for(5)
+        held = [r["streams"] for r in cli(server, "info")["routers"]]
+        assert all(n > 0 for n in held), held  # both routers hold live streams
+        added = cli(server, "scale", "--workers", "3")
+        assert len(added["workers"]) == 3 and added["epoch"] > before["epoch"], (before, added)
+        victim = added["workers"][0]["pid"]
+        at_kill = list(streams.counts)
+        os.kill(victim, signal.SIGKILL)
+        assert all(0 < n < LONG for n in at_kill), at_kill  # the add and the loss met live streams
+        wait_for_line(server, "recovery: lost worker", 60)
+        got = streams.join()
+        assert [g["tokens"] for g in got] == expected_long
+        after = cli(server, "info")
+        assert after["epoch"] > added["epoch"] and victim not in [w["pid"] for w in after["workers"]]
+        assert [(r["state"], r["epoch"]) for r in after["routers"]] == [("serving", after["epoch"])] * 2, after
+        assert not any(" lost: " in line and "router" in line for line in server.lines)  # no stream migrated
+        switched = [line for line in server.lines if "router 1 switched to epoch" in line]
+        assert any(f"epoch {added['epoch']}" in line for line in switched), switched  # the add reached router 1
+    finally:
+        assert server.stop() == 0, "".join(server.lines[-30:])
