@@ -38,11 +38,13 @@ def placement_to_proto(placement: dict) -> pb.Placement:
 
 class AdminService(pb_grpc.AdminServicer):
     def __init__(self, placement: Callable[[], dict] | None, scale_replicas: Callable[[str], object] | None,
-                 scale_workers: Callable[[int], object] | None, pin: Callable[[bool], None] | None = None):
+                 scale_workers: Callable[[int], object] | None, pin: Callable[[bool], None] | None = None,
+                 scale_routers: Callable[[int], object] | None = None):
         self.placement = placement  # None: every expert runs in the server process (--workers 0)
         self.scale_replicas = scale_replicas
         self.scale_workers = scale_workers
         self.pin = pin  # the controller's: True pins the cluster (a manual change), False hands it back
+        self.scale_routers = scale_routers  # the gateway's fleet (api/router_fleet.py)
 
     async def _refuse_without_workers(self, context) -> None:
         if self.placement is None:
@@ -57,17 +59,20 @@ class AdminService(pb_grpc.AdminServicer):
         await self._refuse_without_workers(context)
         target = request.WhichOneof("target")
         if target is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "set replicas, workers or auto")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "set replicas, workers, routers or auto")
         if target == "auto":
             if self.pin is None:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                     "autoscaling is off on this server (serve --autoscale turns it on)")
             self.pin(not request.auto)
             return placement_to_proto(self.placement())
-        if self.pin is not None:
-            self.pin(True)  # what an operator sets holds until `scale --auto`
-        change = (lambda: self.scale_replicas(request.replicas)) if target == "replicas" else (
-            lambda: self.scale_workers(request.workers))
+        if target == "routers":
+            change = lambda: self.scale_routers(request.routers)  # noqa: E731 - routers are not the controller's
+        else:
+            if self.pin is not None:
+                self.pin(True)  # what an operator sets holds until `scale --auto`
+            change = (lambda: self.scale_replicas(request.replicas)) if target == "replicas" else (
+                lambda: self.scale_workers(request.workers))
         try:
             await asyncio.get_running_loop().run_in_executor(None, change)
         except ValueError as exc:  # an impossible plan: an expert with no holder, more copies than workers

@@ -150,11 +150,15 @@ class RouterFleet:
     """submit/cancel for the doors, over router 0 (`local`) and the router actors `remote`."""
 
     def __init__(self, local: ServingEngine, remote: list, router_deadline_s: float, block_size: int = 16,
-                 local_epoch: Callable[[], int] = lambda: 0, on_lost: Callable[[int], None] = lambda router: None):
+                 local_epoch: Callable[[], int] = lambda: 0, on_lost: Callable[[int], None] = lambda router: None,
+                 start: Callable[[list[int]], list] | None = None):
         """local_epoch: router 0's membership epoch now; on_lost(router): the control plane's hook
-        (changes stop waiting for a router the fleet fenced)."""
+        (changes stop waiting for a router the fleet fenced or drained); start(ids): new router
+        actors, connected to every worker (cluster/router_actor.py's start_routers), for scale()."""
         self.local_engine = local
-        self.local_epoch, self.on_lost = local_epoch, on_lost
+        self.local_epoch, self.on_lost, self._start = local_epoch, on_lost, start
+        self.deadline_s = router_deadline_s
+        self._scaling = threading.Lock()  # one scale() at a time
         self.limits, self.grammars = local.limits, local.grammars
         self.block_size = block_size
         self._lock = threading.Lock()
@@ -217,6 +221,8 @@ class RouterFleet:
         with self._lock:
             out = []
             for m in self.members:
+                if m.state == "drained":
+                    continue
                 load = m.snapshot() if m.state == "serving" else {}
                 epoch = self.local_epoch() if m is self.members[0] else load.get("epoch") or 0
                 out.append({"router": m.router, "pid": m.pid, "node": m.node_id, "epoch": epoch,
@@ -224,6 +230,44 @@ class RouterFleet:
                             "streams": m.streams, "kv_blocks_free": load.get("kv_blocks_free", 0),
                             "kv_blocks_total": load.get("kv_blocks_total", 0)})
             return out
+
+    def scale(self, count: int) -> None:
+        """Grow to `count` routers (new actors, started and connected before they take requests) or
+        shrink: the newest routers drain (they take no new request, their streams go on on the others
+        at once, a re-prefill each) and leave. Router 0, the serve process's own, always stays."""
+        if count < 1:
+            raise ValueError(f"at least one router is needed (router 0 always serves), got {count}")
+        with self._scaling:
+            with self._lock:
+                live = [m for m in self.members if m.state == "serving"]
+                next_id = max(m.router for m in self.members) + 1
+            if count > len(live):
+                if self._start is None:
+                    raise ValueError("this server cannot start routers")
+                added = [RemoteRouter(h, self._deliver, self._lose, self.deadline_s)
+                         for h in self._start(list(range(next_id, next_id + count - len(live))))]
+                with self._lock:
+                    self.members += added
+                for m in added:
+                    m.start()
+            for m in sorted(live[1:], key=lambda m: m.router, reverse=True)[:max(len(live) - count, 0)]:
+                self._drain(m)
+
+    def _drain(self, member: "RemoteRouter") -> None:
+        moves = []
+        with self._lock:
+            member.state = "drained"
+            for stream in [s for s in self._streams.values() if s.router is member]:
+                moves.append(self._move(stream, exclude=member))
+        log.warning("router %d (pid %d) drained: %d streams go on on the other routers", member.router, member.pid,
+                    len(moves))
+        self._resubmit(moves)
+        member.stop()
+        try:
+            ray.kill(member.actor)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        self.on_lost(member.router)
 
     def stop(self) -> None:
         """Router 0's loop cancels what is left and returns; the pollers stop."""
@@ -294,8 +338,8 @@ class RouterFleet:
         """A router is lost: fence it and continue each of its streams on another."""
         moves = []
         with self._lock:
-            if member.state == "lost":
-                return
+            if member.state != "serving":
+                return  # already lost, or drained on purpose
             member.state = "lost"
             self.lost.append({"router": member.router, "pid": member.pid, "why": why})
             streams = [s for s in self._streams.values() if s.router is member]

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(serve, default_workers=2)
 
     for name, helptext in (("generate", "stream a generation from a server"), ("info", "model and placement"),
-                           ("scale", "change a running server's replicas or workers")):
+                           ("scale", "change a running server's replicas, workers or routers")):
         client = sub.add_parser(name, help=helptext, description=helptext)
         client.add_argument("--target", default=f"127.0.0.1:{DEFAULT_PORT}", help="server HOST:PORT")
         client.add_argument("--auth-token", help="bearer token, if the server wants one")
@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
             target.add_argument("--replicas", help="extra expert copies, as for serve (LAYER:EXPERT[xCOPIES],...); "
                                 "'' removes them all")
             target.add_argument("--workers", type=int, help="grow or shrink to this many expert workers")
+            target.add_argument("--routers", type=int,
+                                help="grow or shrink to this many routers (drained ones hand their streams over)")
             target.add_argument("--auto", action="store_true",
                                 help="hand the placement back to the controller (after a manual scale)")
             client.add_argument("--json", action="store_true", help="print the new placement as JSON")

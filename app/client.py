@@ -120,6 +120,8 @@ def cmd_scale(args) -> int:
         request = pb.ScaleRequest(auto=True)
     elif args.replicas is not None:
         request = pb.ScaleRequest(replicas=args.replicas)
+    elif args.routers is not None:
+        request = pb.ScaleRequest(routers=args.routers)
     else:
         request = pb.ScaleRequest(workers=args.workers)
     with _channel(args) as channel:

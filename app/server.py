@@ -159,8 +159,8 @@ def cmd_serve(args) -> int:
     autoscale = autoscale_settings(args)
     if args.routers < 1:
         raise UsageError("--routers must be >= 1")
-    if args.routers > 1 and (args.workers < 1 or autoscale is not None):
-        raise UsageError("--routers N > 1 needs expert workers (--workers N, N >= 1) and, for now, no --autoscale")
+    if args.routers > 1 and args.workers < 1:
+        raise UsageError("--routers N > 1 needs expert workers (--workers N, N >= 1): routers share their pool")
     names = args.served_model_name or [model_dir.name]
     engine, cluster = start_engine(model_dir, settings, args.workers, args.replicas, args.placement, args.address)
     controller = fleet = None
@@ -168,10 +168,9 @@ def cmd_serve(args) -> int:
         config = engine.config
         tokenizer = load_tokenizer(model_dir, config.bos_token_id, config.eos_token_id)
         serving = ServingEngine(engine, tokenizer, settings, own_thread=False, control=cluster)
-        front = serving  # what both doors submit to: router 0 alone, or the fleet over every router
-        if args.routers > 1:
-            fleet = start_fleet(serving, cluster, settings, args.routers)
-            front = fleet
+        front = serving  # what both doors submit to: router 0 alone (--workers 0), or the fleet
+        if cluster is not None:
+            fleet = front = start_fleet(serving, cluster, settings, args.routers)
         generation = GenerationService(front, tokenizer, load_chat_template(model_dir),
                                        lambda: model_info(names[0], config, cluster, fleet),
                                        tool_format=ToolFormat.load(model_dir))
@@ -181,7 +180,8 @@ def cmd_serve(args) -> int:
             admin = AdminService(None, None, None)
         else:
             admin = AdminService(cluster.placement, cluster.scale_replicas, cluster.scale_workers,
-                                 pin=None if controller is None else lambda on: setattr(controller, "pinned", on))
+                                 pin=None if controller is None else lambda on: setattr(controller, "pinned", on),
+                                 scale_routers=fleet.scale)
         if args.metrics_port is not None:
             metrics = Metrics(model_name=names[0], per_expert=args.metrics_per_expert)
             serving.metrics = metrics
@@ -236,18 +236,22 @@ CLUSTER_SHUTDOWN_S = 3.0  # a live Ray lets workers go in well under a second
 
 
 def start_fleet(serving, cluster, settings, routers: int):
-    """Routers 1..routers-1 as Ray actors over the cluster's workers, and the gateway's fleet over
-    them and router 0 (`serving`)."""
+    """The gateway's fleet over router 0 (`serving`) and routers 1..routers-1, started as Ray actors
+    over the cluster's workers; `scale --routers` adds and drains more."""
     from expertmesh.api.router_fleet import POLL_WAIT_S, RouterFleet
     from expertmesh.cluster.bringup import kv_blocks_for
     from expertmesh.cluster.router_actor import start_routers
 
-    progress(f"starting {routers - 1} more router(s) as Ray actors")
-    handles = start_routers(cluster, list(range(1, routers)), kv_blocks_for(cluster.checkpoint.config, settings))
+    kv_blocks = kv_blocks_for(cluster.checkpoint.config, settings)
+
+    def start(ids: list[int]) -> list:
+        progress(f"starting {len(ids)} more router(s) as Ray actors")
+        return start_routers(cluster, ids, kv_blocks)
+
     # a poll that has nothing returns after POLL_WAIT_S: one unanswered past the heartbeat timeout is a stall
-    return RouterFleet(serving, handles, router_deadline_s=settings.heartbeat_timeout_s + POLL_WAIT_S,
-                       block_size=settings.block_size, local_epoch=lambda: cluster.epoch,
-                       on_lost=cluster.forget_router)
+    return RouterFleet(serving, start(list(range(1, routers))) if routers > 1 else [],
+                       router_deadline_s=settings.heartbeat_timeout_s + POLL_WAIT_S, block_size=settings.block_size,
+                       local_epoch=lambda: cluster.epoch, on_lost=cluster.forget_router, start=start)
 
 
 def _shutdown_within(cluster, seconds: float) -> bool:

@@ -222,3 +222,37 @@ def test_worker_changes_reach_every_router_and_lose_no_stream(checkpoint, expect
         assert any(f"epoch {added['epoch']}" in line for line in switched), switched  # the add reached router 1
     finally:
         assert server.stop() == 0, "".join(server.lines[-30:])
+
+
+def test_routers_added_and_drained_under_streams_keep_every_token(checkpoint, expected_long):
+    """serve (one router) under 32 streams: `scale --routers 3` starts two router actors, which take
+    16 streams sent after them; `scale --routers 1` drains both while those stream: their streams go
+    on on router 0. Every stream keeps the reference engine's tokens."""
+    server = ServerProcess("--model", str(checkpoint), "--workers", "2", "--kv-cache-memory", "64MiB")
+    try:
+        greedy = [("greedy", pb.GenerateRequest(token_ids=p, sampling=pb.SamplingParams(
+            temperature=0, max_new_tokens=LONG, ignore_eos=True))) for p in PROMPTS]
+        assert [r["router"] for r in cli(server, "info")["routers"]] == [0]
+        first = Streams(server.target, greedy)
+        first.wait_for(5)
+        cli(server, "scale", "--routers", "3")
+        info = cli(server, "info")
+        assert [(r["router"], r["state"], r["epoch"]) for r in info["routers"]] == [
+            (i, "serving", info["epoch"]) for i in range(3)], info["routers"]
+        second = Streams(server.target, greedy[:16])
+        second.wait_for(5)
+        with grpc.insecure_channel(server.target) as channel:
+            held = [r.streams for r in pb_grpc.GenerationStub(channel).GetModelInfo(pb.GetModelInfoRequest()).routers]
+        at_drain = list(first.counts) + list(second.counts)
+        cli(server, "scale", "--routers", "1")
+        assert held[1] > 0 and held[2] > 0, held  # the drained routers held live streams
+        assert all(0 < n < LONG for n in at_drain), at_drain
+        drained = [line for line in server.lines if " drained: " in line]
+        assert len(drained) == 2 and all(int(line.split("drained: ")[1].split()[0]) > 0 for line in drained), drained
+        assert [g["tokens"] for g in first.join()] == expected_long
+        assert [g["tokens"] for g in second.join()] == expected_long[:16]
+        after = cli(server, "info")
+        assert [(r["router"], r["state"]) for r in after["routers"]] == [(0, "serving")]
+        assert not any(" lost: " in line and "router" in line for line in server.lines)
+    finally:
+        assert server.stop() == 0, "".join(server.lines[-30:])

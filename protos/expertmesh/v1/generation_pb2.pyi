@@ -315,11 +315,13 @@ class Placement(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., recoveries: _Optional[int] = ..., worker_memory_bytes: _Optional[int] = ..., expert_bytes: _Optional[int] = ...) -> None: ...
 
 class ScaleRequest(_message.Message):
-    __slots__ = ("replicas", "workers", "auto")
+    __slots__ = ("replicas", "workers", "auto", "routers")
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     AUTO_FIELD_NUMBER: _ClassVar[int]
+    ROUTERS_FIELD_NUMBER: _ClassVar[int]
     replicas: str
     workers: int
     auto: bool
-    def __init__(self, replicas: _Optional[str] = ..., workers: _Optional[int] = ..., auto: _Optional[bool] = ...) -> None: ...
+    routers: int
+    def __init__(self, replicas: _Optional[str] = ..., workers: _Optional[int] = ..., auto: _Optional[bool] = ..., routers: _Optional[int] = ...) -> None: ...
