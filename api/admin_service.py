@@ -32,7 +32,7 @@ def placement_to_proto(placement: dict) -> pb.Placement:
                                         rows=w.get("rows", {}).get(name, 0)))
         msg.workers.append(pb.WorkerInfo(worker=w["worker"], node=w["node"], pid=w["pid"], experts=experts,
                                           busy_seconds=w.get("busy_s", 0.0),
-                                          weight_bytes=w.get("weight_bytes") or 0))
+                                          weight_bytes=w.get("weight_bytes") or 0, messages=w.get("messages", 0)))
     return msg
 
 

@@ -64,7 +64,7 @@ def _placement_dict(placement: pb.Placement) -> dict:
             "workers": [{"worker": w.worker, "node": w.node, "pid": w.pid,
                          "experts": [f"{e.layer}:{e.expert}" for e in w.experts],
                          "rows": {f"{e.layer}:{e.expert}": e.rows for e in w.experts},
-                         "busy_seconds": w.busy_seconds, "weight_bytes": w.weight_bytes}
+                         "busy_seconds": w.busy_seconds, "weight_bytes": w.weight_bytes, "messages": w.messages}
                         for w in placement.workers]}
 
 

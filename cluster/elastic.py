@@ -716,20 +716,22 @@ class ExpertCluster:
             plan, workers, epoch = self.plan, list(self.workers), self.epoch
         refs = [h.actor.stats.remote() for h in workers]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.settings.heartbeat_timeout_s)
-        rows, busy, held = {}, {}, {}
+        rows, busy, held, messages = {}, {}, {}, {}
         for h, ref in zip(workers, refs):
             try:
                 stats = ray.get(ref) if ref in ready else {}
             except Exception:  # noqa: BLE001 - a worker lost just now: recovery is on it
                 stats = {}
             rows[h.worker], busy[h.worker] = stats.get("rows_received", {}), stats.get("busy_s", 0.0)
+            messages[h.worker] = stats.get("messages", 0)
             held[h.worker] = stats.get("weight_bytes")  # as held: int8 and scales when quantized
         return {"epoch": epoch, "recoveries": self.recoveries, "expert_bytes": self.expert_bytes,
                 "worker_memory_bytes": self.budget.worker_bytes if self.budget is not None else None,
                 "workers": [{"worker": h.worker, "node": h.node_id, "pid": h.pid,
                              "experts": [f"{l}:{e}" for l, e in plan.worker_pairs(i)],
                              "copies": {f"{l}:{e}": len(plan.holders[(l, e)]) for l, e in plan.worker_pairs(i)},
-                             "rows": rows[h.worker], "busy_s": busy[h.worker], "weight_bytes": held[h.worker]}
+                             "rows": rows[h.worker], "busy_s": busy[h.worker], "weight_bytes": held[h.worker],
+                             "messages": messages[h.worker]}
                             for i, h in enumerate(workers)]}
 
     def stats(self) -> list[dict]:

@@ -52,6 +52,7 @@ class ExpertWorker:
         self.layers: dict[int, LayerExperts] = {}  # layer -> its experts held here, stacked
         self.rows_received: Counter = Counter()  # (layer, expert) -> rows served
         self.busy_s = 0.0  # time spent computing experts (the controller's measure of load)
+        self.messages = 0  # layer messages served, from every router (rows per message: bench/routers.py)
         self._store = None
         self._pairs: dict[tuple[int, int], tuple] = {}  # (epoch, router) -> (their pair, backend)
         self._pair_ready = threading.Condition()
@@ -229,6 +230,7 @@ class ExpertWorker:
         with self._lock:
             weight_bytes = sum(layer.nbytes for layer in self.layers.values())
             return {"worker": self.worker, "pairs": sorted(self.pairs), "busy_s": self.busy_s, "epochs": epochs,
+                    "messages": self.messages,
                     "weight_bytes": weight_bytes, "load_rates": dict(self.load_rates),
                     "rows_received": {f"{l}:{e}": n for (l, e), n in self.rows_received.items()}}
 
@@ -311,6 +313,7 @@ class ExpertWorker:
             assert out.shape == rows.shape, out.shape
             with self._lock:  # counted before the results go back, so stats never lag the router
                 self.busy_s += busy
+                self.messages += 1
                 for e, n in used:
                     self.rows_received[(layer, e)] += n
             pair.send([out], router, 0).wait()

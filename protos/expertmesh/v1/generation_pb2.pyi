@@ -285,20 +285,22 @@ class GetPlacementRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker", "node", "pid", "experts", "busy_seconds", "weight_bytes")
+    __slots__ = ("worker", "node", "pid", "experts", "busy_seconds", "weight_bytes", "messages")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     worker: int
     node: str
     pid: int
     experts: _containers.RepeatedCompositeFieldContainer[ExpertRef]
     busy_seconds: float
     weight_bytes: int
-    def __init__(self, worker: _Optional[int] = ..., node: _Optional[str] = ..., pid: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., busy_seconds: _Optional[float] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
+    messages: int
+    def __init__(self, worker: _Optional[int] = ..., node: _Optional[str] = ..., pid: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., busy_seconds: _Optional[float] = ..., weight_bytes: _Optional[int] = ..., messages: _Optional[int] = ...) -> None: ...
 
 class Placement(_message.Message):
     __slots__ = ("epoch", "workers", "recoveries", "worker_memory_bytes", "expert_bytes")
