@@ -12,7 +12,6 @@ trailer; a call can only ever cancel its own request (the engine keys requests, 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import inspect
 import json
 import logging
@@ -24,6 +23,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from expertmesh.api.front_door import STATUS, bearer_matches, chat_role
 from expertmesh.api.prompts import PromptBuilder
 from expertmesh.api.request_builder import (
     CHAT,
@@ -107,7 +107,7 @@ def messages_from_proto(messages, tool_format: ToolFormat | None) -> list[dict]:
     """ChatMessages -> OpenAI-shaped dicts; tool calls and results only where there is a tool format."""
     out = []
     for i, m in enumerate(messages):
-        message = {"role": m.role, "content": m.content}
+        message = {"role": chat_role(m.role), "content": m.content}
         if m.tool_calls or m.tool_call_id or m.role == "tool":
             if tool_format is None:
                 raise InvalidRequest(f"messages[{i}]: tool calls and results need a tool format: {NO_TOOL_FORMAT}",
@@ -283,12 +283,8 @@ class GenerationService(pb_grpc.GenerationServicer):
                 valid, tools = await loop.run_in_executor(self.prepare, self._valid, request)
                 key = self.engine.submit(valid, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
                                          client_id=request.request_id)
-            except InvalidRequest as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _detail(str(exc)))
-            except QueueFull as exc:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _detail(str(exc)))
-            except EngineUnavailable as exc:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, _detail(str(exc)))
+            except (InvalidRequest, QueueFull, EngineUnavailable) as exc:
+                await context.abort(STATUS[type(exc)][0], _detail(str(exc)))
             # an answer that may be tool calls streams as text; its last message carries the calls
             calls = None if tools is None else AnswerCalls(self.prompts.tool_format.tool_calls_token, tools.forced,
                                                            tools.parallel)
@@ -340,7 +336,7 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
     compared in constant time."""
 
     def __init__(self, token: str):
-        self.expected = f"Bearer {token}".encode()
+        self.expected = token.encode()
 
         async def deny(request, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
@@ -352,7 +348,7 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
         if details.method.startswith("/grpc.health.v1.Health/"):
             return await continuation(details)
         given = dict(details.invocation_metadata or ()).get("authorization", "")
-        if isinstance(given, str) and hmac.compare_digest(given.encode(), self.expected):
+        if isinstance(given, str) and bearer_matches(given, self.expected):
             return await continuation(details)
         return self._deny_stream if details.method.endswith("/Generate") else self._deny_unary
 

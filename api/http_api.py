@@ -15,7 +15,6 @@ status, come in the API's shape: {"error": {"message", "type", "param", "code"}}
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -26,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from expertmesh.api.front_door import STATUS, bearer_matches, chat_role
 from expertmesh.api.openai_reply import Reply
 from expertmesh.api.prompts import PromptBuilder
 from expertmesh.api.request_builder import (
@@ -242,8 +242,8 @@ def chat_messages(body: dict, tool_format: ToolFormat | None = None) -> list[dic
         if (role == "tool" or (role == "assistant" and m.get("tool_calls"))) and tool_format is None:
             raise ApiError(400, f"messages[{i}]: tool calls and results are not supported (this model's "
                            "tokenizer and chat template have no tool format)", "messages")
-        if role == "developer":  # OpenAI's newer name for the system message
-            role = "system"
+        if isinstance(role, str):
+            role = chat_role(role)
         if role == "assistant" and content is None:
             content = ""  # an assistant turn with no text (as clients send after a refusal)
         if isinstance(content, list):  # content parts: text only
@@ -390,9 +390,7 @@ class OpenAIApi:
     def _authorize(self, request: Request) -> None:
         if self.expected is None:
             return
-        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
-        # the scheme is case-insensitive (RFC 9110); the token compared in constant time
-        if not (scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.expected)):
+        if not bearer_matches(request.headers.get("authorization"), self.expected):
             raise ApiError(401, "missing or wrong bearer token", kind="authentication_error",
                            headers={"WWW-Authenticate": 'Bearer realm="expertmesh"'})
 
@@ -411,6 +409,8 @@ class OpenAIApi:
             body = json.loads(raw)
         except ValueError as exc:
             raise ApiError(400, f"the body is not valid JSON ({str(exc)[:100]})") from None
+        except RecursionError:  # brackets nested past the parser's depth: the client's error, not ours
+            raise ApiError(400, "the body is nested too deeply to parse") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
         return body
@@ -446,9 +446,9 @@ class OpenAIApi:
         except ApiError as exc:
             return exc.response()
         except QueueFull as exc:
-            return ApiError(429, str(exc), kind="rate_limit_error").response()
+            return ApiError(STATUS[QueueFull][1], str(exc), kind="rate_limit_error").response()
         except EngineUnavailable as exc:
-            return ApiError(503, str(exc), kind="service_unavailable").response()
+            return ApiError(STATUS[EngineUnavailable][1], str(exc), kind="service_unavailable").response()
         tool_format = self.prompts.tool_format
         reply = Reply(chat, body.get("model") or self.model_name, [list(v.prompt_ids) for v in valid],
                       self.engine.tokenizer, echo=not chat and _flag(body, "echo"),

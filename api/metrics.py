@@ -99,6 +99,11 @@ class Metrics:
         self.workers.set_function(lambda: len(cluster.workers))
         self.registry.register(_ClusterCollector(cluster, self.per_expert))
 
+    def watch_fleet(self, fleet) -> None:
+        """The router fleet (api/router_fleet.py), read at scrape time: each router's streams and KV
+        blocks in use, routers by state, streams continued on another router, routers lost."""
+        self.registry.register(_FleetCollector(fleet))
+
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP on its own thread; returns the bound port."""
         server, _ = start_http_server(port, addr=host, registry=self.registry)
@@ -167,3 +172,28 @@ class _ClusterCollector:
                 replicas.add_metric(labels, len(holders))
             yield rows
             yield replicas
+
+
+class _FleetCollector:
+    def __init__(self, fleet):
+        self.fleet = fleet
+
+    def collect(self):
+        routers = self.fleet.routers()
+        streams = GaugeMetricFamily("expertmesh_router_streams", "The gateway's streams on each router",
+                                    labels=["router"])
+        kv = GaugeMetricFamily("expertmesh_router_kv_blocks_used", "KV cache blocks in use on each router",
+                               labels=["router"])
+        states = GaugeMetricFamily("expertmesh_routers", "Routers by state", labels=["state"])
+        for r in routers:
+            streams.add_metric([str(r["router"])], r["streams"])
+            kv.add_metric([str(r["router"])], r["kv_blocks_total"] - r["kv_blocks_free"])
+        for state in ("serving", "unhealthy", "lost"):
+            states.add_metric([state], sum(r["state"] == state for r in routers))
+        yield streams
+        yield kv
+        yield states
+        yield CounterMetricFamily("expertmesh_streams_migrated", "Streams continued on another router after theirs "
+                                  "was lost or drained", value=self.fleet.migrated)
+        yield CounterMetricFamily("expertmesh_routers_lost", "Routers lost (dead or stalled) and fenced",
+                                  value=len(self.fleet.lost))

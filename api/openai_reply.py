@@ -89,7 +89,8 @@ class Reply:
         if self.chat:
             return {"content": [{"token": s, "logprob": v, "bytes": list(s.encode()),
                                  "top_logprobs": [{"token": t, "logprob": tv, "bytes": list(t.encode())}
-                                                  for t, tv in top or []]} for s, v, top, _ in entries]}
+                                                  for t, tv in top or []]} for s, v, top, _ in entries],
+                    "refusal": None}  # OpenAI's schema requires it on every choice and chunk
         return {"tokens": [s for s, *_ in entries], "token_logprobs": [v for _, v, _, _ in entries],
                 "top_logprobs": [None if top is None else dict(top) for _, _, top, _ in entries],
                 "text_offset": [offset for *_, offset in entries]}

@@ -159,7 +159,7 @@ class RouterFleet:
         self.local_epoch, self.on_lost, self._start = local_epoch, on_lost, start
         self.deadline_s = router_deadline_s
         self._scaling = threading.Lock()  # one scale() at a time
-        self.limits, self.grammars = local.limits, local.grammars
+        self.limits, self.grammars, self.tokenizer = local.limits, local.grammars, local.tokenizer
         self.block_size = block_size
         self._lock = threading.Lock()
         self._streams: dict[str, Stream] = {}
@@ -215,6 +215,19 @@ class RouterFleet:
                     total[name] += m.load.get(name, 0)
         total["healthy"] = self.healthy
         return total
+
+    def load_sample(self) -> list[dict]:
+        """Each serving router's waiting requests and share of KV blocks in use now (the router
+        controller's reading)."""
+        with self._lock:
+            members = [m for m in self.members if m.serving]
+        out = []
+        for m in members:
+            load = m.snapshot()
+            total = load.get("kv_blocks_total") or 0
+            used = (total - load.get("kv_blocks_free", 0)) / total if total else 0.0
+            out.append({"router": m.router, "waiting": load.get("waiting", 0), "kv_used": used})
+        return out
 
     def routers(self) -> list[dict]:
         """Each router: id, pid, node, state, the fleet's streams on it, its KV use."""

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="routers (attention, KV cache, scheduler) over the one expert pool: the serve "
                        "process's own, and N-1 more as Ray actors; the gateway continues a lost router's "
                        "streams on the others, token for token (needs --workers; default 1)")
+    serve.add_argument("--router-resource", default=None, metavar="NAME",
+                       help="a Ray custom resource each router actor asks for one of, so routers land on the "
+                       "nodes (pods) that declare it, e.g. a KubeRay worker group of their own (default: none)")
     serve.add_argument("--metrics-per-expert", action="store_true",
                        help="also export rows and copies per (layer, expert): 256 series each for Mixtral "
                        "8x7B (default: rows per worker and layer)")
@@ -68,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="retire a worker when all spend less than this fraction computing (default 0.2)")
     scale.add_argument("--scale-down-delay", type=float, default=300.0,
                        help="...for this many seconds in a row (default 300: GPUs are slow to get back)")
+    scale.add_argument("--autoscale-routers", action="store_true",
+                       help="let the router controller add a router when requests queue up or KV caches fill, "
+                       "and drain one when they stay empty (needs --workers; windows as --scale-window, "
+                       "--scale-down-delay)")
+    scale.add_argument("--min-routers", type=int, default=1, help="never fewer routers (default 1)")
+    scale.add_argument("--max-routers", type=int, default=None,
+                       help="never more routers; each is a Ray actor of one CPU or GPU (default: twice --routers)")
+    scale.add_argument("--router-scale-up-waiting", type=float, default=4.0,
+                       help="add a router when this many requests wait per router on average, two windows "
+                       "in a row (default 4)")
+    scale.add_argument("--router-scale-up-kv", type=float, default=0.8,
+                       help="...or when this share of the routers' KV blocks is in use (default 0.8)")
+    scale.add_argument("--router-scale-down-kv", type=float, default=0.2,
+                       help="drain a router when none waits and every router's KV use stays below this "
+                       "(default 0.2)")
     serve.add_argument("--max-queue", type=int, default=DEFAULTS.max_queue,
                        help=f"waiting requests at most; past it RESOURCE_EXHAUSTED (default {DEFAULTS.max_queue})")
     serve.add_argument("--auth-token", help="require 'authorization: Bearer TOKEN' on every call")

@@ -159,18 +159,20 @@ def cmd_serve(args) -> int:
     autoscale = autoscale_settings(args)
     if args.routers < 1:
         raise UsageError("--routers must be >= 1")
-    if args.routers > 1 and args.workers < 1:
-        raise UsageError("--routers N > 1 needs expert workers (--workers N, N >= 1): routers share their pool")
+    if (args.routers > 1 or args.autoscale_routers) and args.workers < 1:
+        raise UsageError("--routers N > 1 and --autoscale-routers need expert workers (--workers N, N >= 1): "
+                         "routers share their pool")
+    router_scaling = router_scaling_settings(args)
     names = args.served_model_name or [model_dir.name]
     engine, cluster = start_engine(model_dir, settings, args.workers, args.replicas, args.placement, args.address)
-    controller = fleet = None
+    controller = fleet = router_controller = None
     try:
         config = engine.config
         tokenizer = load_tokenizer(model_dir, config.bos_token_id, config.eos_token_id)
         serving = ServingEngine(engine, tokenizer, settings, own_thread=False, control=cluster)
         front = serving  # what both doors submit to: router 0 alone (--workers 0), or the fleet
         if cluster is not None:
-            fleet = front = start_fleet(serving, cluster, settings, args.routers)
+            fleet = front = start_fleet(serving, cluster, settings, args.routers, args.router_resource)
         generation = GenerationService(front, tokenizer, load_chat_template(model_dir),
                                        lambda: model_info(names[0], config, cluster, fleet),
                                        tool_format=ToolFormat.load(model_dir))
@@ -189,6 +191,7 @@ def cmd_serve(args) -> int:
             if cluster is not None:
                 cluster.metrics = metrics
                 metrics.watch_cluster(cluster)
+                metrics.watch_fleet(fleet)
             metrics_port = metrics.serve(args.host, args.metrics_port)
         http_app = None
         if args.http_port is not None:
@@ -212,12 +215,20 @@ def cmd_serve(args) -> int:
             controller.start()
             progress(f"autoscaling between {autoscale.min_workers} and {autoscale.max_workers} workers, "
                      f"window {autoscale.window_s:g}s")
+        if router_scaling is not None:
+            from expertmesh.api.router_controller import RouterController
+
+            router_controller = RouterController(fleet, router_scaling).start()
+            progress(f"autoscaling between {router_scaling.min_routers} and {router_scaling.max_routers} routers, "
+                     f"window {router_scaling.window_s:g}s")
         print(f"try: expertmesh generate --target {target} \"The capital of France is\"", flush=True)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, gateway.begin_shutdown)
         serving.run()  # the engine loop, on this thread, until the gateway has stopped
         gateway.thread.join(timeout=args.grace + 30)
     finally:
+        if router_controller is not None:
+            router_controller.stop()
         if controller is not None:
             controller.stop()
         if fleet is not None:
@@ -235,7 +246,7 @@ def cmd_serve(args) -> int:
 CLUSTER_SHUTDOWN_S = 3.0  # a live Ray lets workers go in well under a second
 
 
-def start_fleet(serving, cluster, settings, routers: int):
+def start_fleet(serving, cluster, settings, routers: int, resource: str | None = None):
     """The gateway's fleet over router 0 (`serving`) and routers 1..routers-1, started as Ray actors
     over the cluster's workers; `scale --routers` adds and drains more."""
     from expertmesh.api.router_fleet import POLL_WAIT_S, RouterFleet
@@ -246,7 +257,7 @@ def start_fleet(serving, cluster, settings, routers: int):
 
     def start(ids: list[int]) -> list:
         progress(f"starting {len(ids)} more router(s) as Ray actors")
-        return start_routers(cluster, ids, kv_blocks)
+        return start_routers(cluster, ids, kv_blocks, resource)
 
     # a poll that has nothing returns after POLL_WAIT_S: one unanswered past the heartbeat timeout is a stall
     return RouterFleet(serving, start(list(range(1, routers))) if routers > 1 else [],
@@ -260,6 +271,21 @@ def _shutdown_within(cluster, seconds: float) -> bool:
     thread.start()
     thread.join(seconds)
     return not thread.is_alive()
+
+
+def router_scaling_settings(args):
+    """The router controller's settings from serve's flags; None without --autoscale-routers."""
+    if not args.autoscale_routers:
+        return None
+    from expertmesh.api.router_controller import RouterScaling
+
+    try:
+        return RouterScaling(min_routers=args.min_routers, max_routers=args.max_routers or 2 * args.routers,
+                             window_s=args.scale_window, scale_up_waiting=args.router_scale_up_waiting,
+                             scale_up_kv=args.router_scale_up_kv, scale_down_kv=args.router_scale_down_kv,
+                             scale_down_delay_s=args.scale_down_delay)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def autoscale_settings(args) -> AutoscaleSettings | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -233,19 +234,30 @@ class RouterHandle:
     node_id: str = ""
 
 
-def start_routers(cluster, ids: list[int], kv_blocks: int) -> list[RouterHandle]:
-    """Start routers `ids` as Ray actors (each with a GPU where workers have them) and connect each
-    to every worker of the cluster's current epoch."""
+def start_routers(cluster, ids: list[int], kv_blocks: int, resource: str | None = None) -> list[RouterHandle]:
+    """Start routers `ids` as Ray actors (each with a GPU where workers have them, and one of the
+    custom `resource` where named) and connect each to every worker of the cluster's current epoch."""
     from expertmesh.cluster.worker_pool import progress
 
     settings = cluster.settings
     actors = [RemoteRouter.options(
-        num_cpus=1, num_gpus=1 if cluster.gpus else 0,
+        num_cpus=1, num_gpus=1 if cluster.gpus else 0, resources={resource: 1} if resource else None,
         runtime_env={"env_vars": {"RAY_worker_niceness": "0", **huge_pages_env()}},  # as workers: on the data path
     ).remote(r, cluster.model_dir, settings, kv_blocks, cluster.gpus) for r in ids]
     handles = [RouterHandle(r, a) for r, a in zip(ids, actors)]
     try:
-        for h, where in zip(handles, ray.get([a.where.remote() for a in actors], timeout=settings.placement_timeout_s)):
+        refs = [a.where.remote() for a in actors]
+        deadline = time.monotonic() + settings.placement_timeout_s
+        while True:  # a router Ray cannot place yet waits for Ray's autoscaler (KubeRay: a pod)
+            ready, pending = ray.wait(refs, num_returns=len(refs), timeout=10)
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"waited {settings.placement_timeout_s:.0f}s for {len(pending)} router(s) to be "
+                                   f"placed; the cluster has {ray.available_resources()} free")
+            progress(f"waiting for {len(pending)} router(s) of {{CPU: 1{', GPU: 1' if cluster.gpus else ''}"
+                     f"{', ' + resource + ': 1' if resource else ''}}} to be placed; `ray status` shows why")
+        for h, where in zip(handles, ray.get(refs)):
             h.pid, h.node_id = where["pid"], where["node_id"]
         for h in handles:
             cluster.connect_router(h.router, h.actor)

@@ -3,6 +3,7 @@ Kubernetes' schemas, the commands they run exist in the CLI, and versions and po
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -120,6 +121,11 @@ def test_commands_and_flags_exist_and_ports_agree():
                     assert int(notes["prometheus.io/port"]) == args.metrics_port
                     assert container["readinessProbe"]["grpc"]["port"] == args.port
                     assert group["rayStartParams"].get("num-gpus", "0") == "0" or args.device == "cpu"
+                    # the other routers have a group of their own that declares their resource
+                    routers = next(g for g in obj["spec"]["workerGroupSpecs"] if g["groupName"] == "routers")
+                    declared = json.loads(json.loads(routers["rayStartParams"]["resources"]))
+                    assert args.router_resource in declared and routers["maxReplicas"] >= args.routers - 1 >= 1
+                    assert routers["rayStartParams"].get("num-gpus", "0") == ("0" if args.device == "cpu" else "1")
             if group is obj["spec"]["headGroupSpec"]:
                 assert group["rayStartParams"]["num-cpus"] == "0" and group["rayStartParams"]["num-gpus"] == "0"
             resources = container["resources"]

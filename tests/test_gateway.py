@@ -113,6 +113,16 @@ def test_token_ids_prompt_and_messages_match_transformers(stub, hf):
     assert ids_of(out) == hf_greedy(model, list(chat_ids), 16)
 
 
+def test_developer_messages_are_system_messages_on_both_doors(stub):
+    """OpenAI's `developer` role is the system message over gRPC too (the HTTP door's test:
+    test_http_api.py), not a role the chat template refuses."""
+    def ids(role):
+        messages = [pb.ChatMessage(role=role, content="Be brief."), pb.ChatMessage(role="user", content="Hi!")]
+        return list(stub.Tokenize(pb.TokenizeRequest(messages=messages)).token_ids)
+
+    assert ids("developer") == ids("system")
+
+
 def test_chunks_stream_while_generating_and_concatenate(stub, hf):
     _, tokenizer = hf
     start = time.monotonic()
@@ -251,6 +261,9 @@ def test_auth_token_is_required(checkpoint, tmp_path):
                     stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata, timeout=30)
                 assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
             ok = list(stub.Generate(request, metadata=[("authorization", "Bearer s3cret")], timeout=30))
+            assert len(ids_of(ok)) == 2
+            # the scheme in any case, as the HTTP door takes it (RFC 9110)
+            ok = list(stub.Generate(request, metadata=[("authorization", "bearer s3cret")], timeout=30))
             assert len(ids_of(ok)) == 2
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert health.status == health_pb2.HealthCheckResponse.SERVING  # probes need no token

@@ -199,6 +199,7 @@ def test_logprobs_and_seeds(client, model_name):
                                           extra_body={"ignore_eos": True})
     assert len(chat.choices[0].logprobs.content) == 3
     assert all(len(t.top_logprobs) == 2 for t in chat.choices[0].logprobs.content)
+    assert "refusal" in chat.choices[0].logprobs.model_dump() and chat.choices[0].logprobs.refusal is None
     seeded = [client.completions.create(model=model_name, prompt="Bonjour", max_tokens=8, temperature=0.9,
                                         seed=5).choices[0].text for _ in range(2)]
     assert seeded[0] == seeded[1]
@@ -255,6 +256,8 @@ def test_bad_chat_requests_and_a_wrong_model(server, client, model_name):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
     assert post(f"{http_target(server)}/completions", b"{not json")[0] == 400
+    status, reply = post(f"{http_target(server)}/completions", b"[" * 100_000 + b"]" * 100_000)
+    assert status == 400 and "nested too deeply" in reply["error"]["message"], (status, reply)  # not a 500
 
 
 def request(method: str, url: str, body: dict | None = None, headers: dict | None = None):

@@ -21,7 +21,7 @@ from expertmesh.core.tokenizer import load_tokenizer
 from expertmesh.router.engine import Engine
 from expertmesh.v1 import generation_pb2 as pb
 from expertmesh.v1 import generation_pb2_grpc as pb_grpc
-from tests.gateway_server import ServerProcess, wait_for_line
+from tests.gateway_server import ServerProcess, scrape, total, wait_for_line
 from tests.helpers import greedy_tokens
 
 STREAMS, TOKENS = 32, 200
@@ -145,9 +145,11 @@ def reference(checkpoint, requests):
 @pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
 def test_a_lost_router_loses_no_stream(checkpoint, requests, reference, fault):
     server = ServerProcess("--model", str(checkpoint), "--workers", "2", "--routers", "2", "--kv-cache-memory", "64MiB",
-                           "--heartbeat-timeout", "2")
+                           "--heartbeat-timeout", "2", "--metrics-port", "0")
     victim = None
     try:
+        metrics_url = wait_for_line(server, "expertmesh metrics on", 30).rsplit(" ", 1)[1].strip()
+        assert total(scrape(metrics_url), "expertmesh_streams_migrated_total") == 0
         before = cli(server, "info")
         assert [(r["router"], r["state"]) for r in before["routers"]] == [(0, "serving"), (1, "serving")]
         victim = before["routers"][1]["pid"]
@@ -170,6 +172,10 @@ def test_a_lost_router_loses_no_stream(checkpoint, requests, reference, fault):
         check_same_as_reference(got, reference, requests)
         after = cli(server, "info")
         assert [(r["router"], r["state"]) for r in after["routers"]] == [(0, "serving"), (1, "lost")]
+        samples = scrape(metrics_url)
+        assert total(samples, "expertmesh_streams_migrated_total") == moved
+        assert total(samples, "expertmesh_routers", state="lost") == 1
+        assert total(samples, "expertmesh_routers_lost_total") == 1
         # the moved streams went on on router 0 after the fault: tokens kept arriving
         assert sum(1 for arrivals in streams.arrivals if arrivals[-1] > faulted) >= moved
     finally:
