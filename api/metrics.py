@@ -67,6 +67,10 @@ class Metrics:
         self.batch_tokens = histogram("expertmesh_batch_tokens", "Tokens computed per step", TOKEN_BUCKETS)
         self.prompt_tokens = of_model(Counter, "expertmesh_prompt_tokens", "Prompt tokens of finished requests")
         self.generation_tokens = of_model(Counter, "expertmesh_generation_tokens", "Tokens generated")
+        self.prefix_queries = of_model(Counter, "expertmesh_prefix_cache_queries", "Prompt tokens looked up in the "
+                                       "prefix cache (router 0)")
+        self.prefix_hits = of_model(Counter, "expertmesh_prefix_cache_hits", "Prompt tokens found in the prefix "
+                                    "cache (router 0)")
         self.queue = of_model(Gauge, "expertmesh_queue_requests", "Requests waiting to be scheduled")
         self.running = of_model(Gauge, "expertmesh_running_sequences", "Sequences in the running batch")
         self.kv_used = of_model(Gauge, "expertmesh_kv_blocks_used", "KV cache blocks in use")

@@ -286,6 +286,8 @@ class RouterFleet:
         """Router 0's loop cancels what is left and returns; the pollers stop."""
         for m in self.members[1:]:
             m.stop()
+        for m in self.members[1:]:  # each poll returns within POLL_WAIT_S: none is left in flight
+            m.thread.join(timeout=self.deadline_s + 1)
         self.local_engine.stop()
 
     # ---- placing ------------------------------------------------------------------------------

@@ -312,6 +312,9 @@ class ServingEngine:
                     request.first_step_at = started
                     if self.metrics is not None:
                         self.metrics.queue_time.observe(started - request.arrived)
+                        # prompt tokens looked up in the prefix cache at admission, and found there
+                        self.metrics.prefix_queries.inc(request.prompt_len)
+                        self.metrics.prefix_hits.inc(max(request.cached_prompt_tokens, 0))
             try:
                 logits = self._step(batch)
             finally:

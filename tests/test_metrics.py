@@ -45,7 +45,12 @@ def scrapes(tmp_path_factory):
             for i in range(REQUESTS):
                 sampling = pb.SamplingParams(temperature=0, max_new_tokens=TOKENS, ignore_eos=True)
                 list(stub.Generate(pb.GenerateRequest(token_ids=[1, 50 + i, 60 + i], sampling=sampling), timeout=60))
-        yield before, _families(url)
+            middle = _families(url)
+            # the same 40-token prompt twice: the second finds its two full blocks in the prefix cache
+            for _ in range(2):
+                list(stub.Generate(pb.GenerateRequest(token_ids=[1] + list(range(100, 139)), sampling=sampling),
+                                   timeout=60))
+        yield before, middle, _families(url)
     finally:
         assert server.stop() == 0
 
@@ -55,6 +60,15 @@ def scrape(scrapes):
     return scrapes[1]
 
 
+def test_prefix_cache_queries_and_hits_count_prompt_tokens(scrapes):
+    _, middle, after = scrapes
+    model = {"model_name": "tiny-mixtral"}
+    assert grew(scrapes[:2], "expertmesh_prefix_cache_queries_total", **model) == REQUESTS * 3
+    assert grew(scrapes[:2], "expertmesh_prefix_cache_hits_total", **model) == 0  # prompts under one block
+    assert grew((middle, after), "expertmesh_prefix_cache_queries_total", **model) == 2 * 40
+    assert grew((middle, after), "expertmesh_prefix_cache_hits_total", **model) == 32
+
+
 def value(families, sample_name: str, **labels) -> float:
     """Sum of the samples called sample_name whose labels include `labels`."""
     return sum(s.value for f in families.values() for s in f.samples
@@ -62,8 +76,8 @@ def value(families, sample_name: str, **labels) -> float:
 
 
 def grew(scrapes, sample_name: str, **labels) -> float:
-    """How much a sample grew over the requests."""
-    before, after = scrapes
+    """How much a sample grew over the first requests (or between the two scrapes given)."""
+    before, after = scrapes[0], scrapes[1]
     return value(after, sample_name, **labels) - value(before, sample_name, **labels)
 
 
