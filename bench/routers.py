@@ -4,13 +4,16 @@ workers, and what a router's loss costs the streams it held, measured through th
 
     python bench/routers.py [--streams 64 --tokens 128 --workers 2]
 
-Phase 1 and 2: `serve --workers W --routers 1`, then `--routers 2`; `--streams` greedy streams of
-`--tokens` tokens at once: tokens/s (all tokens over the wall time), time to first token (p50, p99),
-and the experts' rows per message (rows the workers computed over the layer messages they served:
-with two routers each router's step sends its own messages, so a worker gets smaller ones).
-Phase 3, on the two-router server: half the streams (those of router 1) lose their router to a
-SIGKILL mid-flight. Each stream's pause is the time from the kill to its next token; the migrated
-streams are the `moved` slowest (the gateway logs how many it moved), the others keep stepping.
+Steady: one `serve --workers W` scaled to one router and to two (`expertmesh scale --routers`),
+alternately, `--repeats` times; each time `--streams` greedy streams of `--tokens` tokens at once:
+tokens/s (all tokens over the wall time), time to first token (p50, p99), and the experts' rows per
+message (rows the workers computed over the layer messages they served: with two routers each
+router's step sends its own messages, so a worker gets smaller ones). The ratio is the median of the
+pairs'.
+Kill, on a fresh two-router server: half the streams (those of router 1) lose their router to a
+SIGKILL mid-flight. Each stream's pause is its longest wait for a token from the kill on; the
+migrated streams are the `moved` slowest (the gateway logs how many it moved), the others keep
+stepping.
 The bound is 2 s plus their re-prefill: the tokens they had (prompt + emitted) over this machine's
 prefill rate on the surviving router, measured just before the kill.
 
@@ -106,24 +109,26 @@ def serve(path: Path, workers: int, routers: int) -> ServerProcess:
                          "--kv-cache-memory", "128MiB", "--max-seqs", "128", startup_timeout=300)
 
 
-def steady(path: Path, args, routers: int) -> dict:
-    server = serve(path, args.workers, routers)
-    try:
-        Load(server.target, 8, 8).join()  # warm every router's path
-        before = cli_info(server)
-        load = Load(server.target, args.streams, args.tokens).join()
-        after = cli_info(server)
-        rows = total_rows(after) - total_rows(before)
-        messages = sum(w["messages"] for w in after["workers"]) - sum(w["messages"] for w in before["workers"])
-        ttft = load.ttfts()
-        out = {"tokens_per_s": load.tokens_per_s(), "ttft_p50": statistics.median(ttft),
-               "ttft_p99": percentile(ttft, 99), "rows_per_message": rows / max(messages, 1)}
-        print(f"{routers} router(s), {args.workers} workers, c{args.streams}: {out['tokens_per_s']:.0f} tokens/s, "
-              f"TTFT p50 {out['ttft_p50'] * 1e3:.0f} ms p99 {out['ttft_p99'] * 1e3:.0f} ms, "
-              f"{out['rows_per_message']:.1f} rows per expert message", flush=True)
-        return out
-    finally:
-        server.stop()
+def scale_routers(server: ServerProcess, routers: int) -> None:
+    subprocess.run([sys.executable, "-m", "expertmesh", "scale", "--routers", str(routers), "--target", server.target],
+                   capture_output=True, text=True, timeout=300, check=True)
+
+
+def steady(server: ServerProcess, args, routers: int) -> dict:
+    """One load through `routers` routers of the running server (scaled to that count first)."""
+    scale_routers(server, routers)
+    Load(server.target, 8, 8).join()  # warm every router's path
+    before = cli_info(server)
+    load = Load(server.target, args.streams, args.tokens).join()
+    after = cli_info(server)
+    messages = sum(w["messages"] for w in after["workers"]) - sum(w["messages"] for w in before["workers"])
+    ttft = load.ttfts()
+    out = {"tokens_per_s": load.tokens_per_s(), "ttft_p50": statistics.median(ttft), "ttft_p99": percentile(ttft, 99),
+           "rows_per_message": (total_rows(after) - total_rows(before)) / max(messages, 1)}
+    print(f"{routers} router(s), {args.workers} workers, c{args.streams}: {out['tokens_per_s']:.0f} tokens/s, "
+          f"TTFT p50 {out['ttft_p50'] * 1e3:.0f} ms p99 {out['ttft_p99'] * 1e3:.0f} ms, "
+          f"{out['rows_per_message']:.1f} rows per expert message", flush=True)
+    return out
 
 
 def kill_router(path: Path, args) -> tuple[list[float], float]:
@@ -147,7 +152,11 @@ def kill_router(path: Path, args) -> tuple[list[float], float]:
         line = wait_for_line(server, f"router 1 (pid {victim}) lost", 30)
         moved = int(re.search(r"continuing its (\d+) streams", line).group(1))
         load.join()
-        pauses = sorted(next(t for t, _ in a if t > killed) - killed for a in load.arrivals)
+        # A stream's pause: its longest wait for a token from the kill on (outputs the gateway had
+        # polled before the kill may still arrive just after it; the migration's wait comes after them)
+        pauses = sorted(max(b - a for a, b in zip([killed] + [t for t, _ in arr if t > killed],
+                                                   [t for t, _ in arr if t > killed]))
+                        for arr in load.arrivals)
         migrated = pauses[-moved:] if moved else []
         reprefill = sum(sorted(had)[-moved:]) + moved * 8  # an upper count: the longest streams' tokens
         bound = 2.0 + reprefill / prefill_rate
@@ -166,16 +175,22 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="pairs of one- and two-router loads (default 3)")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores; every process of the run shares them", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = write_tiny_checkpoint(Path(tmp), seed=61, init_std=0.1, num_experts=8)
-        one = steady(path, args, 1)
-        two = steady(path, args, 2)
+        server = serve(path, args.workers, 2)
+        try:  # one and two routers alternately on the same server and workers: this machine drifts
+            pairs = [(steady(server, args, 1), steady(server, args, 2)) for _ in range(args.repeats)]
+        finally:
+            server.stop()
         migrated, bound = kill_router(path, args)
-    ratio = two["tokens_per_s"] / one["tokens_per_s"]
-    print(f"two routers over one: {ratio:.2f}x tokens/s at c{args.streams}; rows per expert message "
-          f"{one['rows_per_message']:.1f} -> {two['rows_per_message']:.1f}")
+    ratios = [two["tokens_per_s"] / one["tokens_per_s"] for one, two in pairs]
+    ratio = statistics.median(ratios)
+    print(f"two routers over one: {' / '.join(f'{r:.2f}' for r in ratios)}x tokens/s at c{args.streams} "
+          f"(median {ratio:.2f}); rows per expert message {pairs[0][0]['rows_per_message']:.1f} -> "
+          f"{pairs[0][1]['rows_per_message']:.1f}")
     print(f"two_over_one_router_c{args.streams}={ratio:.2f} router_kill_pause_max_s={max(migrated):.3f} "
           f"router_kill_pause_bound_s={bound:.2f}")
 

@@ -102,7 +102,9 @@ class Router:
                         pingpong_min_tokens=self.settings.pingpong_min_tokens,
                         layer_threads=1 if self.device.type != "cuda" else None)
         self.epoch = epoch
-        self.serving = ServingEngine(engine, self.tokenizer, self.settings, own_thread=True, control=self.changes)
+        self.serving = ServingEngine(engine, self.tokenizer, self.settings, control=self.changes)
+        # a step's outputs wake the gateway's poll once, together (one Ray reply per step, not per token)
+        self.serving.outputs_done = self._flush
 
     def switch(self, epoch: int, holders: dict, deadline_s: float) -> None:
         """Apply the cluster's change to epoch `epoch` (prepared) at the loop's next step boundary;
@@ -169,12 +171,19 @@ class Router:
         return outputs, self.load()
 
     def _put(self, key: str, out: RequestOutput) -> None:
+        """A sink: on the loop's thread (or a submit's, for a refusal, which wakes the poll at once)."""
         if out.finish_reason is not None:
             with self._keys:
                 self._submitted.discard(key)
         with self._ready:
             self._outbox.append((key, out))
-            self._ready.notify()
+            if threading.current_thread() is not self.serving._thread:
+                self._ready.notify()
+
+    def _flush(self) -> None:
+        with self._ready:
+            if self._outbox:
+                self._ready.notify()
 
     def load(self) -> dict:
         """What the gateway places requests by, and what `info` shows."""

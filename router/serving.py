@@ -133,6 +133,8 @@ class ServingEngine:
         self.failed_steps = 0  # step runs the experts failed (each then waits for a recovery)
         self.tokens_computed = 0  # token positions run through the model, all steps
         self.metrics = None  # api/metrics.py's Metrics, when the server exports them
+        # called on the loop's thread once a step's outputs have all gone to their sinks
+        self.outputs_done: Callable[[], None] = lambda: None
         # torch (OpenMP) threads of the loop. Thread counts are per calling thread, and a second
         # OpenMP team beside the one that loaded the model halved step speed on a 2-core machine;
         # so a loop on its own thread defaults to 1, and the fastest set-up runs the loop on the
@@ -291,6 +293,7 @@ class ServingEngine:
         if self.engine_threads is not None:
             torch.set_num_threads(self.engine_threads)  # for this thread (OpenMP)
         while until is None or not until():
+            self.outputs_done()  # the last step's outputs (a router actor's outbox sends them on as one)
             self._run_calls()
             self._repair()
             with self._wake:
@@ -298,9 +301,11 @@ class ServingEngine:
                 if self._stopping:
                     for request in list(self._requests.values()):
                         self._finish(request, FINISH_CANCELLED)
+                    self.outputs_done()
                     return
                 if not self.scheduler.has_work():
                     if not self._calls:
+                        self.outputs_done()  # cancellations' last outputs
                         self._wake.wait(timeout=0.5)
                     continue
             batch = self.scheduler.schedule()
