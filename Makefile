@@ -21,9 +21,11 @@ serve: install  # a tiny Mixtral (real tokenizer) on 2 expert workers of a local
 run: install  # one generation in-process, no server
 	$(BIN)/expertmesh run --prompt "The capital of France is" --max-new-tokens 24
 
+# The tests run in a worker process of pytest-xdist: a test that takes its process down (a Ray
+# driver whose raylet died exits at once) fails alone, a fresh worker goes on, the summary comes.
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 1 --max-worker-restart 8
 
 bench: install
 	$(BIN)/python bench/engine.py
