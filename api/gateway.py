@@ -331,6 +331,62 @@ class GenerationService(pb_grpc.GenerationServicer):
         return pb.ServerStats(**self.engine.server_stats())
 
 
+class CountReplies(grpc.aio.ServerInterceptor):
+    """Calls `count(method, code)` once each call ends, with its final status code's name: OK,
+    what an abort named, CANCELLED when the client went, UNKNOWN for an exception. First in the chain,
+    so refusals of bad tokens and undecodable bytes count too; an unknown method counts as
+    'unknown' (a client picks method names, and labels must stay few)."""
+
+    def __init__(self, count: Callable[[str, str], None]):
+        self.count = count
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            self.count("unknown", grpc.StatusCode.UNIMPLEMENTED.name)
+            return None
+        method, count = details.method, self.count
+
+        def finish(context, error: BaseException | None) -> None:
+            if isinstance(error, asyncio.CancelledError):
+                count(method, grpc.StatusCode.CANCELLED.name)
+            else:
+                code = context.code() or (grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN)
+                count(method, code.name)
+
+        def counted(behavior):
+            if inspect.isasyncgenfunction(behavior):
+                async def each(request, context):
+                    error = None
+                    try:
+                        async for response in behavior(request, context):
+                            yield response
+                    except BaseException as exc:
+                        error = exc
+                        raise
+                    finally:
+                        finish(context, error)
+                return each
+
+            async def once(request, context):
+                error = None
+                try:
+                    return await behavior(request, context)
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    finish(context, error)
+            return once
+
+        kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler),
+                 ("unary_stream", grpc.unary_stream_rpc_method_handler),
+                 ("stream_unary", grpc.stream_unary_rpc_method_handler),
+                 ("stream_stream", grpc.stream_stream_rpc_method_handler))
+        kind, make = next((k, m) for k, m in kinds if getattr(handler, k))
+        return make(counted(getattr(handler, kind)), handler.request_deserializer, handler.response_serializer)
+
+
 class BearerTokenAuth(grpc.aio.ServerInterceptor):
     """Requires `authorization: Bearer <token>` on every call except health checks; the token is
     compared in constant time."""
@@ -355,9 +411,12 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
 
 async def start_gateway(service: GenerationService, host: str, port: int, *, admin=None,
                         auth_token: str | None = None,
-                        tls: tuple[bytes, bytes] | None = None, max_message_bytes: int = 4 << 20):
-    """Start the server; returns (server, bound port, health servicer)."""
-    interceptors = [RefuseUndecodable()] + ([BearerTokenAuth(auth_token)] if auth_token else [])
+                        tls: tuple[bytes, bytes] | None = None, max_message_bytes: int = 4 << 20,
+                        count: Callable[[str, str], None] | None = None):
+    """Start the server; returns (server, bound port, health servicer). count(method, code): called
+    as each call ends (the metrics' requests by door and code)."""
+    interceptors = [CountReplies(count)] if count else []
+    interceptors += [RefuseUndecodable()] + ([BearerTokenAuth(auth_token)] if auth_token else [])
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),

@@ -281,12 +281,34 @@ def _api_error(exc: InvalidRequest) -> ApiError:
     return ApiError(400, str(exc), API_NAMES.get(exc.field, exc.field))
 
 
+class CountResponses:
+    """ASGI middleware: count(path, status) as each HTTP response starts (a stream's status is its
+    first line's). Paths outside `paths` count as 'unknown' (a client picks them)."""
+
+    def __init__(self, app, count: Callable[[str, str], None], paths: set[str]):
+        self.app, self.count, self.paths = app, count, paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"] if scope["path"] in self.paths else (
+            "/v1/models/{model_id}" if scope["path"].startswith("/v1/models/") else "unknown")
+
+        async def counted_send(message):
+            if message["type"] == "http.response.start":
+                self.count(path, str(message["status"]))
+            await send(message)
+
+        await self.app(scope, receive, counted_send)
+
+
 class OpenAIApi:
     def __init__(self, engine: ServingEngine, prompts: PromptBuilder, model_names: list[str] | str,
                  healthy: Callable[[], bool], prepare: ThreadPoolExecutor, auth_token: str | None = None,
-                 max_body_bytes: int = 4 << 20):
+                 max_body_bytes: int = 4 << 20, count: Callable[[str, str], None] | None = None):
         """model_names: what requests may call the model (the first is the default); prepare: the
-        pool tokenising runs on, shared with the gRPC gateway (one bound for both)."""
+        pool tokenising runs on, shared with the gRPC gateway (one bound for both); count(path,
+        status): called as each response starts (the metrics' requests by door and code)."""
         self.engine = engine
         self.prompts = prompts
         self.model_names = [model_names] if isinstance(model_names, str) else list(model_names)
@@ -296,9 +318,10 @@ class OpenAIApi:
         self.expected = auth_token.encode() if auth_token else None
         self.max_body_bytes = max_body_bytes
         self._prepare = prepare
+        self.count = count
 
-    def app(self) -> Starlette:
-        return Starlette(routes=[
+    def app(self):
+        app = Starlette(routes=[
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
@@ -307,6 +330,7 @@ class OpenAIApi:
             Route("/detokenize", self.detokenize, methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
         ], exception_handlers={HTTPException: _http_error, Exception: _server_error})
+        return app if self.count is None else CountResponses(app, self.count, {r.path for r in app.routes})
 
     # ---- endpoints ----------------------------------------------------------------------------
 

@@ -50,6 +50,8 @@ class Metrics:
 
         self.requests = Counter("expertmesh_requests", "Requests finished, by finish reason",
                                 ["model_name", "finish_reason"], registry=r)
+        self.api_requests = Counter("expertmesh_api_requests", "Calls answered by each door (grpc, http), by "
+                                    "method or path and status code", ["door", "method", "code"], registry=r)
         self.model_name = model_name
         self.ttft = histogram("expertmesh_time_to_first_token_seconds", "From a request's arrival to its first "
                               "token", LATENCY_BUCKETS)
@@ -83,6 +85,11 @@ class Metrics:
                                             ["action"], registry=r)
         for action in AUTOSCALER_ACTIONS:  # every series from the start, at 0 (rate() needs a first sample)
             self.autoscaler_decisions.labels(action=action)
+
+    def counter_of(self, door: str):
+        """count(method, code) for one door (api/gateway.py's CountReplies, api/http_api.py's
+        CountResponses)."""
+        return lambda method, code: self.api_requests.labels(door=door, method=method, code=code).inc()
 
     def finished(self, reason: str) -> None:
         self.requests.labels(model_name=self.model_name, finish_reason=reason).inc()

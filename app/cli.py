@@ -15,6 +15,7 @@ from expertmesh.core.tiny_checkpoint import TINY_DEFAULTS  # noqa: E402
 from expertmesh.flags import add_engine_flags, serving_config  # noqa: E402
 
 DEFAULT_PORT = 50051  # gRPC's customary port
+DEFAULT_HTTP_PORT = 8000  # the OpenAI-compatible API's, as vLLM's and llama.cpp's servers default to
 
 
 def _token_ids(text: str) -> list[int]:
@@ -38,8 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT,
                        help=f"gRPC port (default {DEFAULT_PORT}; 0 picks one)")
-    serve.add_argument("--http-port", type=int, default=None,
-                       help="also serve the OpenAI-compatible HTTP API on this port (default off; 0 picks one)")
+    serve.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
+                       help=f"the OpenAI-compatible HTTP API's port (default {DEFAULT_HTTP_PORT}; 0 picks one)")
+    serve.add_argument("--no-http", dest="http", action="store_false",
+                       help="serve gRPC only, no OpenAI-compatible HTTP API")
     serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                        help="the model's name(s) in the API: requests may name any, responses echo it "
                        "(default: the checkpoint folder's name)")

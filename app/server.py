@@ -38,7 +38,7 @@ class GatewayThread:
     """The gRPC gateway on an asyncio loop of its own thread, so that the engine loop can run on
     the main thread (the one that loaded the model; see ServingEngine)."""
 
-    def __init__(self, service, serving, args, token: str | None, tls):
+    def __init__(self, service, serving, args, token: str | None, tls, count=None):
         self.serving = serving
         self.args = args
         self.warmed = False
@@ -47,6 +47,7 @@ class GatewayThread:
         self._error: BaseException | None = None
         self._loop = asyncio.new_event_loop()
         self._stop: asyncio.Event | None = None
+        self._count = count  # count(method, code) as each gRPC call ends, with --metrics-port
         self.thread = threading.Thread(target=self._main, args=(service, token, tls), name="expertmesh-gateway",
                                        daemon=True)
         self.thread.start()
@@ -67,7 +68,7 @@ class GatewayThread:
             generation, admin, http_app = service
             server, self.port, self._health = await start_gateway(
                 generation, self.args.host, self.args.port, admin=admin, auth_token=token, tls=tls,
-                max_message_bytes=self.args.max_message_bytes)
+                max_message_bytes=self.args.max_message_bytes, count=self._count)
             if http_app is not None:
                 http_server, sock = self._http_server(http_app)
                 self.http_port = sock.getsockname()[1]
@@ -184,6 +185,7 @@ def cmd_serve(args) -> int:
             admin = AdminService(cluster.placement, cluster.scale_replicas, cluster.scale_workers,
                                  pin=None if controller is None else lambda on: setattr(controller, "pinned", on),
                                  scale_routers=fleet.scale)
+        metrics = None
         if args.metrics_port is not None:
             metrics = Metrics(model_name=names[0], per_expert=args.metrics_per_expert)
             serving.metrics = metrics
@@ -194,12 +196,14 @@ def cmd_serve(args) -> int:
                 metrics.watch_fleet(fleet)
             metrics_port = metrics.serve(args.host, args.metrics_port)
         http_app = None
-        if args.http_port is not None:
+        if args.http:
             from expertmesh.api.http_api import OpenAIApi
 
             http_app = OpenAIApi(front, generation.prompts, names, lambda: gateway.serving_now(),
-                                 generation.prepare, auth_token=token, max_body_bytes=args.max_message_bytes).app()
-        gateway = GatewayThread((generation, admin, http_app), front, args, token, tls)
+                                 generation.prepare, auth_token=token, max_body_bytes=args.max_message_bytes,
+                                 count=metrics and metrics.counter_of("http")).app()
+        gateway = GatewayThread((generation, admin, http_app), front, args, token, tls,
+                                count=metrics and metrics.counter_of("grpc"))
         # One real step before saying SERVING: the whole path (and every worker) works.
         serving.generate([[config.bos_token_id]], SamplingParams(max_new_tokens=1))
         gateway.mark_warmed()

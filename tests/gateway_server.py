@@ -17,7 +17,9 @@ class ServerProcess:
         """new_session: the server leads a process group of its own (with Ray's processes), as under
         a supervisor, so a test can signal the whole group."""
         env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-        self.proc = subprocess.Popen([sys.executable, "-m", "expertmesh.cli", "serve", "--port", "0", *args],
+        # the HTTP API is on by default, on a fixed port: tests take a free one unless they say otherwise
+        http = [] if "--http-port" in args or "--no-http" in args else ["--http-port", "0"]
+        self.proc = subprocess.Popen([sys.executable, "-m", "expertmesh.cli", "serve", "--port", "0", *http, *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                      start_new_session=new_session)
         self.lines: list[str] = []

@@ -506,3 +506,17 @@ def test_auth_and_a_full_queue(checkpoint):
         assert holding == [True, True]  # nothing accepted was lost
     finally:
         assert proc.stop() == 0
+
+
+def test_serve_opens_the_openai_api_by_default_and_no_http_turns_it_off(checkpoint):
+    from expertmesh.cli import DEFAULT_HTTP_PORT, build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert args.http and args.http_port == DEFAULT_HTTP_PORT == 8000  # vLLM's and llama.cpp's port
+    proc = ServerProcess("--model", str(checkpoint), "--workers", "0", "--kv-cache-memory", "32MiB", "--no-http")
+    try:
+        with grpc.insecure_channel(proc.target) as channel:  # gRPC serves
+            pb_grpc.GenerationStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=60)
+        assert not any("HTTP" in line for line in proc.lines), "".join(proc.lines)
+    finally:
+        assert proc.stop() == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -31,28 +32,70 @@ def _families(url: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def scrapes(tmp_path_factory):
-    """The families of a scrape before and one after REQUESTS requests of TOKENS tokens each (the
-    server's own warm-up step comes before)."""
+def server(tmp_path_factory):
     checkpoint = write_tiny_checkpoint(tmp_path_factory.mktemp("metrics"), seed=5, num_experts=4)
     server = ServerProcess("--model", str(checkpoint), "--workers", "1", "--kv-cache-memory", "16MiB",
                            "--metrics-port", "0", "--served-model-name", "tiny-mixtral", "--worker-memory", "1GiB")
     try:
-        url = wait_for_line(server, "expertmesh metrics on", 30).rsplit(" ", 1)[1].strip()
-        before = _families(url)
-        with grpc.insecure_channel(server.target) as channel:
-            stub = pb_grpc.GenerationStub(channel)
-            for i in range(REQUESTS):
-                sampling = pb.SamplingParams(temperature=0, max_new_tokens=TOKENS, ignore_eos=True)
-                list(stub.Generate(pb.GenerateRequest(token_ids=[1, 50 + i, 60 + i], sampling=sampling), timeout=60))
-            middle = _families(url)
-            # the same 40-token prompt twice: the second finds its two full blocks in the prefix cache
-            for _ in range(2):
-                list(stub.Generate(pb.GenerateRequest(token_ids=[1] + list(range(100, 139)), sampling=sampling),
-                                   timeout=60))
-        yield before, middle, _families(url)
+        server.metrics_url = wait_for_line(server, "expertmesh metrics on", 30).rsplit(" ", 1)[1].strip()
+        server.http_url = wait_for_line(server, "expertmesh HTTP", 30).rsplit(" ", 1)[1].strip()
+        yield server
     finally:
         assert server.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def scrapes(server):
+    """The families of a scrape before and one after REQUESTS requests of TOKENS tokens each (the
+    server's own warm-up step comes before)."""
+    url = server.metrics_url
+    before = _families(url)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        for i in range(REQUESTS):
+            sampling = pb.SamplingParams(temperature=0, max_new_tokens=TOKENS, ignore_eos=True)
+            list(stub.Generate(pb.GenerateRequest(token_ids=[1, 50 + i, 60 + i], sampling=sampling), timeout=60))
+        middle = _families(url)
+        # the same 40-token prompt twice: the second finds its two full blocks in the prefix cache
+        for _ in range(2):
+            list(stub.Generate(pb.GenerateRequest(token_ids=[1] + list(range(100, 139)), sampling=sampling),
+                               timeout=60))
+    return before, middle, _families(url)
+
+
+def test_calls_count_by_door_method_and_status_code(server, scrapes):
+    """Every call each door answers, counted with its final code: successes, refusals, unknown
+    methods and paths (as one label value each: clients choose those names)."""
+    before = _families(server.metrics_url)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Generate(pb.GenerateRequest(), timeout=60))  # no prompt
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=60)
+        with pytest.raises(grpc.RpcError):
+            channel.unary_unary("/no.Such/Method")(b"", timeout=60)
+    for path, code in (("/v1/models", 200), ("/v1/nothing-here", 404)):
+        try:
+            assert urllib.request.urlopen(server.http_url.removesuffix("/v1") + path, timeout=30).status == code
+        except urllib.error.HTTPError as exc:
+            assert exc.code == code
+    request = urllib.request.Request(server.http_url + "/completions", data=b"{not json",
+                                     headers={"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as bad:
+        urllib.request.urlopen(request, timeout=30)
+    assert bad.value.code == 400
+    after = _families(server.metrics_url)
+    name = "expertmesh_api_requests_total"
+    assert grew((before, after), name, door="grpc", method="/expertmesh.v1.Generation/Generate",
+                code="INVALID_ARGUMENT") == 1
+    assert grew((before, after), name, door="grpc", method="/expertmesh.v1.Generation/GetModelInfo", code="OK") == 1
+    assert grew((before, after), name, door="grpc", method="unknown", code="UNIMPLEMENTED") == 1
+    assert grew((before, after), name, door="http", method="/v1/models", code="200") == 1
+    assert grew((before, after), name, door="http", method="unknown", code="404") == 1
+    assert grew((before, after), name, door="http", method="/v1/completions", code="400") == 1
+    # the first requests' successful streams counted as they ended
+    assert value(before, name, door="grpc", method="/expertmesh.v1.Generation/Generate", code="OK") >= REQUESTS + 2
 
 
 @pytest.fixture(scope="module")
