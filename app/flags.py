@@ -27,7 +27,8 @@ def add_engine_flags(parser: argparse.ArgumentParser, default_workers: int) -> N
     parser.add_argument("--max-seqs", type=int, default=d.max_seqs,
                         help=f"running sequences at most (default {d.max_seqs})")
     parser.add_argument("--kv-cache-memory", default=d.kv_cache_memory,
-                        help=f"KV cache size, e.g. 512MiB (default {d.kv_cache_memory})")
+                        help="KV cache size, e.g. 512MiB (default: what --max-seqs sequences of the model's "
+                        "context need, capped at half the memory free after the weights; printed at start)")
     parser.add_argument("--block-size", type=int, default=d.block_size,
                         help=f"tokens per KV cache block (default {d.block_size})")
     group = parser.add_argument_group("expert parallelism (Ray)")

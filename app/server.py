@@ -15,6 +15,7 @@ from expertmesh.api.metrics import Metrics
 from expertmesh.cluster.bringup import UsageError, progress, start_engine
 from expertmesh.cluster.controller import AutoscaleSettings, Controller
 from expertmesh.core.chat import load_chat_template
+from expertmesh.core.checkpoint import Checkpoint
 from expertmesh.core.tokenizer import load_tokenizer
 from expertmesh.core.tool_format import ToolFormat
 from expertmesh.flags import serving_config
@@ -165,11 +166,12 @@ def cmd_serve(args) -> int:
                          "routers share their pool")
     router_scaling = router_scaling_settings(args)
     names = args.served_model_name or [model_dir.name]
+    # the tokenizer first: a missing or broken one fails before minutes of weight loading
+    config = Checkpoint(model_dir).config
+    tokenizer = load_tokenizer(model_dir, config.bos_token_id, config.eos_token_id)
     engine, cluster = start_engine(model_dir, settings, args.workers, args.replicas, args.placement, args.address)
     controller = fleet = router_controller = None
     try:
-        config = engine.config
-        tokenizer = load_tokenizer(model_dir, config.bos_token_id, config.eos_token_id)
         serving = ServingEngine(engine, tokenizer, settings, own_thread=False, control=cluster)
         front = serving  # what both doors submit to: router 0 alone (--workers 0), or the fleet
         if cluster is not None:
@@ -254,10 +256,9 @@ def start_fleet(serving, cluster, settings, routers: int, resource: str | None =
     """The gateway's fleet over router 0 (`serving`) and routers 1..routers-1, started as Ray actors
     over the cluster's workers; `scale --routers` adds and drains more."""
     from expertmesh.api.router_fleet import POLL_WAIT_S, RouterFleet
-    from expertmesh.cluster.bringup import kv_blocks_for
     from expertmesh.cluster.router_actor import start_routers
 
-    kv_blocks = kv_blocks_for(cluster.checkpoint.config, settings)
+    kv_blocks = serving.engine.cache.num_blocks  # every router as big as router 0
 
     def start(ids: list[int]) -> list:
         progress(f"starting {len(ids)} more router(s) as Ray actors")

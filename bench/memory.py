@@ -47,10 +47,7 @@ if role == "router":
     gc.collect()
     before = rss()
     model = RouterModel.from_checkpoint(checkpoint, getattr(torch, dtype), "cpu", quantize)
-    held = (model.embed.nbytes + model.final_norm.nbytes + model.lm_head.nbytes
-            + model.rope.cos.nbytes + model.rope.sin.nbytes
-            + sum(w.qkv.nbytes + w.o.nbytes + w.gate.nbytes + w.input_norm.nbytes + w.post_attention_norm.nbytes
-                  for w in model.layers))
+    held = model.nbytes
 else:
     from expertmesh.workers.expert_worker import ExpertWorker
     worker = ExpertWorker(0, path, dtype, 1, quantize)

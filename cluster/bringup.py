@@ -8,25 +8,26 @@ import time
 from pathlib import Path
 
 from expertmesh.cluster.elastic import ExpertCluster
+from expertmesh.cluster.kv_size import KVSize, KVSizeError, kv_size
 from expertmesh.cluster.worker_pool import progress, use_gpus
 from expertmesh.core.checkpoint import Checkpoint
 from expertmesh.core.settings import DEFAULTS, ServingConfig
 from expertmesh.router.engine import DTYPES, Engine
-from expertmesh.router.kv_cache import KVCache
 
 
 class UsageError(ValueError):
     """Options that do not go together; the message says which."""
 
 
-def kv_blocks_for(config, settings: ServingConfig) -> int:
-    """KV blocks that settings.kv_cache_memory holds for this model."""
-    per_block = KVCache.bytes_per_block(config, settings.block_size, DTYPES[settings.dtype])
-    blocks = settings.kv_cache_bytes // per_block
-    if blocks < 1:
-        raise UsageError(f"--kv-cache-memory {settings.kv_cache_memory} holds no KV block of this model "
-                         f"({per_block} bytes each)")
-    return blocks
+def kv_blocks_for(config, settings: ServingConfig, workers: int = 0, local_ray: bool = True) -> KVSize:
+    """The KV cache of a router (cluster/kv_size.py), counting the experts this machine will load:
+    all of them in-process (workers=0), the workers' copies on an embedded Ray."""
+    experts = config.num_layers * config.num_experts
+    here = experts if workers == 0 else experts * min(settings.redundancy, workers) if local_ray else 0
+    try:
+        return kv_size(config, settings, here, "cuda" if use_gpus(settings.device) else "cpu")
+    except KVSizeError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def start_engine(model_dir: str | Path, settings: ServingConfig = DEFAULTS, workers: int = 0,
@@ -37,7 +38,10 @@ def start_engine(model_dir: str | Path, settings: ServingConfig = DEFAULTS, work
     if workers < 0:
         raise UsageError("--workers must be >= 0")
     config = Checkpoint(model_dir).config
-    blocks = kv_blocks_for(config, settings)
+    kv = kv_blocks_for(config, settings, workers, local_ray=address is None)
+    blocks = kv.blocks
+    progress(kv.describe())
+    resident_before = resident_bytes()
     start = time.monotonic()
     if workers == 0:
         if replicas or placement or address:
@@ -60,5 +64,16 @@ def start_engine(model_dir: str | Path, settings: ServingConfig = DEFAULTS, work
             progress(f"worker {worker}: {len(cluster.plan.worker_pairs(worker))} experts, "
                      f"{nbytes / 2**20:.1f} MiB")
     progress(f"model ready in {time.monotonic() - start:.1f}s: {config.num_layers} layers, "
-             f"{config.num_experts} experts, KV cache {blocks} blocks of {settings.block_size} tokens")
+             f"{config.num_experts} experts; this process holds {engine.weight_bytes / 2**20:.1f} MiB of weights "
+             f"and a {kv.nbytes / 2**20:.1f} MiB KV cache, resident {resident_bytes() / 2**20:.1f} MiB "
+             f"({resident_before / 2**20:.1f} MiB before the weights: code and tokenizer)")
     return engine, cluster
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (VmRSS)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0

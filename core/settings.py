@@ -44,7 +44,9 @@ class ServingConfig:
     max_batch_tokens: int = 2048  # tokens computed per step: bounds a step's time and memory
     max_seqs: int = 64  # running sequences at most: the decode batch
     max_queue: int = 1024  # waiting requests at most; past it a request is refused, never dropped
-    kv_cache_memory: str = "1GiB"  # KV cache size; the pool's blocks are derived from it
+    # KV cache size; None: what max_seqs sequences of the model's context need, capped by a share of
+    # the memory free after the weights (cluster/kv_size.py)
+    kv_cache_memory: str | None = None
     block_size: int = 16  # tokens per KV block: vLLM's default, small enough for prefix sharing
     # --- expert parallelism ----------------------------------------------------------------------
     pingpong: str = "auto"  # two micro-batches overlapping at the experts: auto splits big steps
@@ -92,7 +94,8 @@ class ServingConfig:
         for name in ("collective_timeout_s", "placement_timeout_s", "stall_timeout_s", "heartbeat_timeout_s"):
             if not getattr(self, name) > 0:
                 raise SettingsError(f"{name} must be > 0, got {getattr(self, name)}")
-        parse_bytes(self.kv_cache_memory)
+        if self.kv_cache_memory is not None:
+            parse_bytes(self.kv_cache_memory)
         if self.worker_memory is not None and parse_bytes(self.worker_memory) < 1:
             raise SettingsError(f"worker_memory must be > 0, got {self.worker_memory!r}")
 
@@ -101,8 +104,8 @@ class ServingConfig:
         return None if self.worker_memory is None else parse_bytes(self.worker_memory)
 
     @property
-    def kv_cache_bytes(self) -> int:
-        return parse_bytes(self.kv_cache_memory)
+    def kv_cache_bytes(self) -> int | None:
+        return None if self.kv_cache_memory is None else parse_bytes(self.kv_cache_memory)
 
 
 DEFAULTS = ServingConfig()

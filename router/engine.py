@@ -67,6 +67,11 @@ class Engine:
         self.split_steps = 0  # steps run as two ping-pong micro-batches
         self.graphs: DecodeGraphs | None = None  # decode steps as captured graphs (Engine.local)
 
+    @property
+    def weight_bytes(self) -> int:
+        """The weights this process holds: the router's, and the experts' when they are local."""
+        return self.model.nbytes + getattr(self.experts, "nbytes", 0)
+
     @classmethod
     def local(cls, model_dir, dtype: torch.dtype = torch.float32, kv_blocks: int = 512,
               block_size: int = DEFAULTS.block_size, device: str | torch.device = "cpu",

@@ -22,6 +22,14 @@ class LocalExperts:
         # (w13 (L, E, 2I, D), w2 (L, E, D, I)) for run_by_offsets; the layers above are views of them
         self.stacks = stacks
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes held (the stacks, where there are, once: the GPU's layers are views of them)."""
+        if self.stacks is not None and self.stacks[0].device.type == "cuda":
+            return sum(s.nbytes for s in self.stacks)
+        return sum(w13.nbytes + w2.nbytes for w13, w2 in self.weights.values()) + (
+            sum(s.nbytes for s in self.stacks) if self.stacks is not None else 0)
+
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, dtype: torch.dtype, device: str | torch.device = "cpu",
                         stacked: bool = False, quantize: str = "none") -> "LocalExperts":

@@ -65,6 +65,13 @@ class RouterModel:
         self.device = self.embed.device
         self.rope = Rope(config.head_dim, config.rope_theta, config.max_position_embeddings, self.device)
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes held: embeddings, lm_head, attention, gates, norms and the rotary tables."""
+        return (self.embed.nbytes + self.final_norm.nbytes + self.lm_head.nbytes + self.rope.cos.nbytes
+                + self.rope.sin.nbytes + sum(w.qkv.nbytes + w.o.nbytes + w.gate.nbytes + w.input_norm.nbytes
+                                             + w.post_attention_norm.nbytes for w in self.layers))
+
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, dtype: torch.dtype, device: str | torch.device = "cpu",
                         quantize: str = "none") -> "RouterModel":

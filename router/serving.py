@@ -28,6 +28,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from expertmesh.core.heap import release_free_heap
 from expertmesh.core.settings import DEFAULTS, ServingConfig
 from expertmesh.core.tokenizer import IncrementalDetokenizer, TextTokenizer
 from expertmesh.router.engine import Engine, Sequence
@@ -125,6 +126,7 @@ class ServingEngine:
         self._wake = threading.Condition()
         self._waiting = 0  # requests in the scheduler's queue, as of the last step boundary
         self._requests: dict[str, Request] = {}  # live requests, by key (engine thread only)
+        self._heap_dirty = False  # a step ran since the loop was last idle
         self._stopping = False
         self.healthy = True
         self._step_started: float | None = None  # monotonic start of the step in progress
@@ -306,6 +308,9 @@ class ServingEngine:
                 if not self.scheduler.has_work():
                     if not self._calls:
                         self.outputs_done()  # cancellations' last outputs
+                        if self._heap_dirty:  # idle: what the steps' transients left goes back to the OS
+                            self._heap_dirty = False
+                            release_free_heap()
                         self._wake.wait(timeout=0.5)
                     continue
             batch = self.scheduler.schedule()
@@ -320,6 +325,7 @@ class ServingEngine:
                         # prompt tokens looked up in the prefix cache at admission, and found there
                         self.metrics.prefix_queries.inc(request.prompt_len)
                         self.metrics.prefix_hits.inc(max(request.cached_prompt_tokens, 0))
+            self._heap_dirty = True
             try:
                 logits = self._step(batch)
             finally:
