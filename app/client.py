@@ -68,16 +68,38 @@ def _placement_dict(placement: pb.Placement) -> dict:
                         for w in placement.workers]}
 
 
-def _print_placement(placement: pb.Placement) -> None:
-    budget = (f", {placement.worker_memory_bytes / 2**20:.1f} MiB a worker may hold (--worker-memory)"
-              if placement.worker_memory_bytes else "")
-    print(f"epoch {placement.epoch}, {len(placement.workers)} workers, {placement.recoveries} recoveries, "
-          f"{placement.expert_bytes / 2**20:.1f} MiB an expert{budget}")
+def _table(headers: list[str], rows: list[list]) -> str:
+    """Columns aligned on the widest cell, headers in capitals, as `kubectl get` prints them."""
+    cells = [[str(h).upper() for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
+def _print_placement(placement: pb.Placement, num_layers: int = 0, num_experts: int = 0) -> None:
+    budget = f", a worker may hold {_mib(placement.worker_memory_bytes)}" if placement.worker_memory_bytes else ""
+    print(f"placement: epoch {placement.epoch}, {len(placement.workers)} workers, {placement.recoveries} recoveries, "
+          f"{_mib(placement.expert_bytes)} an expert{budget}")
+    print()
+    print(_table(["worker", "pid", "node", "experts", "replicated", "weights", "busy", "messages"],
+                 [[w.worker, w.pid, w.node[:12], len(w.experts), sum(e.copies > 1 for e in w.experts),
+                   _mib(w.weight_bytes), f"{w.busy_seconds:.1f}s", w.messages] for w in placement.workers]))
+    # which workers hold each (layer, expert): a row per layer, a column per expert
+    holders: dict[tuple[int, int], list[int]] = {}
     for w in placement.workers:
-        replicated = sum(e.copies > 1 for e in w.experts)
-        pairs = " ".join(f"{e.layer}:{e.expert}" + (f"(x{e.copies})" if e.copies > 1 else "") for e in w.experts)
-        print(f"worker {w.worker} (pid {w.pid}): {len(w.experts)} experts ({w.weight_bytes / 2**20:.1f} MiB), "
-              f"{replicated} replicated: {pairs}")
+        for e in w.experts:
+            holders.setdefault((e.layer, e.expert), []).append(w.worker)
+    num_layers = num_layers or 1 + max((layer for layer, _ in holders), default=-1)
+    num_experts = num_experts or 1 + max((expert for _, expert in holders), default=-1)
+    print()
+    def held_by(layer: int, expert: int) -> str:
+        return ",".join(str(w) for w in sorted(holders.get((layer, expert), []))) or "-"
+
+    print(_table(["layer"] + [f"e{e}" for e in range(num_experts)],
+                 [[layer] + [held_by(layer, e) for e in range(num_experts)] for layer in range(num_layers)]))
 
 
 def cmd_info(args) -> int:
@@ -102,16 +124,18 @@ def cmd_info(args) -> int:
         live = _placement_dict(placement) if placement else {"epoch": 0, "recoveries": 0, "workers": []}
         print(json.dumps({"model": model, "routers": routers, **live}))
         return 0
-    print(f"model {info.model_name}: {info.num_layers} layers, {info.num_experts} experts "
+    print(f"model {info.model_name}: {info.num_layers} layers x {info.num_experts} experts "
           f"(top-{info.experts_per_token}), hidden {info.hidden_size}, vocab {info.vocab_size}, "
           f"context {info.max_context}")
-    for r in info.routers:
-        print(f"router {r.router}: pid {r.pid}, {r.state}, {r.streams} streams, "
-              f"KV {r.kv_blocks_total - r.kv_blocks_free}/{r.kv_blocks_total} blocks in use")
+    print()
+    print(_table(["router", "pid", "state", "streams", "kv blocks in use", "epoch"],
+                 [[r.router, r.pid, r.state, r.streams, f"{r.kv_blocks_total - r.kv_blocks_free}/{r.kv_blocks_total}",
+                   r.epoch] for r in info.routers]))
+    print()
     if placement is None:
         print("experts: all in the router process (no expert workers)")
     else:
-        _print_placement(placement)
+        _print_placement(placement, info.num_layers, info.num_experts)
     return 0
 
 

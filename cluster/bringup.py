@@ -9,7 +9,8 @@ from pathlib import Path
 
 from expertmesh.cluster.elastic import ExpertCluster
 from expertmesh.cluster.kv_size import KVSize, KVSizeError, kv_size
-from expertmesh.cluster.worker_pool import progress, use_gpus
+from expertmesh.cluster.progress import progress
+from expertmesh.cluster.worker_pool import use_gpus
 from expertmesh.core.checkpoint import Checkpoint
 from expertmesh.core.settings import DEFAULTS, ServingConfig
 from expertmesh.router.engine import DTYPES, Engine

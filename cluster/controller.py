@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 
 from expertmesh.cluster import planner
-from expertmesh.cluster.worker_pool import progress
+from expertmesh.cluster.progress import progress
 
 log = logging.getLogger("expertmesh.controller")
 SUSTAIN_WINDOWS = 2  # windows in a row above --scale-up-busy before a worker is added

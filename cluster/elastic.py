@@ -43,12 +43,12 @@ import torch
 
 from expertmesh.cluster.memory_budget import expert_bytes, memory_budget, redundancy_shortfall
 from expertmesh.cluster.placement import PlacementError, PlacementPlan
+from expertmesh.cluster.progress import progress
 from expertmesh.cluster.router_set import RouterSet
 from expertmesh.cluster.worker_pool import (
     WorkerHandle,
     ensure_ray,
     free_port,
-    progress,
     start_workers,
     stop_worker,
     unresponsive,

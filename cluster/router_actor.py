@@ -246,7 +246,7 @@ class RouterHandle:
 def start_routers(cluster, ids: list[int], kv_blocks: int, resource: str | None = None) -> list[RouterHandle]:
     """Start routers `ids` as Ray actors (each with a GPU where workers have them, and one of the
     custom `resource` where named) and connect each to every worker of the cluster's current epoch."""
-    from expertmesh.cluster.worker_pool import progress
+    from expertmesh.cluster.progress import progress
 
     settings = cluster.settings
     actors = [RemoteRouter.options(

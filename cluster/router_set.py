@@ -15,7 +15,8 @@ import logging
 
 import ray
 
-from expertmesh.cluster.worker_pool import WorkerHandle, progress
+from expertmesh.cluster.progress import progress
+from expertmesh.cluster.worker_pool import WorkerHandle
 
 log = logging.getLogger("expertmesh.cluster")
 

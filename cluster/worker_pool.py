@@ -16,16 +16,12 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from expertmesh.cluster.progress import Bars, progress
 from expertmesh.core.heap import huge_pages_env
 from expertmesh.core.settings import ServingConfig
 from expertmesh.workers.expert_worker import RemoteExpertWorker
 
 log = logging.getLogger("expertmesh.cluster")
-
-
-def progress(message: str) -> None:
-    """Bring-up progress for the operator, on stderr (stdout carries results)."""
-    print(f"[expertmesh] {message}", file=sys.stderr, flush=True)
 
 
 def use_gpus(device: str) -> bool:
@@ -76,10 +72,15 @@ def _wait_for_placement(groups: list[PlacementGroup], bundle: dict, timeout_s: f
     deadline = time.monotonic() + timeout_s
     said, pending = time.monotonic(), [g.ready() for g in groups]
     next_word = 1.0
+    # on a terminal a bar, redrawn each second; in a log a line every 10 s
+    bars = Bars(f"Ray placing {bundle}", ["workers"], unit="placed") if sys.stderr.isatty() else None
     while True:
         left = deadline - time.monotonic()
         _, pending = ray.wait(pending, num_returns=len(pending), timeout=max(min(left, 1.0), 0))
         if not pending:
+            if bars is not None and bars.rows["workers"][1]:
+                bars.update("workers", len(groups), len(groups))
+                bars.show(final=True)
             return
         left = deadline - time.monotonic()
         if left <= 0 or (cancel is not None and cancel.is_set()):
@@ -89,10 +90,15 @@ def _wait_for_placement(groups: list[PlacementGroup], bundle: dict, timeout_s: f
                 raise PlacementTimeout("the cluster is stopping: placement abandoned")
             raise PlacementTimeout(f"waited {timeout_s:.0f}s for {len(groups)} bundles of {bundle}; the cluster "
                                    f"has {ray.available_resources()} free: add nodes or lower --workers")
-        if time.monotonic() - said >= next_word:
+        if time.monotonic() - said < next_word:
+            continue
+        if bars is None:
             progress(f"waiting for {len(pending)} bundles of {bundle} ({left:.0f}s left of --placement-timeout); "
                      "`ray status` shows why")
             said, next_word = time.monotonic(), 10.0
+        else:
+            bars.update("workers", len(groups) - len(pending), len(groups))
+            bars.show()
 
 
 def start_workers(ids: list[int], pairs: dict[int, list], model_dir: str, settings: ServingConfig,
@@ -111,7 +117,7 @@ def start_workers(ids: list[int], pairs: dict[int, list], model_dir: str, settin
     ).remote(i, str(model_dir), settings.dtype, settings.worker_threads, settings.quantize), g)
         for i, g in zip(ids, groups)]
     try:
-        ray.get([h.actor.load.remote(pairs[h.worker]) for h in handles])
+        watch_loads(handles, [h.actor.load.remote(pairs[h.worker]) for h in handles])
         for h, where in zip(handles, ray.get([h.actor.where.remote() for h in handles])):
             h.node_id, h.pid = where["node_id"], where["pid"]
     except BaseException:
@@ -119,6 +125,28 @@ def start_workers(ids: list[int], pairs: dict[int, list], model_dir: str, settin
             stop_worker(h)
         raise
     return handles
+
+
+def watch_loads(handles: list[WorkerHandle], loads: list) -> list:
+    """ray.get(loads), one per handle, showing each worker's load as it goes (bytes, rate, time left)."""
+    bars = Bars("loading", [f"worker {h.worker}" for h in handles])
+    pending = list(loads)
+    while True:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=LOAD_POLL_S)
+        polls = [h.actor.load_progress.remote() for h in handles]
+        ready, _ = ray.wait(polls, num_returns=len(polls), timeout=LOAD_POLL_S)
+        for h, poll in zip(handles, polls):
+            if poll in ready:
+                try:
+                    bars.update(f"worker {h.worker}", *ray.get(poll))
+                except Exception:  # noqa: BLE001 - a lost worker: its load's ref raises below
+                    pass
+        bars.show(final=not pending)
+        if not pending:
+            return ray.get(loads)
+
+
+LOAD_POLL_S = 0.5
 
 
 def stop_worker(handle: WorkerHandle) -> None:

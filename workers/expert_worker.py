@@ -72,6 +72,8 @@ class ExpertWorker:
         # unless that proved slower than the checkpoint (None: not measured yet; the best, not the
         # latest, so that one slow moment does not rule a source out)
         self.load_rates: dict[str, float | None] = {"peer": None, "checkpoint": None}
+        # (bytes held so far, bytes to hold, began, ended or None) of the last checkpoint read, for progress bars
+        self._load_progress = (0, 0, time.monotonic(), None)
 
     def _change(self, add: set[tuple[int, int]], drop: set[tuple[int, int]], urgent: bool = False,
                 peers: list | None = None) -> None:
@@ -131,32 +133,41 @@ class ExpertWorker:
         for (layer, expert), layers in self._from_peers(add, peers).items():
             prepared.setdefault(layer, {})[expert] = layers
         read = sorted(p for p in add if p[1] not in prepared.get(p[0], {}))
-        by_layer: dict[int, dict[int, tuple]] = {}
-        start = time.perf_counter()
-        # views of the checkpoint's mapping where its dtype is ours: each laid out (or quantized, or
-        # moved to the GPU) in one copy as its layer is built, and the mapping goes when they do; not
-        # where a layer would hold the weight as given (no C kernels: the view would stay mapped)
-        mapped = self.device.type == "cuda" or self.quantize != "none" or cpu_kernels.kernels() is not None
-        for (layer, expert), ws in self.checkpoint.read_experts(read, self.dtype, mapped).items():
-            by_layer.setdefault(layer, {})[expert] = tuple(w.to(self.device) for w in ws)
+        read_by_layer: dict[int, list[tuple[int, int]]] = {}
+        for layer, expert in read:
+            read_by_layer.setdefault(layer, []).append((layer, expert))
         gone: dict[int, set[int]] = {}
         for layer, expert in drop:
             gone.setdefault(layer, set()).add(expert)
         before = self.nbytes() + sum(layer.nbytes for experts in prepared.values() for layers in experts.values()
                                      for layer in layers)
-        for layer in set(by_layer) | set(gone) | set(prepared):
+        per_expert = LayerExperts.bytes_per_expert(self.config.hidden_size, self.config.intermediate_size, self.dtype,
+                                                   self.quantize, self.device.type)
+        start = time.perf_counter()
+        done, self._load_progress = 0, (0, len(read) * per_expert, time.monotonic(), None)
+        # views of the checkpoint's mapping where its dtype is ours: each laid out (or quantized, or
+        # moved to the GPU) in one copy as its layer is built, and the mapping goes when they do; not
+        # where a layer would hold the weight as given (no C kernels: the view would stay mapped)
+        mapped = self.device.type == "cuda" or self.quantize != "none" or cpu_kernels.kernels() is not None
+        # a layer at a time: one layer's transients at once, and progress to show as each is built
+        for layer in sorted(set(read_by_layer) | set(gone) | set(prepared)):
+            fresh = {expert: tuple(w.to(self.device) for w in ws) for (_, expert), ws in
+                     self.checkpoint.read_experts(read_by_layer[layer], self.dtype, mapped).items()
+                     } if layer in read_by_layer else {}
+            done += len(fresh) * per_expert  # counted now: building the table empties `fresh`
             held = self.layers.get(layer)
             if held is None and not prepared.get(layer):
-                table = LayerExperts.stack(by_layer[layer], quantize=self.quantize)
+                table = LayerExperts.stack(fresh, quantize=self.quantize)
             else:
-                table = (held or LayerExperts.empty(self.quantize)).changed(by_layer.get(layer, {}),
-                                                                            gone.get(layer, set()),
+                table = (held or LayerExperts.empty(self.quantize)).changed(fresh, gone.get(layer, set()),
                                                                             prepared.get(layer))
             with self._lock:
                 if table is None:
                     self.layers.pop(layer, None)
                 else:
                     self.layers[layer] = table
+            _, total, began, _ = self._load_progress
+            self._load_progress = (done, total, began, time.monotonic() if done == total else None)
         with self._lock:
             self.pairs = (self.pairs | add) - drop
         if read and not drop:  # the checkpoint's rate: the bytes its experts added (read and packed)
@@ -170,6 +181,12 @@ class ExpertWorker:
         [(actor, pairs it holds)] to copy from, where that is not slower than the checkpoint."""
         self._change({tuple(p) for p in pairs}, set(), urgent, peers)
         return self.nbytes()
+
+    def load_progress(self) -> tuple[int, int, float]:
+        """(bytes read and laid out, bytes to, seconds since it began) of the load running now;
+        answered while it runs."""
+        done, total, began, ended = self._load_progress
+        return done, total, (ended or time.monotonic()) - began
 
     def export(self, pair: tuple[int, int]) -> list:
         """[a reference to expert `pair` as held] (in Ray's object store, put by a thread at nice 19),
