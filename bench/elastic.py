@@ -26,11 +26,15 @@ resume_uncovered_s=<w> resume_uncovered_bound_s=<v>
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import statistics
+import sys
 import tempfile
 import time
+
+from machine import machine  # bench/machine.py
 
 from expertmesh.cluster.elastic import ExpertCluster
 from expertmesh.cluster.worker_pool import ensure_ray
@@ -53,19 +57,23 @@ class Streams:
 
     def __init__(self, cluster: ExpertCluster, path, n: int):
         self.arrivals: list[float] = []
+        self.traces: dict[str, list[tuple[float, float]]] = {}
         self.serving = ServingEngine(cluster.engine, load_tokenizer(path), control=cluster)
         params = SamplingParams(temperature=0, max_new_tokens=4000, ignore_eos=True)
         for i in range(n):
             sink = (lambda out: self.arrivals.append(time.monotonic())) if i == 0 else (lambda out: None)
             self.serving.submit(validate_request([1, 100 + i, 200 + i], params, self.serving.limits), sink)
 
-    def gaps(self, start: float, end: float, show: str = "") -> list[float]:
-        """Gaps (ms) between tokens that arrived in [start, end] and the token before each; `show`:
-        print them, each at its arrival time from `start` (--show-steps)."""
+    def gaps(self, start: float, end: float, name: str = "", show: bool = False) -> list[float]:
+        """Gaps (ms) between tokens that arrived in [start, end] and the token before each, kept in
+        `traces[name]` as (arrival s from `start`, gap ms) for --json; `show`: print them
+        (--show-steps)."""
         times = list(self.arrivals)
         pairs = [(b - start, (b - a) * 1e3) for a, b in zip(times, times[1:]) if start <= b <= end]
+        if name:
+            self.traces[name] = pairs
         if show:
-            print(f"  {show}: " + " ".join(f"{t:.2f}s:{gap:.0f}" for t, gap in pairs), flush=True)
+            print(f"  {name}: " + " ".join(f"{t:.2f}s:{gap:.0f}" for t, gap in pairs), flush=True)
         return [gap for _, gap in pairs]
 
     def first_after(self, t: float, timeout: float = 300) -> float:
@@ -126,6 +134,8 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--steady-s", type=float, default=6.0)
     parser.add_argument("--show-steps", action="store_true", help="print every step of each phase (arrival s:gap ms)")
+    parser.add_argument("--json", metavar="PATH", help="also write each phase's steps (arrival s, gap ms) and the "
+                        "event times as JSON (bench/plots.py draws them)")
     args = parser.parse_args()
     use_huge_pages()  # as the CLI does, before torch allocates a weight (core/heap.py)
     inter = max(int(args.expert_mb * 1e6 / (3 * args.hidden * 4)), 1)
@@ -140,6 +150,7 @@ def main() -> None:
               f"intermediate {inter}, fp32) written in {time.monotonic() - start:.1f}s", flush=True)
         table: dict[str, list[float]] = {}
         marks: dict[str, float] = {}
+        traces: dict[str, list[tuple[float, float]]] = {}
 
         settings = ServingConfig(redundancy=2, standby_workers=1, kv_cache_memory="256MiB")
         cluster = ExpertCluster(path, 3, settings=settings, kv_blocks=2048)
@@ -151,20 +162,21 @@ def main() -> None:
             time.sleep(2.0)  # past prefill
             t0 = time.monotonic()
             time.sleep(args.steady_s)
-            table["steady"] = streams.gaps(t0, time.monotonic(), args.show_steps and "steady")
+            table["steady"] = streams.gaps(t0, time.monotonic(), "steady", args.show_steps)
             for name, change in (("replica add", lambda: cluster.scale_replicas("*:1x3")),
                                  ("worker add", lambda: cluster.scale_workers(4))):
                 t0 = time.monotonic()
                 change()
                 marks[name] = time.monotonic() - t0
-                table[name] = streams.gaps(t0, time.monotonic(), args.show_steps and name)
+                table[name] = streams.gaps(t0, time.monotonic(), name, args.show_steps)
                 time.sleep(1.0)
             while not cluster.standby:  # the worker add took it: a new one starts in the background
                 time.sleep(0.1)
             time.sleep(1.0)
             t0 = time.monotonic()
             time.sleep(args.steady_s)  # the kills' baseline: the same cluster, nothing happening
-            table["steady, 4 workers"] = streams.gaps(t0, time.monotonic(), args.show_steps and "steady, 4 workers")
+            table["steady, 4 workers"] = streams.gaps(t0, time.monotonic(), "steady, 4 workers",
+                                                      args.show_steps)
             for name, sig in (("kill, covered", signal.SIGKILL), ("stop, covered", signal.SIGSTOP)):
                 victim, epoch = cluster.workers[-1], cluster.epoch
                 t0 = time.monotonic()
@@ -175,9 +187,10 @@ def main() -> None:
                 while len(cluster.workers) < 4 or not cluster.standby:
                     time.sleep(0.1)
                 time.sleep(1.0)
-                table[name] = streams.gaps(t0, time.monotonic(), args.show_steps and name)
+                table[name] = streams.gaps(t0, time.monotonic(), name, args.show_steps)
                 table[f"{name}, 2 s"] = streams.gaps(t0, moved + 2.0)  # the event alone, before the restore
         finally:
+            traces.update(streams.traces)
             streams.serving.shutdown()
             cluster.shutdown()
 
@@ -194,9 +207,11 @@ def main() -> None:
             os.kill(victim.pid, signal.SIGKILL)
             streams.first_after(wait_epoch_change(cluster, epoch))
             time.sleep(1.0)
-            table["kill, not covered"] = streams.gaps(t0, time.monotonic(), args.show_steps and "kill, not covered")
+            table["kill, not covered"] = streams.gaps(t0, time.monotonic(), "kill, not covered",
+                                                      args.show_steps)
             marks["kill, not covered"] = max(table["kill, not covered"]) / 1e3  # the pause streams saw
         finally:
+            traces.update(streams.traces)
             streams.serving.shutdown()
             cluster.shutdown()
 
@@ -224,6 +239,12 @@ def main() -> None:
           f"{max(table['stop, covered']) / steady4:.2f}; p99 in the 2 s after the stop over it: "
           f"{percentile(table['stop, covered, 2 s'], 99) / steady4:.2f} (a late worker's rows go to the other copies "
           "before heartbeats fence it)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": "python bench/elastic.py " + " ".join(sys.argv[1:]), "machine": machine(),
+                       "streams": args.streams, "expert_mb": args.expert_mb, "events_s": marks,
+                       "phases": {name: [[round(t, 4), round(g, 2)] for t, g in pairs]
+                                  for name, pairs in traces.items()}}, f)
     print(f"p99_kill_covered_over_steady={covered / steady4:.2f} stall_detect_s={marks['stop, covered']:.2f} "
           f"p99_add_over_steady={add / steady:.2f} resume_uncovered_s={marks['kill, not covered']:.2f} "
           f"resume_uncovered_bound_s={bound:.2f}")

@@ -26,12 +26,15 @@ the last line adds int8_over_fp32_c32_reference=<x> int8_over_fp32_c32_distribut
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
+import sys
 import tempfile
 import time
 
 import torch
+from machine import machine  # bench/machine.py
 
 from expertmesh.core.settings import ServingConfig
 from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
@@ -185,6 +188,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs at 32 concurrent requests (median)")
     parser.add_argument("--quantize", choices=["none", "int8"], default="none",
                         help="int8: both engines again with int8 weights")
+    parser.add_argument("--json", metavar="PATH", help="also write the tokens/s per concurrency as JSON "
+                        "(bench/plots.py draws them)")
     args = parser.parse_args()
     from transformers import MixtralForCausalLM
 
@@ -243,6 +248,15 @@ def main() -> None:
         ref8, dist8 = int8_rows[32]
         last += (f" int8_over_fp32_c32_reference={ref8 / rows[32][2]:.2f} "
                  f"int8_over_fp32_c32_distributed={dist8 / rows[32][3]:.2f}")
+    if args.json:
+        names = ("transformers static", "transformers bucketed", "in process", f"{args.workers} workers")
+        out = {"command": "python bench/serve.py " + " ".join(sys.argv[1:]), "machine": machine(),
+               "tokens_per_s": {name: {c: row[i] for c, row in rows.items()} for i, name in enumerate(names)}}
+        if args.quantize == "int8":
+            for i, name in enumerate(("in process, int8", f"{args.workers} workers, int8")):
+                out["tokens_per_s"][name] = {c: row[i] for c, row in int8_rows.items()}
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
     print(last)
 
 
