@@ -74,7 +74,7 @@ class Member:
     def serving(self) -> bool:
         return self.state == "serving" and self.load.get("healthy", True)
 
-    def submit(self, key: str, valid: ValidRequest, client_id: str, sink) -> None:
+    def submit(self, key: str, valid: ValidRequest, client_id: str) -> None:
         raise NotImplementedError
 
     def cancel(self, key: str) -> None:
@@ -95,7 +95,7 @@ class LocalRouter(Member):
     def serving(self) -> bool:
         return self.state == "serving" and self.engine.healthy
 
-    def submit(self, key, valid, client_id, sink=None) -> None:
+    def submit(self, key, valid, client_id) -> None:
         self.engine.submit(valid, lambda out: self._deliver(self, key, out), client_id=client_id, key=key)
 
     def cancel(self, key: str) -> None:
@@ -118,7 +118,7 @@ class RemoteRouter(Member):
     def start(self) -> None:
         self.thread.start()
 
-    def submit(self, key, valid, client_id, sink=None) -> None:
+    def submit(self, key, valid, client_id) -> None:
         self.actor.submit.remote(key, valid, client_id)  # a refusal comes back as the key's last output
 
     def cancel(self, key: str) -> None:
@@ -191,7 +191,7 @@ class RouterFleet:
             self._streams[key] = stream
             router.streams += 1
         try:
-            router.submit(stream.router_key, valid, stream.client_id, None)
+            router.submit(stream.router_key, valid, stream.client_id)
         except (QueueFull, EngineUnavailable, InvalidRequest):
             with self._lock:
                 self._drop(stream)
@@ -393,7 +393,7 @@ class RouterFleet:
                 continue
             stream, target, router_key, valid = move
             try:
-                target.submit(router_key, valid, stream.client_id, None)
+                target.submit(router_key, valid, stream.client_id)
             except (QueueFull, EngineUnavailable, InvalidRequest) as exc:
                 self._deliver(target, router_key, RequestOutput(
                     stream.client_id, [], "", finish_reason=FINISH_ERROR, retryable=not isinstance(exc, InvalidRequest),
