@@ -1,9 +1,9 @@
-# Two commands on a fresh machine: `make serve` (the main job) and `make test`.
+# Two commands on a fresh machine: `make serve` (the main job) and `make test` (`make test-all`: every test).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run serve test bench lint protos
+.PHONY: install run serve test test-all bench plots lint protos
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,12 +23,23 @@ run: install  # one generation in-process, no server
 
 # The tests run in a worker process of pytest-xdist: a test that takes its process down (a Ray
 # driver whose raylet died exits at once) fails alone, a fresh worker goes on, the summary comes.
+# `make test` leaves out the tests marked slow (chaos, faults at real sizes, several Ray nodes,
+# Ray's autoscaler): the fast majority. `make test-all` (what CI runs) runs every test.
+PYTEST := $(BIN)/python -m pytest -n 1 --max-worker-restart 8
+
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n 1 --max-worker-restart 8
+	$(PYTEST) -m "not slow"
+
+test-all: install
+	$(BIN)/ruff check .
+	$(PYTEST)
 
 bench: install
 	$(BIN)/python bench/engine.py
+
+plots: install  # docs/images/*.svg from bench/results/*.json (bench/plots.py)
+	$(BIN)/python bench/plots.py
 
 lint: install
 	$(BIN)/ruff check .

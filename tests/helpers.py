@@ -34,6 +34,16 @@ def greedy_tokens(engine: Engine, prompts: list[list[int]], new_tokens: int) -> 
     return [[t for c in request for t in c.token_ids] for request in chunks]
 
 
+def assert_prefixes_of_greedy(checkpoint, prompts: list[list[int]], got: list[list[int]]) -> None:
+    """Each stream's tokens (cut short when the test stopped it) are the start of the reference
+    engine's greedy tokens for its prompt, computed only as far as the longest stream went."""
+    from expertmesh.router.engine import Engine
+
+    want = greedy_tokens(Engine.local(checkpoint), prompts, max(len(g) for g in got))
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g == w[:len(g)], (i, next(j for j, (a, b) in enumerate(zip(g, w)) if a != b))
+
+
 def prompt_logits(engine: Engine, token_ids: list[int]) -> torch.Tensor:
     """Logits after every position of one prompt, (n, V) fp32: one full prefill (no prefix cache),
     on blocks taken from the pool and given back."""

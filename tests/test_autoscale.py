@@ -14,13 +14,14 @@ from tests.gateway_server import ServerProcess, scrape, total, wait_for_line
 from tests.helpers import greedy_tokens
 from tests.test_elastic import LONG, PROMPTS, Streams, cli
 
+pytestmark = pytest.mark.slow  # make test-all (CI) runs these; make test leaves them out
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("autoscale"), seed=81, init_std=0.1, num_experts=8)
 
 
-@pytest.mark.slow
 def test_the_controller_scales_out_under_load_and_back_in_after(checkpoint):
     tokens = LONG  # long enough for several load windows and the change that follows them
     expected = greedy_tokens(Engine.local(checkpoint), PROMPTS, tokens)

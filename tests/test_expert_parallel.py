@@ -191,6 +191,7 @@ def _stream_while(cluster, fault, after_tokens: int = 6) -> FaultRun:
         serving.shutdown()
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_replaced_and_every_stream_keeps_its_tokens(ray_cluster, checkpoint, chaos_reference):
     cluster = ExpertCluster(checkpoint, num_workers=3, replicas="*:0x2",
                             settings=ServingConfig(collective_timeout_s=10))
@@ -218,6 +219,7 @@ def test_a_killed_worker_is_replaced_and_every_stream_keeps_its_tokens(ray_clust
     assert not any(_alive(pid) for pid in pids), "a worker process outlived the cluster"
 
 
+@pytest.mark.slow
 def test_a_stalled_worker_is_found_by_heartbeats_long_before_the_collective_timeout(ray_cluster, checkpoint,
                                                                                     chaos_reference):
     """SIGSTOP: the worker's process lives and its sockets stay open, so the data path alone would
@@ -239,6 +241,7 @@ def test_a_stalled_worker_is_found_by_heartbeats_long_before_the_collective_time
     assert not _alive(victim.pid)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP])
 def test_with_redundancy_a_lost_worker_barely_pauses_a_stream(ray_cluster, checkpoint, chaos_reference, fault):
     """--redundancy 2: every expert has a copy elsewhere, so no step fails: the lost worker's rows
@@ -303,6 +306,7 @@ def test_plan_errors(checkpoint, ray_cluster):
         ExpertCluster(checkpoint, num_workers=2, replicas="*:0x3")
 
 
+@pytest.mark.slow
 def test_a_new_copy_comes_from_a_peers_memory(ray_cluster, checkpoint, reference):
     """A worker added while serving takes its share of copies from the workers that hold them (their
     held form, through Ray's object store: nothing read, converted or packed again), not from the

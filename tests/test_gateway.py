@@ -397,6 +397,7 @@ def _expert_worker_pids(server_pid: int) -> list[int]:
     return [pid for pid, (_, cmd) in table.items() if "ExpertWorker" in cmd and descends(pid)]
 
 
+@pytest.mark.slow
 def test_a_killed_worker_costs_no_stream_a_token(checkpoint, hf):
     """SIGKILL an expert worker under 16 streams, every one of them mid-flight: every stream ends
     with transformers' greedy tokens, the kill was recovered from (a new epoch), health is SERVING
@@ -451,6 +452,7 @@ def test_a_killed_worker_costs_no_stream_a_token(checkpoint, hf):
         "an expert worker outlived the server"
 
 
+@pytest.mark.slow
 def test_health_follows_a_stalled_step_and_comes_back(checkpoint):
     """SIGSTOP a worker mid-stream: no step can finish, so health says NOT_SERVING after
     --stall-timeout (long before --collective-timeout would fail the step); SIGCONT within the

@@ -188,6 +188,7 @@ def test_serve_refuses_a_plan_over_worker_memory_before_starting_anything(checkp
     assert "at least 3 workers" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("standby", ["1", "0"], ids=["standby worker", "new process"])
 def test_a_lost_worker_with_no_room_on_the_survivors_is_replaced(checkpoint, expected, standby):  # noqa: F811
     """2 workers with room for 12 of the 16 experts each and --redundancy 2: 8 experts get a second

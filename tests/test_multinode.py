@@ -11,6 +11,8 @@ from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
 from expertmesh.router.engine import Engine
 from tests.helpers import greedy_tokens
 
+pytestmark = pytest.mark.slow  # make test-all (CI) runs these; make test leaves them out
+
 
 @pytest.fixture(scope="module")
 def two_nodes():

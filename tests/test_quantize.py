@@ -120,6 +120,7 @@ def expertmesh(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize,fraction", [("int8", 1 / 3.5), ("int4", 1 / 6.5), ("fp8", 1 / 3.5)])
 def test_run_and_serve_with_quantized_workers_give_the_in_process_tokens(tiny_checkpoint, quantize, fraction):
     """The same quantized weights on workers as in one process: the same greedy tokens (each row's sums

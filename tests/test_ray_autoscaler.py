@@ -26,6 +26,8 @@ from tests.gateway_server import ServerProcess, wait_for_line
 from tests.helpers import greedy_tokens
 from tests.test_elastic import LONG, PROMPTS, Streams, cli
 
+pytestmark = pytest.mark.slow  # make test-all (CI) runs these; make test leaves them out
+
 CONFIG = """
 cluster_name: expertmesh-fake
 max_workers: 2
@@ -106,7 +108,6 @@ def alive_nodes(env: dict, address: str) -> int:
     return sum(int(c) for c in counts if c.isdigit())
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_rays_autoscaler_adds_a_node_for_a_new_worker_and_removes_it_after(tmp_path):
     ray_bin = Path(sys.executable).parent / "ray"

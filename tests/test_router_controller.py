@@ -18,6 +18,8 @@ from tests.gateway_server import ServerProcess, wait_for_line
 from tests.helpers import greedy_tokens
 from tests.test_router_fleet import Streams
 
+pytestmark = pytest.mark.slow  # make test-all (CI) runs these; make test leaves them out
+
 
 class Fleet:
     """What the controller reads and calls, recorded (the rule alone; serve below runs the real one)."""

@@ -22,7 +22,9 @@ from expertmesh.router.engine import Engine
 from expertmesh.v1 import generation_pb2 as pb
 from expertmesh.v1 import generation_pb2_grpc as pb_grpc
 from tests.gateway_server import ServerProcess, scrape, total, wait_for_line
-from tests.helpers import greedy_tokens
+from tests.helpers import assert_prefixes_of_greedy, greedy_tokens
+
+pytestmark = pytest.mark.slow  # make test-all (CI) runs these; make test leaves them out
 
 STREAMS, TOKENS = 32, 200
 PROMPTS = [[1, 1000 + 7 * i, 2000 + 11 * i, 3000 + 13 * i] for i in range(STREAMS)]
@@ -77,6 +79,7 @@ class Streams:
         self.requests = requests
         self.results: dict[int, object] = {}
         self.counts = [0] * len(requests)
+        self.received: list[list[int]] = [[] for _ in requests]
         self.arrivals: list[list[float]] = [[] for _ in requests]
         self.threads = [threading.Thread(target=self._one, args=(i,)) for i in range(len(requests))]
         for t in self.threads:
@@ -87,11 +90,23 @@ class Streams:
         try:
             for r in self.stub.Generate(self.requests[i][1], timeout=300):
                 got.append(r)
+                self.received[i].extend(r.token_ids)
                 self.counts[i] += len(r.token_ids)
                 self.arrivals[i].append(time.monotonic())
             self.results[i] = got
         except grpc.RpcError as exc:
             self.results[i] = exc
+
+    def stop(self) -> list[list[int]]:
+        """Cancel every stream and return the tokens each had received (streams that end when the
+        test's events have landed, whatever the machine's pace)."""
+        self.channel.close()
+        for t in self.threads:
+            t.join(timeout=300)
+        for i in range(len(self.requests)):
+            result = self.results[i]
+            assert isinstance(result, grpc.RpcError) and result.code() == grpc.StatusCode.CANCELLED, (i, result)
+        return [list(r) for r in self.received]
 
     def wait_for(self, tokens: int) -> None:
         deadline = time.monotonic() + 120
@@ -187,17 +202,10 @@ def test_a_lost_router_loses_no_stream(checkpoint, requests, reference, fault):
         assert server.stop() == 0, "".join(server.lines[-30:])
 
 
-LONG = 1000
+UNTIL_STOPPED = 3000  # the tests stop these streams themselves once their changes have landed
 
 
-@pytest.fixture(scope="module")
-def expected_long(checkpoint):
-    """Greedy tokens of the reference engine (itself checked against transformers): long streams that
-    outlast a worker add and a worker's loss."""
-    return greedy_tokens(Engine.local(checkpoint), PROMPTS, LONG)
-
-
-def test_worker_changes_reach_every_router_and_lose_no_stream(checkpoint, expected_long):
+def test_worker_changes_reach_every_router_and_lose_no_stream(checkpoint):
     """serve --routers 2: a worker added (scale) and then one killed (SIGKILL) under 32 streams
     spread over both routers: each change moves both routers to the new epoch, no router is lost,
     no stream migrates, and every stream keeps the reference engine's tokens."""
@@ -205,7 +213,7 @@ def test_worker_changes_reach_every_router_and_lose_no_stream(checkpoint, expect
                            "--standby-workers", "1")
     try:
         greedy = [("greedy", pb.GenerateRequest(token_ids=p, sampling=pb.SamplingParams(
-            temperature=0, max_new_tokens=LONG, ignore_eos=True))) for p in PROMPTS]
+            temperature=0, max_new_tokens=UNTIL_STOPPED, ignore_eos=True))) for p in PROMPTS]
         before = cli(server, "info")
         streams = Streams(server.target, greedy)
         streams.wait_for(5)
@@ -216,10 +224,10 @@ def test_worker_changes_reach_every_router_and_lose_no_stream(checkpoint, expect
         victim = added["workers"][0]["pid"]
         at_kill = list(streams.counts)
         os.kill(victim, signal.SIGKILL)
-        assert all(0 < n < LONG for n in at_kill), at_kill  # the add and the loss met live streams
+        assert all(0 < n < UNTIL_STOPPED for n in at_kill), at_kill  # the add and the loss met live streams
         wait_for_line(server, "recovery: lost worker", 60)
-        got = streams.join()
-        assert [g["tokens"] for g in got] == expected_long
+        streams.wait_for(max(at_kill) + 5)  # every stream went on past the loss
+        assert_prefixes_of_greedy(checkpoint, PROMPTS, streams.stop())
         after = cli(server, "info")
         assert after["epoch"] > added["epoch"] and victim not in [w["pid"] for w in after["workers"]]
         assert [(r["state"], r["epoch"]) for r in after["routers"]] == [("serving", after["epoch"])] * 2, after
@@ -230,14 +238,14 @@ def test_worker_changes_reach_every_router_and_lose_no_stream(checkpoint, expect
         assert server.stop() == 0, "".join(server.lines[-30:])
 
 
-def test_routers_added_and_drained_under_streams_keep_every_token(checkpoint, expected_long):
+def test_routers_added_and_drained_under_streams_keep_every_token(checkpoint):
     """serve (one router) under 32 streams: `scale --routers 3` starts two router actors, which take
     16 streams sent after them; `scale --routers 1` drains both while those stream: their streams go
     on on router 0. Every stream keeps the reference engine's tokens."""
     server = ServerProcess("--model", str(checkpoint), "--workers", "2", "--kv-cache-memory", "64MiB")
     try:
         greedy = [("greedy", pb.GenerateRequest(token_ids=p, sampling=pb.SamplingParams(
-            temperature=0, max_new_tokens=LONG, ignore_eos=True))) for p in PROMPTS]
+            temperature=0, max_new_tokens=UNTIL_STOPPED, ignore_eos=True))) for p in PROMPTS]
         assert [r["router"] for r in cli(server, "info")["routers"]] == [0]
         first = Streams(server.target, greedy)
         first.wait_for(5)
@@ -252,11 +260,12 @@ def test_routers_added_and_drained_under_streams_keep_every_token(checkpoint, ex
         at_drain = list(first.counts) + list(second.counts)
         cli(server, "scale", "--routers", "1")
         assert held[1] > 0 and held[2] > 0, held  # the drained routers held live streams
-        assert all(0 < n < LONG for n in at_drain), at_drain
+        assert all(0 < n < UNTIL_STOPPED for n in at_drain), at_drain
         drained = [line for line in server.lines if " drained: " in line]
         assert len(drained) == 2 and all(int(line.split("drained: ")[1].split()[0]) > 0 for line in drained), drained
-        assert [g["tokens"] for g in first.join()] == expected_long
-        assert [g["tokens"] for g in second.join()] == expected_long[:16]
+        first.wait_for(max(at_drain) + 5)  # every stream went on past the drain, on router 0
+        second.wait_for(max(at_drain) + 5)
+        assert_prefixes_of_greedy(checkpoint, PROMPTS + PROMPTS[:16], first.stop() + second.stop())
         after = cli(server, "info")
         assert [(r["router"], r["state"]) for r in after["routers"]] == [(0, "serving")]
         assert not any(" lost: " in line and "router" in line for line in server.lines)
