@@ -70,6 +70,7 @@ def tokens(responses) -> list[int]:
     return [t for r in responses for t in r.token_ids]
 
 
+@pytest.mark.slow
 def test_cli_client_reaches_the_tls_server_with_its_ca(server, stub, certificate):
     base = [sys.executable, "-m", "expertmesh", "generate", "--target", server.target, "--json",
             "--max-new-tokens", "6", "--temperature", "0", "Bonjour"]

@@ -33,6 +33,7 @@ def test_the_cli_process_puts_large_tensors_in_huge_pages():
     assert int(out.stdout.split()[-1]) >= 32 << 10  # KiB: most of the 64 MiB
 
 
+@pytest.mark.slow
 def test_an_expert_worker_holds_its_weights_in_huge_pages(tmp_path):
     # experts of 6 MB (a w13 of 4 MB, a w2 of 2 MB): blocks big enough for huge pages
     path = write_tiny_checkpoint(tmp_path, hidden_size=256, intermediate_size=2048, num_layers=1, num_experts=4,

@@ -384,6 +384,7 @@ def test_the_kernels_built_for_an_older_cpu_compute_the_same(tmp_path, monkeypat
                           atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
 def test_workers_starting_together_build_once(tmp_path):
     """Four processes ask for the kernels at once into an empty cache: one compiles under the lock,

@@ -139,6 +139,7 @@ def _plan(tmp_path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_plan_checks_mixtral_8x7b_against_worker_memory_from_its_config_alone(tmp_path):
     """No weights: the config.json alone. An expert is 3 x 14336 x 4096 weights (336 MiB in bf16), so
     8 workers hold 32 each (10.5 GiB): 10 GiB is too little, and the error says how many are needed."""

@@ -63,6 +63,7 @@ def test_validation_errors():
         plan.validate(MemoryBudget(worker_bytes=150, expert_bytes=100))
 
 
+@pytest.mark.slow
 def test_plan_file_from_the_cli_drives_a_run(tiny_checkpoint, tmp_path):
     text = expertmesh("plan", "--model", str(tiny_checkpoint), "--workers", "2", "--replicas", "*:3x2",
                       "--json").stdout
