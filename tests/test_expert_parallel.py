@@ -75,11 +75,7 @@ def _rows(stats: list[dict]) -> dict[tuple[int, str], int]:
     return {(s["worker"], pair): n for s in stats for pair, n in s["rows_received"].items()}
 
 
-FAST_CASES = {"1w", "2w_replicas"}  # make test runs these; make test-all every case
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST_CASES else pytest.mark.slow)
-                                  for n in sorted(CASES)])
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_distributed_engine_matches_reference(ray_cluster, checkpoint, reference, name):
     with ExpertCluster(checkpoint, **CASES[name]) as cluster:
         engine = cluster.engine

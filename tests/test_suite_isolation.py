@@ -15,8 +15,6 @@ import tempfile
 import textwrap
 import time
 
-import pytest
-
 INNER = '''
 import os, signal, time
 import ray
@@ -32,7 +30,6 @@ def test_the_next_test_still_runs():
 '''
 
 
-@pytest.mark.slow
 def test_a_test_that_takes_its_process_down_fails_alone_and_the_run_reports_it(tmp_path):
     (tmp_path / "test_inner.py").write_text(textwrap.dedent(INNER))
     # what the inner Ray starts, found by this folder in its command lines (short: Ray's socket paths
