@@ -40,6 +40,7 @@ class Bars:
         self.rows: dict[str, tuple[float, float]] = {name: (0.0, 0.0) for name in names}
         self.start = time.monotonic()
         self.elapsed: dict[str, float] = {}  # seconds each row's work has run, as its reporter measured them
+        self.final = False  # the work is over: a row with nothing to do says so
         self._drawn = 0  # lines on the terminal to redraw over
         self._said = None  # when the last plain line went out
 
@@ -49,6 +50,7 @@ class Bars:
         self.elapsed[name] = elapsed if elapsed is not None else time.monotonic() - self.start
 
     def show(self, final: bool = False) -> None:
+        self.final = final
         now = time.monotonic()
         if self.terminal:
             lines = [self._row(name, now) for name in self.names]
@@ -69,7 +71,7 @@ class Bars:
         if self.unit != "bytes":
             return f"{head}{done:.0f}/{total:.0f} {self.unit}, {_seconds(now - self.start)}"
         if not total:
-            return f"{head}starting its process"
+            return f"{head}{'nothing to load' if self.final else 'starting its process'}"
         rate = done / max(self.elapsed[name], 1e-3)
         tail = "done" if done >= total else f"{_seconds((total - done) / rate)} left" if rate > 0 else "reading"
         return f"{head}{_size(done)}/{_size(total)} ({share:.0%}), {_size(rate)}/s, {tail}"

@@ -62,6 +62,16 @@ def test_bars_print_plain_lines_in_a_log_every_few_seconds_and_the_last(monkeypa
     assert lines[-1].endswith("20.0 MiB/20.0 MiB (100%), 2.0 MiB/s, done")
 
 
+def test_a_worker_with_nothing_to_load_says_so_at_the_end():
+    """A standby worker starts with no experts: its row ends as 'nothing to load', not as starting."""
+    out = io.StringIO()
+    bars = Bars("loading", ["worker 6"], stream=out)
+    bars.show()
+    bars.show(final=True)
+    assert out.getvalue().splitlines() == ["[expertmesh] loading: worker 6 starting its process",
+                                           "[expertmesh] loading: worker 6 nothing to load"]
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     checkpoint = write_tiny_checkpoint(tmp_path_factory.mktemp("progress"), seed=4)
