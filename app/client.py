@@ -128,10 +128,11 @@ def cmd_info(args) -> int:
           f"(top-{info.experts_per_token}), hidden {info.hidden_size}, vocab {info.vocab_size}, "
           f"context {info.max_context}")
     print()
-    print(_table(["router", "pid", "state", "streams", "kv blocks in use", "epoch"],
-                 [[r.router, r.pid, r.state, r.streams, f"{r.kv_blocks_total - r.kv_blocks_free}/{r.kv_blocks_total}",
-                   r.epoch] for r in info.routers]))
-    print()
+    if info.routers:  # a fleet (expert workers); with every expert in process, the server is the router
+        print(_table(["router", "pid", "state", "streams", "kv blocks in use", "epoch"],
+                     [[r.router, r.pid, r.state, r.streams,
+                       f"{r.kv_blocks_total - r.kv_blocks_free}/{r.kv_blocks_total}", r.epoch] for r in info.routers]))
+        print()
     if placement is None:
         print("experts: all in the router process (no expert workers)")
     else:

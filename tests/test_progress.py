@@ -1,6 +1,6 @@
 """Progress on long work, and `info` as a table. Weight loading shows per worker (bytes, rate, time
 left) as bars redrawn in place on a terminal (serve through a pseudo-terminal, on a checkpoint of
-700 MB) and as plain lines in a log (serve with its output piped); `expertmesh info` prints the
+1.5 GB) and as plain lines in a log (serve with its output piped); `expertmesh info` prints the
 routers, the workers and which worker holds each (layer, expert) as aligned tables that say what
 `info --json` says."""
 
@@ -107,10 +107,12 @@ def test_info_prints_tables_that_say_what_its_json_says(server):
 
 @pytest.mark.slow
 def test_a_terminal_serve_shows_each_workers_load_as_bars_that_move(tmp_path):
-    """700 MB of bf16 experts in 16 layers on two workers, through a pseudo-terminal: each worker's
-    bar is redrawn in place as its layers are read, from part-way to done."""
-    checkpoint = write_tiny_checkpoint(tmp_path / "ck", seed=6, hidden_size=512, intermediate_size=1792,
-                                       num_layers=16, num_heads=8, num_kv_heads=2, head_dim=64, dtype="bfloat16")
+    """A 1.5 GB checkpoint (bf16 experts of 1024 x 3584 in 8 layers) on two workers, through a
+    pseudo-terminal: each worker's bar is redrawn in place as its layers are read, from part-way to
+    done."""
+    checkpoint = write_tiny_checkpoint(tmp_path / "ck", seed=6, hidden_size=1024, intermediate_size=3584,
+                                       num_layers=8, num_heads=8, num_kv_heads=2, head_dim=128, dtype="bfloat16",
+                                       max_shard_bytes=1 << 30)
     main, child = pty.openpty()
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     proc = subprocess.Popen([sys.executable, "-m", "expertmesh", "serve", "--model", str(checkpoint), "--workers",
@@ -129,7 +131,7 @@ def test_a_terminal_serve_shows_each_workers_load_as_bars_that_move(tmp_path):
         proc.wait(120)
         os.close(main)
     text = out.decode(errors="replace")
-    frames = re.findall(r"loading worker (\d) \[[#-]{24}\] ([\d.]+) MiB/([\d.]+) MiB \((\d+)%\)", text)
+    frames = re.findall(r"loading worker (\d) \[[#-]{24}\] ([\d.]+ [MG]iB)/([\d.]+ [MG]iB) \((\d+)%\)", text)
     assert "\x1b[2F" in text and frames, text[-3000:]
     for worker in "01":
         shares = [int(share) for w, _, _, share in frames if w == worker]

@@ -1,9 +1,11 @@
-"""bench/plots.py draws the docs' charts from the benches' JSON: every series and point of the input
-is in the SVG, which parses as XML, and the caption names the command and machine."""
+"""The bench tools that are not benchmarks: bench/plots.py draws the docs' charts from the benches'
+JSON (every series and point of the input is in the SVG, which parses as XML, and the caption names
+the command and machine); bench/gpu_check.sh, on a machine without a GPU, says so and exits 0."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -38,3 +40,10 @@ def test_plots_draw_every_series_of_the_benches_json(tmp_path):
     names = [t.text for t in steps.iter(SVG + "text")]
     assert "steady" in names and "kill, covered" in names and "kill, covered, 2 s" not in names
     assert len(list(steps.iter(SVG + "circle"))) == 4
+
+
+def test_the_gpu_check_says_there_is_no_gpu_and_exits_0():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable)  # none, even on a GPU machine
+    run = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "gpu_check: no CUDA GPU here (torch sees none): nothing run", run.stdout
