@@ -18,6 +18,11 @@ from expertmesh.v1 import generation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("expertmesh.admin")
 
+# The most workers or routers a Scale may ask for: Mixtral 8x22B has 448 experts, so more would hold
+# less than an expert each; far fewer than a mistyped or hostile count that would have the driver
+# create placement groups until its memory ran out.
+MAX_SCALE = 1024
+
 
 def placement_to_proto(placement: dict) -> pb.Placement:
     """The cluster's placement() dict -> Placement."""
@@ -66,6 +71,10 @@ class AdminService(pb_grpc.AdminServicer):
                                     "autoscaling is off on this server (serve --autoscale turns it on)")
             self.pin(not request.auto)
             return placement_to_proto(self.placement())
+        count = request.routers if target == "routers" else request.workers if target == "workers" else 0
+        if count > MAX_SCALE:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{target} {count} is more than a scale may ask for (at most {MAX_SCALE})")
         if target == "routers":
             change = lambda: self.scale_routers(request.routers)  # noqa: E731 - routers are not the controller's
         else:

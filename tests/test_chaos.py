@@ -135,7 +135,7 @@ def test_random_events_under_streams_lose_nothing_and_leak_nothing(checkpoint, r
             tokens, at_event = run_round(serving, event)
             assert all(0 < n < TOKENS for n in at_event), (kind, at_event)  # every stream was mid-flight
             assert tokens == expected, kind
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 60  # generous: beside a busy neighbour the next epoch forms slowly
             while kind == "stop" and cluster.epoch == epoch:  # the streams need not wait for the fence now
                 assert time.monotonic() < deadline, "heartbeats did not fence the stopped worker"
                 time.sleep(0.1)
@@ -160,14 +160,14 @@ def test_random_events_under_streams_lose_nothing_and_leak_nothing(checkpoint, r
             for stats in cluster.stats():  # the live epoch's group and no other
                 assert stats["epochs"] == [cluster.epoch], (kind, stats["worker"], stats["epochs"])
             cache = cluster.engine.cache
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 30
             while cache.free_blocks != cache.num_blocks:  # blocks return at the next boundary
                 assert time.monotonic() < deadline, "KV blocks leaked"
                 time.sleep(0.05)
             live = {h.pid for h in cluster.workers} | {h.pid for h in cluster.standby}
             seen_pids |= live
             table = _processes()
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + 60
             while any(p in table and "ExpertWorker" in table[p][1] for p in seen_pids - live):
                 assert time.monotonic() < deadline, "a lost or retired worker's process is still alive"
                 time.sleep(0.2)
