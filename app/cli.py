@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from expertmesh.core.heap import use_huge_pages
@@ -296,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
                 "generate": cmd_generate, "info": cmd_info, "scale": cmd_scale}
     try:
         return handlers[args.command](args)
+    except BrokenPipeError:  # `expertmesh info | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except _user_errors() as exc:  # what the user can fix: one line, no traceback
         print(f"expertmesh {args.command}: {exc}", file=sys.stderr)
         return 2
