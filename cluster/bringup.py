@@ -20,7 +20,7 @@ class UsageError(ValueError):
     """Options that do not go together; the message says which."""
 
 
-def kv_blocks_for(config, settings: ServingConfig, workers: int = 0, local_ray: bool = True) -> KVSize:
+def router_kv_cache(config, settings: ServingConfig, workers: int = 0, local_ray: bool = True) -> KVSize:
     """The KV cache of a router (cluster/kv_size.py), counting the experts this machine will load:
     all of them in-process (workers=0), the workers' copies on an embedded Ray."""
     experts = config.num_layers * config.num_experts
@@ -39,7 +39,7 @@ def start_engine(model_dir: str | Path, settings: ServingConfig = DEFAULTS, work
     if workers < 0:
         raise UsageError("--workers must be >= 0")
     config = Checkpoint(model_dir).config
-    kv = kv_blocks_for(config, settings, workers, local_ray=address is None)
+    kv = router_kv_cache(config, settings, workers, local_ray=address is None)
     blocks = kv.blocks
     progress(kv.describe())
     resident_before = resident_bytes()
