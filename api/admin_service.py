@@ -44,8 +44,11 @@ def placement_to_proto(placement: dict) -> pb.Placement:
 class AdminService(pb_grpc.AdminServicer):
     def __init__(self, placement: Callable[[], dict] | None, scale_replicas: Callable[[str], object] | None,
                  scale_workers: Callable[[int], object] | None, pin: Callable[[bool], None] | None = None,
-                 scale_routers: Callable[[int], object] | None = None):
-        self.placement = placement  # None: every expert runs in the server process (--workers 0)
+                 scale_routers: Callable[[int], object] | None = None,
+                 without_cluster: str = "this server runs every expert in its own process (--workers 0): "
+                 "nothing to place"):
+        self.placement = placement  # None: no cluster here (--workers 0, or a gateway of its own)
+        self.without_cluster = without_cluster  # why, for the caller
         self.scale_replicas = scale_replicas
         self.scale_workers = scale_workers
         self.pin = pin  # the controller's: True pins the cluster (a manual change), False hands it back
@@ -53,8 +56,7 @@ class AdminService(pb_grpc.AdminServicer):
 
     async def _refuse_without_workers(self, context) -> None:
         if self.placement is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                "this server runs every expert in its own process (--workers 0): nothing to place")
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self.without_cluster)
 
     async def GetPlacement(self, request, context):
         await self._refuse_without_workers(context)

@@ -108,10 +108,11 @@ class LocalRouter(Member):
 class RemoteRouter(Member):
     """A router actor, read by a poller thread of its own."""
 
-    def __init__(self, handle, deliver, lost: Callable[["Member", str], None], deadline_s: float):
+    def __init__(self, handle, deliver, lost: Callable[["Member", str], None], deadline_s: float, gateway: str):
         super().__init__(handle.router, handle.pid, handle.node_id)
         self.actor = handle.actor
         self._deliver, self._lost, self.deadline_s = deliver, lost, deadline_s
+        self.gateway = gateway  # this fleet's name at the router: its outbox there
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, name=f"expertmesh-router-{self.router}", daemon=True)
 
@@ -119,7 +120,7 @@ class RemoteRouter(Member):
         self.thread.start()
 
     def submit(self, key, valid, client_id) -> None:
-        self.actor.submit.remote(key, valid, client_id)  # a refusal comes back as the key's last output
+        self.actor.submit.remote(key, valid, client_id, self.gateway)  # a refusal comes back as the key's last output
 
     def cancel(self, key: str) -> None:
         self.actor.cancel.remote(key)
@@ -132,7 +133,7 @@ class RemoteRouter(Member):
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            ref = self.actor.poll.remote(POLL_WAIT_S)
+            ref = self.actor.poll.remote(POLL_WAIT_S, self.gateway)
             try:
                 outputs, self.load = ray.get(ref, timeout=self.deadline_s)
             except ray.exceptions.GetTimeoutError:
@@ -147,29 +148,47 @@ class RemoteRouter(Member):
 
 
 class RouterFleet:
-    """submit/cancel for the doors, over router 0 (`local`) and the router actors `remote`."""
+    """submit/cancel for the doors, over router 0 (`local`, the serve process's) and the router
+    actors `remote`. A gateway of its own (`expertmesh gateway`) has no router 0: `local` is None
+    and `model` gives what the doors need (limits, grammars, tokenizer)."""
 
-    def __init__(self, local: ServingEngine, remote: list, router_deadline_s: float, block_size: int = 16,
+    def __init__(self, local: ServingEngine | None, remote: list, router_deadline_s: float, block_size: int = 16,
                  local_epoch: Callable[[], int] = lambda: 0, on_lost: Callable[[int], None] = lambda router: None,
-                 start: Callable[[list[int]], list] | None = None):
+                 start: Callable[[list[int]], list] | None = None, model=None):
         """local_epoch: router 0's membership epoch now; on_lost(router): the control plane's hook
         (changes stop waiting for a router the fleet fenced or drained); start(ids): new router
         actors, connected to every worker (cluster/router_actor.py's start_routers), for scale()."""
         self.local_engine = local
         self.local_epoch, self.on_lost, self._start = local_epoch, on_lost, start
         self.deadline_s = router_deadline_s
+        self.gateway = uuid.uuid4().hex[:12]  # this fleet's name at each router actor
         self._scaling = threading.Lock()  # one scale() at a time
-        self.limits, self.grammars, self.tokenizer = local.limits, local.grammars, local.tokenizer
+        model = model or local
+        self.limits, self.grammars, self.tokenizer = model.limits, model.grammars, model.tokenizer
         self.block_size = block_size
         self._lock = threading.Lock()
         self._streams: dict[str, Stream] = {}
         self._affinity: OrderedDict[bytes, int] = OrderedDict()  # prompt's first block -> router
         self.migrated = 0  # streams continued on another router
         self.lost: list[dict] = []  # routers lost: id, pid, why
-        self.members: list[Member] = [LocalRouter(local, self._deliver)]
-        self.members += [RemoteRouter(h, self._deliver, self._lose, router_deadline_s) for h in remote]
-        for m in self.members[1:]:
+        self.members: list[Member] = [] if local is None else [LocalRouter(local, self._deliver)]
+        self.add(remote)
+
+    def add(self, handles: list) -> None:
+        """Router actors `handles` (connected to the workers) take requests from now on."""
+        added = [RemoteRouter(h, self._deliver, self._lose, self.deadline_s, self.gateway) for h in handles]
+        with self._lock:
+            self.members += added
+        for m in added:
             m.start()
+
+    def serving_ids(self) -> set[int]:
+        """The routers that take this fleet's requests now."""
+        with self._lock:
+            return {m.router for m in self.members if m.state == "serving"}
+
+    def _remote(self) -> list["RemoteRouter"]:
+        return [m for m in self.members if isinstance(m, RemoteRouter)]
 
     # ---- the doors' side ---------------------------------------------------------------------
 
@@ -179,7 +198,8 @@ class RouterFleet:
 
     def stalled(self, after_s: float) -> bool:
         """The fleet cannot serve now: router 0 is stuck in a step and no other router serves."""
-        return self.local_engine.stalled(after_s) and not any(m.serving for m in self.members[1:])
+        local_stalled = self.local_engine is None or self.local_engine.stalled(after_s)
+        return local_stalled and not any(m.serving for m in self._remote())
 
     def submit(self, valid: ValidRequest, sink: Callable[[RequestOutput], None], client_id: str = "") -> str:
         key = uuid.uuid4().hex
@@ -208,8 +228,10 @@ class RouterFleet:
 
     def server_stats(self) -> dict:
         """Sums over the routers that serve (router 0's, and each actor's last reported load)."""
-        total = self.local_engine.server_stats()
-        for m in self.members[1:]:
+        total = dict.fromkeys(("running", "waiting", "kv_blocks_free", "kv_blocks_total", "steps"), 0)
+        if self.local_engine is not None:
+            total = self.local_engine.server_stats()
+        for m in self._remote():
             if m.state == "serving":
                 for name in ("running", "waiting", "kv_blocks_free", "kv_blocks_total", "steps"):
                     total[name] += m.load.get(name, 0)
@@ -237,7 +259,7 @@ class RouterFleet:
                 if m.state == "drained":
                     continue
                 load = m.snapshot() if m.state == "serving" else {}
-                epoch = self.local_epoch() if m is self.members[0] else load.get("epoch") or 0
+                epoch = self.local_epoch() if isinstance(m, LocalRouter) else load.get("epoch") or 0
                 out.append({"router": m.router, "pid": m.pid, "node": m.node_id, "epoch": epoch,
                             "state": m.state if m.serving or m.state == "lost" else "unhealthy",
                             "streams": m.streams, "kv_blocks_free": load.get("kv_blocks_free", 0),
@@ -253,17 +275,13 @@ class RouterFleet:
         with self._scaling:
             with self._lock:
                 live = [m for m in self.members if m.state == "serving"]
-                next_id = max(m.router for m in self.members) + 1
+                next_id = max((m.router for m in self.members), default=0) + 1
             if count > len(live):
                 if self._start is None:
                     raise ValueError("this server cannot start routers")
-                added = [RemoteRouter(h, self._deliver, self._lose, self.deadline_s)
-                         for h in self._start(list(range(next_id, next_id + count - len(live))))]
-                with self._lock:
-                    self.members += added
-                for m in added:
-                    m.start()
-            for m in sorted(live[1:], key=lambda m: m.router, reverse=True)[:max(len(live) - count, 0)]:
+                self.add(self._start(list(range(next_id, next_id + count - len(live)))))
+            remote = [m for m in live if isinstance(m, RemoteRouter)]
+            for m in sorted(remote, key=lambda m: m.router, reverse=True)[:max(len(live) - count, 0)]:
                 self._drain(m)
 
     def _drain(self, member: "RemoteRouter") -> None:
@@ -284,11 +302,13 @@ class RouterFleet:
 
     def stop(self) -> None:
         """Router 0's loop cancels what is left and returns; the pollers stop."""
-        for m in self.members[1:]:
+        remote = self._remote()
+        for m in remote:
             m.stop()
-        for m in self.members[1:]:  # each poll returns within POLL_WAIT_S: none is left in flight
+        for m in remote:  # each poll returns within POLL_WAIT_S: none is left in flight
             m.thread.join(timeout=self.deadline_s + 1)
-        self.local_engine.stop()
+        if self.local_engine is not None:
+            self.local_engine.stop()
 
     # ---- placing ------------------------------------------------------------------------------
 

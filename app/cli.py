@@ -29,6 +29,34 @@ def _token_ids(text: str) -> list[int]:
     return ids
 
 
+def add_door_flags(parser: argparse.ArgumentParser) -> None:
+    """The front door's flags, which `serve` and `gateway` share: addresses, names, auth, TLS,
+    limits, health and shutdown."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"gRPC port (default {DEFAULT_PORT}; 0 picks one)")
+    parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
+                        help=f"the OpenAI-compatible HTTP API's port (default {DEFAULT_HTTP_PORT}; 0 picks one)")
+    parser.add_argument("--no-http", dest="http", action="store_false",
+                        help="serve gRPC only, no OpenAI-compatible HTTP API")
+    parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="the model's name(s) in the API: requests may name any, responses echo it "
+                        "(default: the checkpoint folder's name)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics on http://HOST:PORT/metrics (default off; 0 picks one)")
+    parser.add_argument("--auth-token", help="require 'authorization: Bearer TOKEN' on every call")
+    parser.add_argument("--auth-token-file", help="read the bearer token from this file")
+    parser.add_argument("--tls-cert", help="TLS certificate chain (PEM); with --tls-key")
+    parser.add_argument("--tls-key", help="TLS private key (PEM)")
+    parser.add_argument("--max-message-bytes", type=int, default=4 << 20,
+                        help="largest gRPC message accepted (default 4 MiB)")
+    parser.add_argument("--stall-timeout", type=float, default=DEFAULTS.stall_timeout_s,
+                        help="health says NOT_SERVING while a step runs longer than this many seconds (default "
+                        f"{DEFAULTS.stall_timeout_s:g})")
+    parser.add_argument("--grace", type=float, default=10.0,
+                        help="seconds in-flight streams get to finish on shutdown (default 10)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertmesh", description=(
         "Expert-parallel serving of Mixtral-style mixture-of-experts models on Ray."))
@@ -37,18 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the model over gRPC (the main job)",
                            description="Bring up the model (experts on Ray workers with --workers) and serve "
                            "expertmesh.v1.Generation, health and reflection over gRPC.")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT,
-                       help=f"gRPC port (default {DEFAULT_PORT}; 0 picks one)")
-    serve.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
-                       help=f"the OpenAI-compatible HTTP API's port (default {DEFAULT_HTTP_PORT}; 0 picks one)")
-    serve.add_argument("--no-http", dest="http", action="store_false",
-                       help="serve gRPC only, no OpenAI-compatible HTTP API")
-    serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                       help="the model's name(s) in the API: requests may name any, responses echo it "
-                       "(default: the checkpoint folder's name)")
-    serve.add_argument("--metrics-port", type=int, default=None,
-                       help="serve Prometheus metrics on http://HOST:PORT/metrics (default off; 0 picks one)")
+    add_door_flags(serve)
     serve.add_argument("--routers", type=int, default=1,
                        help="routers (attention, KV cache, scheduler) over the one expert pool: the serve "
                        "process's own, and N-1 more as Ray actors; the gateway continues a lost router's "
@@ -92,18 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default 0.2)")
     serve.add_argument("--max-queue", type=int, default=DEFAULTS.max_queue,
                        help=f"waiting requests at most; past it RESOURCE_EXHAUSTED (default {DEFAULTS.max_queue})")
-    serve.add_argument("--auth-token", help="require 'authorization: Bearer TOKEN' on every call")
-    serve.add_argument("--auth-token-file", help="read the bearer token from this file")
-    serve.add_argument("--tls-cert", help="TLS certificate chain (PEM); with --tls-key")
-    serve.add_argument("--tls-key", help="TLS private key (PEM)")
-    serve.add_argument("--max-message-bytes", type=int, default=4 << 20,
-                       help="largest gRPC message accepted (default 4 MiB)")
-    serve.add_argument("--stall-timeout", type=float, default=DEFAULTS.stall_timeout_s,
-                       help="health says NOT_SERVING while a step runs longer than this many seconds (default "
-                       f"{DEFAULTS.stall_timeout_s:g})")
-    serve.add_argument("--grace", type=float, default=10.0,
-                       help="seconds in-flight streams get to finish on shutdown (default 10)")
     add_engine_flags(serve, default_workers=2)
+
+    gateway = sub.add_parser(
+        "gateway", help="one more front door (gRPC and HTTP) over a running cluster's routers",
+        description="Serve expertmesh.v1.Generation and the OpenAI API over the routers of a cluster that "
+        "`expertmesh serve --routers N` runs (its router actors, not the serve process's own router 0). "
+        "It holds no model state: start as many as a load balancer (a Kubernetes Service) should spread "
+        "clients over. Each continues a lost router's streams on the others, as serve's own gateway does.")
+    gateway.add_argument("--cluster", required=True, metavar="ADDRESS",
+                         help="the Ray cluster serve runs on: the GCS address serve prints (HOST:PORT), or auto")
+    gateway.add_argument("--wait", type=float, default=600.0,
+                         help="seconds to wait for a router of the cluster to serve (default 600)")
+    add_door_flags(gateway)
 
     for name, helptext in (("generate", "stream a generation from a server"), ("info", "model and placement"),
                            ("scale", "change a running server's replicas, workers or routers")):
@@ -290,10 +308,16 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "gateway":
+        from expertmesh.extra_gateway import ray_auth_env
+
+        ray_auth_env()  # before anything imports Ray
     from expertmesh.client import cmd_generate, cmd_info, cmd_scale
+    from expertmesh.extra_gateway import cmd_gateway
     from expertmesh.server import cmd_serve
 
-    handlers = {"tiny-checkpoint": cmd_tiny_checkpoint, "run": cmd_run, "serve": cmd_serve, "plan": cmd_plan,
+    handlers = {"tiny-checkpoint": cmd_tiny_checkpoint, "run": cmd_run, "serve": cmd_serve, "gateway": cmd_gateway,
+                "plan": cmd_plan,
                 "generate": cmd_generate, "info": cmd_info, "scale": cmd_scale}
     try:
         return handlers[args.command](args)

@@ -133,7 +133,9 @@ def cmd_info(args) -> int:
                      [[r.router, r.pid, r.state, r.streams,
                        f"{r.kv_blocks_total - r.kv_blocks_free}/{r.kv_blocks_total}", r.epoch] for r in info.routers]))
         print()
-    if placement is None:
+    if placement is None and info.routers:  # a gateway of its own: the placement is the serve process's
+        print("experts: on the cluster's expert workers (`info` at the serve process's gateway shows where)")
+    elif placement is None:
         print("experts: all in the router process (no expert workers)")
     else:
         _print_placement(placement, info.num_layers, info.num_experts)

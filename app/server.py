@@ -149,14 +149,7 @@ def cmd_serve(args) -> int:
     else:
         progress("no --model given: using the tiny Mixtral (created once, cached)")
         model_dir = default_model_dir()
-    token = args.auth_token
-    if args.auth_token_file:
-        token = Path(args.auth_token_file).read_text().strip()
-    tls = None
-    if args.tls_cert or args.tls_key:
-        if not (args.tls_cert and args.tls_key):
-            raise UsageError("--tls-cert and --tls-key go together")
-        tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes())
+    token, tls = door_security(args)
     settings = serving_config(args)
     autoscale = autoscale_settings(args)
     if args.routers < 1:
@@ -187,7 +180,7 @@ def cmd_serve(args) -> int:
             admin = AdminService(cluster.placement, cluster.scale_replicas, cluster.scale_workers,
                                  pin=None if controller is None else lambda on: setattr(controller, "pinned", on),
                                  scale_routers=fleet.scale)
-        metrics = None
+        metrics = metrics_port = None
         if args.metrics_port is not None:
             metrics = Metrics(model_name=names[0], per_expert=args.metrics_per_expert)
             serving.metrics = metrics
@@ -209,14 +202,13 @@ def cmd_serve(args) -> int:
         # One real step before saying SERVING: the whole path (and every worker) works.
         serving.generate([[config.bos_token_id]], SamplingParams(max_new_tokens=1))
         gateway.mark_warmed()
-        target = f"{args.host}:{gateway.port}"
-        print(f"expertmesh serving {model_dir} on {target} (gRPC{', TLS' if tls else ''}"
-              f"{', bearer token' if token else ''})", flush=True)
-        if gateway.http_port is not None:
-            scheme = "https" if tls else "http"
-            print(f"expertmesh HTTP (OpenAI API) on {scheme}://{args.host}:{gateway.http_port}/v1", flush=True)
-        if args.metrics_port is not None:
-            print(f"expertmesh metrics on http://{args.host}:{metrics_port}/metrics", flush=True)
+        target = announce(args, gateway, f"serving {model_dir}", tls, token, metrics_port)
+        if fleet is not None:
+            import ray
+
+            address = ray.get_runtime_context().gcs_address
+            print(f"expertmesh Ray cluster at {address} (more front doors: expertmesh gateway --cluster {address})",
+                  flush=True)
         if controller is not None:
             controller.start()
             progress(f"autoscaling between {autoscale.min_workers} and {autoscale.max_workers} workers, "
@@ -247,6 +239,32 @@ def cmd_serve(args) -> int:
             logging.shutdown()
             os._exit(0)
     return 0
+
+
+def door_security(args) -> tuple[str | None, tuple[bytes, bytes] | None]:
+    """The bearer token and the TLS (certificate, key) the door flags name."""
+    token = args.auth_token
+    if args.auth_token_file:
+        token = Path(args.auth_token_file).read_text().strip()
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise UsageError("--tls-cert and --tls-key go together")
+        tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes())
+    return token, tls
+
+
+def announce(args, gateway, what: str, tls, token, metrics_port: int | None) -> str:
+    """Say where the doors listen; -> the gRPC target."""
+    target = f"{args.host}:{gateway.port}"
+    print(f"expertmesh {what} on {target} (gRPC{', TLS' if tls else ''}{', bearer token' if token else ''})",
+          flush=True)
+    if gateway.http_port is not None:
+        print(f"expertmesh HTTP (OpenAI API) on {'https' if tls else 'http'}://{args.host}:{gateway.http_port}/v1",
+              flush=True)
+    if metrics_port is not None:
+        print(f"expertmesh metrics on http://{args.host}:{metrics_port}/metrics", flush=True)
+    return target
 
 
 CLUSTER_SHUTDOWN_S = 3.0  # a live Ray lets workers go in well under a second

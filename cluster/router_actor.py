@@ -1,11 +1,16 @@
 """A router of the fleet in a process of its own (a Ray actor): attention, the KV cache, the
 scheduler and its own pair to every expert worker; one serving loop, on a thread of its own.
 
-The gateway talks to it by Ray calls only: `submit` and `cancel` post work to the loop's inbox;
-`poll` hands back what the loop produced since the last poll, waiting up to a moment when there is
-nothing (the gateway's one poller per router, which doubles as its heartbeat: a router that does
-not answer a poll within the gateway's deadline is fenced). Nothing here touches the engine but
+Gateways talk to it by Ray calls only: `submit` and `cancel` post work to the loop's inbox;
+`poll` hands back what the loop produced for that gateway since its last poll, waiting up to a
+moment when there is nothing (each gateway's one poller per router, which doubles as its heartbeat:
+a router that does not answer a poll within the gateway's deadline is fenced). Every gateway has an
+outbox of its own here; a gateway that stops polling for GATEWAY_SILENT_S is gone, and its streams
+are cancelled (their clients lost their connection with it). Nothing here touches the engine but
 the loop's thread (router/serving.py).
+
+Routers are named actors (`router_name`, in ROUTER_NAMESPACE), so that a gateway in another
+process (`expertmesh gateway --cluster`) finds them.
 """
 
 from __future__ import annotations
@@ -41,6 +46,13 @@ from expertmesh.router.serving import (
 
 log = logging.getLogger("expertmesh.router")
 MAX_OUTPUTS_PER_POLL = 4096  # a poll's reply stays small however far the gateway fell behind
+ROUTER_NAMESPACE = "expertmesh"
+GATEWAY_SILENT_S = 10.0  # a gateway that has not polled for this long is gone: its streams are cancelled
+GONE_KEPT_S = 600.0  # ...and what it was told is kept this long for it, in case it was only paused
+
+
+def router_name(router: int) -> str:
+    return f"router-{router}"
 
 
 class Router:
@@ -57,12 +69,16 @@ class Router:
         self.cache = KVCache(self.checkpoint.config, kv_blocks, settings.block_size, dtype, self.device)
         self.tokenizer = load_tokenizer(model_dir, self.checkpoint.config.bos_token_id,
                                         self.checkpoint.config.eos_token_id)
+        self.model_dir = model_dir
         self.serving: ServingEngine | None = None
-        self._outbox: deque = deque()  # (key, RequestOutput), in the order the loop produced them
+        # gateway -> its (key, RequestOutput), in the order the loop produced them; under _ready
+        self._outboxes: dict[str, deque] = {}
+        self._polled: dict[str, float] = {}  # gateway -> when it last polled (monotonic); under _ready
+        self._gone: dict[str, float] = {}  # gateway -> when its streams were ended for its silence; under _ready
         self._ready = threading.Condition()
         # Calls run on a pool of threads, so a cancel may overtake its submit: keys seen, under a lock
         self._keys = threading.Lock()
-        self._submitted: set[str] = set()
+        self._submitted: dict[str, str] = {}  # key -> the gateway it came from
         self._cancelled_early: set[str] = set()
         self.epoch: int | None = None
         self.members: list[int] = []  # the current epoch's workers, in rank order
@@ -70,6 +86,16 @@ class Router:
         self._prepared: dict[int, tuple[list[int], list]] = {}  # epoch -> (its workers, this router's pairs)
         self.replies = ReplyRecord()  # reply times, across epochs
         self.changes = ChangeWaiter(settings.collective_timeout_s + 30)
+
+    def describe(self) -> dict:
+        """What a gateway of its own needs to serve this model: its files' contents, never paths
+        (a gateway's pod need not mount the checkpoint)."""
+        from expertmesh.core.chat import load_chat_template
+        from expertmesh.core.tool_format import ToolFormat
+
+        return {"model_dir": self.model_dir, "config": self.checkpoint.config, "tokenizer": self.tokenizer,
+                "chat_template": load_chat_template(self.model_dir), "tool_format": ToolFormat.load(self.model_dir),
+                "kv_tokens": self.cache.num_blocks * self.cache.block_size, "settings": self.settings}
 
     def where(self) -> dict:
         return {"router": self.router, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
@@ -138,15 +164,20 @@ class Router:
                                 on_lost=lambda lost: log.warning("router %d: workers %s lost on the data path",
                                                                  self.router, lost))
 
-    def submit(self, key: str, valid: ValidRequest, client_id: str) -> None:
-        """Queue a request under the gateway's key; a refusal comes back through poll() as its
-        last output (error set), like every other end of a request."""
+    def submit(self, key: str, valid: ValidRequest, client_id: str, gateway: str) -> None:
+        """Queue a request under `gateway`'s key (unique across gateways); a refusal comes back
+        through that gateway's poll() as its last output (error set), like every other end of a
+        request."""
+        with self._ready:
+            self._polled.setdefault(gateway, time.monotonic())
         with self._keys:
             if key in self._cancelled_early:
                 self._cancelled_early.discard(key)
                 return
-            self._submitted.add(key)
+            self._submitted[key] = gateway
         try:
+            if self.serving is None:
+                raise EngineUnavailable(f"router {self.router} is not connected yet")
             self.serving.submit(valid, lambda out: self._put(key, out), client_id=client_id, key=key)
         except (QueueFull, EngineUnavailable, InvalidRequest) as exc:
             out = RequestOutput(client_id, [], "", finish_reason=FINISH_ERROR, error=str(exc),
@@ -160,34 +191,63 @@ class Router:
                 return
         self.serving.cancel(key)
 
-    def poll(self, wait_s: float) -> tuple[list[tuple[str, RequestOutput]], dict]:
-        """What the loop produced since the last poll (waiting up to wait_s for something), and the
-        router's load now."""
+    def poll(self, wait_s: float, gateway: str) -> tuple[list[tuple[str, RequestOutput]], dict]:
+        """What the loop produced for `gateway` since its last poll (waiting up to wait_s for
+        something), and the router's load now."""
         with self._ready:
-            if not self._outbox:
+            now = time.monotonic()
+            self._polled[gateway] = now
+            self._gone.pop(gateway, None)
+            outbox = self._outboxes.setdefault(gateway, deque())
+            if not outbox:
                 self._ready.wait(timeout=wait_s)
-            n = min(len(self._outbox), MAX_OUTPUTS_PER_POLL)
-            outputs = [self._outbox.popleft() for _ in range(n)]
+            n = min(len(outbox), MAX_OUTPUTS_PER_POLL)
+            outputs = [outbox.popleft() for _ in range(n)]
+            silent = [g for g, t in self._polled.items() if g not in self._gone and now - t > GATEWAY_SILENT_S]
+            for g in [g for g, t in self._gone.items() if now - t > GONE_KEPT_S]:
+                del self._gone[g], self._polled[g], self._outboxes[g]
+        for gone in silent:
+            self._forget_gateway(gone)
         return outputs, self.load()
+
+    def _forget_gateway(self, gateway: str) -> None:
+        """`gateway` stopped polling (its clients lost their connection with it): end its streams.
+        Should it come back (a pause, not a death), its next poll tells it so, stream by stream."""
+        with self._keys:
+            keys = [k for k, g in self._submitted.items() if g == gateway]
+            for key in keys:
+                del self._submitted[key]
+        log.warning("router %d: gateway %s has not polled for %.0fs; ending its %d streams", self.router, gateway,
+                    GATEWAY_SILENT_S, len(keys))
+        why = f"its gateway did not poll router {self.router} for {GATEWAY_SILENT_S:.0f}s"
+        with self._ready:
+            self._gone[gateway] = time.monotonic()
+            self._outboxes[gateway] = deque((k, RequestOutput("", [], "", finish_reason=FINISH_ERROR, error=why,
+                                                              retryable=True)) for k in keys)
+        for key in keys:
+            self.serving.cancel(key)
 
     def _put(self, key: str, out: RequestOutput) -> None:
         """A sink: on the loop's thread (or a submit's, for a refusal, which wakes the poll at once)."""
-        if out.finish_reason is not None:
-            with self._keys:
-                self._submitted.discard(key)
+        with self._keys:
+            gateway = self._submitted.pop(key, None) if out.finish_reason is not None else self._submitted.get(key)
+        if gateway is None:
+            return  # its gateway is gone (the stream was ended for it)
         with self._ready:
-            self._outbox.append((key, out))
-            if threading.current_thread() is not self.serving._thread:
-                self._ready.notify()
+            self._outboxes.setdefault(gateway, deque()).append((key, out))
+            if self.serving is None or threading.current_thread() is not self.serving._thread:
+                self._ready.notify_all()
 
     def _flush(self) -> None:
         with self._ready:
-            if self._outbox:
-                self._ready.notify()
+            if any(self._outboxes.values()):
+                self._ready.notify_all()
 
     def load(self) -> dict:
-        """What the gateway places requests by, and what `info` shows."""
+        """What gateways place requests by, and what `info` shows."""
         s = self.serving
+        if s is None:
+            return {"router": self.router, "pid": os.getpid(), "epoch": None, "healthy": False}
         return {"router": self.router, "pid": os.getpid(), "epoch": self.epoch, "healthy": s.healthy,
                 "running": len(s.scheduler.running), "waiting": len(s.scheduler.waiting),
                 "kv_blocks_free": self.cache.free_blocks, "kv_blocks_total": self.cache.num_blocks,
@@ -250,6 +310,7 @@ def start_routers(cluster, ids: list[int], kv_blocks: int, resource: str | None 
 
     settings = cluster.settings
     actors = [RemoteRouter.options(
+        name=router_name(r), namespace=ROUTER_NAMESPACE,  # found by `expertmesh gateway --cluster`
         num_cpus=1, num_gpus=1 if cluster.gpus else 0, resources={resource: 1} if resource else None,
         runtime_env={"env_vars": {"RAY_worker_niceness": "0", **huge_pages_env()}},  # as workers: on the data path
     ).remote(r, cluster.model_dir, settings, kv_blocks, cluster.gpus) for r in ids]

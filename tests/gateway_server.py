@@ -13,13 +13,14 @@ import urllib.request
 
 
 class ServerProcess:
-    def __init__(self, *args: str, startup_timeout: float = 180, new_session: bool = False):
+    def __init__(self, *args: str, startup_timeout: float = 180, new_session: bool = False, command: str = "serve"):
         """new_session: the server leads a process group of its own (with Ray's processes), as under
-        a supervisor, so a test can signal the whole group."""
+        a supervisor, so a test can signal the whole group. command: serve, or gateway (a front door
+        of its own over a serve's routers)."""
         env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
         # the HTTP API is on by default, on a fixed port: tests take a free one unless they say otherwise
         http = [] if "--http-port" in args or "--no-http" in args else ["--http-port", "0"]
-        self.proc = subprocess.Popen([sys.executable, "-m", "expertmesh.cli", "serve", "--port", "0", *http, *args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "expertmesh.cli", command, "--port", "0", *http, *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                      start_new_session=new_session)
         self.lines: list[str] = []
@@ -29,9 +30,9 @@ class ServerProcess:
         def read():
             for line in self.proc.stdout:
                 self.lines.append(line)
-                match = re.search(r"expertmesh serving .* on (\S+) \(gRPC", line)
+                match = re.search(r"expertmesh (serving|gateway) .* on (\S+) \(gRPC", line)
                 if match:
-                    self.target = match.group(1)
+                    self.target = match.group(2)
                     ready.set()
             ready.set()
 
