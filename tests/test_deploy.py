@@ -170,3 +170,30 @@ def test_no_secret_values_in_manifests():
         text = path.read_text().lower()
         assert "kind: secret" not in text, f"{path}: secrets are referenced, never written here"
         assert not re.search(r"(token|password|apikey)\s*:\s*\S+", text.replace("secretname", "")), path
+
+
+def test_gateways_join_their_cluster_and_share_the_service():
+    """Each variant runs a gateway Deployment of its own over the RayCluster's routers: its command
+    parses, it joins that cluster's head service, its ports agree with the Service's, and the
+    Service selects both its pods and the router pod (serve's own door)."""
+    parser = build_parser()
+    for variant in ("cpu-tiny", "mixtral-8x7b-8gpu"):
+        found = {o["kind"]: o for p, o in objects() if p.parent.name == variant}
+        cluster, service, gateway = found["RayCluster"], found["Service"], found["Deployment"]
+        pod = gateway["spec"]["template"]
+        container = pod["spec"]["containers"][0]
+        [argv] = _expertmesh_commands(container)
+        args = parser.parse_args(argv)
+        assert args.command == "gateway" and args.host == "0.0.0.0"
+        assert args.cluster == f"{cluster['metadata']['name']}-head-svc:6379"
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert (ports["grpc"], ports["http"], ports["em-metrics"]) == (args.port, args.http_port, args.metrics_port)
+        assert container["readinessProbe"]["grpc"]["port"] == args.port
+        assert gateway["spec"]["replicas"] >= 2
+        assert container["image"] == cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+        selector = service["spec"]["selector"].items()
+        router = next(g for g in cluster["spec"]["workerGroupSpecs"] if g["groupName"] == "router")
+        assert selector <= pod["metadata"]["labels"].items()
+        assert selector <= router["template"]["metadata"]["labels"].items()
+        serve = parser.parse_args(_expertmesh_commands(router["template"]["spec"]["containers"][0])[-1])
+        assert (serve.auth_token_file is None) == (args.auth_token_file is None)  # one token for every door
