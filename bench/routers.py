@@ -3,6 +3,7 @@ workers, and what a router's loss costs the streams it held, measured through th
 (`expertmesh serve` in a subprocess, gRPC streams from this process) in one run.
 
     python bench/routers.py [--streams 64 --tokens 128 --workers 2]
+    python bench/routers.py --model     (bench/fleet_model.py: M routers and N workers on paper)
 
 Steady: one `serve --workers W` scaled to one router and to two (`expertmesh scale --routers`),
 alternately, `--repeats` times; each time `--streams` greedy streams of `--tokens` tokens at once:
@@ -176,7 +177,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="pairs of one- and two-router loads (default 3)")
+    model = parser.add_argument_group("--model: the fleet on paper (bench/fleet_model.py)")
+    model.add_argument("--model", action="store_true", help="measure the model's terms, check it, apply it")
+    model.add_argument("--hidden", type=int, default=512)
+    model.add_argument("--intermediate", type=int, default=1792)
+    model.add_argument("--layers", type=int, default=4)
+    model.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
+    if args.model:
+        from fleet_model import run
+
+        run(args)
+        return
     print(f"machine: {os.cpu_count()} cores; every process of the run shares them", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = write_tiny_checkpoint(Path(tmp), seed=61, init_std=0.1, num_experts=8)
