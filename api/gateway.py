@@ -23,7 +23,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from expertmesh.api.front_door import STATUS, bearer_matches, chat_role
+from expertmesh.api.front_door import SHUTTING_DOWN, STATUS, Drain, bearer_matches, chat_role
 from expertmesh.api.prompts import PromptBuilder
 from expertmesh.api.request_builder import (
     CHAT,
@@ -259,8 +259,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         # Tokenising and chat rendering run here, off the event loop, so a big prompt never holds up
         # other streams or the health check; a small pool bounds how much of it runs at once.
         self.prepare = ThreadPoolExecutor(prepare_threads, thread_name_prefix="expertmesh-prepare")
-        self.draining = False  # shutting down: streams in flight finish, new calls get UNAVAILABLE
-        self.in_flight = 0  # Generate calls not yet ended
+        self.drain = Drain()  # shared with the HTTP door (serve passes this one to it)
 
     def _valid(self, request: pb.GenerateRequest) -> tuple[ValidRequest, ToolRequest | None]:
         """The one check of a Generate call: prompt and sampling against the model and the pool;
@@ -272,12 +271,11 @@ class GenerationService(pb_grpc.GenerationServicer):
         return self.prompts.chat(messages_from_proto(messages, self.prompts.tool_format))
 
     async def Generate(self, request, context):
-        if self.draining:  # UNAVAILABLE, not CANCELLED: clients retry it on another replica
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere")
+        if not self.drain.enter():  # UNAVAILABLE, not CANCELLED: clients retry it on another replica
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         key, finished = None, False
-        self.in_flight += 1
         try:
             try:
                 valid, tools = await loop.run_in_executor(self.prepare, self._valid, request)
@@ -307,7 +305,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                     finished = True
                     return
         finally:
-            self.in_flight -= 1
+            self.drain.leave()
             if key is not None and not finished:  # the client went away or the server is stopping
                 self.engine.cancel(key)  # by the server's key: only this call's own request
 

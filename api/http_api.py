@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from expertmesh.api.front_door import STATUS, bearer_matches, chat_role
+from expertmesh.api.front_door import SHUTTING_DOWN, STATUS, Drain, bearer_matches, chat_role
 from expertmesh.api.openai_reply import Reply
 from expertmesh.api.prompts import PromptBuilder
 from expertmesh.api.request_builder import (
@@ -305,10 +305,12 @@ class CountResponses:
 class OpenAIApi:
     def __init__(self, engine: ServingEngine, prompts: PromptBuilder, model_names: list[str] | str,
                  healthy: Callable[[], bool], prepare: ThreadPoolExecutor, auth_token: str | None = None,
-                 max_body_bytes: int = 4 << 20, count: Callable[[str, str], None] | None = None):
+                 max_body_bytes: int = 4 << 20, count: Callable[[str, str], None] | None = None,
+                 drain: Drain | None = None):
         """model_names: what requests may call the model (the first is the default); prepare: the
         pool tokenising runs on, shared with the gRPC gateway (one bound for both); count(path,
-        status): called as each response starts (the metrics' requests by door and code)."""
+        status): called as each response starts (the metrics' requests by door and code); drain: the
+        shutdown's accounting, shared with the gRPC door."""
         self.engine = engine
         self.prompts = prompts
         self.model_names = [model_names] if isinstance(model_names, str) else list(model_names)
@@ -319,6 +321,7 @@ class OpenAIApi:
         self.max_body_bytes = max_body_bytes
         self._prepare = prepare
         self.count = count
+        self.drain = drain or Drain()
 
     def app(self):
         app = Starlette(routes=[
@@ -453,6 +456,17 @@ class OpenAIApi:
         return self.prompts.chat(chat_messages(body, self.prompts.tool_format))
 
     async def _serve(self, request: Request, chat: bool) -> Response:
+        if not self.drain.enter():  # 503: clients retry it on another replica
+            return ApiError(503, SHUTTING_DOWN, kind="service_unavailable").response()
+        response = None
+        try:
+            response = await self._generate(request, chat)
+            return response
+        finally:
+            if not isinstance(response, StreamingResponse):  # a stream leaves when its events end (_events)
+                self.drain.leave()
+
+    async def _generate(self, request: Request, chat: bool) -> Response:
         loop = asyncio.get_running_loop()
         try:
             self._authorize(request)
@@ -525,6 +539,7 @@ class OpenAIApi:
                     yield "data: [DONE]\n\n"
                     return
         finally:
+            self.drain.leave()
             if not finished:
                 self._cancel(keys)
 

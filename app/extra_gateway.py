@@ -80,7 +80,7 @@ def cmd_gateway(args) -> int:
 
             http_app = OpenAIApi(fleet, generation.prompts, names, lambda: gateway.serving_now(),
                                  generation.prepare, auth_token=token, max_body_bytes=args.max_message_bytes,
-                                 count=metrics and metrics.counter_of("http")).app()
+                                 count=metrics and metrics.counter_of("http"), drain=generation.drain).app()
         gateway = GatewayThread((generation, admin, http_app), fleet, args, token, tls,
                                 count=metrics and metrics.counter_of("grpc"))
         threading.Thread(target=_discover, args=(fleet, stop), name="expertmesh-discover", daemon=True).start()

@@ -89,9 +89,9 @@ class GatewayThread:
             progress(f"stopping: finishing in-flight streams for up to {self.args.grace:.0f}s")
         finally:
             await set_health(self._health, False)
-            if http_server is not None:  # stops accepting; open responses get the grace period
+            await self._drain(service[0], self.args.grace)  # both ports open: new calls are refused, retryable
+            if http_server is not None:  # stops accepting; what is left gets uvicorn's grace
                 http_server.should_exit = True
-            await self._drain(service[0], self.args.grace)
             await server.stop(0)
             if http_task is not None:
                 await asyncio.wait([http_task], timeout=self.args.grace)
@@ -99,12 +99,13 @@ class GatewayThread:
 
     @staticmethod
     async def _drain(generation, grace: float) -> None:
-        """Streams in flight finish (for up to `grace` seconds) while the port stays open and every
-        new call gets UNAVAILABLE (a stopping gRPC server would answer some CANCELLED, which clients
-        do not retry)."""
-        generation.draining = True
+        """Streams in flight on either door finish (for up to `grace` seconds) while the ports stay
+        open and every new call gets UNAVAILABLE or 503 (a stopping gRPC server would answer some
+        CANCELLED, which clients do not retry)."""
+        drain = generation.drain
+        drain.draining = True
         deadline = time.monotonic() + grace
-        while generation.in_flight and time.monotonic() < deadline:
+        while drain.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
     def _http_server(self, app):
@@ -196,7 +197,7 @@ def cmd_serve(args) -> int:
 
             http_app = OpenAIApi(front, generation.prompts, names, lambda: gateway.serving_now(),
                                  generation.prepare, auth_token=token, max_body_bytes=args.max_message_bytes,
-                                 count=metrics and metrics.counter_of("http")).app()
+                                 count=metrics and metrics.counter_of("http"), drain=generation.drain).app()
         gateway = GatewayThread((generation, admin, http_app), front, args, token, tls,
                                 count=metrics and metrics.counter_of("grpc"))
         # One real step before saying SERVING: the whole path (and every worker) works.

@@ -6,9 +6,11 @@ The tests run in file order on one server; the last one shuts it down.
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -127,6 +129,16 @@ def test_graceful_shutdown_finishes_streams_in_flight_and_refuses_new_calls(serv
         t.start()
     for _ in threads:
         assert started.acquire(timeout=60)
+    # an HTTP stream twice as long: the drain waits for it too, keeping the gRPC port refusing
+    address = next(line for line in server.lines if "HTTP (OpenAI API) on" in line).split("//")[1].split("/")[0]
+    connection = http.client.HTTPSConnection(address, timeout=120,  # the server's TLS: self-signed, unchecked
+                                             context=ssl._create_unverified_context())
+    connection.request("POST", "/v1/completions", json.dumps({
+        "prompt": [[1, 500, 600]], "max_tokens": 2 * n, "temperature": 0, "ignore_eos": True, "stream": True,
+        "stream_options": {"include_usage": True}}),
+        {"content-type": "application/json"})
+    sse = connection.getresponse()
+    assert sse.status == 200 and sse.readline().startswith(b"data: ")
     server.proc.send_signal(signal.SIGTERM)
     assert sum(t.is_alive() for t in threads) == 4, "the streams must still be running at the signal"
     deadline = time.monotonic() + 10
@@ -148,4 +160,13 @@ def test_graceful_shutdown_finishes_streams_in_flight_and_refuses_new_calls(serv
     for i in range(4):
         assert not isinstance(results[i], Exception), results[i]
         assert len(tokens(results[i])) == n and results[i][-1].finish_reason == pb.FINISH_REASON_LENGTH
+    with pytest.raises(grpc.RpcError) as refused:  # the HTTP stream still runs: still refusing, port open
+        list(stub.Generate(pb.GenerateRequest(token_ids=[1, 2], sampling=pb.SamplingParams(max_new_tokens=2)),
+                           timeout=10))
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in refused.value.details()
+    events = [line for line in sse.read().decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 2 * n  # the whole stream came
     assert server.proc.wait(timeout=60) == 0
