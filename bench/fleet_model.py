@@ -15,6 +15,9 @@ a router waits for its workers. Every worker serves every router, each router's 
   step(B)     = router_ms(B) + L * trip_ms(B) + expert_ms(B) * h / E
   tokens/s    = min(M * B / step(B), B / (expert_ms(B) * h / E))
               = the routers' pace, or the busiest worker's, whichever is less.
+Joining: a worker that computed two routers' rows of a layer in one product (MegaScale-Infer's
+reason for M:N) instead of each router's apart; the table prints that product's time over the two
+apart, for one layer's experts in this process.
 Measured here with one torch thread per process (the router in this process, a worker in a Ray
 actor: two processes, two cores). Checked: one router over one worker (M=1, N=1), its decode step
 against the model's. This machine has two cores, so no point with more devices than that.
@@ -84,6 +87,20 @@ def decode_ms(engine: Engine, batch: int, steps: int) -> float:
     return statistics.median(times[1:]) * 1e3
 
 
+def experts_ms(local: Engine, tokens: int, repeats: int) -> float:
+    """Median time of one layer's experts for `tokens` tokens (k rows each), in this process."""
+    c = local.config
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, c.hidden_size, generator=gen)
+    weights, ids = torch.topk(torch.randn(tokens, c.num_experts, generator=gen).softmax(-1), c.experts_per_token)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        local.experts.run(0, x, weights / weights.sum(-1, keepdim=True), ids)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]) * 1e3
+
+
 def layer_trip_ms(cluster: ExpertCluster, batch: int, repeats: int) -> float:
     """Median dispatch + combine of one layer's `batch` tokens (the worker's expert math included)."""
     c = cluster.engine.config
@@ -112,7 +129,10 @@ def measure(args) -> tuple[dict, dict, int, int]:
         terms = {}
         for b in BATCHES:
             router = decode_ms(bare, b, args.steps)
-            terms[b] = {"router_ms": router, "expert_ms": max(decode_ms(local, b, args.steps) - router, 0.0)}
+            terms[b] = {"router_ms": router, "expert_ms": max(decode_ms(local, b, args.steps) - router, 0.0),
+                        # two routers' rows of one layer in one product, over each router's apart
+                        "joined_over_apart": experts_ms(local, 2 * b, args.steps * 4) / (
+                            2 * experts_ms(local, b, args.steps * 4))}
         del local
         ensure_ray(num_cpus=8)
         measured = {}
@@ -162,14 +182,14 @@ def run(args) -> None:
     print(f"measured (hidden {args.hidden}, intermediate {args.intermediate}, {layers} layers, {experts} experts, "
           "fp32, one torch thread per process):")
     print(f"{'batch':>5} {'router ms':>9} {'experts ms':>10} {'trip/layer ms':>13} {'M1N1 step ms':>12} "
-          f"{'model ms':>8} {'measured/model':>14}")
+          f"{'model ms':>8} {'measured/model':>14} {'2 routers joined/apart':>22}")
     checks = []
     for b in BATCHES:
         t = terms[b]
         predicted = step_ms(t, layers, experts, 1)
         checks.append(measured[b] / predicted)
         print(f"{b:>5} {t['router_ms']:>9.2f} {t['expert_ms']:>10.2f} {t['trip_ms']:>13.3f} {measured[b]:>12.2f} "
-              f"{predicted:>8.2f} {checks[-1]:>14.2f}")
+              f"{predicted:>8.2f} {checks[-1]:>14.2f} {t['joined_over_apart']:>22.2f}")
     b = BATCHES[-1]
     print(f"predicted here at batch {b} per router, each router and worker on a core of its own: " + ", ".join(
         f"M{m}N{n} {tokens_per_s(terms[b], b, m, n, layers, experts):.0f}" for m, n in ((1, 1), (1, 2), (2, 2),
