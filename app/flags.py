@@ -18,7 +18,10 @@ def add_engine_flags(parser: argparse.ArgumentParser, default_workers: int) -> N
                         "checkpoint (experts, attention, lm_head): a quarter of fp32's memory, and decode reads "
                         "a quarter of the bytes; int4: groups of 32 with a bf16 scale (4.5 bits a weight); fp8: "
                         "e4m3 with a scale per output channel, for GPU workers (the Triton kernel reads it; "
-                        f"elsewhere each call dequantizes: int8 is faster on CPUs) (default {d.quantize})")
+                        "elsewhere each call dequantizes: int8 is faster on CPUs); w8a8: int8's weights, and the CPU "
+                        "kernel puts x on int8 grids per block of 32 too (llama.cpp's Q8_0 arithmetic): prompts "
+                        "about twice as fast as int8, but a token decoded and the same token prefilled differ (a "
+                        f"moved or preempted stream may go on differently) (default {d.quantize})")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=d.cuda_graphs,
                         help="capture decode steps of up to 32 sequences as CUDA graphs and replay them "
                         "(--workers 0 on a GPU with --dtype bfloat16; default on)")

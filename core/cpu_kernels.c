@@ -578,6 +578,163 @@ void linear_i4(const float *restrict x, const uint8_t *restrict wb, const float 
     free(d.hi), free(d.xs), free(d.gsum);
 }
 
+/* ---- w8a8: 8-bit weights times 8-bit activations (--quantize w8a8), llama.cpp's Q8_0 arithmetic ----
+ *
+ * The weights: int8, a fp32 scale per output, laid out (P, K32 / 4, 16, 4): for each quad of columns,
+ * each output's four weights side by side; K32 = k rounded up to QB (zeros past k). Each row of x is
+ * put on an int8 grid of its own per block of QB columns: x ~= xs[r, b] * qx, |qx| <= 127. A block's
+ * products sum exactly in int32 (4 * 127 * 127 per quad); y[r, j] = scale[j] * sum over blocks, in
+ * order, of xs[r, b] * that sum (one rounding per block, fmaf's; the vector FMA's the same), so a row's
+ * result is bitwise the same in any batch, on any thread count and in every build.
+ * AVX2: the unsigned-by-signed byte product (vpmaddubsw) takes |qx| and the weights with qx's signs
+ * (vpsignb), pairs into int16 (at most 2 * 127 * 127: no saturation), vpmaddwd by ones into int32: four
+ * instructions per 32 products and row, where the int16 digits of linear_i8 take eight per 16 pairs.
+ * The price is x's precision: 8 bits a block instead of linear_i8's two int16 digits, so the same
+ * token decoded and prefilled can differ (docs/performance.md says by how much). */
+#define QB 32 /* columns per activation block */
+#define QKC 512 /* columns per pass: every row's chunk of x stays in L2 while the panels go by */
+#define QMC 256 /* rows per pass */
+#define MR_Q8 3
+
+/* x (m, k) -> qx and |qx| (m, K32) int8 and xs (m, K32 / QB); a row that is not finite gets xs NaN. */
+static void quantize_rows_q8(const float *x, int64_t m, int64_t k, int64_t k32, int8_t *q, int8_t *aq, float *xs,
+                             int threads) {
+    int64_t blocks = k32 / QB;
+    #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && m > 1)
+    for (int64_t r = 0; r < m; r++) {
+        int finite = 1;
+        memset(q + r * k32, 0, (size_t)k32), memset(aq + r * k32, 0, (size_t)k32);
+        for (int64_t b = 0; b < blocks; b++) {
+            int64_t start = b * QB, end = start + QB < k ? start + QB : k;
+            uint32_t top_bits = 0;  /* max |x| over the bits, as quantize_rows_i16 */
+            for (int64_t i = start; i < end; i++) {
+                uint32_t bits;
+                memcpy(&bits, x + r * k + i, sizeof bits);
+                bits &= 0x7fffffffu;
+                top_bits = bits > top_bits ? bits : top_bits;
+            }
+            float top;
+            memcpy(&top, &top_bits, sizeof top);
+            xs[r * blocks + b] = top / 127.f;
+            if (top_bits >= 0x7f800000u) finite = 0;
+            if (!finite || top == 0.f) continue;
+            float inverse = 127.f / top;
+            for (int64_t i = start; i < end; i++) {
+                float v = nearbyintf(x[r * k + i] * inverse);
+                v = v > 127.f ? 127.f : v < -127.f ? -127.f : v;
+                q[r * k32 + i] = (int8_t)v;
+                aq[r * k32 + i] = (int8_t)(v < 0 ? -v : v);
+            }
+        }
+        if (!finite)
+            for (int64_t b = 0; b < blocks; b++) xs[r * blocks + b] = NAN;
+    }
+}
+
+#if defined(__AVX2__)
+/* R rows x one panel over `blocks` blocks (wb: the panel's first, 4 * PANEL bytes a quad): y's 16
+ * outputs (+)= the blocks' sums, times scale when given (the last pass). */
+#define MICRO_Q8(R)                                                                                     \
+static inline void micro_q8_##R(const int8_t *q, const int8_t *aq, int64_t ldq, const float *xs,        \
+                                int64_t ldxs, const int8_t *wb, int64_t blocks, int fresh,              \
+                                const float *scale, float *y, int64_t ldy) {                            \
+    const __m256i ones = _mm256_set1_epi16(1);                                                          \
+    __m256 acc[R][2];                                                                                   \
+    for (int r = 0; r < R; r++)                                                                         \
+        for (int h = 0; h < 2; h++) acc[r][h] = fresh ? _mm256_setzero_ps() : _mm256_loadu_ps(y + r * ldy + 8 * h); \
+    for (int64_t b = 0; b < blocks; b++) {                                                              \
+        __m256i sums[R][2];                                                                             \
+        for (int r = 0; r < R; r++) sums[r][0] = sums[r][1] = _mm256_setzero_si256();                  \
+        for (int s = 0; s < QB / 4; s++) {                                                              \
+            const int8_t *w = wb + (b * QB + s * 4) * PANEL;                                            \
+            __m256i w0 = _mm256_loadu_si256((const __m256i *)w);                                        \
+            __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + 32));                                 \
+            for (int r = 0; r < R; r++) {                                                               \
+                int32_t xq, xa;                                                                         \
+                memcpy(&xq, q + r * ldq + b * QB + s * 4, sizeof xq);                                   \
+                memcpy(&xa, aq + r * ldq + b * QB + s * 4, sizeof xa);                                  \
+                __m256i xv = _mm256_set1_epi32(xq), av = _mm256_set1_epi32(xa);                         \
+                sums[r][0] = _mm256_add_epi32(sums[r][0], _mm256_madd_epi16(                           \
+                    _mm256_maddubs_epi16(av, _mm256_sign_epi8(w0, xv)), ones));                         \
+                sums[r][1] = _mm256_add_epi32(sums[r][1], _mm256_madd_epi16(                           \
+                    _mm256_maddubs_epi16(av, _mm256_sign_epi8(w1, xv)), ones));                         \
+            }                                                                                           \
+        }                                                                                               \
+        for (int r = 0; r < R; r++) {                                                                   \
+            __m256 step = _mm256_set1_ps(xs[r * ldxs + b]);                                             \
+            for (int h = 0; h < 2; h++) acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][h]), step, acc[r][h]); \
+        }                                                                                               \
+    }                                                                                                   \
+    for (int r = 0; r < R; r++)                                                                         \
+        for (int h = 0; h < 2; h++)                                                                     \
+            _mm256_storeu_ps(y + r * ldy + 8 * h, scale ? _mm256_mul_ps(acc[r][h], _mm256_loadu_ps(scale + 8 * h)) \
+                                                        : acc[r][h]);                                   \
+}
+MICRO_Q8(1) MICRO_Q8(2) MICRO_Q8(3)
+#endif
+
+/* Rows [r0, r1) of one panel over blocks [b0, b0 + blocks) (the pass's). */
+static void tile_q8(const int8_t *q, const int8_t *aq, int64_t k32, const float *xs, int64_t nblocks,
+                    const int8_t *wb, int64_t b0, int64_t blocks, int fresh, const float *scale, float *y,
+                    int64_t ldy, int64_t r0, int64_t r1) {
+#if defined(__AVX2__)
+    for (int64_t r = r0; r < r1; r += MR_Q8) {
+        const int8_t *qr = q + r * k32 + b0 * QB, *ar = aq + r * k32 + b0 * QB, *w = wb + b0 * QB * PANEL;
+        const float *xr = xs + r * nblocks + b0;
+        float *yr = y + r * ldy;
+        switch (r1 - r < MR_Q8 ? r1 - r : MR_Q8) {
+        case 1: micro_q8_1(qr, ar, k32, xr, nblocks, w, blocks, fresh, scale, yr, ldy); break;
+        case 2: micro_q8_2(qr, ar, k32, xr, nblocks, w, blocks, fresh, scale, yr, ldy); break;
+        default: micro_q8_3(qr, ar, k32, xr, nblocks, w, blocks, fresh, scale, yr, ldy); break;
+        }
+    }
+#else
+    (void)aq;
+    for (int64_t r = r0; r < r1; r++)
+        for (int j = 0; j < PANEL; j++) {
+            float acc = fresh ? 0.f : y[r * ldy + j];
+            for (int64_t b = b0; b < b0 + blocks; b++) {
+                int32_t sum = 0;
+                for (int64_t i = 0; i < QB; i++)
+                    sum += q[r * k32 + b * QB + i] * wb[((b * QB + i) / 4 * PANEL + j) * 4 + i % 4];
+                acc = fmaf((float)sum, xs[r * nblocks + b], acc);
+            }
+            y[r * ldy + j] = scale ? acc * scale[j] : acc;
+        }
+#endif
+}
+
+/* x (m, k) fp32, wb (P, K32 / 4, 64) int8, scale (P * 16,) fp32, y (m, P * 16); group_scale unused. */
+void linear_q8(const float *restrict x, const int8_t *restrict wb, const float *restrict scale,
+               const uint16_t *restrict group_scale, float *restrict y, int64_t m, int64_t panels, int64_t k,
+               int threads) {
+    (void)group_scale;
+    int64_t k32 = (k + QB - 1) / QB * QB, blocks = k32 / QB, ldy = panels * PANEL;
+    int8_t *q = malloc((size_t)(2 * m * k32));
+    float *xs = malloc((size_t)(m * blocks) * sizeof *xs);
+    if (!q || !xs) {  /* out of memory: NaN, a result no one mistakes for a number */
+        free(q), free(xs);
+        for (int64_t i = 0; i < m * ldy; i++) y[i] = NAN;
+        return;
+    }
+    int8_t *aq = q + m * k32;
+    quantize_rows_q8(x, m, k, k32, q, aq, xs, threads);
+    int threads_ = threads < panels ? threads : (int)panels;
+    #pragma omp parallel for num_threads(threads_) schedule(static) if (threads_ > 1)
+    for (int t = 0; t < threads_; t++) {
+        int64_t first = panels * t / threads_, last = panels * (t + 1) / threads_;
+        for (int64_t r0 = 0; r0 < m; r0 += QMC)
+            for (int64_t c = 0; c < k32; c += QKC) {
+                int64_t pass = k32 - c < QKC ? k32 - c : QKC;
+                for (int64_t p = first; p < last; p++)
+                    tile_q8(q, aq, k32, xs, blocks, wb + p * k32 * PANEL, c / QB, pass / QB, c == 0,
+                            c + pass == k32 ? scale + p * PANEL : 0, y + p * PANEL, ldy, r0,
+                            r0 + QMC < m ? r0 + QMC : m);
+            }
+    }
+    free(q), free(xs);
+}
+
 /* x (m, d), w (d,) -> y (m, d) = w * x / sqrt(mean(x^2) + eps) */
 void rms_norm_f32(const float *restrict x, const float *restrict w, float *restrict y,
                   int64_t m, int64_t d, float eps) {
@@ -706,4 +863,76 @@ void combine_f32(const float *restrict rows, const int64_t *restrict pairs, cons
         #pragma omp simd
         for (int64_t j = 0; j < d; j++) dst[j] += w * rows[i * d + j];
     }
+}
+
+/* ---- this machine's arithmetic peaks (bench/prefill.py measures prefill against them) ----
+ * Independent chains on registers, no memory: `iters` steps on each of `threads` threads; each
+ * returns the multiply-adds done. fp32: one FMA per lane. Bytes: unsigned by signed 8-bit products
+ * summed into int32 lanes, as llama.cpp's 8-bit dot products run: vpdpbusd where AVX512-VNNI or
+ * AVX-VNNI exist, else vpmaddubsw (pairs into int16) and vpmaddwd by ones (into int32). */
+#define PEAK_CHAINS 10
+double peak_fma_f32(int64_t iters, int threads) {
+    double total = 0;
+    #pragma omp parallel num_threads(threads) reduction(+ : total)
+    {
+        vf acc[PEAK_CHAINS], a = (vf){0} + 0.999999f, b = (vf){0} + 1e-6f;
+        for (int c = 0; c < PEAK_CHAINS; c++) acc[c] = (vf){0} + (float)c;
+        for (int64_t i = 0; i < iters; i++) {
+            IN_REGISTER(a);
+            for (int c = 0; c < PEAK_CHAINS; c++) acc[c] = acc[c] * a + b;
+        }
+        float keep = 0;
+        for (int c = 0; c < PEAK_CHAINS; c++) keep += acc[c][0];
+        total += (double)iters * PEAK_CHAINS * VL + (keep == -1.f);  /* keep: the chains are live */
+    }
+    return total;
+}
+
+double peak_dot_u8s8(int64_t iters, int threads) {
+    double total = 0;
+    #pragma omp parallel num_threads(threads) reduction(+ : total)
+    {
+        int32_t keep = 0;
+        double per_step;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+        __m512i acc[PEAK_CHAINS], u = _mm512_set1_epi8(3), s = _mm512_set1_epi8(-2);
+        for (int c = 0; c < PEAK_CHAINS; c++) acc[c] = _mm512_setzero_si512();
+        for (int64_t i = 0; i < iters; i++) {
+            IN_REGISTER(u);
+            for (int c = 0; c < PEAK_CHAINS; c++) acc[c] = _mm512_dpbusd_epi32(acc[c], u, s);
+        }
+        for (int c = 0; c < PEAK_CHAINS; c++) keep += _mm512_reduce_add_epi32(acc[c]);
+        per_step = 64;
+#elif defined(__AVXVNNI__)
+        __m256i acc[PEAK_CHAINS], u = _mm256_set1_epi8(3), s = _mm256_set1_epi8(-2);
+        for (int c = 0; c < PEAK_CHAINS; c++) acc[c] = _mm256_setzero_si256();
+        for (int64_t i = 0; i < iters; i++) {
+            IN_REGISTER(u);
+            for (int c = 0; c < PEAK_CHAINS; c++) acc[c] = _mm256_dpbusd_avx_epi32(acc[c], u, s);
+        }
+        for (int c = 0; c < PEAK_CHAINS; c++) keep += _mm256_extract_epi32(acc[c], 0);
+        per_step = 32;
+#elif defined(__AVX2__)
+        __m256i acc[PEAK_CHAINS], u = _mm256_set1_epi8(3), s = _mm256_set1_epi8(-2), ones = _mm256_set1_epi16(1);
+        for (int c = 0; c < PEAK_CHAINS; c++) acc[c] = _mm256_setzero_si256();
+        for (int64_t i = 0; i < iters; i++) {
+            IN_REGISTER(u);
+            for (int c = 0; c < PEAK_CHAINS; c++)
+                acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones));
+        }
+        for (int c = 0; c < PEAK_CHAINS; c++) keep += _mm256_extract_epi32(acc[c], 0);
+        per_step = 32;
+#else
+        vi acc[PEAK_CHAINS], u = (vi){0} + 3, s = (vi){0} - 2;
+        for (int c = 0; c < PEAK_CHAINS; c++) acc[c] = (vi){0};
+        for (int64_t i = 0; i < iters; i++) {
+            IN_REGISTER(u);
+            for (int c = 0; c < PEAK_CHAINS; c++) acc[c] += u * s;
+        }
+        for (int c = 0; c < PEAK_CHAINS; c++) keep += acc[c][0];
+        per_step = VL;
+#endif
+        total += (double)iters * PEAK_CHAINS * per_step + (keep == 1);
+    }
+    return total;
 }

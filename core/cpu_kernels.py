@@ -32,11 +32,12 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-from expertmesh.core.quantize import pack_int4
+from expertmesh.core.quantize import Q8_BLOCK, pack_int4
 from expertmesh.core.tokenizer import cache_dir
 
 log = logging.getLogger("expertmesh.cpu_kernels")
@@ -102,6 +103,7 @@ class CpuKernels:
             "linear_bf16": [p, p, p, p, p, i64, i64, i64, i32],
             "linear_i8": [p, p, p, p, p, i64, i64, i64, i32],
             "linear_i4": [p, p, p, p, p, i64, i64, i64, i32],
+            "linear_q8": [p, p, p, p, p, i64, i64, i64, i32],
             "rms_norm_f32": [p, p, p, i64, i64, f32],
             "rope_store_f32": [p, p, p, p, p, p, p, i64, i64, i64, i64],
             "decode_attention_f32": [p, i64, p, p, p, i64, p, p, i64, i64, i64, i64, i64, i32],
@@ -113,10 +115,35 @@ class CpuKernels:
             fn = getattr(library, name)
             fn.argtypes, fn.restype = args, None
             setattr(self, "_" + name, fn)
+        for name in ("peak_fma_f32", "peak_dot_u8s8"):
+            fn = getattr(library, name)
+            fn.argtypes, fn.restype = [i64, i32], ctypes.c_double
+            setattr(self, "_" + name, fn)
         self.panel = library.linear_panel()  # outputs per panel of the blocked layout
         self.group = library.linear_group()  # int4's columns per scale
         self._linear = {torch.float32: self._linear_f32, torch.bfloat16: self._linear_bf16,
                         torch.int8: self._linear_i8, torch.uint8: self._linear_i4}
+
+    def peak(self, kind: str, threads: int, seconds: float = 0.5) -> float:
+        """This machine's multiply-adds a second on `threads` threads from registers alone: kind
+        "fma" (fp32 FMAs) or "dot" (8-bit unsigned x signed products into int32, as vpdpbusd or
+        vpmaddubsw run them). The best of three timed runs of about `seconds` each."""
+        fn = {"fma": self._peak_fma_f32, "dot": self._peak_dot_u8s8}[kind]
+        iters = 1 << 16
+        while True:  # grow until one run takes a tenth of `seconds`
+            start = time.perf_counter()
+            fn(iters, threads)
+            took = time.perf_counter() - start
+            if took > seconds / 10:
+                break
+            iters *= 4
+        iters = max(int(iters * seconds / took), 1)
+        best = 0.0
+        for _ in range(3):
+            start = time.perf_counter()
+            done = fn(iters, threads)
+            best = max(best, done / (time.perf_counter() - start))
+        return best
 
     def supports(self, weight: torch.Tensor) -> bool:
         """Whether `linear` takes this unquantized weight through `blocked` (int8 and int4 come
@@ -155,6 +182,33 @@ class CpuKernels:
             columns = torch.cat([columns, columns.new_zeros(columns.shape[0], 1, self.panel)], dim=1)
         pairs = columns.view(columns.shape[0], -1, 2, self.panel).transpose(2, 3)  # (P, k / 2, panel, 2)
         return pairs.reshape(columns.shape[0], -1, 2 * self.panel)
+
+    def blocked_q8(self, q: torch.Tensor) -> torch.Tensor:
+        """quantize_int8's q (n, k) -> the w8a8 kernel's layout (P, K32 / 4, 4 * panel), K32 = k rounded
+        up to Q8_BLOCK: for each quad of columns, each output's four weights side by side (zeros
+        past n and past k)."""
+        n, k = q.shape
+        panels, k32 = -(-n // self.panel), -(-k // Q8_BLOCK) * Q8_BLOCK
+        full = q.new_zeros(panels * self.panel, k32)
+        full[:n, :k] = q
+        return full.view(panels, self.panel, k32 // 4, 4).transpose(1, 2).reshape(panels, k32 // 4, 4 * self.panel)
+
+    def linear_q8(self, x: torch.Tensor, blocked: torch.Tensor, n: int, scale: torch.Tensor) -> torch.Tensor:
+        """x (m, k) @ W.T -> (m, n) fp32 for blocked_q8's int8 weights and their per-output scale
+        (P * panel,) fp32, each row of x on an int8 grid per block of Q8_BLOCK columns
+        (core/cpu_kernels.c's w8a8 section). Any m, including 0."""
+        m, k = x.shape
+        panels = blocked.shape[0]
+        assert blocked.dtype == torch.int8 and blocked.is_contiguous() and n <= panels * self.panel
+        assert blocked.shape[1:] == (-(-k // Q8_BLOCK) * Q8_BLOCK // 4, 4 * self.panel), (blocked.shape, k)
+        assert scale.dtype == torch.float32 and scale.shape == (panels * self.panel,)
+        x32 = x.float().contiguous()
+        y = torch.empty(m, panels * self.panel, dtype=torch.float32)
+        if m:
+            alone = blocked.nbytes < PARALLEL_MIN_BYTES and m * n * k < PARALLEL_MIN_PRODUCTS
+            self._linear_q8(_ptr(x32), _ptr(blocked), _ptr(scale), None, _ptr(y), m, panels, k,
+                            1 if alone else torch.get_num_threads())
+        return y if n == y.shape[1] else y[:, :n].contiguous()
 
     def blocked_int4(self, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """quantize_int4's (q (n, k) int8 in [-8, 7], scale (n, groups) bf16) -> the kernel's layout:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from expertmesh.core import cpu_kernels
 from expertmesh.core.quantize import (
     GROUP,
+    Q8_BLOCK,
     QUANTIZE,
     dequantize,
     dequantize_int4,
@@ -57,7 +58,9 @@ def held_bytes(out_features: int, in_features: int, dtype: torch.dtype, quantize
     if quantize == "fp8":  # e4m3, a fp32 scale per output; no kernel lays it out: never padded
         return out_features * in_features + out_features * 4
     rows = -(-out_features // panel) * panel
-    if quantize == "int8":  # int8, a fp32 scale per output; the blocked layout pairs the columns
+    if quantize == "w8a8" and panel > 1:  # int8, a fp32 scale per output; columns padded to Q8_BLOCK
+        return rows * -(-in_features // Q8_BLOCK) * Q8_BLOCK + rows * 4
+    if quantize in ("int8", "w8a8"):  # int8, a fp32 scale per output; the blocked layout pairs the columns
         return rows * (in_features + (in_features % 2 if panel > 1 else 0)) + rows * 4
     if quantize == "int4":  # two weights a byte, a bf16 scale per GROUP columns
         return rows * -(-in_features // 2) + rows * -(-in_features // GROUP) * 2
@@ -67,10 +70,11 @@ def held_bytes(out_features: int, in_features: int, dtype: torch.dtype, quantize
 class Linear:
     """A bias-free linear layer; weight (out, in). Calling it maps x (n, in) -> (n, out) in x's dtype.
 
-    quantize: "none", "int8", "int4" or "fp8". kernels: core/cpu_kernels.py's (default, where they
+    quantize: "none", "int8", "int4", "fp8" or "w8a8" (int8 weights; the C kernel also puts x on
+    int8 grids, core/quantize.py). kernels: core/cpu_kernels.py's (default, where they
     build) or None (off: the torch paths, as on a machine without a C compiler).
-    layout: "blocked" (the C kernel), "packed" (oneDNN), "plain" (F.linear), or "int8" / "int4" /
-    "fp8" (plain, dequantized per call).
+    layout: "blocked" (the C kernel), "blocked_q8" (its w8a8 kernel), "packed" (oneDNN), "plain"
+    (F.linear), or "int8" / "int4" / "fp8" (plain, dequantized per call).
     """
 
     def __init__(self, weight: torch.Tensor | tuple[torch.Tensor, ...], quantize: str = "none", kernels=_DEFAULT):
@@ -87,12 +91,16 @@ class Linear:
             self.layout, self._kernels, self.weight = "blocked", kernels, kernels.blocked(*parts)  # (P, in, panel)
             return
         weight = torch.cat(parts) if len(parts) > 1 else parts[0]
-        if quantize == "int8":
+        if quantize in ("int8", "w8a8"):
             weight, self.scale = quantize_int8(weight)
         elif quantize == "fp8":
             weight, self.scale = quantize_fp8(weight)
         elif quantize == "int4":
             weight, self.group_scale = quantize_int4(weight)  # (n, k) int8 in [-8, 7]
+        if kernels is not None and quantize == "w8a8" and weight.device.type == "cpu":
+            self.layout, self._kernels, self.weight = "blocked_q8", kernels, kernels.blocked_q8(weight)
+            self.scale = torch.cat([self.scale, self.scale.new_ones(-self.out_features % kernels.panel)])
+            return
         if kernels is not None and quantize in ("int8", "int4") and weight.device.type == "cpu":
             self.layout, self._kernels = "blocked", kernels
             if quantize == "int4":  # (P, in / 2, panel) bytes, (P, groups, panel)
@@ -101,8 +109,8 @@ class Linear:
                 self.weight = kernels.blocked_int8(weight)  # (P, in / 2, 2 * panel): int8
             if self.scale is not None:  # one per output of the padded panels
                 self.scale = torch.cat([self.scale, self.scale.new_ones(-self.out_features % kernels.panel)])
-        elif quantize in ("int8", "fp8"):
-            self.layout, self.weight = quantize, weight.contiguous()
+        elif quantize in ("int8", "fp8", "w8a8"):  # w8a8 without the kernels: int8's dequantizing path
+            self.layout, self.weight = "int8" if quantize == "w8a8" else quantize, weight.contiguous()
         elif quantize == "int4":
             self.layout, self.weight = "int4", pack_int4(weight)  # (out, in / 2) bytes
         else:
@@ -124,14 +132,15 @@ class Linear:
             return None
         return {"layout": self.layout, "weight": self.weight, "scale": self.scale, "group_scale": self.group_scale,
                 "out_features": self.out_features, "in_features": self.in_features,
-                "panel": self._kernels.panel if self.layout == "blocked" else None}
+                "panel": self._kernels.panel if self.layout in ("blocked", "blocked_q8") else None}
 
     @classmethod
     def from_state(cls, state: dict) -> "Linear | None":
         """A layer from `state()`'s output; None where this process cannot read that layout (the
         sender's C kernels are not built here, or lay out other panels): read it from the checkpoint."""
-        kernels = cpu_kernels.kernels() if state["layout"] == "blocked" else None
-        if state["layout"] == "blocked" and (kernels is None or kernels.panel != state["panel"]):
+        blocked = state["layout"] in ("blocked", "blocked_q8")
+        kernels = cpu_kernels.kernels() if blocked else None
+        if blocked and (kernels is None or kernels.panel != state["panel"]):
             return None
         layer = cls.__new__(cls)
         layer.layout, layer._kernels = state["layout"], kernels
@@ -140,6 +149,9 @@ class Linear:
         return layer
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "blocked_q8":
+            y = self._kernels.linear_q8(x, self.weight, self.out_features, self.scale)
+            return y if x.dtype == torch.float32 else y.to(x.dtype)
         if self.layout == "blocked":
             y = self._kernels.linear(x, self.weight, self.out_features, self.scale, self.group_scale)
             return y if x.dtype == torch.float32 else y.to(x.dtype)

@@ -6,7 +6,10 @@ int8: W (n, k) -> q (n, k) int8 in [-127, 127] and scale (n,) fp32 with W ~= q *
 a weight in all, as llama.cpp's Q4_0). Only the weights' bytes shrink, which is what bounds decode at
 small batches: the activations stay fp32 (bf16 on the GPU); the CPU's int8 and int4 kernels write
 each row of x as two int16 digits for integer products (core/cpu_kernels.c), as fine as fp32 for
-every value above 1/256 of the row's largest. A weight's error is at most half a step
+every value above 1/256 of the row's largest. w8a8: int8's weights, and the CPU kernel puts each row
+of x on an int8 grid per block of 32 columns too (llama.cpp's Q8_0 arithmetic: byte products, about
+twice int8's prefill speed; a token decoded and the same token prefilled then differ by more than
+fp32's rounding); elsewhere it is int8. A weight's error is at most half a step
 (plus the bf16 rounding of int4's scale); tests/test_quantize.py bounds what that does to the logits.
 
 fp8: W -> q (n, k) float8 e4m3 and scale (n,) fp32, scale = max |W[o, :]| / 448 (e4m3's largest
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-QUANTIZE = ("none", "int8", "int4", "fp8")  # the values of --quantize
+QUANTIZE = ("none", "int8", "int4", "fp8", "w8a8")  # the values of --quantize
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # e4m3's largest finite value
 GROUP = 32  # int4's columns per scale (core/cpu_kernels.c's GROUP)
@@ -94,3 +97,21 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
     low = (packed << 4).view(torch.int8) >> 4  # sign-extended
     high = packed.view(torch.int8) >> 4
     return torch.stack([low, high], dim=2).view(packed.shape[0], -1)[:, :k]
+
+
+Q8_BLOCK = 32  # w8a8: columns of x per int8 grid (core/cpu_kernels.c's QB)
+
+
+def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:
+    """What the w8a8 kernel multiplies its weights by (core/cpu_kernels.c): each row of x (m, k) on an
+    int8 grid of its own per block of Q8_BLOCK columns, x ~= xs * q with xs = the block's max |x| / 127
+    and |q| <= 127; returned dequantized, fp32 (m, k)."""
+    m, k = x.shape
+    padded = torch.zeros(m, -(-k // Q8_BLOCK) * Q8_BLOCK, dtype=torch.float32)
+    padded[:, :k] = x
+    blocks = padded.view(m, padded.shape[1] // Q8_BLOCK, Q8_BLOCK)
+    top = blocks.abs().amax(-1, keepdim=True)
+    step = top / 127.0
+    inverse = torch.where(top > 0, 127.0 / torch.where(top > 0, top, 1.0), 0.0)
+    q = torch.round(blocks * inverse).clamp(-127, 127)
+    return (q * step).view(m, padded.shape[1])[:, :k]

@@ -1,0 +1,127 @@
+"""Prefill against this machine's arithmetic peaks, in one run: one prompt's prefill step at Mixtral
+8x7B's layer sizes for fp32, int8 and int4 weights, and on the tiny model at 1k and 4k tokens.
+
+    python bench/prefill.py [--mixtral-layers 1 --prompts 256,1024 --quantize none,int8,int4]
+
+Peaks (core/cpu_kernels.c, measured here on `--threads` threads, registers only): fp32 FMAs, and
+8-bit unsigned x signed products summed into int32 (vpdpbusd where the CPU has VNNI, else
+vpmaddubsw + vpmaddwd, as llama.cpp's 8-bit dot products run). A prefill's multiply-adds are its
+weights' (attention projections, gate, each token's k experts; the lm_head once, for the last
+token) times the tokens; attention's own products (which grow with the prompt) are counted apart.
+fp32 is set against the FMA peak, int8, w8a8 and int4 against the byte peak (what llama.cpp's 8-
+and 4-bit prompt processing runs at). The tiny model (hidden 512, 4 layers) runs 1k and 4k-token prompts:
+a long prompt's tokens/s over a short one's shows what attention's growth costs.
+
+Last line: prefill_int8_over_peak=<a> prefill_w8a8_over_peak=<b> prefill_int4_over_peak=<c>
+prefill_f32_over_fma_peak=<d> prefill_4k_over_1k=<e> (a-d at the longest --prompts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine  # noqa: E402
+from raw_steps import release, step  # noqa: E402
+
+from expertmesh.core import cpu_kernels  # noqa: E402
+from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint  # noqa: E402
+from expertmesh.router.engine import Engine, Sequence  # noqa: E402
+
+MIXTRAL = dict(hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8, head_dim=128,
+               max_position_embeddings=32768)
+TINY = dict(hidden_size=512, intermediate_size=1792, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64,
+            max_position_embeddings=8192)
+
+
+def weight_macs(config, tokens: int) -> int:
+    """Multiply-adds of a prefill of `tokens` tokens against the weights."""
+    c = config
+    attention = c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + c.num_heads * c.head_dim * \
+        c.hidden_size
+    per_token = c.num_layers * (attention + c.hidden_size * c.num_experts
+                                + c.experts_per_token * 3 * c.hidden_size * c.intermediate_size)
+    return tokens * per_token + c.vocab_size * c.hidden_size  # the lm_head, once
+
+
+def attention_macs(config, tokens: int) -> int:
+    """Attention's own multiply-adds (q.k and p.v, causal) over a prompt of `tokens`."""
+    return config.num_layers * config.num_heads * config.head_dim * tokens * (tokens + 1)
+
+
+def prefill_s(engine: Engine, tokens: int, repeats: int) -> float:
+    """Best time of one prefill step of one `tokens`-token prompt (a fresh sequence each time)."""
+    times = []
+    for r in range(repeats):
+        seq = Sequence([1] + [(100 + 7 * i + r) % 30000 + 3 for i in range(tokens - 1)])
+        start = time.perf_counter()
+        step(engine, [seq])
+        times.append(time.perf_counter() - start)
+        release(engine, [seq])
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mixtral-layers", type=int, default=1)
+    parser.add_argument("--prompts", default="256,1024", help="prompt lengths at Mixtral's sizes (default 256,1024)")
+    parser.add_argument("--quantize", default="none,int8,w8a8,int4")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--long", default="1024,4096", help="the tiny model's prompt lengths (default 1024,4096)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    kernels = cpu_kernels.kernels()
+    assert kernels is not None, "the CPU kernels did not build here"
+    fma, dot = kernels.peak("fma", args.threads), kernels.peak("dot", args.threads)
+    print(f"machine: {machine()}; {args.threads} threads; peaks: fp32 FMA {fma / 1e9:.0f} G, "
+          f"8-bit dot {dot / 1e9:.0f} G multiply-adds/s", flush=True)
+    prompts = [int(p) for p in args.prompts.split(",")]
+    ratios: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.monotonic()
+        path = write_tiny_checkpoint(Path(tmp) / "mixtral", dtype="bfloat16", max_shard_bytes=2 << 30,
+                                     num_layers=args.mixtral_layers, **MIXTRAL)
+        print(f"Mixtral 8x7B sizes, {args.mixtral_layers} layer(s), written in {time.monotonic() - start:.0f}s",
+              flush=True)
+        for quantize in args.quantize.split(","):
+            engine = Engine.local(path, kv_blocks=(max(prompts) // 16 + 2) * args.repeats, quantize=quantize)
+            peak = fma if quantize == "none" else dot
+            for tokens in prompts:
+                took = prefill_s(engine, tokens, args.repeats)
+                macs = weight_macs(engine.config, tokens)
+                over = macs / took / peak
+                print(f"{quantize:>5} {tokens:>5} tokens: {took * 1e3:8.0f} ms, {tokens / took:7.0f} tokens/s, "
+                      f"{macs / took / 1e9:6.1f} G weight multiply-adds/s = {over:.3f} of the "
+                      f"{'FMA' if quantize == 'none' else 'byte'} peak (attention's own: "
+                      f"{attention_macs(engine.config, tokens) / macs:.1%} more)", flush=True)
+                ratios[quantize] = over
+            del engine
+            gc.collect()
+        tiny = write_tiny_checkpoint(Path(tmp) / "tiny", **TINY)
+        lengths = [int(n) for n in args.long.split(",")]
+        engine = Engine.local(tiny, kv_blocks=max(lengths) // 16 + 2)
+        rates = []
+        for tokens in lengths:
+            took = prefill_s(engine, tokens, args.repeats)
+            rates.append(tokens / took)
+            share = attention_macs(engine.config, tokens) / weight_macs(engine.config, tokens)
+            print(f"tiny model, fp32, {tokens} tokens: {took * 1e3:.0f} ms, {rates[-1]:.0f} tokens/s "
+                  f"(attention's own multiply-adds {share:.0%} of the weights')", flush=True)
+    print(f"prefill_int8_over_peak={ratios.get('int8', float('nan')):.3f} "
+          f"prefill_w8a8_over_peak={ratios.get('w8a8', float('nan')):.3f} "
+          f"prefill_int4_over_peak={ratios.get('int4', float('nan')):.3f} "
+          f"prefill_f32_over_fma_peak={ratios.get('none', float('nan')):.3f} "
+          f"prefill_4k_over_1k={rates[-1] / rates[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
