@@ -25,7 +25,8 @@ class AttentionBatch:
     decode_slots: torch.Tensor | None  # (B, Cmax) their context slots, padded (pads read slot 0)
     decode_mask: torch.Tensor | None  # (B, 1, 1, Cmax) True where a key is attended; None: every key
     decode_lens: torch.Tensor | None  # (B,) context length of each of them (its query is the last)
-    prefill: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (first row, n, slots (C,), mask (n, C))
+    # (first row, n, slots (C,), mask (n, C) or None: causal over the n rows alone, C == n)
+    prefill: list[tuple[int, int, torch.Tensor, torch.Tensor | None]]
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) at `positions`, set on first use
 
     @property
@@ -59,11 +60,13 @@ class AttentionBatch:
         for i, n in enumerate(query_lens):
             if n > 1:
                 c = context[i].shape[0]
-                q_pos = torch.arange(c - n, c)[:, None]  # (n, 1)
-                k_pos = torch.arange(c)[None, :]  # (1, C)
-                mask = k_pos <= q_pos
-                if sliding_window is not None:
-                    mask &= k_pos > q_pos - sliding_window
+                mask = None  # a whole prompt, no window: plain causal, which SDPA's flash path takes unmasked
+                if c > n or sliding_window is not None:
+                    q_pos = torch.arange(c - n, c)[:, None]  # (n, 1)
+                    k_pos = torch.arange(c)[None, :]  # (1, C)
+                    mask = k_pos <= q_pos
+                    if sliding_window is not None:
+                        mask &= k_pos > q_pos - sliding_window
                 prefill.append((first_rows[i], n, context[i], mask))
         return cls._on(cache.k.device, positions, new, list(query_lens), decode_rows, decode_slots, decode_mask,
                        lens, prefill)
@@ -145,9 +148,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if batch.decode_rows is not None:
         out[batch.decode_rows] = o.squeeze(2)
     for row, n, slots, mask in batch.prefill:
-        k = k_cache[slots].transpose(0, 1)  # (G, C, Dh)
-        v = v_cache[slots].transpose(0, 1)
-        q_seq = q[row:row + n].transpose(0, 1)  # (H, n, Dh)
-        o = F.scaled_dot_product_attention(q_seq, k, v, attn_mask=mask, enable_gqa=True)  # (H, n, Dh)
-        out[row:row + n] = o.transpose(0, 1)
+        # 4-d (a batch of one): the form SDPA's tiled (flash) CPU kernel takes; 3-d went through the
+        # math path, which holds every (head, query, key) score (512 MB a layer at 4k tokens, 8 heads)
+        k = k_cache[slots].transpose(0, 1)[None]  # (1, G, C, Dh)
+        v = v_cache[slots].transpose(0, 1)[None]
+        q_seq = q[row:row + n].transpose(0, 1)[None]  # (1, H, n, Dh)
+        o = F.scaled_dot_product_attention(q_seq, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=True)  # (1, H, n, Dh)
+        out[row:row + n] = o[0].transpose(0, 1)
     return out
