@@ -8,12 +8,13 @@ Peaks (core/cpu_kernels.c, measured here on `--threads` threads, registers only)
 vpmaddubsw + vpmaddwd, as llama.cpp's 8-bit dot products run). A prefill's multiply-adds are its
 weights' (attention projections, gate, each token's k experts; the lm_head once, for the last
 token) times the tokens; attention's own products (which grow with the prompt) are counted apart.
-fp32 is set against the FMA peak, int8, w8a8 and int4 against the byte peak (what llama.cpp's 8-
+fp32 is set against the FMA peak, int8, w8a8, int4 and w4a8 against the byte peak (what llama.cpp's 8-
 and 4-bit prompt processing runs at). The tiny model (hidden 512, 4 layers) runs 1k and 4k-token prompts:
 a long prompt's tokens/s over a short one's shows what attention's growth costs.
 
 Last line: prefill_int8_over_peak=<a> prefill_w8a8_over_peak=<b> prefill_int4_over_peak=<c>
-prefill_f32_over_fma_peak=<d> prefill_4k_over_1k=<e> (a-d at the longest --prompts).
+prefill_w4a8_over_peak=<d> prefill_f32_over_fma_peak=<e> prefill_4k_over_1k=<f> (a-e at the longest
+--prompts).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mixtral-layers", type=int, default=1)
     parser.add_argument("--prompts", default="256,1024", help="prompt lengths at Mixtral's sizes (default 256,1024)")
-    parser.add_argument("--quantize", default="none,int8,w8a8,int4")
+    parser.add_argument("--quantize", default="none,int8,w8a8,int4,w4a8")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--long", default="1024,4096", help="the tiny model's prompt lengths (default 1024,4096)")
@@ -119,6 +120,7 @@ def main() -> None:
     print(f"prefill_int8_over_peak={ratios.get('int8', float('nan')):.3f} "
           f"prefill_w8a8_over_peak={ratios.get('w8a8', float('nan')):.3f} "
           f"prefill_int4_over_peak={ratios.get('int4', float('nan')):.3f} "
+          f"prefill_w4a8_over_peak={ratios.get('w4a8', float('nan')):.3f} "
           f"prefill_f32_over_fma_peak={ratios.get('none', float('nan')):.3f} "
           f"prefill_4k_over_1k={rates[-1] / rates[0]:.2f}")
 

@@ -735,6 +735,134 @@ void linear_q8(const float *restrict x, const int8_t *restrict wb, const float *
     free(q), free(xs);
 }
 
+/* ---- w4a8: 4-bit weights times 8-bit activations (--quantize w4a8), llama.cpp's Q4_0 x Q8_0 ----
+ *
+ * The weights: int4's (q in [-8, 7], a bf16 scale per output and group of GROUP == QB columns), laid
+ * out (P, K32 / 8, 16, 4) bytes: for each two quads of columns, each output's four bytes, whose low
+ * nibbles are the first quad's weights and high nibbles the second's, each as q + 8. x as for w8a8.
+ * y[r, j] = sum over blocks, in order, of (xs[r, b] * gscale[j, b]) * (the block's int32 sum), one
+ * rounding each (fmaf's; the vector FMA's the same). The nibbles are unpacked once per step for all
+ * the tile's rows (and, shift, subtract 8: six instructions per 64 weights), then as w8a8. */
+static inline float bf16_value(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+#if defined(__AVX2__)
+#define MICRO_Q4(R)                                                                                     \
+static inline void micro_q4_##R(const int8_t *q, const int8_t *aq, int64_t ldq, const float *xs,        \
+                                int64_t ldxs, const uint8_t *wb, const uint16_t *gs, int64_t blocks,    \
+                                int fresh, float *y, int64_t ldy) {                                     \
+    const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0f), eight = _mm256_set1_epi8(8); \
+    __m256 acc[R][2];                                                                                   \
+    for (int r = 0; r < R; r++)                                                                         \
+        for (int h = 0; h < 2; h++) acc[r][h] = fresh ? _mm256_setzero_ps() : _mm256_loadu_ps(y + r * ldy + 8 * h); \
+    for (int64_t b = 0; b < blocks; b++) {                                                              \
+        __m256i sums[R][2];                                                                             \
+        for (int r = 0; r < R; r++) sums[r][0] = sums[r][1] = _mm256_setzero_si256();                  \
+        for (int s = 0; s < QB / 8; s++) {                                                              \
+            const uint8_t *w = wb + (b * QB + s * 8) * PANEL / 2;                                       \
+            __m256i v0 = _mm256_loadu_si256((const __m256i *)w), v1 = _mm256_loadu_si256((const __m256i *)(w + 32)); \
+            __m256i wq[2][2] = {                                                                        \
+                {_mm256_sub_epi8(_mm256_and_si256(v0, low4), eight), _mm256_sub_epi8(_mm256_and_si256(v1, low4), eight)}, \
+                {_mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v0, 4), low4), eight),               \
+                 _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v1, 4), low4), eight)}};             \
+            for (int half = 0; half < 2; half++)                                                        \
+                for (int r = 0; r < R; r++) {                                                           \
+                    int32_t xq, xa;                                                                     \
+                    memcpy(&xq, q + r * ldq + b * QB + s * 8 + half * 4, sizeof xq);                    \
+                    memcpy(&xa, aq + r * ldq + b * QB + s * 8 + half * 4, sizeof xa);                   \
+                    __m256i xv = _mm256_set1_epi32(xq), av = _mm256_set1_epi32(xa);                     \
+                    sums[r][0] = _mm256_add_epi32(sums[r][0], _mm256_madd_epi16(                       \
+                        _mm256_maddubs_epi16(av, _mm256_sign_epi8(wq[half][0], xv)), ones));            \
+                    sums[r][1] = _mm256_add_epi32(sums[r][1], _mm256_madd_epi16(                       \
+                        _mm256_maddubs_epi16(av, _mm256_sign_epi8(wq[half][1], xv)), ones));            \
+                }                                                                                       \
+        }                                                                                               \
+        __m256 g[2];                                                                                    \
+        for (int h = 0; h < 2; h++)                                                                     \
+            g[h] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(                         \
+                _mm_loadu_si128((const __m128i *)(gs + b * PANEL + 8 * h))), 16));                      \
+        for (int r = 0; r < R; r++) {                                                                   \
+            __m256 step = _mm256_set1_ps(xs[r * ldxs + b]);                                             \
+            for (int h = 0; h < 2; h++)                                                                 \
+                acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][h]), _mm256_mul_ps(step, g[h]), acc[r][h]); \
+        }                                                                                               \
+    }                                                                                                   \
+    for (int r = 0; r < R; r++)                                                                         \
+        for (int h = 0; h < 2; h++) _mm256_storeu_ps(y + r * ldy + 8 * h, acc[r][h]);                  \
+}
+MICRO_Q4(1) MICRO_Q4(2) MICRO_Q4(3)
+#endif
+
+/* Rows [r0, r1) of one panel over blocks [b0, b0 + blocks) (gs: the panel's scales (groups, 16)). */
+static void tile_q4(const int8_t *q, const int8_t *aq, int64_t k32, const float *xs, int64_t nblocks,
+                    const uint8_t *wb, const uint16_t *gs, int64_t b0, int64_t blocks, int fresh, float *y,
+                    int64_t ldy, int64_t r0, int64_t r1) {
+#if defined(__AVX2__)
+    for (int64_t r = r0; r < r1; r += MR_Q8) {
+        const int8_t *qr = q + r * k32 + b0 * QB, *ar = aq + r * k32 + b0 * QB;
+        const uint8_t *w = wb + b0 * QB * PANEL / 2;
+        const float *xr = xs + r * nblocks + b0;
+        float *yr = y + r * ldy;
+        switch (r1 - r < MR_Q8 ? r1 - r : MR_Q8) {
+        case 1: micro_q4_1(qr, ar, k32, xr, nblocks, w, gs + b0 * PANEL, blocks, fresh, yr, ldy); break;
+        case 2: micro_q4_2(qr, ar, k32, xr, nblocks, w, gs + b0 * PANEL, blocks, fresh, yr, ldy); break;
+        default: micro_q4_3(qr, ar, k32, xr, nblocks, w, gs + b0 * PANEL, blocks, fresh, yr, ldy); break;
+        }
+    }
+#else
+    (void)aq;
+    for (int64_t r = r0; r < r1; r++)
+        for (int j = 0; j < PANEL; j++) {
+            float acc = fresh ? 0.f : y[r * ldy + j];
+            for (int64_t b = b0; b < b0 + blocks; b++) {
+                int32_t sum = 0;
+                for (int64_t i = 0; i < QB; i++) {
+                    int64_t c = b * QB + i;  /* byte: two quads of columns, this output's four */
+                    uint8_t byte = wb[((c / 8) * PANEL + j) * 4 + c % 4];
+                    sum += q[r * k32 + c] * ((c % 8 < 4 ? byte & 0x0f : byte >> 4) - 8);
+                }
+                acc = fmaf((float)sum, xs[r * nblocks + b] * bf16_value(gs[b * PANEL + j]), acc);
+            }
+            y[r * ldy + j] = acc;
+        }
+#endif
+}
+
+/* x (m, k) fp32, wb (P, K32 / 8, 64) bytes, group_scale (P, K32 / QB, 16) bf16, y (m, P * 16); scale
+ * unused. */
+void linear_q4(const float *restrict x, const uint8_t *restrict wb, const float *restrict scale,
+               const uint16_t *restrict group_scale, float *restrict y, int64_t m, int64_t panels, int64_t k,
+               int threads) {
+    (void)scale;
+    int64_t k32 = (k + QB - 1) / QB * QB, blocks = k32 / QB, ldy = panels * PANEL;
+    int8_t *q = malloc((size_t)(2 * m * k32));
+    float *xs = malloc((size_t)(m * blocks) * sizeof *xs);
+    if (!q || !xs) {
+        free(q), free(xs);
+        for (int64_t i = 0; i < m * ldy; i++) y[i] = NAN;
+        return;
+    }
+    int8_t *aq = q + m * k32;
+    quantize_rows_q8(x, m, k, k32, q, aq, xs, threads);
+    int threads_ = threads < panels ? threads : (int)panels;
+    #pragma omp parallel for num_threads(threads_) schedule(static) if (threads_ > 1)
+    for (int t = 0; t < threads_; t++) {
+        int64_t first = panels * t / threads_, last = panels * (t + 1) / threads_;
+        for (int64_t r0 = 0; r0 < m; r0 += QMC)
+            for (int64_t c = 0; c < k32; c += QKC) {
+                int64_t pass = k32 - c < QKC ? k32 - c : QKC;
+                for (int64_t p = first; p < last; p++)
+                    tile_q4(q, aq, k32, xs, blocks, wb + p * k32 * PANEL / 2, group_scale + p * blocks * PANEL,
+                            c / QB, pass / QB, c == 0, y + p * PANEL, ldy, r0, r0 + QMC < m ? r0 + QMC : m);
+            }
+    }
+    free(q), free(xs);
+}
+
 /* x (m, d), w (d,) -> y (m, d) = w * x / sqrt(mean(x^2) + eps) */
 void rms_norm_f32(const float *restrict x, const float *restrict w, float *restrict y,
                   int64_t m, int64_t d, float eps) {

@@ -104,6 +104,7 @@ class CpuKernels:
             "linear_i8": [p, p, p, p, p, i64, i64, i64, i32],
             "linear_i4": [p, p, p, p, p, i64, i64, i64, i32],
             "linear_q8": [p, p, p, p, p, i64, i64, i64, i32],
+            "linear_q4": [p, p, p, p, p, i64, i64, i64, i32],
             "rms_norm_f32": [p, p, p, i64, i64, f32],
             "rope_store_f32": [p, p, p, p, p, p, p, i64, i64, i64, i64],
             "decode_attention_f32": [p, i64, p, p, p, i64, p, p, i64, i64, i64, i64, i64, i32],
@@ -207,6 +208,40 @@ class CpuKernels:
         if m:
             alone = blocked.nbytes < PARALLEL_MIN_BYTES and m * n * k < PARALLEL_MIN_PRODUCTS
             self._linear_q8(_ptr(x32), _ptr(blocked), _ptr(scale), None, _ptr(y), m, panels, k,
+                            1 if alone else torch.get_num_threads())
+        return y if n == y.shape[1] else y[:, :n].contiguous()
+
+    def blocked_q4(self, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """quantize_int4's (q (n, k) int8 in [-8, 7], scale (n, groups) bf16) -> the w4a8 kernel's layout:
+        (P, K32 / 8, 4 * panel) bytes, for each two quads of columns each output's four bytes, the
+        first quad in the low nibbles and the second in the high ones, as q + 8; scales (P, groups,
+        panel) bf16 (groups = K32 / Q8_BLOCK: int4's GROUP is the activations' block)."""
+        assert Q8_BLOCK == self.group
+        n, k = q.shape
+        panels, k32 = -(-n // self.panel), -(-k // Q8_BLOCK) * Q8_BLOCK
+        full = q.new_zeros(panels * self.panel, k32)  # past k, x is 0; past n, no output is read
+        full[:n, :k] = q
+        quads = full.view(panels, self.panel, k32 // 8, 2, 4).permute(0, 2, 3, 1, 4)  # (P, K32/8, 2, panel, 4)
+        nibbles = (quads + 8).to(torch.uint8)
+        packed = (nibbles[:, :, 0] | (nibbles[:, :, 1] << 4)).reshape(panels, k32 // 8, 4 * self.panel)
+        scales = torch.ones(panels * self.panel, k32 // Q8_BLOCK, dtype=torch.bfloat16)
+        scales[:n] = scale
+        return packed.contiguous(), scales.view(panels, self.panel, -1).transpose(1, 2).contiguous()
+
+    def linear_q4(self, x: torch.Tensor, blocked: torch.Tensor, n: int, group_scale: torch.Tensor) -> torch.Tensor:
+        """x (m, k) @ W.T -> (m, n) fp32 for blocked_q4's int4 weights and group scales, each row of x on
+        an int8 grid per block of Q8_BLOCK columns (core/cpu_kernels.c's w4a8 section). Any m."""
+        m, k = x.shape
+        panels, k32 = blocked.shape[0], -(-k // Q8_BLOCK) * Q8_BLOCK
+        assert blocked.dtype == torch.uint8 and blocked.is_contiguous() and n <= panels * self.panel
+        assert blocked.shape[1:] == (k32 // 8, 4 * self.panel), (blocked.shape, k)
+        assert group_scale.dtype == torch.bfloat16 and group_scale.is_contiguous()
+        assert group_scale.shape == (panels, k32 // Q8_BLOCK, self.panel)
+        x32 = x.float().contiguous()
+        y = torch.empty(m, panels * self.panel, dtype=torch.float32)
+        if m:
+            alone = blocked.nbytes < PARALLEL_MIN_BYTES and m * n * k < PARALLEL_MIN_PRODUCTS
+            self._linear_q4(_ptr(x32), _ptr(blocked), None, _ptr(group_scale), _ptr(y), m, panels, k,
                             1 if alone else torch.get_num_threads())
         return y if n == y.shape[1] else y[:, :n].contiguous()
 

@@ -34,6 +34,7 @@ from expertmesh.core.quantize import (
     unpack_int4,
 )
 
+BLOCKED = ("blocked", "blocked_q8", "blocked_q4")  # the layouts of core/cpu_kernels.c
 PACK_BATCH_HINT = 32  # rows oneDNN's packed layout is tuned for; any row count works
 DEQUANTIZE_ROWS = 2048  # outputs dequantized per pass where no int8 kernel reads the weight
 _DEFAULT = object()
@@ -60,9 +61,11 @@ def held_bytes(out_features: int, in_features: int, dtype: torch.dtype, quantize
     rows = -(-out_features // panel) * panel
     if quantize == "w8a8" and panel > 1:  # int8, a fp32 scale per output; columns padded to Q8_BLOCK
         return rows * -(-in_features // Q8_BLOCK) * Q8_BLOCK + rows * 4
+    if quantize == "w4a8" and panel > 1:  # two weights a byte, columns padded to Q8_BLOCK; int4's scales
+        return rows * -(-in_features // Q8_BLOCK) * Q8_BLOCK // 2 + rows * -(-in_features // GROUP) * 2
     if quantize in ("int8", "w8a8"):  # int8, a fp32 scale per output; the blocked layout pairs the columns
         return rows * (in_features + (in_features % 2 if panel > 1 else 0)) + rows * 4
-    if quantize == "int4":  # two weights a byte, a bf16 scale per GROUP columns
+    if quantize in ("int4", "w4a8"):  # two weights a byte, a bf16 scale per GROUP columns
         return rows * -(-in_features // 2) + rows * -(-in_features // GROUP) * 2
     return rows * in_features * dtype.itemsize
 
@@ -70,10 +73,10 @@ def held_bytes(out_features: int, in_features: int, dtype: torch.dtype, quantize
 class Linear:
     """A bias-free linear layer; weight (out, in). Calling it maps x (n, in) -> (n, out) in x's dtype.
 
-    quantize: "none", "int8", "int4", "fp8" or "w8a8" (int8 weights; the C kernel also puts x on
-    int8 grids, core/quantize.py). kernels: core/cpu_kernels.py's (default, where they
+    quantize: "none", "int8", "int4", "fp8", "w8a8" or "w4a8" (int8's or int4's weights; the C kernel
+    also puts x on int8 grids, core/quantize.py). kernels: core/cpu_kernels.py's (default, where they
     build) or None (off: the torch paths, as on a machine without a C compiler).
-    layout: "blocked" (the C kernel), "blocked_q8" (its w8a8 kernel), "packed" (oneDNN), "plain"
+    layout: "blocked" (the C kernel), "blocked_q8" / "blocked_q4" (its w8a8 / w4a8 kernels), "packed" (oneDNN), "plain"
     (F.linear), or "int8" / "int4" / "fp8" (plain, dequantized per call).
     """
 
@@ -95,8 +98,12 @@ class Linear:
             weight, self.scale = quantize_int8(weight)
         elif quantize == "fp8":
             weight, self.scale = quantize_fp8(weight)
-        elif quantize == "int4":
+        elif quantize in ("int4", "w4a8"):
             weight, self.group_scale = quantize_int4(weight)  # (n, k) int8 in [-8, 7]
+        if kernels is not None and quantize == "w4a8" and weight.device.type == "cpu":
+            self.layout, self._kernels = "blocked_q4", kernels
+            self.weight, self.group_scale = kernels.blocked_q4(weight, self.group_scale)
+            return
         if kernels is not None and quantize == "w8a8" and weight.device.type == "cpu":
             self.layout, self._kernels, self.weight = "blocked_q8", kernels, kernels.blocked_q8(weight)
             self.scale = torch.cat([self.scale, self.scale.new_ones(-self.out_features % kernels.panel)])
@@ -111,7 +118,7 @@ class Linear:
                 self.scale = torch.cat([self.scale, self.scale.new_ones(-self.out_features % kernels.panel)])
         elif quantize in ("int8", "fp8", "w8a8"):  # w8a8 without the kernels: int8's dequantizing path
             self.layout, self.weight = "int8" if quantize == "w8a8" else quantize, weight.contiguous()
-        elif quantize == "int4":
+        elif quantize in ("int4", "w4a8"):  # w4a8 without the kernels: int4's dequantizing path
             self.layout, self.weight = "int4", pack_int4(weight)  # (out, in / 2) bytes
         else:
             packed = _prepack(weight)
@@ -132,13 +139,13 @@ class Linear:
             return None
         return {"layout": self.layout, "weight": self.weight, "scale": self.scale, "group_scale": self.group_scale,
                 "out_features": self.out_features, "in_features": self.in_features,
-                "panel": self._kernels.panel if self.layout in ("blocked", "blocked_q8") else None}
+                "panel": self._kernels.panel if self.layout in BLOCKED else None}
 
     @classmethod
     def from_state(cls, state: dict) -> "Linear | None":
         """A layer from `state()`'s output; None where this process cannot read that layout (the
         sender's C kernels are not built here, or lay out other panels): read it from the checkpoint."""
-        blocked = state["layout"] in ("blocked", "blocked_q8")
+        blocked = state["layout"] in BLOCKED
         kernels = cpu_kernels.kernels() if blocked else None
         if blocked and (kernels is None or kernels.panel != state["panel"]):
             return None
@@ -149,8 +156,9 @@ class Linear:
         return layer
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout == "blocked_q8":
-            y = self._kernels.linear_q8(x, self.weight, self.out_features, self.scale)
+        if self.layout in ("blocked_q8", "blocked_q4"):
+            y = (self._kernels.linear_q8(x, self.weight, self.out_features, self.scale) if self.layout == "blocked_q8"
+                 else self._kernels.linear_q4(x, self.weight, self.out_features, self.group_scale))
             return y if x.dtype == torch.float32 else y.to(x.dtype)
         if self.layout == "blocked":
             y = self._kernels.linear(x, self.weight, self.out_features, self.scale, self.group_scale)

@@ -9,7 +9,8 @@ each row of x as two int16 digits for integer products (core/cpu_kernels.c), as 
 every value above 1/256 of the row's largest. w8a8: int8's weights, and the CPU kernel puts each row
 of x on an int8 grid per block of 32 columns too (llama.cpp's Q8_0 arithmetic: byte products, about
 twice int8's prefill speed; a token decoded and the same token prefilled then differ by more than
-fp32's rounding); elsewhere it is int8. A weight's error is at most half a step
+fp32's rounding); elsewhere it is int8. w4a8: int4's weights times x on those grids (llama.cpp's
+Q4_0 x Q8_0); elsewhere int4. A weight's error is at most half a step
 (plus the bf16 rounding of int4's scale); tests/test_quantize.py bounds what that does to the logits.
 
 fp8: W -> q (n, k) float8 e4m3 and scale (n,) fp32, scale = max |W[o, :]| / 448 (e4m3's largest
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-QUANTIZE = ("none", "int8", "int4", "fp8", "w8a8")  # the values of --quantize
+QUANTIZE = ("none", "int8", "int4", "fp8", "w8a8", "w4a8")  # the values of --quantize
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # e4m3's largest finite value
 GROUP = 32  # int4's columns per scale (core/cpu_kernels.c's GROUP)

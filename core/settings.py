@@ -14,7 +14,7 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20,
 DTYPES = ("float32", "bfloat16")
 PINGPONG_MODES = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda")
-QUANTIZE = ("none", "int8", "int4", "fp8", "w8a8")  # core/quantize.py
+QUANTIZE = ("none", "int8", "int4", "fp8", "w8a8", "w4a8")  # core/quantize.py
 
 
 class SettingsError(ValueError):

@@ -127,30 +127,34 @@ def test_quantized_layers_compute_with_the_dequantized_weight_and_hold_its_bytes
 
 
 @pytest.mark.parametrize("kernels", ["default", None])
+@pytest.mark.parametrize("quantize", ["w8a8", "w4a8"])
 @pytest.mark.parametrize("rows", [0, 1, 2, 5, 64, 300])
 @pytest.mark.parametrize("in_features", [31, 160, 1000])  # a partial block of Q8_BLOCK; 5; 31 and a part
-def test_w8a8_multiplies_the_int8_weight_by_x_on_int8_blocks(kernels, rows, in_features):
-    """--quantize w8a8: int8's weight; the kernel puts each row of x on an int8 grid per block of 32
-    columns and sums the byte products exactly, so its result is F.linear of those grids and that
-    weight to fp32's rounding. Without the kernels it is int8 (x as given)."""
+def test_w8a8_and_w4a8_multiply_the_weight_by_x_on_int8_blocks(kernels, quantize, rows, in_features):
+    """--quantize w8a8 / w4a8: int8's / int4's weight; the kernel puts each row of x on an int8 grid
+    per block of 32 columns and sums the byte products exactly, so its result is F.linear of those
+    grids and that weight to fp32's rounding. Without the kernels they are int8 / int4 (x as given)."""
     gen = torch.Generator().manual_seed(rows + in_features)
     weight = torch.randn(70, in_features, generator=gen) / in_features ** 0.5
     x = torch.randn(rows, in_features, generator=gen) * torch.rand(rows, 1, generator=gen) * 10
-    reference = dequantize(*quantize_int8(weight))
-    layer = Linear(weight, "w8a8") if kernels == "default" else Linear(weight, "w8a8", kernels=None)
+    weights_only = "int8" if quantize == "w8a8" else "int4"
+    reference = dequantize(*quantize_int8(weight)) if quantize == "w8a8" else dequantize_int4(*quantize_int4(weight))
+    layer = Linear(weight, quantize) if kernels == "default" else Linear(weight, quantize, kernels=None)
     blocked = kernels == "default" and KERNELS is not None
-    assert layer.layout == ("blocked_q8" if blocked else "int8")
+    assert layer.layout == ({"w8a8": "blocked_q8", "w4a8": "blocked_q4"}[quantize] if blocked else weights_only)
     expected = F.linear(quantize_activations_q8(x) if blocked else x, reference)
     assert close(layer(x), expected, 1e-5)
     outputs = -(-70 // KERNELS.panel) * KERNELS.panel if blocked else 70
     columns = -(-in_features // Q8_BLOCK) * Q8_BLOCK if blocked else in_features
-    assert layer.nbytes == held_bytes(layer) == outputs * columns + outputs * 4
+    expected_bytes = outputs * columns + outputs * 4 if quantize == "w8a8" else \
+        outputs * -(-columns // 2) + outputs * -(-in_features // GROUP) * 2
+    assert layer.nbytes == held_bytes(layer) == expected_bytes
     if blocked and rows:
         assert not torch.equal(layer(x), F.linear(x, reference)), "x was put on the grids"
 
 
 @pytest.mark.parametrize("kernels", ["default", None])
-@pytest.mark.parametrize("quantize", ["none", "int8", "int4", "w8a8"])
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4", "w8a8", "w4a8"])
 def test_a_layer_handed_to_another_process_computes_the_same_bits(kernels, quantize):
     """`state()` is what a peer sends of an expert it holds (pickled through Ray's object store);
     `from_state` takes it back without reading, converting or re-laying anything. oneDNN's packed
@@ -232,7 +236,7 @@ def test_the_kernel_matches_f_linear_on_any_shape(rows, out_features, in_feature
 @needs_kernels
 @settings(max_examples=40, deadline=None)
 @given(rows=st.integers(2, 50), pick=st.integers(0, 49), out_features=st.integers(1, 200),
-       in_features=st.integers(1, 700), quantize=st.sampled_from(["none", "int8", "int4", "w8a8"]),
+       in_features=st.integers(1, 700), quantize=st.sampled_from(["none", "int8", "int4", "w8a8", "w4a8"]),
        seed=st.integers(0, 2**31 - 1))
 def test_a_row_gets_the_same_bits_in_any_batch(rows, pick, out_features, in_features, quantize, seed):
     """Each output sums over k in one order whatever the batch or the thread count: a sequence's
@@ -289,7 +293,7 @@ def test_a_row_with_an_outlier_keeps_the_precision_of_fp32(quantize):
 
 
 @needs_kernels
-@pytest.mark.parametrize("quantize", ["int8", "int4", "w8a8"])
+@pytest.mark.parametrize("quantize", ["int8", "int4", "w8a8", "w4a8"])
 def test_a_row_that_is_not_finite_gives_nan_and_leaves_the_others_alone(quantize):
     """x's rows become int16 digits each on a scale of their own: an inf or NaN in one row makes that row's outputs NaN
     (as fp32's would not be finite), and the rows beside it in the batch come out as they would alone."""
@@ -321,7 +325,7 @@ def test_the_kernel_uses_every_thread_on_large_weights_and_one_on_small():
 
 
 @needs_kernels
-@pytest.mark.parametrize("quantize", ["int8", "int4", "w8a8"])
+@pytest.mark.parametrize("quantize", ["int8", "int4", "w8a8", "w4a8"])
 def test_a_small_quantized_weight_at_many_rows_gets_the_same_bits_on_any_thread_count(quantize):
     """At most 128 KiB at 32 rows: under PARALLEL_MIN_BYTES, but enough products for every thread
     (the panels split among them, and x's rows written as digits by all of them); the same bits as
@@ -403,9 +407,11 @@ def test_the_kernels_built_for_an_older_cpu_compute_the_same(tmp_path, monkeypat
             layer = Linear(weight, quantize, kernels=older)
             assert close(layer(x), F.linear(as_int16_digits(x), reference), 1e-5)
             assert torch.equal(layer(x)[:1], layer(x[:1])), "batch-invariant on every target"
-        layer = Linear(weight, "w8a8", kernels=older)
-        assert close(layer(x), F.linear(quantize_activations_q8(x), dequantize(*quantize_int8(weight))), 1e-5)
-        assert torch.equal(layer(x), Linear(weight, "w8a8")(x)), "w8a8: the same bits in every build"
+        for quantize, reference in (("w8a8", dequantize(*quantize_int8(weight))),
+                                    ("w4a8", dequantize_int4(*quantize_int4(weight)))):
+            layer = Linear(weight, quantize, kernels=older)
+            assert close(layer(x), F.linear(quantize_activations_q8(x), reference), 1e-5)
+            assert torch.equal(layer(x), Linear(weight, quantize)(x)), f"{quantize}: the same bits in every build"
     norm = torch.randn(333, generator=gen)
     x = torch.randn(5, 333, generator=gen)
     assert torch.allclose(older.rms_norm(x, norm, 1e-5), norm * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5),

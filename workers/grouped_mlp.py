@@ -64,7 +64,7 @@ class LayerExperts:
             w13 = torch.stack([w13 for w13, _ in experts]).contiguous()
             w2 = torch.stack([w2 for _, w2 in experts]).contiguous()
             return cls(local, [(Linear(w13[i]), Linear(w2[i])) for i in range(len(experts))], w13, w2)
-        quantize = "int8" if quantize == "w8a8" else quantize  # the GPU's activations stay bf16
+        quantize = {"w8a8": "int8", "w4a8": "int4"}.get(quantize, quantize)  # the GPU's activations stay bf16
         quantized = {"fp8": quantize_fp8, "int8": quantize_int8, "int4": _packed_int4}[quantize]
         experts = [(w13, w2) if isinstance(w13, tuple) else (quantized(w13), quantized(w2)) for w13, w2 in experts]
         q13, s13 = torch.stack([q for (q, _), _ in experts]), torch.stack([s for (_, s), _ in experts])
