@@ -79,6 +79,7 @@
 #endif
 #define HALVES (PANEL / VL) /* native vectors per panel */
 #define KC 256 /* columns per chunk: a multiple of GROUP */
+#define MC 256 /* rows per pass: their chunk of x stays in L2 while every panel goes by */
 #define GROUP 32 /* int4's columns per scale */
 #define XQ_MAX 32767.f /* the int16 grid of a row of x: this many steps either side of zero */
 #define XQ_LOW 65536.f /* x's low digits: on a grid this much finer (a power of two: exact scaling) */
@@ -277,7 +278,9 @@ void linear_##T(const float *restrict x, const T *restrict wb, const float *rest
                 const uint16_t *restrict group_scale, float *restrict y, int64_t m, int64_t panels,     \
                 int64_t k, int threads) {                                                               \
     (void)scale, (void)group_scale;                                                                     \
-    SPLIT_PANELS(panels, threads, range_##T(x, wb, y, m, k, panels * PANEL, first, last));              \
+    SPLIT_PANELS(panels, threads, for (int64_t r0 = 0; r0 < m; r0 += MC)                                \
+        range_##T(x + r0 * k, wb, y + r0 * panels * PANEL, m - r0 < MC ? m - r0 : MC, k, panels * PANEL,  \
+                  first, last));                                                                        \
 }
 
 #define KERNELS(T)                                                                                      \
@@ -536,6 +539,14 @@ static void range_i4(const Digits *x, const uint8_t *wb, const uint16_t *group_s
     }
 }
 
+/* Rows r0.. of x's digits (a pass over MC rows). */
+static inline Digits rows_of(const Digits *d, int64_t r0) {
+    Digits part = *d;
+    part.hi += r0 * d->width, part.lo += r0 * d->width, part.xs += r0;
+    if (part.gsum) part.gsum += r0 * 2 * d->groups;
+    return part;
+}
+
 /* x's digits into buffers the size of x (small beside the weights); 0 when out of memory, and then
  * the product y (m, n) is NaN: a result no one mistakes for a number. */
 static int digits_of(const float *x, int64_t m, int64_t k, int with_group_sums, Digits *d, float *y, int64_t n,
@@ -562,7 +573,10 @@ void linear_i8(const float *restrict x, const int8_t *restrict wb, const float *
     (void)group_scale;
     Digits d;
     if (!digits_of(x, m, k, 0, &d, y, panels * PANEL, threads)) return;
-    SPLIT_PANELS(panels, threads, range_i8(&d, wb, scale, y, m, k, panels * PANEL, first, last));
+    SPLIT_PANELS(panels, threads, for (int64_t r0 = 0; r0 < m; r0 += MC) {
+        Digits part = rows_of(&d, r0);
+        range_i8(&part, wb, scale, y + r0 * panels * PANEL, m - r0 < MC ? m - r0 : MC, k, panels * PANEL, first, last);
+    });
     free(d.hi), free(d.xs);
 }
 
@@ -574,7 +588,11 @@ void linear_i4(const float *restrict x, const uint8_t *restrict wb, const float 
     (void)scale;
     Digits d;
     if (!digits_of(x, m, k, 1, &d, y, panels * PANEL, threads)) return;
-    SPLIT_PANELS(panels, threads, range_i4(&d, wb, group_scale, y, m, k, panels * PANEL, first, last));
+    SPLIT_PANELS(panels, threads, for (int64_t r0 = 0; r0 < m; r0 += MC) {
+        Digits part = rows_of(&d, r0);
+        range_i4(&part, wb, group_scale, y + r0 * panels * PANEL, m - r0 < MC ? m - r0 : MC, k, panels * PANEL,
+                 first, last);
+    });
     free(d.hi), free(d.xs), free(d.gsum);
 }
 
