@@ -31,17 +31,17 @@ import tempfile
 import time
 
 import torch
+from dispatch import decode_step_ms, dispatch_ms  # bench/dispatch.py: a decode step, a layer's round trip
 
 from expertmesh.cluster.elastic import ExpertCluster
 from expertmesh.cluster.worker_pool import ensure_ray
 from expertmesh.core.checkpoint import Checkpoint
 from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
-from expertmesh.router.engine import Engine, Sequence
+from expertmesh.router.engine import Engine
 from expertmesh.router.kv_cache import KVCache
 from expertmesh.router.model import RouterModel
 
 BATCHES = (1, 8, 32, 64)
-CONTEXT = 32  # prompt tokens of each measured sequence
 
 # Mixtral 8x7B (bf16) on H100 SXM GPUs: spec-sheet figures and assumed efficiencies, not measurements
 MIXTRAL = {"layers": 32, "experts": 8, "top_k": 2, "hidden": 4096, "intermediate": 14336, "kv_dim": 1024,
@@ -60,33 +60,6 @@ class NoExperts:
         return torch.zeros(x.shape, dtype=torch.float32)
 
 
-def _step(engine: Engine, seqs: list[Sequence]) -> None:
-    for s in seqs:
-        engine.cache.grow(s.block_table, len(s.token_ids))
-    engine.step(seqs, [len(s.token_ids) - s.num_cached for s in seqs])
-    for s in seqs:
-        s.num_cached = len(s.token_ids)
-
-
-def decode_ms(engine: Engine, batch: int, steps: int) -> float:
-    """Median decode step with `batch` sequences of about CONTEXT tokens."""
-    gen = torch.Generator().manual_seed(batch)
-    seqs = [Sequence(torch.randint(3, 30000, (CONTEXT,), generator=gen).tolist()) for _ in range(batch)]
-    _step(engine, seqs)
-    times = []
-    try:
-        for _ in range(steps + 1):
-            for s in seqs:
-                s.token_ids.append(7)
-            start = time.perf_counter()
-            _step(engine, seqs)
-            times.append(time.perf_counter() - start)
-    finally:
-        for s in seqs:
-            engine.cache.release(s.block_table)
-    return statistics.median(times[1:]) * 1e3
-
-
 def experts_ms(local: Engine, tokens: int, repeats: int) -> float:
     """Median time of one layer's experts for `tokens` tokens (k rows each), in this process."""
     c = local.config
@@ -97,20 +70,6 @@ def experts_ms(local: Engine, tokens: int, repeats: int) -> float:
     for _ in range(repeats + 1):
         start = time.perf_counter()
         local.experts.run(0, x, weights / weights.sum(-1, keepdim=True), ids)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:]) * 1e3
-
-
-def layer_trip_ms(cluster: ExpertCluster, batch: int, repeats: int) -> float:
-    """Median dispatch + combine of one layer's `batch` tokens (the worker's expert math included)."""
-    c = cluster.engine.config
-    x = torch.randn(batch, c.hidden_size)
-    weights, ids = torch.topk(torch.randn(batch, c.num_experts).softmax(-1), c.experts_per_token)
-    weights = weights / weights.sum(-1, keepdim=True)
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        cluster.dispatcher.run(0, x, weights, ids)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:]) * 1e3
 
@@ -128,8 +87,8 @@ def measure(args) -> tuple[dict, dict, int, int]:
         local = Engine.local(path)
         terms = {}
         for b in BATCHES:
-            router = decode_ms(bare, b, args.steps)
-            terms[b] = {"router_ms": router, "expert_ms": max(decode_ms(local, b, args.steps) - router, 0.0),
+            router = decode_step_ms(bare, b, args.steps)
+            terms[b] = {"router_ms": router, "expert_ms": max(decode_step_ms(local, b, args.steps) - router, 0.0),
                         # two routers' rows of one layer in one product, over each router's apart
                         "joined_over_apart": experts_ms(local, 2 * b, args.steps * 4) / (
                             2 * experts_ms(local, b, args.steps * 4))}
@@ -138,9 +97,9 @@ def measure(args) -> tuple[dict, dict, int, int]:
         measured = {}
         with ExpertCluster(path, 1) as cluster:
             for b in BATCHES:
-                trip = layer_trip_ms(cluster, b, args.steps * 4)
+                trip = dispatch_ms(cluster, b, args.steps * 4)
                 terms[b]["trip_ms"] = max(trip - terms[b]["expert_ms"] / config.num_layers, 0.0)
-                measured[b] = decode_ms(cluster.engine, b, args.steps)
+                measured[b] = decode_step_ms(cluster.engine, b, args.steps)
     return terms, measured, config.num_layers, config.num_experts
 
 

@@ -611,7 +611,7 @@ void linear_i4(const float *restrict x, const uint8_t *restrict wb, const float 
  * token decoded and prefilled can differ (docs/performance.md says by how much). */
 #define QB 32 /* columns per activation block */
 #define QKC 512 /* columns per pass: every row's chunk of x stays in L2 while the panels go by */
-#define QMC 256 /* rows per pass */
+
 #define MR_Q8 3
 
 /* x (m, k) -> qx and |qx| (m, K32) int8 and xs (m, K32 / QB); a row that is not finite gets xs NaN. */
@@ -648,6 +648,46 @@ static void quantize_rows_q8(const float *x, int64_t m, int64_t k, int64_t k32, 
             for (int64_t b = 0; b < blocks; b++) xs[r * blocks + b] = NAN;
     }
 }
+
+/* x's rows on int8 grids, for the w8a8 and w4a8 kernels: qx and |qx| (m, k32), xs (m, blocks). */
+typedef struct {
+    int8_t *q, *aq;
+    float *xs;
+    int64_t k32, blocks;
+} ByteRows;
+
+/* x (m, k) into `rows` (buffers the size of x); 0 when out of memory, and then y (m, n) is NaN. */
+static int byte_rows_of(const float *x, int64_t m, int64_t k, ByteRows *rows, float *y, int64_t n, int threads) {
+    rows->k32 = (k + QB - 1) / QB * QB, rows->blocks = rows->k32 / QB;
+    rows->q = malloc((size_t)(2 * m * rows->k32));
+    rows->xs = malloc((size_t)(m * rows->blocks) * sizeof *rows->xs);
+    if (!rows->q || !rows->xs) {
+        free(rows->q), free(rows->xs);
+        for (int64_t i = 0; i < m * n; i++) y[i] = NAN;
+        return 0;
+    }
+    rows->aq = rows->q + m * rows->k32;
+    quantize_rows_q8(x, m, k, rows->k32, rows->q, rows->aq, rows->xs, threads);
+    return 1;
+}
+
+/* The threads take contiguous runs of panels; each walks rows in passes of MC and columns in
+ * passes of QKC (blocks b0 .. b0 + nb), running `tile(p, b0, nb, r0, r1)` for each of its panels p. */
+#define BYTE_PASSES(rows, m, panels, threads, tile)                                                     \
+    do {                                                                                                \
+        int threads_ = (threads) < (panels) ? (threads) : (int)(panels);                                \
+        _Pragma("omp parallel for num_threads(threads_) schedule(static) if (threads_ > 1)")            \
+        for (int t = 0; t < threads_; t++) {                                                            \
+            int64_t first = (panels) * t / threads_, last = (panels) * (t + 1) / threads_;              \
+            for (int64_t r0 = 0; r0 < (m); r0 += MC) {                                                 \
+                int64_t r1 = r0 + MC < (m) ? r0 + MC : (m);                                           \
+                for (int64_t b0 = 0; b0 < (rows).blocks; b0 += QKC / QB) {                              \
+                    int64_t nb = (rows).blocks - b0 < QKC / QB ? (rows).blocks - b0 : QKC / QB;         \
+                    for (int64_t p = first; p < last; p++) tile;                                        \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+    } while (0)
 
 #if defined(__AVX2__)
 /* R rows x one panel over `blocks` blocks (wb: the panel's first, 4 * PANEL bytes a quad): y's 16
@@ -691,31 +731,29 @@ static inline void micro_q8_##R(const int8_t *q, const int8_t *aq, int64_t ldq, 
 MICRO_Q8(1) MICRO_Q8(2) MICRO_Q8(3)
 #endif
 
-/* Rows [r0, r1) of one panel over blocks [b0, b0 + blocks) (the pass's). */
-static void tile_q8(const int8_t *q, const int8_t *aq, int64_t k32, const float *xs, int64_t nblocks,
-                    const int8_t *wb, int64_t b0, int64_t blocks, int fresh, const float *scale, float *y,
-                    int64_t ldy, int64_t r0, int64_t r1) {
+/* Rows [r0, r1) of one panel (wb: its weights) over blocks [b0, b0 + blocks) (the pass's). */
+static void tile_q8(const ByteRows *x, const int8_t *wb, int64_t b0, int64_t blocks, int fresh, const float *scale,
+                    float *y, int64_t ldy, int64_t r0, int64_t r1) {
 #if defined(__AVX2__)
     for (int64_t r = r0; r < r1; r += MR_Q8) {
-        const int8_t *qr = q + r * k32 + b0 * QB, *ar = aq + r * k32 + b0 * QB, *w = wb + b0 * QB * PANEL;
-        const float *xr = xs + r * nblocks + b0;
+        const int8_t *qr = x->q + r * x->k32 + b0 * QB, *ar = x->aq + r * x->k32 + b0 * QB, *w = wb + b0 * QB * PANEL;
+        const float *xr = x->xs + r * x->blocks + b0;
         float *yr = y + r * ldy;
         switch (r1 - r < MR_Q8 ? r1 - r : MR_Q8) {
-        case 1: micro_q8_1(qr, ar, k32, xr, nblocks, w, blocks, fresh, scale, yr, ldy); break;
-        case 2: micro_q8_2(qr, ar, k32, xr, nblocks, w, blocks, fresh, scale, yr, ldy); break;
-        default: micro_q8_3(qr, ar, k32, xr, nblocks, w, blocks, fresh, scale, yr, ldy); break;
+        case 1: micro_q8_1(qr, ar, x->k32, xr, x->blocks, w, blocks, fresh, scale, yr, ldy); break;
+        case 2: micro_q8_2(qr, ar, x->k32, xr, x->blocks, w, blocks, fresh, scale, yr, ldy); break;
+        default: micro_q8_3(qr, ar, x->k32, xr, x->blocks, w, blocks, fresh, scale, yr, ldy); break;
         }
     }
 #else
-    (void)aq;
     for (int64_t r = r0; r < r1; r++)
         for (int j = 0; j < PANEL; j++) {
             float acc = fresh ? 0.f : y[r * ldy + j];
             for (int64_t b = b0; b < b0 + blocks; b++) {
                 int32_t sum = 0;
                 for (int64_t i = 0; i < QB; i++)
-                    sum += q[r * k32 + b * QB + i] * wb[((b * QB + i) / 4 * PANEL + j) * 4 + i % 4];
-                acc = fmaf((float)sum, xs[r * nblocks + b], acc);
+                    sum += x->q[r * x->k32 + b * QB + i] * wb[((b * QB + i) / 4 * PANEL + j) * 4 + i % 4];
+                acc = fmaf((float)sum, x->xs[r * x->blocks + b], acc);
             }
             y[r * ldy + j] = scale ? acc * scale[j] : acc;
         }
@@ -727,30 +765,13 @@ void linear_q8(const float *restrict x, const int8_t *restrict wb, const float *
                const uint16_t *restrict group_scale, float *restrict y, int64_t m, int64_t panels, int64_t k,
                int threads) {
     (void)group_scale;
-    int64_t k32 = (k + QB - 1) / QB * QB, blocks = k32 / QB, ldy = panels * PANEL;
-    int8_t *q = malloc((size_t)(2 * m * k32));
-    float *xs = malloc((size_t)(m * blocks) * sizeof *xs);
-    if (!q || !xs) {  /* out of memory: NaN, a result no one mistakes for a number */
-        free(q), free(xs);
-        for (int64_t i = 0; i < m * ldy; i++) y[i] = NAN;
-        return;
-    }
-    int8_t *aq = q + m * k32;
-    quantize_rows_q8(x, m, k, k32, q, aq, xs, threads);
-    int threads_ = threads < panels ? threads : (int)panels;
-    #pragma omp parallel for num_threads(threads_) schedule(static) if (threads_ > 1)
-    for (int t = 0; t < threads_; t++) {
-        int64_t first = panels * t / threads_, last = panels * (t + 1) / threads_;
-        for (int64_t r0 = 0; r0 < m; r0 += QMC)
-            for (int64_t c = 0; c < k32; c += QKC) {
-                int64_t pass = k32 - c < QKC ? k32 - c : QKC;
-                for (int64_t p = first; p < last; p++)
-                    tile_q8(q, aq, k32, xs, blocks, wb + p * k32 * PANEL, c / QB, pass / QB, c == 0,
-                            c + pass == k32 ? scale + p * PANEL : 0, y + p * PANEL, ldy, r0,
-                            r0 + QMC < m ? r0 + QMC : m);
-            }
-    }
-    free(q), free(xs);
+    ByteRows rows;
+    int64_t ldy = panels * PANEL;
+    if (!byte_rows_of(x, m, k, &rows, y, ldy, threads)) return;
+    BYTE_PASSES(rows, m, panels, threads,
+                tile_q8(&rows, wb + p * rows.k32 * PANEL, b0, nb, b0 == 0,
+                        b0 + nb == rows.blocks ? scale + p * PANEL : 0, y + p * PANEL, ldy, r0, r1));
+    free(rows.q), free(rows.xs);
 }
 
 /* ---- w4a8: 4-bit weights times 8-bit activations (--quantize w4a8), llama.cpp's Q4_0 x Q8_0 ----
@@ -815,24 +836,22 @@ static inline void micro_q4_##R(const int8_t *q, const int8_t *aq, int64_t ldq, 
 MICRO_Q4(1) MICRO_Q4(2) MICRO_Q4(3)
 #endif
 
-/* Rows [r0, r1) of one panel over blocks [b0, b0 + blocks) (gs: the panel's scales (groups, 16)). */
-static void tile_q4(const int8_t *q, const int8_t *aq, int64_t k32, const float *xs, int64_t nblocks,
-                    const uint8_t *wb, const uint16_t *gs, int64_t b0, int64_t blocks, int fresh, float *y,
-                    int64_t ldy, int64_t r0, int64_t r1) {
+/* Rows [r0, r1) of one panel (wb, gs: its weights and scales (groups, 16)) over blocks [b0, b0 + blocks). */
+static void tile_q4(const ByteRows *x, const uint8_t *wb, const uint16_t *gs, int64_t b0, int64_t blocks, int fresh,
+                    float *y, int64_t ldy, int64_t r0, int64_t r1) {
 #if defined(__AVX2__)
     for (int64_t r = r0; r < r1; r += MR_Q8) {
-        const int8_t *qr = q + r * k32 + b0 * QB, *ar = aq + r * k32 + b0 * QB;
+        const int8_t *qr = x->q + r * x->k32 + b0 * QB, *ar = x->aq + r * x->k32 + b0 * QB;
         const uint8_t *w = wb + b0 * QB * PANEL / 2;
-        const float *xr = xs + r * nblocks + b0;
+        const float *xr = x->xs + r * x->blocks + b0;
         float *yr = y + r * ldy;
         switch (r1 - r < MR_Q8 ? r1 - r : MR_Q8) {
-        case 1: micro_q4_1(qr, ar, k32, xr, nblocks, w, gs + b0 * PANEL, blocks, fresh, yr, ldy); break;
-        case 2: micro_q4_2(qr, ar, k32, xr, nblocks, w, gs + b0 * PANEL, blocks, fresh, yr, ldy); break;
-        default: micro_q4_3(qr, ar, k32, xr, nblocks, w, gs + b0 * PANEL, blocks, fresh, yr, ldy); break;
+        case 1: micro_q4_1(qr, ar, x->k32, xr, x->blocks, w, gs + b0 * PANEL, blocks, fresh, yr, ldy); break;
+        case 2: micro_q4_2(qr, ar, x->k32, xr, x->blocks, w, gs + b0 * PANEL, blocks, fresh, yr, ldy); break;
+        default: micro_q4_3(qr, ar, x->k32, xr, x->blocks, w, gs + b0 * PANEL, blocks, fresh, yr, ldy); break;
         }
     }
 #else
-    (void)aq;
     for (int64_t r = r0; r < r1; r++)
         for (int j = 0; j < PANEL; j++) {
             float acc = fresh ? 0.f : y[r * ldy + j];
@@ -841,9 +860,9 @@ static void tile_q4(const int8_t *q, const int8_t *aq, int64_t k32, const float 
                 for (int64_t i = 0; i < QB; i++) {
                     int64_t c = b * QB + i;  /* byte: two quads of columns, this output's four */
                     uint8_t byte = wb[((c / 8) * PANEL + j) * 4 + c % 4];
-                    sum += q[r * k32 + c] * ((c % 8 < 4 ? byte & 0x0f : byte >> 4) - 8);
+                    sum += x->q[r * x->k32 + c] * ((c % 8 < 4 ? byte & 0x0f : byte >> 4) - 8);
                 }
-                acc = fmaf((float)sum, xs[r * nblocks + b] * bf16_value(gs[b * PANEL + j]), acc);
+                acc = fmaf((float)sum, x->xs[r * x->blocks + b] * bf16_value(gs[b * PANEL + j]), acc);
             }
             y[r * ldy + j] = acc;
         }
@@ -856,29 +875,13 @@ void linear_q4(const float *restrict x, const uint8_t *restrict wb, const float 
                const uint16_t *restrict group_scale, float *restrict y, int64_t m, int64_t panels, int64_t k,
                int threads) {
     (void)scale;
-    int64_t k32 = (k + QB - 1) / QB * QB, blocks = k32 / QB, ldy = panels * PANEL;
-    int8_t *q = malloc((size_t)(2 * m * k32));
-    float *xs = malloc((size_t)(m * blocks) * sizeof *xs);
-    if (!q || !xs) {
-        free(q), free(xs);
-        for (int64_t i = 0; i < m * ldy; i++) y[i] = NAN;
-        return;
-    }
-    int8_t *aq = q + m * k32;
-    quantize_rows_q8(x, m, k, k32, q, aq, xs, threads);
-    int threads_ = threads < panels ? threads : (int)panels;
-    #pragma omp parallel for num_threads(threads_) schedule(static) if (threads_ > 1)
-    for (int t = 0; t < threads_; t++) {
-        int64_t first = panels * t / threads_, last = panels * (t + 1) / threads_;
-        for (int64_t r0 = 0; r0 < m; r0 += QMC)
-            for (int64_t c = 0; c < k32; c += QKC) {
-                int64_t pass = k32 - c < QKC ? k32 - c : QKC;
-                for (int64_t p = first; p < last; p++)
-                    tile_q4(q, aq, k32, xs, blocks, wb + p * k32 * PANEL / 2, group_scale + p * blocks * PANEL,
-                            c / QB, pass / QB, c == 0, y + p * PANEL, ldy, r0, r0 + QMC < m ? r0 + QMC : m);
-            }
-    }
-    free(q), free(xs);
+    ByteRows rows;
+    int64_t ldy = panels * PANEL;
+    if (!byte_rows_of(x, m, k, &rows, y, ldy, threads)) return;
+    BYTE_PASSES(rows, m, panels, threads,
+                tile_q4(&rows, wb + p * rows.k32 * PANEL / 2, group_scale + p * rows.blocks * PANEL, b0, nb,
+                        b0 == 0, y + p * PANEL, ldy, r0, r1));
+    free(rows.q), free(rows.xs);
 }
 
 /* x (m, d), w (d,) -> y (m, d) = w * x / sqrt(mean(x^2) + eps) */
