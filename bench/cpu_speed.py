@@ -9,11 +9,11 @@ benchmark that owns it (run as subprocesses, one at a time, on this machine).
   - bench/latency.py --mixtral-layers 1 --workers 0 --quantize int8,int4 --batches 1 --repeats 1:
     decode of one sequence over the roofline of the bytes it reads;
   - here: the serving loop in process (bench/serve.py's `ours`), 32 requests at once of mixed
-    lengths, int4 then int8 then int4 again (the machine drifts: the two int4 runs' mean).
+    lengths, int4, int8, w4a8, then int4 again (the machine drifts: the two int4 runs' mean).
 
 Last line: prefill_int8_over_peak=<a> prefill_int4_over_peak=<b> prefill_4k_over_1k=<c>
-int4_b1_roofline=<d> int4_over_int8_c32=<e>, then the byte-activation modes' prefill_w8a8_over_peak
-and prefill_w4a8_over_peak.
+int4_b1_roofline=<d> int4_over_int8_c32=<e>, then the byte-activation modes' prefill_w8a8_over_peak,
+prefill_w4a8_over_peak and w4a8_over_int8_c32.
 """
 
 from __future__ import annotations
@@ -47,30 +47,32 @@ def last_line_of(script: str, *args: str) -> dict[str, float]:
     return {name: float(value) for name, value in re.findall(r"(\w+)=([-\d.na]+)", last)}
 
 
-def serving_int4_over_int8(concurrency: int = 32) -> float:
+def serving_over_int8(concurrency: int = 32) -> dict[str, float]:
+    """int4's and w4a8's tokens/s over int8's through the serving loop."""
     with tempfile.TemporaryDirectory() as tmp:
         path = write_tiny_checkpoint(tmp, **TINY)
         tokenizer = load_tokenizer(path)
         requests = workload(concurrency, seed=3)
         rates = {}
-        for quantize in ("int4", "int8", "int4"):
+        for quantize in ("int4", "int8", "w4a8", "int4"):
             rate, _ = ours(Engine.local(path, kv_blocks=2048, quantize=quantize), tokenizer, requests, concurrency)
             rates.setdefault(quantize, []).append(rate)
             print(f"serving, {quantize}, c{concurrency}: {rate:.0f} tokens/s", flush=True)
-    return sum(rates["int4"]) / len(rates["int4"]) / rates["int8"][0]
+    return {"int4": sum(rates["int4"]) / len(rates["int4"]) / rates["int8"][0],
+            "w4a8": rates["w4a8"][0] / rates["int8"][0]}
 
 
 def main() -> None:
     prefill = last_line_of("prefill.py", "--prompts", "1024", "--repeats", "1")
     latency = last_line_of("latency.py", "--mixtral-layers", "1", "--workers", "0", "--quantize", "int8,int4",
                            "--batches", "1", "--repeats", "1")
-    ratio = serving_int4_over_int8()
+    ratio = serving_over_int8()
     print(f"prefill_int8_over_peak={prefill['prefill_int8_over_peak']:.3f} "
           f"prefill_int4_over_peak={prefill['prefill_int4_over_peak']:.3f} "
           f"prefill_4k_over_1k={prefill['prefill_4k_over_1k']:.2f} "
-          f"int4_b1_roofline={latency['decode_b1_int4_over_roofline']:.2f} int4_over_int8_c32={ratio:.2f} "
+          f"int4_b1_roofline={latency['decode_b1_int4_over_roofline']:.2f} int4_over_int8_c32={ratio['int4']:.2f} "
           f"prefill_w8a8_over_peak={prefill['prefill_w8a8_over_peak']:.3f} "
-          f"prefill_w4a8_over_peak={prefill['prefill_w4a8_over_peak']:.3f}")
+          f"prefill_w4a8_over_peak={prefill['prefill_w4a8_over_peak']:.3f} w4a8_over_int8_c32={ratio['w4a8']:.2f}")
 
 
 if __name__ == "__main__":
