@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import grpc
 import pytest
@@ -80,8 +81,11 @@ def test_serve_prints_the_kv_cache_and_stays_within_its_weights_and_cache(tiny):
             for i in range(4):
                 sampling = pb.SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
                 list(stub.Generate(pb.GenerateRequest(token_ids=[1, 30 + i] * 40, sampling=sampling), timeout=60))
-        resident = _resident_mib(server.proc.pid)
-        assert resident - before <= 1.3 * (weights + kv), (resident, before, weights, kv, ready)
+        # the serving loop gives its heap's free pages back once idle (core/heap.py): wait for it
+        deadline = time.monotonic() + 60
+        while (resident := _resident_mib(server.proc.pid)) - before > 1.3 * (weights + kv):
+            assert time.monotonic() < deadline, (resident, before, weights, kv, ready)
+            time.sleep(0.5)
     finally:
         assert server.stop() == 0
 
