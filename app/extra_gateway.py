@@ -43,7 +43,7 @@ def cmd_gateway(args) -> int:
     from expertmesh.cluster.router_directory import find_routers
     from expertmesh.router.requests import RequestLimits
     from expertmesh.router.structured import Grammars
-    from expertmesh.server import GatewayThread, announce, door_security, model_info
+    from expertmesh.server import announce, door_security, model_info, open_doors
 
     logging.basicConfig(level=logging.WARNING)
     token, tls = door_security(args)
@@ -74,15 +74,7 @@ def cmd_gateway(args) -> int:
             metrics = Metrics(model_name=names[0])
             metrics.watch_fleet(fleet)
             metrics_port = metrics.serve(args.host, args.metrics_port)
-        http_app = None
-        if args.http:
-            from expertmesh.api.http_api import OpenAIApi
-
-            http_app = OpenAIApi(fleet, generation.prompts, names, lambda: gateway.serving_now(),
-                                 generation.prepare, auth_token=token, max_body_bytes=args.max_message_bytes,
-                                 count=metrics and metrics.counter_of("http"), drain=generation.drain).app()
-        gateway = GatewayThread((generation, admin, http_app), fleet, args, token, tls,
-                                count=metrics and metrics.counter_of("grpc"))
+        gateway = open_doors(args, generation, admin, fleet, names, token, tls, metrics)
         threading.Thread(target=_discover, args=(fleet, stop), name="expertmesh-discover", daemon=True).start()
         _warm_up(fleet, config.bos_token_id, settings.heartbeat_timeout_s + 60)
         gateway.mark_warmed()

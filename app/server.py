@@ -191,15 +191,7 @@ def cmd_serve(args) -> int:
                 metrics.watch_cluster(cluster)
                 metrics.watch_fleet(fleet)
             metrics_port = metrics.serve(args.host, args.metrics_port)
-        http_app = None
-        if args.http:
-            from expertmesh.api.http_api import OpenAIApi
-
-            http_app = OpenAIApi(front, generation.prompts, names, lambda: gateway.serving_now(),
-                                 generation.prepare, auth_token=token, max_body_bytes=args.max_message_bytes,
-                                 count=metrics and metrics.counter_of("http"), drain=generation.drain).app()
-        gateway = GatewayThread((generation, admin, http_app), front, args, token, tls,
-                                count=metrics and metrics.counter_of("grpc"))
+        gateway = open_doors(args, generation, admin, front, names, token, tls, metrics)
         # One real step before saying SERVING: the whole path (and every worker) works.
         serving.generate([[config.bos_token_id]], SamplingParams(max_new_tokens=1))
         gateway.mark_warmed()
@@ -240,6 +232,21 @@ def cmd_serve(args) -> int:
             logging.shutdown()
             os._exit(0)
     return 0
+
+
+def open_doors(args, generation, admin, front, names, token, tls, metrics) -> GatewayThread:
+    """The gRPC door (generation, admin) and, unless --no-http, the OpenAI HTTP door over `front`
+    (router 0 alone, or a fleet), sharing auth, limits, drain and the metrics' request counts."""
+    http_app = None
+    if args.http:
+        from expertmesh.api.http_api import OpenAIApi
+
+        http_app = OpenAIApi(front, generation.prompts, names, lambda: gateway.serving_now(), generation.prepare,
+                             auth_token=token, max_body_bytes=args.max_message_bytes,
+                             count=metrics and metrics.counter_of("http"), drain=generation.drain).app()
+    gateway = GatewayThread((generation, admin, http_app), front, args, token, tls,
+                            count=metrics and metrics.counter_of("grpc"))
+    return gateway
 
 
 def door_security(args) -> tuple[str | None, tuple[bytes, bytes] | None]:
