@@ -690,6 +690,18 @@ static int byte_rows_of(const float *x, int64_t m, int64_t k, ByteRows *rows, fl
     } while (0)
 
 #if defined(__AVX2__)
+/* One quad of columns for one row: its four x values (q, and their magnitudes aq) times the quad's
+ * weights of the panel's outputs 0-7 (w0) and 8-15 (w1), into that row's int32 sums. */
+static inline void add_quad(__m256i sums[2], __m256i w0, __m256i w1, const int8_t *q, const int8_t *aq,
+                            __m256i ones) {
+    int32_t xq, xa;
+    memcpy(&xq, q, sizeof xq);
+    memcpy(&xa, aq, sizeof xa);
+    __m256i xv = _mm256_set1_epi32(xq), av = _mm256_set1_epi32(xa);
+    sums[0] = _mm256_add_epi32(sums[0], _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(w0, xv)), ones));
+    sums[1] = _mm256_add_epi32(sums[1], _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(w1, xv)), ones));
+}
+
 /* R rows x one panel over `blocks` blocks (wb: the panel's first, 4 * PANEL bytes a quad): y's 16
  * outputs (+)= the blocks' sums, times scale when given (the last pass). */
 #define MICRO_Q8(R)                                                                                     \
@@ -707,16 +719,8 @@ static inline void micro_q8_##R(const int8_t *q, const int8_t *aq, int64_t ldq, 
             const int8_t *w = wb + (b * QB + s * 4) * PANEL;                                            \
             __m256i w0 = _mm256_loadu_si256((const __m256i *)w);                                        \
             __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + 32));                                 \
-            for (int r = 0; r < R; r++) {                                                               \
-                int32_t xq, xa;                                                                         \
-                memcpy(&xq, q + r * ldq + b * QB + s * 4, sizeof xq);                                   \
-                memcpy(&xa, aq + r * ldq + b * QB + s * 4, sizeof xa);                                  \
-                __m256i xv = _mm256_set1_epi32(xq), av = _mm256_set1_epi32(xa);                         \
-                sums[r][0] = _mm256_add_epi32(sums[r][0], _mm256_madd_epi16(                           \
-                    _mm256_maddubs_epi16(av, _mm256_sign_epi8(w0, xv)), ones));                         \
-                sums[r][1] = _mm256_add_epi32(sums[r][1], _mm256_madd_epi16(                           \
-                    _mm256_maddubs_epi16(av, _mm256_sign_epi8(w1, xv)), ones));                         \
-            }                                                                                           \
+            for (int r = 0; r < R; r++)                                                                 \
+                add_quad(sums[r], w0, w1, q + r * ldq + b * QB + s * 4, aq + r * ldq + b * QB + s * 4, ones); \
         }                                                                                               \
         for (int r = 0; r < R; r++) {                                                                   \
             __m256 step = _mm256_set1_ps(xs[r * ldxs + b]);                                             \
@@ -809,16 +813,9 @@ static inline void micro_q4_##R(const int8_t *q, const int8_t *aq, int64_t ldq, 
                 {_mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v0, 4), low4), eight),               \
                  _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v1, 4), low4), eight)}};             \
             for (int half = 0; half < 2; half++)                                                        \
-                for (int r = 0; r < R; r++) {                                                           \
-                    int32_t xq, xa;                                                                     \
-                    memcpy(&xq, q + r * ldq + b * QB + s * 8 + half * 4, sizeof xq);                    \
-                    memcpy(&xa, aq + r * ldq + b * QB + s * 8 + half * 4, sizeof xa);                   \
-                    __m256i xv = _mm256_set1_epi32(xq), av = _mm256_set1_epi32(xa);                     \
-                    sums[r][0] = _mm256_add_epi32(sums[r][0], _mm256_madd_epi16(                       \
-                        _mm256_maddubs_epi16(av, _mm256_sign_epi8(wq[half][0], xv)), ones));            \
-                    sums[r][1] = _mm256_add_epi32(sums[r][1], _mm256_madd_epi16(                       \
-                        _mm256_maddubs_epi16(av, _mm256_sign_epi8(wq[half][1], xv)), ones));            \
-                }                                                                                       \
+                for (int r = 0; r < R; r++)                                                             \
+                    add_quad(sums[r], wq[half][0], wq[half][1], q + r * ldq + b * QB + s * 8 + half * 4,  \
+                             aq + r * ldq + b * QB + s * 8 + half * 4, ones);                           \
         }                                                                                               \
         __m256 g[2];                                                                                    \
         for (int h = 0; h < 2; h++)                                                                     \
