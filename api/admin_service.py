@@ -26,7 +26,8 @@ MAX_SCALE = 1024
 
 def placement_to_proto(placement: dict) -> pb.Placement:
     """The cluster's placement() dict -> Placement."""
-    msg = pb.Placement(epoch=placement["epoch"], recoveries=placement["recoveries"],
+    msg = pb.Placement(epoch=placement["epoch"], version=placement.get("version", 0),
+                       recoveries=placement["recoveries"],
                        worker_memory_bytes=placement.get("worker_memory_bytes") or 0,
                        expert_bytes=placement.get("expert_bytes", 0))
     for w in placement["workers"]:

@@ -59,7 +59,7 @@ def cmd_generate(args) -> int:
 
 
 def _placement_dict(placement: pb.Placement) -> dict:
-    return {"epoch": placement.epoch, "recoveries": placement.recoveries,
+    return {"epoch": placement.epoch, "version": placement.version, "recoveries": placement.recoveries,
             "worker_memory_bytes": placement.worker_memory_bytes or None, "expert_bytes": placement.expert_bytes,
             "workers": [{"worker": w.worker, "node": w.node, "pid": w.pid,
                          "experts": [f"{e.layer}:{e.expert}" for e in w.experts],
@@ -81,7 +81,8 @@ def _mib(nbytes: float) -> str:
 
 def _print_placement(placement: pb.Placement, num_layers: int = 0, num_experts: int = 0) -> None:
     budget = f", a worker may hold {_mib(placement.worker_memory_bytes)}" if placement.worker_memory_bytes else ""
-    print(f"placement: epoch {placement.epoch}, {len(placement.workers)} workers, {placement.recoveries} recoveries, "
+    print(f"placement: epoch {placement.epoch} (record version {placement.version}), {len(placement.workers)} workers, "
+          f"{placement.recoveries} recoveries, "
           f"{_mib(placement.expert_bytes)} an expert{budget}")
     print()
     print(_table(["worker", "pid", "node", "experts", "replicated", "weights", "busy", "messages"],
@@ -121,7 +122,7 @@ def cmd_info(args) -> int:
         routers = [{"router": r.router, "pid": r.pid, "node": r.node, "state": r.state, "streams": r.streams,
                     "kv_blocks_free": r.kv_blocks_free, "kv_blocks_total": r.kv_blocks_total, "epoch": r.epoch}
                    for r in info.routers]
-        live = _placement_dict(placement) if placement else {"epoch": 0, "recoveries": 0, "workers": []}
+        live = _placement_dict(placement) if placement else {"epoch": 0, "version": 0, "recoveries": 0, "workers": []}
         print(json.dumps({"model": model, "routers": routers, **live}))
         return 0
     print(f"model {info.model_name}: {info.num_layers} layers x {info.num_experts} experts "

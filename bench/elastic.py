@@ -154,7 +154,7 @@ def main() -> None:
 
         settings = ServingConfig(redundancy=2, standby_workers=1, kv_cache_memory="256MiB")
         cluster = ExpertCluster(path, 3, settings=settings, kv_blocks=2048)
-        while not cluster.standby:
+        while not cluster.standby.handles():
             time.sleep(0.1)
         streams = Streams(cluster, path, args.streams)
         try:
@@ -170,7 +170,7 @@ def main() -> None:
                 marks[name] = time.monotonic() - t0
                 table[name] = streams.gaps(t0, time.monotonic(), name, args.show_steps)
                 time.sleep(1.0)
-            while not cluster.standby:  # the worker add took it: a new one starts in the background
+            while not cluster.standby.handles():  # the worker add took it: a new one starts in the background
                 time.sleep(0.1)
             time.sleep(1.0)
             t0 = time.monotonic()
@@ -184,7 +184,7 @@ def main() -> None:
                 moved = wait_epoch_change(cluster, epoch)
                 marks[name] = moved - t0
                 # the window runs until the cluster is whole again: workers, copies and standby
-                while len(cluster.workers) < 4 or not cluster.standby:
+                while len(cluster.workers) < 4 or not cluster.standby.handles():
                     time.sleep(0.1)
                 time.sleep(1.0)
                 table[name] = streams.gaps(t0, time.monotonic(), name, args.show_steps)

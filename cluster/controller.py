@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from expertmesh.cluster import planner
 from expertmesh.cluster.progress import progress
+from expertmesh.cluster.record import StaleRecord
 
 log = logging.getLogger("expertmesh.controller")
 SUSTAIN_WINDOWS = 2  # windows in a row above --scale-up-busy before a worker is added
@@ -129,7 +130,8 @@ class Controller:
         return "none"
 
     def _rebalance(self, rows: dict, why: str, force: bool = False) -> bool:
-        current, copies = self.cluster.plan, self.cluster.settings.redundancy
+        record = self.cluster.read()  # the plan and the version it is computed from
+        current, copies = record.plan, self.cluster.settings.redundancy
         slots = -(-current.num_experts * min(copies, current.num_workers) // current.num_workers) \
             + self.settings.spare_slots
         budget = self.cluster.budget
@@ -144,5 +146,9 @@ class Controller:
             return False
         self._decide("rebalance", f"{why}: balance {before:.2f} -> {after:.2f} (max/mean worker load), "
                      f"{planner.moves(current, new)} copies to load")
-        self.cluster.apply_plan(new, reason="autoscale rebalance")
+        try:
+            self.cluster.apply_plan(new, reason="autoscale rebalance", based_on=record.version)
+        except StaleRecord as exc:  # a recovery or a manual change came first: the next window decides again
+            progress(f"controller: rebalance not applied: {exc}")
+            return False
         return True

@@ -1,19 +1,23 @@
 """The elastic expert cluster: workers and placement that change while requests stream.
 
-Who owns what:
+Who owns what (docs/architecture.md draws it):
 - The serving loop's thread (router/serving.py) alone touches the engine and its expert path. The
   control plane prepares every change elsewhere and hands the loop a commit (`loop.call`), which the
   loop runs between two steps: switch to the next epoch's pairs, or to a new plan on the same pairs.
-- One control thread (`_control`) runs every change of membership or placement, one at a time, in
-  order: recoveries, planned changes (scale, rebalance), restores. It alone writes the placement
-  record (plan, workers, epoch) and hands out epochs and worker ids; other threads read the record
-  under `_record`. Slow preparation that is not a change of the record (starting worker processes,
-  waiting for Ray to place them) happens on the caller's thread, before the change is queued.
+  With no loop attached there is no change.
+- The placement record (cluster/record.py: version, epoch, plan, workers) is written only by the
+  change runner (cluster/change_runner.py), whose one control thread runs every change of
+  membership or placement in order: recoveries, planned changes (scale, rebalance), restores,
+  routers joining. Everyone else reads versioned snapshots. Slow preparation that is not a change
+  of the record (starting worker processes, waiting for Ray to place them) happens on the caller's
+  thread, before the change is queued.
+- The heartbeat monitor (cluster/health.py) only reports losses; this class fences the workers and
+  asks the runner for a recovery. Standby workers are the pool's (cluster/standby.py).
 - The record is checked against the world: every change is computed from what the workers report
   holding, and after every change (applied or abandoned) each worker drops what the record does not
   name, so an interrupted change is rolled back (not committed) or forward (committed).
 
-Faults: a heartbeat monitor asks every worker for a sign of life every heartbeat_timeout_s / 4; one
+Faults: a heartbeat monitor asks every worker for a sign of life every heartbeat_timeout_s / 8; one
 that does not answer within heartbeat_timeout_s (SIGSTOPped, wedged) is fenced (killed), which turns
 the stall into a death the data path sees at once. Each worker has a pair of its own with the router
 (core/wire.py), so a death fails only that worker's messages. When every expert it held has a copy
@@ -36,15 +40,18 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from itertools import count
 
 import ray
 import torch
 
+from expertmesh.cluster.change_runner import ChangeInterrupted, ChangeRunner
+from expertmesh.cluster.health import HeartbeatMonitor
 from expertmesh.cluster.memory_budget import expert_bytes, memory_budget, redundancy_shortfall
 from expertmesh.cluster.placement import PlacementError, PlacementPlan
 from expertmesh.cluster.progress import progress
+from expertmesh.cluster.record import Placement, PlacementRecord, RecordWriter, StaleRecord
 from expertmesh.cluster.router_set import RouterSet
+from expertmesh.cluster.standby import StandbyPool
 from expertmesh.cluster.worker_pool import (
     WorkerHandle,
     ensure_ray,
@@ -64,11 +71,9 @@ from expertmesh.router.model import RouterModel
 
 log = logging.getLogger("expertmesh.cluster")
 CONTROL_CALL_S = 10.0  # a control call (held, drop, stats) that a live worker answers well within this
-POLL_S = 0.1  # how often a long wait on workers looks whether it should give way
-
-
-class ChangeInterrupted(RuntimeError):
-    """A worker was lost (or the cluster is stopping) while a change was prepared; it was not applied."""
+MIN_LOAD_BYTES_S = 20e6  # a load slower than this (a disk at a crawl, a wedged worker) is given up
+COMMIT_WAIT_S = 300.0  # a step boundary comes within one step; a CPU step at real sizes can take tens of seconds
+__all__ = ["ChangeInterrupted", "ExpertCluster", "StaleRecord"]
 
 
 class ExpertCluster:
@@ -104,53 +109,70 @@ class ExpertCluster:
         self.target_workers = num_workers  # what restoring brings the count back to
         self.backend = "nccl" if self.gpus else "gloo"
         self.device = torch.device("cuda" if self.gpus else "cpu")
-        self._record = threading.Lock()  # plan, workers, epoch, standby and the counters, for readers
-        self._ids, self._epochs = count(), count()  # never reused; advanced under _record
-        self._stopping = threading.Event()  # shutdown: nothing may start a worker any more
-        self._interrupt = threading.Event()  # a recovery waits: a change in preparation gives way
-        self._control = ThreadPoolExecutor(1, thread_name_prefix="expertmesh-control")
-        self._recovery: Future | None = None  # the recovery asked for and not yet done
-        self._fenced: set[int] = set()  # workers the monitor killed for missing heartbeats
-        self._dropped: set[int] = set()  # workers the data path lost (their pair failed)
-        self._helpers: list[threading.Thread] = []  # restorers and standby refills
+        self.record = PlacementRecord()  # read by anyone; written only by the change running in `changes`
+        self.changes = ChangeRunner(self.record)
+        self.standby = StandbyPool(settings.standby_workers, self._start_fresh, self.changes.stopping,
+                                   self._restoring)
+        self._helpers: list[threading.Thread] = []  # restorers
         # the last recovery that served on without the lost workers: (the plan before the loss, its
-        # workers' ids, the plan after): what restoring puts back, while the plan is still that one
-        self._last_loss: tuple[PlacementPlan, list[int], PlacementPlan] | None = None
-        self._retired: list[ExpertDispatcher] = []  # switched out by the loop, let go by the control thread
+        # workers' ids, the record's version after): what restoring puts back, while the record is at
+        # that version. Written on the control thread only.
+        self._last_loss: tuple[PlacementPlan, list[int], int] | None = None
         self.loop = None  # the serving loop that applies commits (router/serving.py)
-        self.recoveries = 0
+        self.recoveries = 0  # written on the control thread only
         self.metrics = None  # api/metrics.py's Metrics, when the server exports them
         self.expert_rows = torch.zeros(config.num_layers, config.num_experts, dtype=torch.int64)  # (L, E)
         self.replies = ReplyRecord()  # the data path's reply times and late replies, across epochs
         self.routers = RouterSet(self.backend, settings.collective_timeout_s)  # the fleet's other routers
-        ids = [self._new_id() for _ in range(num_workers)]
+        ids = [self.record.new_worker_id() for _ in range(num_workers)]
         workers = start_workers(ids, {w: plan.worker_pairs(i) for i, w in enumerate(ids)}, self.model_dir,
                                 settings, self.gpus)
         try:
             self.store_host = ray.util.get_node_ip_address()
             self.store_port = free_port(self.store_host)
             self.store = wire.open_store(self.store_host, self.store_port, True, settings.collective_timeout_s)
-            epoch = self._new_epoch()
+            epoch = self.record.new_epoch()
             pairs = self._form_epoch(epoch, workers)
         except BaseException:
             for h in workers:
                 stop_worker(h)
             raise
-        self.plan, self.workers, self.epoch = plan, workers, epoch
-        self.standby: list[WorkerHandle] = []
-        self.worker_bytes = ray.get([h.actor.nbytes.remote() for h in self.workers])
+        self.changes.run(lambda writer: writer.write(0, epoch=epoch, plan=plan, workers=workers))
+        self.worker_bytes = ray.get([h.actor.nbytes.remote() for h in workers])
         dtype = DTYPES[settings.dtype]
         model = RouterModel.from_checkpoint(self.checkpoint, dtype, self.device, settings.quantize)  # GPU too
         cache = KVCache(config, kv_blocks, settings.block_size, dtype, self.device)
         here = ray.get_runtime_context().get_node_id()
-        local = any(h.node_id == here for h in self.workers)
+        local = any(h.node_id == here for h in workers)
         # CPU workers on this node share its cores with the router (see Engine.layer_threads).
         self.engine = Engine(model, self._dispatcher(pairs, plan, workers), cache, pingpong=settings.pingpong,
                              pingpong_min_tokens=settings.pingpong_min_tokens,
                              layer_threads=1 if local and not self.gpus else None)
-        self._refill_standby()
-        self._monitor = threading.Thread(target=self._watch, name="expertmesh-heartbeats", daemon=True)
-        self._monitor.start()
+        self.standby.refill()
+        self._monitor = HeartbeatMonitor(lambda: self.record.read().workers, settings.heartbeat_timeout_s,
+                                         self._fence)
+
+    # ---- reads of the record ---------------------------------------------------------------------
+
+    def read(self) -> Placement:
+        """The placement record now: version, epoch, plan and workers, as one snapshot."""
+        return self.record.read()
+
+    @property
+    def plan(self) -> PlacementPlan:
+        return self.record.read().plan
+
+    @property
+    def workers(self) -> list[WorkerHandle]:
+        return list(self.record.read().workers)
+
+    @property
+    def epoch(self) -> int:
+        return self.record.read().epoch
+
+    def settling(self) -> bool:
+        """A recovery or a restore is asked for or running."""
+        return self.changes.recovering() or self._restoring()
 
     def _redundant(self, plan: PlacementPlan) -> PlacementPlan:
         """plan within --worker-memory (extra copies dropped where a worker is over it), then with
@@ -166,24 +188,36 @@ class ExpertCluster:
     def report_failure(self, exc: Exception | None) -> Future:
         """The experts failed a step (or cannot serve yet: exc None). Any thread; the future
         resolves True once the loop has the next epoch's commit and may run the step again."""
-        return self._ask_recovery(exc)
+        return self.changes.ask_recovery(lambda writer: self._recover(writer, exc))
 
     @property
     def dispatcher(self) -> ExpertDispatcher:
         return self.engine.experts
 
-    def _commit(self, fn, epoch: int | None = None, plan: PlacementPlan | None = None) -> object:
-        """Run fn on the serving loop's thread between two steps (with no loop: here, nobody steps);
-        then, here, let go of what it retired. With `plan`: the fleet's other routers apply the same
-        change (to `epoch`'s pairs, or to the plan on the same pairs) before this returns, so that
-        nothing is dropped while a router still sends rows by the old plan."""
-        result = fn() if self.loop is None else self.loop.call(fn).result()
-        with self._record:
-            retired, self._retired = self._retired, []
+    def _commit(self, writer: RecordWriter, based_on: int, fn, plan: PlacementPlan, members: list[WorkerHandle],
+                epoch: int | None = None) -> Placement:
+        """On the control thread: run fn on the serving loop's thread between two steps (it returns
+        what it retired, let go here, not on the loop), then write the record (from version
+        `based_on`, checked first: nothing is applied from a stale read), then the fleet's other
+        routers apply the same change (to `epoch`'s pairs, or to the plan on the same pairs) before
+        this returns, so that nothing is dropped while a router still sends rows by the old plan."""
+        if self.loop is None:  # only the loop's thread touches the engine: no loop, no change
+            raise ChangeInterrupted("no serving loop is attached (ServingEngine(..., control=cluster)); "
+                                    "a change needs the loop that owns the engine")
+        writer.check(based_on)
+        applied = self.loop.call(fn)
+        try:
+            retired = applied.result(timeout=COMMIT_WAIT_S)
+        except FutureTimeout:
+            if applied.cancel():  # not started: it never will, and nothing was applied
+                raise ChangeInterrupted(f"the serving loop reached no step boundary in {COMMIT_WAIT_S:.0f}s; "
+                                        "the change was not applied") from None
+            retired = applied.result()  # it runs now: between two steps, briefly
+        after = writer.write(based_on, epoch=epoch, plan=plan, workers=members)
         del retired  # the old epoch's pairs, torn down on this thread (20-30 ms of gloo), not the loop's
-        if plan is not None and self.routers:
+        if self.routers:
             self.routers.commit(epoch, dict(plan.holders))
-        return result
+        return after
 
     def _dispatcher(self, pairs: list, plan: PlacementPlan, members: list[WorkerHandle]) -> ExpertDispatcher:
         return ExpertDispatcher(self.checkpoint.config, plan.holders, plan.num_workers, self.device, pairs,
@@ -191,30 +225,21 @@ class ExpertCluster:
                                 expert_rows=self.expert_rows, replies=self.replies,
                                 on_lost=lambda lost: self._lost_on_path([members[w] for w in lost]))
 
-    def _switch(self, epoch: int, pairs: list, plan: PlacementPlan, members: list[WorkerHandle]) -> None:
-        """On the loop's thread, between steps: the current epoch's workers that stay move to
-        `epoch`, the others leave; the next step's rows go by the new plan."""
+    def _switch(self, epoch: int, pairs: list, plan: PlacementPlan, members: list[WorkerHandle],
+                current: tuple[WorkerHandle, ...]) -> ExpertDispatcher:
+        """On the loop's thread, between steps: the `current` workers that stay move to `epoch`, the
+        others leave; the next step's rows go by the new plan. Returns the old dispatcher."""
         old = self.engine.experts
         staying = {h.worker for h in members}
-        old.end_epoch(epoch, {i for i, h in enumerate(self.workers) if h.worker in staying})
+        old.end_epoch(epoch, {i for i, h in enumerate(current) if h.worker in staying})
         for pair in old.pairs:  # nothing is posted on them any more (end_epoch waited for it all)
             wire.close_pair(pair, self.backend)
         self.engine.experts = self._dispatcher(pairs, plan, members)
-        with self._record:
-            self.plan, self.workers, self.epoch = plan, members, epoch
-            self._retired.append(old)  # _commit's caller lets it go, off this thread
         if self.metrics is not None:
             self.metrics.epoch_changes.inc()
+        return old
 
-    # ---- epochs, ids and the world ---------------------------------------------------------------
-
-    def _new_id(self) -> int:
-        with self._record:
-            return next(self._ids)
-
-    def _new_epoch(self) -> int:
-        with self._record:
-            return next(self._epochs)
+    # ---- epochs and the world ----------------------------------------------------------------------
 
     def _form_epoch(self, epoch: int, members: list[WorkerHandle]) -> list:
         """Form epoch `epoch`'s pairs, one per member (core/wire.py), all at once; starts the serve
@@ -245,15 +270,6 @@ class ExpertCluster:
             h.actor.forget_epoch.remote(epoch)
         self.routers.forget(epoch, members)
 
-    def _wait(self, refs: list, what: str) -> list:
-        """ray.get(refs), giving way when a recovery is asked for or the cluster stops."""
-        pending = list(refs)
-        while pending:
-            if self._interrupt.is_set() or self._stopping.is_set():
-                raise ChangeInterrupted(f"{what}: a worker was lost meanwhile (or the cluster is stopping)")
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
-        return ray.get(refs)
-
     def _held(self, handles: list[WorkerHandle]) -> list[set | None]:
         """What each worker holds now, by its own report (None: it did not answer)."""
         refs = [h.actor.held.remote() for h in handles]
@@ -270,13 +286,12 @@ class ExpertCluster:
         """Make the workers hold what the record says: each drops what it holds and the record does
         not name (the rollback of an abandoned change, the tail of an applied one) and loads what it
         lacks (which only a change cut short between load and commit could leave)."""
-        with self._record:
-            plan, workers = self.plan, list(self.workers)
+        now = self.record.read()
         refs = []
-        for i, (h, held) in enumerate(zip(workers, self._held(workers))):
+        for i, (h, held) in enumerate(zip(now.workers, self._held(list(now.workers)))):
             if held is None:
                 continue
-            want = set(plan.worker_pairs(i))
+            want = set(now.plan.worker_pairs(i))
             if held - want:
                 refs.append(h.actor.drop.remote(sorted(held - want)))
             if want - held:
@@ -293,104 +308,53 @@ class ExpertCluster:
         """Worker id -> (held but not in the record, in the record but not held), for every worker
         where the two differ (empty: the record is the world). Taken on the control thread, between
         changes: a change in progress has loaded what its commit will name."""
-        return self._submit(self._differences)
+        return self.between_changes(self._differences)
+
+    def between_changes(self, fn) -> object:
+        """fn() on the control thread, between two changes (no change half done); its result."""
+        return self.changes.run(lambda writer: fn())
 
     def _differences(self) -> dict[int, tuple[list, list]]:
-        with self._record:
-            plan, workers = self.plan, list(self.workers)
+        now = self.record.read()
         out = {}
-        for i, (h, held) in enumerate(zip(workers, self._held(workers))):
-            want = set(plan.worker_pairs(i))
+        for i, (h, held) in enumerate(zip(now.workers, self._held(list(now.workers)))):
+            want = set(now.plan.worker_pairs(i))
             if held is None or held != want:
                 out[h.worker] = (sorted((held or set()) - want), sorted(want - (held or set())))
         return out
 
     # ---- faults ----------------------------------------------------------------------------------
 
-    def _watch(self) -> None:
-        """The heartbeat monitor: a worker that has answered no heartbeat sent in the last
-        heartbeat_timeout_s, or one that is dead, is fenced and a recovery asked for. Heartbeats go
-        out every timeout / 8 whether or not the last came back, so a stall is found within
-        timeout + timeout / 8 of its start."""
-        timeout = self.settings.heartbeat_timeout_s
-        sent: dict[int, list] = {}  # worker id -> [(heartbeat ObjectRef, sent at)] not answered yet
-        alive_at: dict[int, float] = {}  # worker id -> send time of its latest answered heartbeat
-        while not self._stopping.wait(timeout / 8):
-            with self._record:
-                workers = list(self.workers)
-            now, lost = time.monotonic(), []
-            for h in workers:
-                if h.worker in self._fenced:
-                    continue
-                alive_at.setdefault(h.worker, now)
-                outstanding = []
-                for ref, at in sent.get(h.worker, []):
-                    if not ray.wait([ref], timeout=0)[0]:
-                        outstanding.append((ref, at))
-                        continue
-                    try:
-                        ray.get(ref)
-                        alive_at[h.worker] = max(alive_at[h.worker], at)
-                    except Exception:  # noqa: BLE001 - RayActorError and kin: dead
-                        lost.append((h, "its process is gone"))
-                        break
-                else:
-                    if now - alive_at[h.worker] > timeout:
-                        lost.append((h, f"no heartbeat answered for {now - alive_at[h.worker]:.1f}s"))
-                    elif len(outstanding) < 4:  # a stalled worker's queue need not grow without end
-                        outstanding.append((h.actor.heartbeat.remote(), now))
-                sent[h.worker] = outstanding
-            with self._record:  # a worker retired meanwhile (stopped on purpose) is no loss
-                members = {h.worker for h in self.workers}
-            lost = [(h, why) for h, why in lost if h.worker in members]
-            for worker in set(sent) - members:
-                del sent[worker], alive_at[worker]
-            for h, why in lost:
-                progress(f"worker {h.worker} (pid {h.pid}) lost: {why}; fencing it")
-                self._fenced.add(h.worker)
-                stop_worker(h)  # a stalled one too: it must never come back; its sockets close now
-            if lost and not self._stopping.is_set():
-                self._ask_recovery(None)
+    def _fence(self, lost: list[tuple[WorkerHandle, str]]) -> None:
+        """The heartbeat monitor's event: these workers are dead or stalled. A stalled one must
+        never come back, and killing it closes its sockets now, so the data path sees a death."""
+        for h, why in lost:
+            progress(f"worker {h.worker} (pid {h.pid}) lost: {why}; fencing it")
+            stop_worker(h)
+        self.changes.ask_recovery(lambda writer: self._recover(writer, None), [h.worker for h, _ in lost])
 
     def _lost_on_path(self, lost: list[WorkerHandle]) -> None:
         """The data path lost these workers and serves on without them (on the loop's thread: must
         not wait). They are fenced and replaced by a recovery off the serving path."""
-        with self._record:
-            self._dropped.update(h.worker for h in lost)
         for h in lost:
             progress(f"worker {h.worker} (pid {h.pid}) lost on the data path; replacing it")
-        self._ask_recovery(None)
+        self.changes.ask_recovery(lambda writer: self._recover(writer, None), [h.worker for h in lost])
 
-    def _ask_recovery(self, exc: Exception | None) -> Future:
-        """A recovery that has not started yet sees every loss reported so far; one that is running
-        may have read the record already, so a loss reported meanwhile gets a recovery of its own."""
-        with self._record:
-            if self._stopping.is_set():
-                stopped: Future = Future()
-                stopped.set_result(False)
-                return stopped
-            if self._recovery is None or self._recovery.running():
-                self._interrupt.set()  # a change in preparation gives way to it
-                self._recovery = self._control.submit(self._recover, exc)
-            return self._recovery
-
-    def _recover(self, exc: Exception | None) -> bool:
+    def _recover(self, writer: RecordWriter, exc: Exception | None) -> bool:
         """On the control thread: the next epoch without the workers that are gone; True when the
         loop may step again."""
         start = time.monotonic()
         lost: list[WorkerHandle] = []
         try:
-            with self._record:
-                workers, plan = list(self.workers), self.plan
-                dropped = set(self._dropped)
-            fenced = [h for h in workers if h.worker in self._fenced]
-            lost = fenced + [h for h in workers if h.worker in dropped and h not in fenced]
+            now = self.record.read()
+            workers, plan = list(now.workers), now.plan
+            reported = self.changes.lost()
+            lost = [h for h in workers if h.worker in reported]
             lost += unresponsive([h for h in workers if h not in lost], self.settings.heartbeat_timeout_s)
             if not lost and not self.engine.experts.broken:
                 return True  # a loss an earlier recovery already dealt with
             for h in lost:
-                if h not in fenced:
-                    stop_worker(h)  # dropped by the data path, or not answering: it must never come back
+                stop_worker(h)  # dropped by the data path, or not answering: it must never come back
             survivors = [h for h in workers if h not in lost]
             # What survivors hold is the record's (reconciled after every change); asking them would
             # wait behind a restore's load.
@@ -418,22 +382,17 @@ class ExpertCluster:
             loads = [(h, sorted(set(plan.worker_pairs(i)) - held)) for i, (h, held) in enumerate(zip(survivors, have))]
             missing = sum(len(p) for _, p in loads)
             ray.get([h.actor.load.remote(p, urgent=True, peers=_peers(survivors, have, i, p))
-                     for i, (h, p) in enumerate(loads) if p])  # streams wait for them
+                     for i, (h, p) in enumerate(loads) if p], timeout=self._load_deadline_s(missing))  # streams wait
             loaded_s = time.monotonic() - start
-            epoch = self._new_epoch()
+            epoch = self.record.new_epoch()
             pairs = self._form_epoch(epoch, survivors)
-            self._commit(lambda: self._switch(epoch, pairs, plan, survivors), epoch, plan)
+            after = self._commit(writer, now.version, lambda: self._switch(epoch, pairs, plan, survivors, now.workers),
+                                 plan, survivors, epoch)
             if plan is squeezed:
-                with self._record:
-                    self._last_loss = (*before, plan)
+                self._last_loss = (*before, after.version)
         except Exception:  # noqa: BLE001 - recovery itself failed: the loop fails the steps in flight
             log.exception("recovery failed")
             return False
-        finally:
-            with self._record:
-                if self._recovery is not None and self._recovery.running():  # this one (the control
-                    self._recovery = None  # thread runs one thing at a time); a queued one stays
-                    self._interrupt.clear()
         self.recoveries += 1
         if self.metrics is not None:
             self.metrics.recoveries.inc()
@@ -441,7 +400,7 @@ class ExpertCluster:
         why = type(exc).__name__ if exc is not None else "found by heartbeats or on the data path"
         progress(f"recovery: lost {names} ({why}); epoch {epoch} with {len(survivors)} workers, {missing} "
                  f"expert copies loaded (after {loaded_s:.2f}s), in {time.monotonic() - start:.2f}s")
-        if not self._stopping.is_set() and (len(survivors) < self.target_workers or missing or lost):
+        if not self.changes.stopping.is_set() and (len(survivors) < self.target_workers or missing or lost):
             self._helper(self._restore, "expertmesh-restore")
         return True
 
@@ -450,113 +409,81 @@ class ExpertCluster:
         workers take the lost ones' places where nothing changed the plan since the loss."""
         try:
             placed = self._put_back()
-            with self._record:
-                short = len(self.workers) < self.target_workers
-            if not placed or short:
+            if not placed or len(self.record.read().workers) < self.target_workers:
                 self.scale_workers(self.target_workers, reason="restoring after a lost worker")
         except Exception as exc:  # noqa: BLE001 - serving goes on; copies on the survivors meanwhile
-            if self._stopping.is_set():
+            if self.changes.stopping.is_set():
                 return
             progress(f"could not restore {self.target_workers} workers yet ({exc}); restoring copies on the "
                      "workers there are")
             try:
-                self._control.submit(self._scale_to, None, [], "restoring copies").result()
+                self.changes.run(self._scale_to, None, [], "restoring copies")
             except Exception as exc2:  # noqa: BLE001
                 log.warning("could not restore copies: %s", exc2)
 
     def _put_back(self) -> bool:
         """The placement before the last loss, with new workers (standby first) holding what the
         lost ones held: only the lost copies move, from the survivors' memory where they hold them,
-        and the survivors keep what they serve. False when the plan changed since (or the loss
+        and the survivors keep what they serve. False when the record moved since (or the loss
         left no place to fill); the caller then restores by scaling."""
-        with self._record:
-            last, plan, workers = self._last_loss, self.plan, list(self.workers)
-        if last is None or last[2] is not plan:
+        last, now = self._last_loss, self.record.read()
+        if last is None or last[2] != now.version:
             return False
-        before, ids, _ = last
-        alive = {h.worker for h in workers}
+        before, ids, version = last
+        alive = {h.worker for h in now.workers}
         lost = [i for i, w in enumerate(ids) if w not in alive]
-        if not lost or len(workers) + len(lost) > self.target_workers:
+        if not lost or len(now.workers) + len(lost) > self.target_workers:
             return False
         fresh = self._take_workers(len(lost))
 
         ran = []
 
-        def change():  # on the control thread: the record may have moved while workers started
+        def change(writer: RecordWriter) -> bool:  # the record may have moved while workers started
             ran.append(True)
-            with self._record:
-                current, keep = self.plan, list(self.workers)
-            if current is not plan:
-                with self._record:  # they hold nothing: back to standby for the scaling that follows
-                    self.standby += fresh
+            current = self.record.read()
+            if current.version != version:
+                self.standby.put(fresh)  # they hold nothing: back to standby for the scaling that follows
                 return False
-            order = [ids.index(h.worker) for h in keep] + lost
+            order = [ids.index(h.worker) for h in current.workers] + lost
             names = ", ".join(f"worker {ids[i]}" for i in lost)
-            self._reconfigure(self._redundant(before.renumbered(order)), keep, fresh,
-                              f"new workers in the places of {names}")
+            self._reconfigure(writer, version, self._redundant(before.renumbered(order)), list(current.workers),
+                              fresh, f"new workers in the places of {names}")
             return True
         try:
-            return self._submit(change)
+            return self.changes.run(change)
         except BaseException:
             if not ran:  # the change never ran (the cluster is stopping): nothing else stops them
                 for h in fresh:
                     stop_worker(h)
             raise
 
+    def _load_deadline_s(self, copies: int) -> float:
+        """How long loading `copies` expert copies may take before the change gives up: a worker
+        loading slower than MIN_LOAD_BYTES_S is stuck, not slow."""
+        return 60.0 + copies * self.expert_bytes / MIN_LOAD_BYTES_S
+
     def _helper(self, target, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
         self._helpers = [t for t in self._helpers if t.is_alive()] + [thread]
         thread.start()
+
+    def _restoring(self) -> bool:
+        return any(t.name == "expertmesh-restore" and t.is_alive() for t in self._helpers)
 
     # ---- workers: standby and new ------------------------------------------------------------------
 
     def _take_workers(self, count_: int) -> list[WorkerHandle]:
         """`count_` worker processes holding nothing: standby ones first (no process to start), new
         ones for the rest (Ray may need a node for them: this waits). Any thread."""
-        if self._stopping.is_set():
+        if self.changes.stopping.is_set():
             raise ChangeInterrupted("the cluster is stopping")
-        with self._record:
-            taken, self.standby = self.standby[:count_], self.standby[count_:]
-        fresh = []
-        if len(taken) < count_:
-            ids = [self._new_id() for _ in range(count_ - len(taken))]
-            fresh = start_workers(ids, {w: [] for w in ids}, self.model_dir, self.settings, self.gpus,
-                                  cancel=self._stopping)
-        if taken:
-            progress(f"took {len(taken)} standby worker(s): no process to start")
-            self._refill_standby()
-        return taken + fresh
+        taken = self.standby.take(count_)
+        return taken + (self._start_fresh(count_ - len(taken)) if len(taken) < count_ else [])
 
-    def _refill_standby(self) -> None:
-        """Bring the standby pool back to --standby-workers, in the background."""
-        if self.settings.standby_workers > len(self.standby) and not self._stopping.is_set():
-            self._helper(self._start_standby, "expertmesh-standby")
-
-    def _restoring(self) -> bool:
-        return any(t.name == "expertmesh-restore" and t.is_alive() for t in self._helpers)
-
-    def _start_standby(self) -> None:
-        # After any restore: starting a process (imports) and loading a lost worker's copies both
-        # take CPU and memory bandwidth from serving; one after the other, neither stacks on the other.
-        while self._restoring() and not self._stopping.wait(POLL_S):
-            pass
-        try:
-            while not self._stopping.is_set():
-                with self._record:
-                    want = self.settings.standby_workers - len(self.standby)
-                if want <= 0:
-                    return
-                ids = [self._new_id() for _ in range(want)]
-                handles = start_workers(ids, {w: [] for w in ids}, self.model_dir, self.settings, self.gpus,
-                                        cancel=self._stopping)
-                with self._record:
-                    self.standby += handles
-                if self._stopping.is_set():
-                    for h in handles:
-                        stop_worker(h)
-        except Exception as exc:  # noqa: BLE001 - no standby: adds start processes, as without one
-            if not self._stopping.is_set():
-                log.warning("could not start standby workers: %s", exc)
+    def _start_fresh(self, count_: int) -> list[WorkerHandle]:
+        ids = [self.record.new_worker_id() for _ in range(count_)]
+        return start_workers(ids, {w: [] for w in ids}, self.model_dir, self.settings, self.gpus,
+                             cancel=self.changes.stopping)
 
     # ---- the fleet's other routers -------------------------------------------------------------
 
@@ -564,61 +491,57 @@ class ExpertCluster:
         """Connect router `router` (a Ray actor of cluster/router_actor.py) to every worker of the
         current epoch; every change from now on reaches it too (cluster/router_set.py). On the
         control thread: no change of the record runs meanwhile."""
-        def change():
-            with self._record:
-                epoch, workers, plan = self.epoch, list(self.workers), self.plan
-            self.routers.add(router, actor, epoch, workers, dict(plan.holders), (self.store_host, self.store_port))
-        self._submit(change)
+        def change(writer: RecordWriter) -> None:
+            now = self.record.read()
+            self.routers.add(router, actor, now.epoch, list(now.workers), dict(now.plan.holders),
+                             (self.store_host, self.store_port))
+        self.changes.run(change)
 
     def forget_router(self, router: int) -> None:
         """The gateway lost router `router` and fenced it: changes no longer wait for it. Any
         thread; queued behind the change in progress, not waited for."""
-        if not self._stopping.is_set():
-            self._control.submit(self.routers.forget_router, router)
+        try:
+            self.changes.post(lambda writer: self.routers.forget_router(router))
+        except ChangeInterrupted:  # stopping: no change will wait for it
+            pass
 
     # ---- planned changes ---------------------------------------------------------------------------
 
-    def _submit(self, fn, *args) -> object:
-        if self._stopping.is_set():
-            raise ChangeInterrupted("the cluster is stopping")
-        return self._control.submit(fn, *args).result()
-
-    def _reconfigure(self, plan: PlacementPlan, keep: list[WorkerHandle], fresh: list[WorkerHandle],
-                     reason: str) -> None:
-        """On the control thread: change to `plan`, whose workers are `keep` (current workers, in
-        order) then `fresh` (started, holding nothing)."""
+    def _reconfigure(self, writer: RecordWriter, based_on: int, plan: PlacementPlan, keep: list[WorkerHandle],
+                     fresh: list[WorkerHandle], reason: str) -> None:
+        """On the control thread: change to `plan`, computed from version `based_on` of the record,
+        whose workers are `keep` (current workers, in order) then `fresh` (started, holding nothing)."""
         start = time.monotonic()
-        with self._record:
-            old_epoch, old_workers = self.epoch, list(self.workers)
+        now = self.record.read()
         members = keep + fresh
-        new_epoch = [h.worker for h in members] != [h.worker for h in old_workers]
+        new_epoch = [h.worker for h in members] != [h.worker for h in now.workers]
         epoch = None
         try:
+            writer.check(based_on)
             plan.validate(self.budget)
             have = self._held(keep) + [set()] * len(fresh)
             if any(held is None for held in have):
                 raise ChangeInterrupted("a worker did not answer; ask again")
             loads = [(h, sorted(set(plan.worker_pairs(i)) - held)) for i, (h, held) in enumerate(zip(members, have))]
-            self._wait([h.actor.load.remote(p, peers=_peers(members, have, i, p))
-                        for i, (h, p) in enumerate(loads) if p], "loading the new copies")
+            self.changes.wait([h.actor.load.remote(p, peers=_peers(members, have, i, p))
+                               for i, (h, p) in enumerate(loads) if p], "loading the new copies",
+                              self._load_deadline_s(sum(len(p) for _, p in loads)))
             pairs = None
             if new_epoch:
-                epoch = self._new_epoch()
+                epoch = self.record.new_epoch()
                 pairs = self._form_epoch(epoch, members)
 
             def commit():  # on the loop's thread
-                if self._interrupt.is_set() or self.epoch != old_epoch:
+                if self.changes.interrupt.is_set():
                     raise ChangeInterrupted("a worker was lost meanwhile; ask again")
                 if new_epoch:
-                    self._switch(epoch, pairs, plan, members)
-                else:
-                    self.engine.experts.use_plan(plan.holders)
-                    with self._record:
-                        self.plan = plan
+                    return self._switch(epoch, pairs, plan, members, now.workers)
+                self.engine.experts.use_plan(plan.holders)
+                return None
 
-            if self._interrupt.is_set():
+            if self.changes.interrupt.is_set():
                 raise ChangeInterrupted("a worker was lost meanwhile; ask again")
-            self._commit(commit, epoch if new_epoch else None, plan)
+            self._commit(writer, based_on, commit, plan, members, epoch)
         except BaseException:
             if epoch is not None:
                 self._forget_epoch(epoch, members)
@@ -627,72 +550,75 @@ class ExpertCluster:
             self._reconcile()  # roll back: what was loaded for the change goes again
             raise
         self._reconcile()  # roll forward: what the new plan no longer names goes
-        leaving = [h for h in old_workers if h.worker not in {m.worker for m in members}]
+        leaving = [h for h in now.workers if h.worker not in {m.worker for m in members}]
         if leaving:
             ray.wait([h.serving for h in leaving], num_returns=len(leaving), timeout=10)
         for h in leaving:
             stop_worker(h)
         moved = sum(len(p) for _, p in loads)
-        what = f"epoch {old_epoch} -> {epoch}" if new_epoch else f"epoch {old_epoch}"
+        what = f"epoch {now.epoch} -> {epoch}" if new_epoch else f"epoch {now.epoch}"
         progress(f"plan change ({reason}): {what}, {len(members)} workers, {moved} expert copies loaded, "
                  f"in {time.monotonic() - start:.2f}s")
 
-    def _scale_to(self, count_: int | None, fresh: list[WorkerHandle], reason: str) -> PlacementPlan:
+    def _scale_to(self, writer: RecordWriter, count_: int | None, fresh: list[WorkerHandle],
+                  reason: str) -> PlacementPlan:
         """On the control thread: `count_` workers (None: as many as now), taking `fresh` for new
         ones, every expert on --redundancy of them; from the record as it is now."""
-        with self._record:
-            plan, keep = self.plan, list(self.workers)
+        now = self.record.read()
+        plan, keep = now.plan, list(now.workers)
         count_ = len(keep) if count_ is None else count_
         use, spare = fresh[:max(count_ - len(keep), 0)], fresh[max(count_ - len(keep), 0):]
         if spare:  # a recovery got there first: back to standby, they hold nothing
-            with self._record:
-                self.standby += spare
+            self.standby.put(spare)
         for _ in use:
             plan = plan.with_new_worker()
         while len(keep) > count_:
             plan = plan.without_worker(len(keep) - 1)
             keep.pop()
         plan = self._redundant(plan)
-        with self._record:
-            unchanged = plan.holders == self.plan.holders and len(keep) == len(self.workers)
-        if not unchanged or use:
-            self._reconfigure(plan, keep, use, reason)
-        return self.plan
+        if plan.holders != now.plan.holders or len(keep) != len(now.workers) or use:
+            self._reconfigure(writer, now.version, plan, keep, use, reason)
+        return self.record.read().plan
 
-    def apply_plan(self, plan: PlacementPlan, reason: str) -> PlacementPlan:
-        """Change to `plan` on the current workers (the controller's rebalance)."""
-        def change():
-            if plan.num_workers != len(self.workers):
+    def apply_plan(self, plan: PlacementPlan, reason: str, based_on: int | None = None) -> PlacementPlan:
+        """Change to `plan` on the current workers (the controller's rebalance). `based_on`: the
+        version of the record the plan was computed from; refused (StaleRecord) if it moved since."""
+        def change(writer: RecordWriter) -> PlacementPlan:
+            now = self.record.read()
+            if plan.num_workers != len(now.workers):
                 raise PlacementError(f"the plan is for {plan.num_workers} workers; the cluster has "
-                                     f"{len(self.workers)}")
-            self._reconfigure(plan.with_min_copies(self.settings.redundancy, self.budget), list(self.workers), [],
+                                     f"{len(now.workers)}")
+            self._reconfigure(writer, now.version if based_on is None else based_on,
+                              plan.with_min_copies(self.settings.redundancy, self.budget), list(now.workers), [],
                               reason)
-            return self.plan
-        return self._submit(change)
+            return self.record.read().plan
+        return self.changes.run(change)
 
     def scale_replicas(self, spec: str) -> PlacementPlan:
         """Extra copies exactly as SPEC says ('' removes them all, down to --redundancy); returns
         once the plan is live."""
-        def change():
-            plan = self.plan.with_replica_spec(spec).with_min_copies(self.settings.redundancy, self.budget)
-            self._reconfigure(plan, list(self.workers), [], f"replicas {spec!r}")
-            return self.plan
-        return self._submit(change)
+        def change(writer: RecordWriter) -> PlacementPlan:
+            now = self.record.read()
+            plan = now.plan.with_replica_spec(spec).with_min_copies(self.settings.redundancy, self.budget)
+            self._reconfigure(writer, now.version, plan, list(now.workers), [], f"replicas {spec!r}")
+            return self.record.read().plan
+        return self.changes.run(change)
 
     def scale_workers(self, count_: int, reason: str | None = None) -> PlacementPlan:
         """Grow or shrink to `count_` workers; returns once the new epoch is live. New processes
         (standby first) are started on this thread, before the change is queued."""
         if count_ < 1:
             raise PlacementError("at least one worker is needed (use --workers 0 at start for none)")
-        with self._record:
-            now = len(self.workers)
+        now = len(self.record.read().workers)
         previous, self.target_workers = self.target_workers, count_
         fresh = self._take_workers(count_ - now) if count_ > now else []
-        if self._stopping.is_set():  # the change will never run: nothing else would stop them
-            for h in fresh:
-                stop_worker(h)
         try:
-            return self._submit(self._scale_to, count_, fresh, reason or f"workers {now} -> {count_}")
+            return self.changes.run(self._scale_to, count_, fresh, reason or f"workers {now} -> {count_}")
+        except ChangeInterrupted:
+            if self.changes.stopping.is_set():  # the change never ran: nothing else would stop them
+                for h in fresh:
+                    stop_worker(h)
+            raise
         except PlacementError:  # e.g. fewer workers than --worker-memory needs: the count stays
             self.target_workers = previous
             raise
@@ -710,10 +636,10 @@ class ExpertCluster:
                 "rows": {(l, e): int(rows[l, e]) for l in range(rows.shape[0]) for e in range(rows.shape[1])}}
 
     def placement(self) -> dict:
-        """The live placement: epoch, and per worker its id, node, pid, experts and the bytes of the
-        weights it holds (None for a worker that did not answer in time)."""
-        with self._record:
-            plan, workers, epoch = self.plan, list(self.workers), self.epoch
+        """The live placement: the record's version and epoch, and per worker its id, node, pid,
+        experts and the bytes of the weights it holds (None for a worker that did not answer in time)."""
+        now = self.record.read()
+        plan, workers = now.plan, list(now.workers)
         refs = [h.actor.stats.remote() for h in workers]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.settings.heartbeat_timeout_s)
         rows, busy, held, messages = {}, {}, {}, {}
@@ -725,7 +651,8 @@ class ExpertCluster:
             rows[h.worker], busy[h.worker] = stats.get("rows_received", {}), stats.get("busy_s", 0.0)
             messages[h.worker] = stats.get("messages", 0)
             held[h.worker] = stats.get("weight_bytes")  # as held: int8 and scales when quantized
-        return {"epoch": epoch, "recoveries": self.recoveries, "expert_bytes": self.expert_bytes,
+        return {"epoch": now.epoch, "version": now.version, "recoveries": self.recoveries,
+                "expert_bytes": self.expert_bytes,
                 "worker_memory_bytes": self.budget.worker_bytes if self.budget is not None else None,
                 "workers": [{"worker": h.worker, "node": h.node_id, "pid": h.pid,
                              "experts": [f"{l}:{e}" for l, e in plan.worker_pairs(i)],
@@ -735,23 +662,15 @@ class ExpertCluster:
                             for i, h in enumerate(workers)]}
 
     def stats(self) -> list[dict]:
-        with self._record:
-            workers = list(self.workers)
+        workers = self.record.read().workers
         return ray.get([h.actor.stats.remote() for h in workers], timeout=CONTROL_CALL_S)
 
     def shutdown(self) -> None:
         """Stop the serve loops, free the workers and (if ours) Ray itself; quick even when Ray's
         own processes are going at the same moment (a SIGTERM to the whole process group)."""
-        self._stopping.set()
-        self._interrupt.set()  # a change in preparation gives up
-        self._monitor.join(timeout=2)
-        try:  # a change already running gives way (it polls _stopping); queued ones never start
-            self._control.submit(lambda: None).result(timeout=5)
-        except (FutureTimeout, RuntimeError):
-            log.warning("a change was still running at shutdown")
-        self._control.shutdown(wait=False, cancel_futures=True)
-        with self._record:
-            workers, standby = list(self.workers), list(self.standby)
+        self.changes.stop()  # a change already running gives way; queued ones never start
+        self._monitor.stop()
+        workers, standby = list(self.record.read().workers), self.standby.handles()
         try:
             self.engine.experts.shutdown_workers()
             serving = [h.serving for h in workers if h.serving is not None]
@@ -767,6 +686,7 @@ class ExpertCluster:
                     pass
             for t in self._helpers:
                 t.join(timeout=2)
+            self.standby.join(2)
             if self.owns_ray:
                 ray.shutdown()
 

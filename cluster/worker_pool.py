@@ -43,6 +43,7 @@ class WorkerHandle:
     node_id: str = ""
     pid: int = 0
     serving: object = None  # the ObjectRef of its serve loop
+    stopped: bool = False  # stop_worker ran: the monitor's fence and recovery may both stop it
 
 
 def free_port(host: str) -> int:
@@ -150,7 +151,10 @@ LOAD_POLL_S = 0.5
 
 
 def stop_worker(handle: WorkerHandle) -> None:
-    """End the actor and give its bundle (and so, maybe, its node) back."""
+    """End the actor and give its bundle (and so, maybe, its node) back; once."""
+    if handle.stopped:
+        return
+    handle.stopped = True
     try:
         ray.kill(handle.actor)
     finally:

@@ -193,21 +193,25 @@ class ServingEngine:
             self._wake.notify()
 
     def call(self, fn: Callable[[], object]) -> Future:
-        """Run fn on the loop's thread between two steps (never during one); the future holds its
-        result. With no loop running it runs at once, here: nobody steps the engine meanwhile."""
+        """Run fn on the loop's thread between two steps (never during one, never on another
+        thread); the future holds its result. A call waits for the loop to run (a caller that may
+        wait long puts a deadline on the future and cancels it); once the loop has been stopped it
+        fails at once."""
         future: Future = Future()
         with self._wake:
+            if self._stopping:
+                future.set_exception(RuntimeError("the serving loop has stopped"))
+                return future
             self._calls.append((fn, future))
             self._wake.notify()
-        self._run_calls_if_no_loop()
         return future
 
-    def _run_calls_if_no_loop(self) -> None:
-        if self._owner.acquire(blocking=False):
-            try:
-                self._run_calls()
-            finally:
-                self._owner.release()
+    def _fail_calls(self) -> None:
+        """The loop is stopping: the calls it will never run fail (under _wake)."""
+        while self._calls:
+            _, future = self._calls.popleft()
+            if future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError("the serving loop has stopped"))
 
     def _run_calls(self) -> None:
         while True:
@@ -289,7 +293,6 @@ class ServingEngine:
         """The engine loop: until stop() (or until `until()` is true)."""
         with self._owner:
             self._loop(until)
-        self._run_calls_if_no_loop()  # a call that came as the loop ended
 
     def _loop(self, until: Callable[[], bool] | None) -> None:
         if self.engine_threads is not None:
@@ -304,6 +307,7 @@ class ServingEngine:
                     for request in list(self._requests.values()):
                         self._finish(request, FINISH_CANCELLED)
                     self.outputs_done()
+                    self._fail_calls()
                     return
                 if not self.scheduler.has_work():
                     if not self._calls:

@@ -27,7 +27,11 @@ def text_tokenizer(engine: Engine) -> TextTokenizer:
 def greedy_tokens(engine: Engine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
     """`new_tokens` greedy tokens per prompt (EOS ignored), all prompts batched, through the same
     serving loop as `serve` and `run`, driven on this thread."""
-    serving = ServingEngine(engine, text_tokenizer(engine), own_thread=False)
+    return serving_greedy(ServingEngine(engine, text_tokenizer(engine), own_thread=False), prompts, new_tokens)
+
+
+def serving_greedy(serving: ServingEngine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """As greedy_tokens, through a serving loop the caller made (one that applies a cluster's changes)."""
     params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
     chunks = serving.generate(prompts, params)
     assert all(c[-1].error is None for c in chunks), [c[-1].error for c in chunks]

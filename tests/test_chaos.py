@@ -76,8 +76,7 @@ def settle(cluster: ExpertCluster, timeout: float = 90) -> None:
     """Until recovery and restore are done: the target count, every expert on its copies (as many
     as the budget has room for)."""
     deadline = time.monotonic() + timeout
-    while (cluster._recovery is not None or len(cluster.workers) != cluster.target_workers
-           or any(t.is_alive() and t.name == "expertmesh-restore" for t in cluster._helpers)
+    while (cluster.settling() or len(cluster.workers) != cluster.target_workers
            or cluster.plan.holders != cluster._redundant(cluster.plan).holders):
         assert time.monotonic() < deadline, f"the cluster did not settle: {len(cluster.workers)} workers"
         time.sleep(0.1)
@@ -109,7 +108,7 @@ def test_random_events_under_streams_lose_nothing_and_leak_nothing(checkpoint, r
             workers = list(cluster.workers)
             if kind == "add worker" and len(workers) == 4 or kind == "retire worker" and len(workers) == 2:
                 kind = "retire worker" if kind == "add worker" else "add worker"  # one that changes something
-            seen_pids |= {h.pid for h in workers} | {h.pid for h in cluster.standby}
+            seen_pids |= {h.pid for h in workers} | {h.pid for h in cluster.standby.handles()}
             epoch, plan = cluster.epoch, cluster.plan
             refused = []
 
@@ -154,7 +153,7 @@ def test_random_events_under_streams_lose_nothing_and_leak_nothing(checkpoint, r
                 assert not cluster.plan.over_budget(cluster.budget), kind
                 # read on the control thread: the controller's rebalances (every second) load new
                 # copies before they drop old ones, so a worker may pass its room within a change
-                held = cluster._submit(cluster.stats)
+                held = cluster.between_changes(cluster.stats)
                 assert all(stats["weight_bytes"] <= cluster.budget.worker_bytes for stats in held), kind
             happened.append(kind)
             print(f"round {round_}: {kind}: epoch {epoch} -> {cluster.epoch}, {len(cluster.workers)} workers, "
@@ -167,7 +166,7 @@ def test_random_events_under_streams_lose_nothing_and_leak_nothing(checkpoint, r
             while cache.free_blocks != cache.num_blocks:  # blocks return at the next boundary
                 assert time.monotonic() < deadline, "KV blocks leaked"
                 time.sleep(0.05)
-            live = {h.pid for h in cluster.workers} | {h.pid for h in cluster.standby}
+            live = {h.pid for h in cluster.workers} | {h.pid for h in cluster.standby.handles()}
             seen_pids |= live
             table = _processes()
             deadline = time.monotonic() + 60

@@ -8,6 +8,7 @@ import pytest
 
 from expertmesh.cluster.controller import SUSTAIN_WINDOWS, AutoscaleSettings, Controller
 from expertmesh.cluster.placement import MemoryBudget, PlacementPlan
+from expertmesh.cluster.record import Placement, StaleRecord
 from expertmesh.core.settings import DEFAULTS
 
 LAYERS, EXPERTS = 2, 8
@@ -20,6 +21,7 @@ class Cluster:
         self.plan = PlacementPlan.spread(workers, LAYERS, EXPERTS)
         self.workers = list(range(workers))
         self.changes: list[tuple] = []
+        self.version = 0  # the placement record's version: +1 on every change
         self.metrics = None
         self.settings = DEFAULTS
         self.budget = None
@@ -32,10 +34,26 @@ class Cluster:
         while plan.num_workers > count:
             plan = plan.without_worker(plan.num_workers - 1)
         self.plan, self.workers = plan, list(range(count))
+        self.version += 1
 
-    def apply_plan(self, plan, reason: str):
+    def read(self) -> Placement:
+        return Placement(self.version, 0, self.plan, tuple(self.workers))
+
+    def apply_plan(self, plan, reason: str, based_on: int | None = None):
+        if based_on is not None and based_on != self.version:
+            raise StaleRecord(f"computed from version {based_on}; at {self.version}")
         self.changes.append(("plan", plan.num_workers))
         self.plan = plan
+        self.version += 1
+
+
+class MovingCluster(Cluster):
+    """The record moves (a recovery, a manual change) right after every read."""
+
+    def read(self) -> Placement:
+        placement = super().read()
+        self.version += 1
+        return placement
 
 
 def sample(t: float, busy: list[float], rows: dict[tuple[int, int], int]) -> dict:
@@ -76,6 +94,16 @@ def test_a_skewed_load_is_rebalanced_once_then_left_alone():
     actions = run(Controller(cluster, settings()), 20, 0.5, skewed)
     assert actions[0] == "rebalance" and set(actions[1:]) == {"none"}  # no flapping under a steady load
     assert all(len(cluster.plan.holders[(l, 0)]) == 2 for l in range(LAYERS))  # the hot one on both workers
+
+
+def test_a_rebalance_computed_from_a_record_that_moved_meanwhile_is_not_applied():
+    """The plan names the record's version it was computed from; when a change landed between the
+    read and the apply, the rebalance is refused and the next window decides afresh."""
+    skewed = {(l, e): (900 if e == 0 else 100) for l in range(LAYERS) for e in range(EXPERTS)}
+    moving = MovingCluster(2)
+    before = moving.plan
+    assert set(run(Controller(moving, settings()), 5, 0.5, skewed)) == {"none"}
+    assert moving.changes == [] and moving.plan is before
 
 
 def test_a_rebalance_keeps_every_worker_within_worker_memory():

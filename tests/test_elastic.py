@@ -129,7 +129,7 @@ def test_live_changes_under_streams_keep_every_token(checkpoint):
                            "--collective-timeout", "20")
     try:
         before = cli(server, "info")
-        assert before["epoch"] == 0 and len(before["workers"]) == 3
+        assert before["epoch"] == 0 and before["version"] == 1 and len(before["workers"]) == 3
         streams = Streams(server.target, UNTIL_STOPPED)
         streams.wait_for(5)
         streams.mid_flight()
@@ -143,6 +143,8 @@ def test_live_changes_under_streams_keep_every_token(checkpoint):
         streams.mid_flight()
         shrunk = cli(server, "scale", "--workers", "2")
         assert len(shrunk["workers"]) == 2 and shrunk["epoch"] == 2
+        # the placement record moved once per change: replicas, add, retire
+        assert [r["version"] for r in (replicated, grown, shrunk)] == [2, 3, 4]
         at_last = streams.mid_flight()
         streams.wait_for(max(at_last) + 5)  # every stream went on past the last change
         tokens = streams.stop()

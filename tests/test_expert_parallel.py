@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 import ray
 
-from expertmesh.cluster.elastic import ExpertCluster
+from expertmesh.cluster.elastic import ExpertCluster, StaleRecord
 from expertmesh.cluster.placement import PlacementError, PlacementPlan
 from expertmesh.cluster.worker_pool import PlacementTimeout, ensure_ray
 from expertmesh.core import wire
@@ -24,7 +24,7 @@ from expertmesh.router.engine import Engine
 from expertmesh.router.requests import validate_request
 from expertmesh.router.sampling import SamplingParams
 from expertmesh.router.serving import ServingEngine
-from tests.helpers import greedy_tokens, prompt_logits, text_tokenizer
+from tests.helpers import greedy_tokens, prompt_logits, serving_greedy, text_tokenizer
 
 LAYERS, EXPERTS = 2, 8
 PROMPTS = [[1, 415, 2936, 9060], [1, 22557], [1, *range(100, 117)], [1, 3, 4, 5, 6, 7, 8]]
@@ -147,10 +147,15 @@ class FaultRun:
         assert self.epoch_after > self.epoch_before and self.epoch_moved_s is not None
 
 
-def _stream_while(cluster, fault, after_tokens: int = 6) -> FaultRun:
-    """CHAOS_PROMPTS through a serving loop of its own, all submitted between two steps, `fault()`
+def _attached_loop(cluster) -> ServingEngine:
+    """The serving loop (a thread of its own) that owns the cluster's engine and applies its changes;
+    the test shuts it down before the cluster."""
+    return ServingEngine(cluster.engine, text_tokenizer(cluster.engine), control=cluster)
+
+
+def _stream_while(serving: ServingEngine, cluster, fault, after_tokens: int = 6) -> FaultRun:
+    """CHAOS_PROMPTS through the cluster's serving loop, all submitted between two steps, `fault()`
     once every stream has `after_tokens` tokens; every stream must finish."""
-    serving = ServingEngine(cluster.engine, text_tokenizer(cluster.engine), control=cluster)
     params = SamplingParams(temperature=0, max_new_tokens=CHAOS_TOKENS, ignore_eos=True)
     outputs: list[list] = [[] for _ in CHAOS_PROMPTS]
     arrivals: list[list[float]] = [[] for _ in CHAOS_PROMPTS]
@@ -164,31 +169,28 @@ def _stream_while(cluster, fault, after_tokens: int = 6) -> FaultRun:
                 if all(o and o[-1].finish_reason for o in outputs):
                     finished.set()
             serving.submit(validate_request(prompt, params, serving.limits), sink)
-    try:
-        # between two steps: on a busy host a submitting thread can trail the loop by many steps
-        serving.call(submit_all).result()
-        while min(sum(len(o.token_ids) for o in list(stream)) for stream in outputs) < after_tokens:
-            time.sleep(0.005)
-        epoch_before = cluster.epoch
-        at_fault = [sum(len(o.token_ids) for o in list(stream)) for stream in outputs]
-        fault_at = time.monotonic()
-        fault()
-        moved_at = None
-        while not finished.is_set() or moved_at is None:
-            if moved_at is None and cluster.epoch != epoch_before:
-                moved_at = time.monotonic()
-            if time.monotonic() - fault_at > 90:
-                break
-            time.sleep(0.005)
-        assert finished.is_set(), "a stream never finished"
-        assert serving.healthy
-        assert all(o[-1].finish_reason == "length" for o in outputs), [o[-1].error for o in outputs]
-        pauses = [b - a for times in arrivals for a, b in zip(times, times[1:])]
-        return FaultRun([[t for o in stream for t in o.token_ids] for stream in outputs], at_fault, epoch_before,
-                        cluster.epoch, None if moved_at is None else moved_at - fault_at, max(pauses),
-                        serving.failed_steps)
-    finally:
-        serving.shutdown()
+    # between two steps: on a busy host a submitting thread can trail the loop by many steps
+    serving.call(submit_all).result()
+    while min(sum(len(o.token_ids) for o in list(stream)) for stream in outputs) < after_tokens:
+        time.sleep(0.005)
+    epoch_before = cluster.epoch
+    at_fault = [sum(len(o.token_ids) for o in list(stream)) for stream in outputs]
+    fault_at = time.monotonic()
+    fault()
+    moved_at = None
+    while not finished.is_set() or moved_at is None:
+        if moved_at is None and cluster.epoch != epoch_before:
+            moved_at = time.monotonic()
+        if time.monotonic() - fault_at > 90:
+            break
+        time.sleep(0.005)
+    assert finished.is_set(), "a stream never finished"
+    assert serving.healthy
+    assert all(o[-1].finish_reason == "length" for o in outputs), [o[-1].error for o in outputs]
+    pauses = [b - a for times in arrivals for a, b in zip(times, times[1:])]
+    return FaultRun([[t for o in stream for t in o.token_ids] for stream in outputs], at_fault, epoch_before,
+                    cluster.epoch, None if moved_at is None else moved_at - fault_at, max(pauses),
+                    serving.failed_steps)
 
 
 @pytest.mark.slow
@@ -196,10 +198,11 @@ def test_a_killed_worker_is_replaced_and_every_stream_keeps_its_tokens(ray_clust
     cluster = ExpertCluster(checkpoint, num_workers=3, replicas="*:0x2",
                             settings=ServingConfig(collective_timeout_s=10))
     pids = [h.pid for h in cluster.workers]
+    serving = _attached_loop(cluster)
     try:
         victim = cluster.workers[1]  # holds experts of its own, not only replicas
         assert any(len(cluster.plan.holders[p]) == 1 for p in cluster.plan.worker_pairs(1))
-        run = _stream_while(cluster, lambda: os.kill(victim.pid, signal.SIGKILL))
+        run = _stream_while(serving, cluster, lambda: os.kill(victim.pid, signal.SIGKILL))
         run.assert_mid_flight()
         assert run.tokens == chaos_reference  # nothing lost, duplicated or changed
         assert cluster.recoveries == 1
@@ -208,10 +211,11 @@ def test_a_killed_worker_is_replaced_and_every_stream_keeps_its_tokens(ray_clust
         while len(cluster.workers) < 3:
             assert time.monotonic() < deadline, "no replacement worker"
             time.sleep(0.2)
-        assert greedy_tokens(cluster.engine, CHAOS_PROMPTS[:2], 8) == [t[:8] for t in chaos_reference[:2]]
+        assert serving_greedy(serving, CHAOS_PROMPTS[:2], 8) == [t[:8] for t in chaos_reference[:2]]
         assert cluster.differences() == {}  # the record is what the workers hold
         pids += [h.pid for h in cluster.workers]
     finally:
+        serving.shutdown()
         cluster.shutdown()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
@@ -228,8 +232,9 @@ def test_a_stalled_worker_is_found_by_heartbeats_long_before_the_collective_time
     forms without it and the streams go on."""
     cluster = ExpertCluster(checkpoint, num_workers=2, settings=ServingConfig(collective_timeout_s=30))
     victim = cluster.workers[1]
+    serving = _attached_loop(cluster)
     try:
-        run = _stream_while(cluster, lambda: os.kill(victim.pid, signal.SIGSTOP))
+        run = _stream_while(serving, cluster, lambda: os.kill(victim.pid, signal.SIGSTOP))
         run.assert_mid_flight()
         assert run.tokens == chaos_reference
         assert run.epoch_moved_s < 3.0, run.epoch_moved_s  # detected and recovered within 3 s
@@ -237,6 +242,7 @@ def test_a_stalled_worker_is_found_by_heartbeats_long_before_the_collective_time
         assert cluster.recoveries == 1 and victim.worker not in {h.worker for h in cluster.workers}
     finally:
         _resume(victim.pid)
+        serving.shutdown()
         cluster.shutdown()
     assert not _alive(victim.pid)
 
@@ -251,13 +257,14 @@ def test_with_redundancy_a_lost_worker_barely_pauses_a_stream(ray_cluster, check
     cluster = ExpertCluster(checkpoint, num_workers=3, settings=settings)
     assert all(len(ws) == 2 for ws in cluster.plan.holders.values())
     victim = cluster.workers[0]
+    serving = _attached_loop(cluster)
     try:
         deadline = time.monotonic() + 60
-        while not cluster.standby:
+        while not cluster.standby.handles():
             assert time.monotonic() < deadline, "no standby worker"
             time.sleep(0.1)
-        standby = cluster.standby[0].worker
-        run = _stream_while(cluster, lambda: os.kill(victim.pid, fault))
+        standby = cluster.standby.handles()[0].worker
+        run = _stream_while(serving, cluster, lambda: os.kill(victim.pid, fault))
         run.assert_mid_flight()
         assert run.tokens == chaos_reference
         assert run.failed_steps == 0  # the serving loop never waited for the control plane
@@ -271,6 +278,7 @@ def test_with_redundancy_a_lost_worker_barely_pauses_a_stream(ray_cluster, check
         assert cluster.differences() == {}
     finally:
         _resume(victim.pid)
+        serving.shutdown()
         cluster.shutdown()
 
 
@@ -313,16 +321,27 @@ def test_a_new_copy_comes_from_a_peers_memory(ray_cluster, checkpoint, reference
     checkpoint; so do the workers that gain a replica. The copies compute exactly what the
     originals did."""
     with ExpertCluster(checkpoint, num_workers=2) as cluster:
-        cluster.scale_workers(3)
-        new = {s["worker"]: s for s in cluster.stats()}[cluster.workers[2].worker]
-        assert new["pairs"] and new["load_rates"]["peer"] > 0 and new["load_rates"]["checkpoint"] is None
-        before = {s["worker"]: s for s in cluster.stats()}
-        cluster.scale_replicas("*:0x3")  # expert 0 of every layer on all three
-        after = {s["worker"]: s for s in cluster.stats()}
-        gained = [w for w in after if set(map(tuple, after[w]["pairs"])) - set(map(tuple, before[w]["pairs"]))]
-        assert gained and all(after[w]["load_rates"]["peer"] is not None for w in gained)
-        assert all(after[w]["load_rates"]["checkpoint"] == before[w]["load_rates"]["checkpoint"] for w in gained)
-        tokens = greedy_tokens(cluster.engine, PROMPTS, NEW_TOKENS)
+        serving = _attached_loop(cluster)
+        try:
+            cluster.scale_workers(3)
+            new = {s["worker"]: s for s in cluster.stats()}[cluster.workers[2].worker]
+            assert new["pairs"] and new["load_rates"]["peer"] > 0 and new["load_rates"]["checkpoint"] is None
+            before = {s["worker"]: s for s in cluster.stats()}
+            scaled = cluster.read()
+            cluster.scale_replicas("*:0x3")  # expert 0 of every layer on all three
+            after = {s["worker"]: s for s in cluster.stats()}
+            gained = [w for w in after if set(map(tuple, after[w]["pairs"])) - set(map(tuple, before[w]["pairs"]))]
+            assert gained and all(after[w]["load_rates"]["peer"] is not None for w in gained)
+            assert all(after[w]["load_rates"]["checkpoint"] == before[w]["load_rates"]["checkpoint"] for w in gained)
+            # a plan computed from the record before the replicas were added is refused, not applied
+            now = cluster.read()
+            assert now.version > scaled.version
+            with pytest.raises(StaleRecord, match=f"version {scaled.version}"):
+                cluster.apply_plan(scaled.plan, "stale", based_on=scaled.version)
+            assert cluster.read() == now and cluster.differences() == {}
+            tokens = serving_greedy(serving, PROMPTS, NEW_TOKENS)
+        finally:
+            serving.shutdown()
         rows = {s["worker"]: s["rows_received"] for s in cluster.stats()}
     assert tokens == reference["tokens"]
     assert any(rows[new["worker"]].values())  # the copied experts computed rows

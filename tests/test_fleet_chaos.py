@@ -117,8 +117,7 @@ def test_router_and_worker_events_under_streams_lose_nothing_and_leak_nothing(ch
             if kind == "drain router":
                 assert fleet.migrated >= migrated, kind
             deadline = time.monotonic() + 90
-            while cluster._recovery is not None or len(cluster.workers) != cluster.target_workers or any(
-                    t.is_alive() and t.name == "expertmesh-restore" for t in cluster._helpers):
+            while cluster.settling() or len(cluster.workers) != cluster.target_workers:
                 assert time.monotonic() < deadline, "the cluster did not settle"
                 time.sleep(0.1)
             if kind in ("kill worker", "add worker", "retire worker"):
@@ -128,7 +127,8 @@ def test_router_and_worker_events_under_streams_lose_nothing_and_leak_nothing(ch
             while any(m.load.get("epoch") != cluster.epoch for m in live):  # polls report it within 0.25 s
                 assert time.monotonic() < deadline, (kind, cluster.epoch, [m.load for m in live])
                 time.sleep(0.05)
-            assert cluster._submit(lambda: sorted(cluster.routers.actors)) == sorted(m.router for m in live), kind
+            connected = cluster.between_changes(lambda: sorted(cluster.routers.actors))
+            assert connected == sorted(m.router for m in live), kind
             assert cluster.differences() == {}, kind  # the record is the world
             cache = cluster.engine.cache
             deadline = time.monotonic() + 10

@@ -361,3 +361,23 @@ def test_every_position_logits_only_for_the_sequences_that_want_them(model_dir):
     assert torch.allclose(some[1], everything[1], atol=1e-5)
     for i in (0, 2):
         assert torch.allclose(some[i][0], everything[i][-1], atol=1e-5)
+
+
+def test_a_call_runs_only_on_the_loops_thread_and_fails_once_the_loop_stopped(model_dir, tokenizer):
+    """The engine is touched by the thread running the loop alone: a call made while no loop runs
+    waits for one (it does not run on the caller's thread), and once the loop is stopped a call
+    fails at once instead of waiting for ever."""
+    loop = ServingEngine(Engine.local(model_dir, kv_blocks=64), tokenizer, own_thread=False)
+    ran_on = []
+    waiting = loop.call(lambda: ran_on.append(threading.current_thread()) or "done")
+    time.sleep(0.2)
+    assert not waiting.done() and ran_on == []  # no loop ran: nothing ran
+    driver = threading.Thread(target=loop.run, name="the-loop")
+    driver.start()
+    assert waiting.result(timeout=30) == "done" and [t.name for t in ran_on] == ["the-loop"]
+    loop.shutdown()
+    driver.join(timeout=30)
+    assert not driver.is_alive()
+    with pytest.raises(RuntimeError, match="the serving loop has stopped"):
+        loop.call(lambda: ran_on.append("after")).result(timeout=5)
+    assert len(ran_on) == 1

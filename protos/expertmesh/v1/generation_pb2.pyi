@@ -303,18 +303,20 @@ class WorkerInfo(_message.Message):
     def __init__(self, worker: _Optional[int] = ..., node: _Optional[str] = ..., pid: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., busy_seconds: _Optional[float] = ..., weight_bytes: _Optional[int] = ..., messages: _Optional[int] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("epoch", "workers", "recoveries", "worker_memory_bytes", "expert_bytes")
+    __slots__ = ("epoch", "workers", "recoveries", "worker_memory_bytes", "expert_bytes", "version")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     RECOVERIES_FIELD_NUMBER: _ClassVar[int]
     WORKER_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     EXPERT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
     recoveries: int
     worker_memory_bytes: int
     expert_bytes: int
-    def __init__(self, epoch: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., recoveries: _Optional[int] = ..., worker_memory_bytes: _Optional[int] = ..., expert_bytes: _Optional[int] = ...) -> None: ...
+    version: int
+    def __init__(self, epoch: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., recoveries: _Optional[int] = ..., worker_memory_bytes: _Optional[int] = ..., expert_bytes: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ScaleRequest(_message.Message):
     __slots__ = ("replicas", "workers", "auto", "routers")

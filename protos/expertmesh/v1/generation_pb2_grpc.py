@@ -267,7 +267,7 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Scale(self, request, context):
-        """Set the extra expert replicas, or the number of workers; returns once the new plan is live.
+        """Set the extra expert replicas, the number of workers or of routers; returns once the change is live.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
