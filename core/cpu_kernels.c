@@ -68,7 +68,7 @@
 #define VL 8
 #define MR 6 /* 16 registers: 12 sums, 2 weight vectors, a broadcast */
 #define MR_I8 2 /* 8 + 2 + 2, and a product in flight (no VNNI in AVX2) */
-#define MR_I4 1
+#define MR_I4 3 /* 12 int32 sums, 2 weight vectors, 2 x pairs; the fp32 sums wait on the stack between groups */
 #define NB 1
 #else
 #define VL 4 /* SSE, NEON: 16 or 32 registers */
@@ -469,7 +469,10 @@ static inline void tile_i4_##B(const int16_t *hi, const int16_t *lo, const float
                                float *y, int64_t ldy) {                                                 \
     for (int64_t r = 0; r < rows; r += MR_I4) {                                                         \
         const int16_t *h = hi + r * ldx, *l = lo + r * ldx;                                             \
-        if (MR_I4 >= 2 && rows - r >= 2)                                                                \
+        if (MR_I4 >= 3 && rows - r >= 3)                                                                \
+            micro_i4_3_##B(h, l, ldx, xs + r, gsum + r * ldg, ldg, low_at, wb, ps, gscale, gps, pairs,  \
+                           fresh, y + r * ldy, ldy);                                                    \
+        else if (MR_I4 >= 2 && rows - r >= 2)                                                           \
             micro_i4_2_##B(h, l, ldx, xs + r, gsum + r * ldg, ldg, low_at, wb, ps, gscale, gps, pairs,  \
                            fresh, y + r * ldy, ldy);                                                    \
         else                                                                                            \
@@ -480,10 +483,10 @@ static inline void tile_i4_##B(const int16_t *hi, const int16_t *lo, const float
 #define TILE_I_NAME(T, B) TILE_I_NAME_(T, B)
 #define TILE_I_NAME_(T, B) tile_##T##_##B
 MICRO_I8(1, NB) MICRO_I8(2, NB) MICRO_I8(3, NB) TILE_I8(NB)
-MICRO_I4(1, NB) MICRO_I4(2, NB) TILE_I4(NB)
+MICRO_I4(1, NB) MICRO_I4(2, NB) MICRO_I4(3, NB) TILE_I4(NB)
 #if NB != 1
 MICRO_I8(1, 1) MICRO_I8(2, 1) MICRO_I8(3, 1) TILE_I8(1)
-MICRO_I4(1, 1) MICRO_I4(2, 1) TILE_I4(1)
+MICRO_I4(1, 1) MICRO_I4(2, 1) MICRO_I4(3, 1) TILE_I4(1)
 #endif
 
 /* x's rows as digits: hi and lo (m, 2 * ceil(k / 2)) int16, xs (m,), and for int4 gsum (m, 2, groups). */
@@ -709,28 +712,38 @@ static inline void micro_q8_##R(const int8_t *q, const int8_t *aq, int64_t ldq, 
                                 int64_t ldxs, const int8_t *wb, int64_t blocks, int fresh,              \
                                 const float *scale, float *y, int64_t ldy) {                            \
     const __m256i ones = _mm256_set1_epi16(1);                                                          \
-    __m256 acc[R][2];                                                                                   \
-    for (int r = 0; r < R; r++)                                                                         \
-        for (int h = 0; h < 2; h++) acc[r][h] = fresh ? _mm256_setzero_ps() : _mm256_loadu_ps(y + r * ldy + 8 * h); \
+    /* y holds the float sums between blocks (a load and a store per block): registers for the     \
+     * int32 sums, weights and broadcasts only, so nothing spills in the quads' loop */              \
+    if (fresh)                                                                                          \
+        for (int r = 0; r < R; r++)                                                                     \
+            for (int h = 0; h < 2; h++) _mm256_storeu_ps(y + r * ldy + 8 * h, _mm256_setzero_ps());      \
     for (int64_t b = 0; b < blocks; b++) {                                                              \
         __m256i sums[R][2];                                                                             \
         for (int r = 0; r < R; r++) sums[r][0] = sums[r][1] = _mm256_setzero_si256();                  \
-        for (int s = 0; s < QB / 4; s++) {                                                              \
+        _Pragma("GCC unroll 1") /* unrolled, gcc sums the products on the stack */                    \
+        for (int s = 0; s < QB / 4; s += 2) { /* two quads a step, as micro_q4 */                       \
             const int8_t *w = wb + (b * QB + s * 4) * PANEL;                                            \
-            __m256i w0 = _mm256_loadu_si256((const __m256i *)w);                                        \
-            __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + 32));                                 \
-            for (int r = 0; r < R; r++)                                                                 \
-                add_quad(sums[r], w0, w1, q + r * ldq + b * QB + s * 4, aq + r * ldq + b * QB + s * 4, ones); \
+            __m256i wq[2][2] = {{_mm256_loadu_si256((const __m256i *)w),                                \
+                                 _mm256_loadu_si256((const __m256i *)(w + 32))},                        \
+                                {_mm256_loadu_si256((const __m256i *)(w + 64)),                         \
+                                 _mm256_loadu_si256((const __m256i *)(w + 96))}};                       \
+            for (int half = 0; half < 2; half++)                                                        \
+                for (int r = 0; r < R; r++)                                                             \
+                    add_quad(sums[r], wq[half][0], wq[half][1], q + r * ldq + b * QB + (s + half) * 4,    \
+                             aq + r * ldq + b * QB + (s + half) * 4, ones);                             \
         }                                                                                               \
         for (int r = 0; r < R; r++) {                                                                   \
             __m256 step = _mm256_set1_ps(xs[r * ldxs + b]);                                             \
-            for (int h = 0; h < 2; h++) acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][h]), step, acc[r][h]); \
+            for (int h = 0; h < 2; h++)                                                                 \
+                _mm256_storeu_ps(y + r * ldy + 8 * h, _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][h]), step, \
+                                                                      _mm256_loadu_ps(y + r * ldy + 8 * h))); \
         }                                                                                               \
     }                                                                                                   \
-    for (int r = 0; r < R; r++)                                                                         \
-        for (int h = 0; h < 2; h++)                                                                     \
-            _mm256_storeu_ps(y + r * ldy + 8 * h, scale ? _mm256_mul_ps(acc[r][h], _mm256_loadu_ps(scale + 8 * h)) \
-                                                        : acc[r][h]);                                   \
+    if (scale)                                                                                          \
+        for (int r = 0; r < R; r++)                                                                     \
+            for (int h = 0; h < 2; h++)                                                                 \
+                _mm256_storeu_ps(y + r * ldy + 8 * h, _mm256_mul_ps(_mm256_loadu_ps(y + r * ldy + 8 * h), \
+                                                                    _mm256_loadu_ps(scale + 8 * h)));   \
 }
 MICRO_Q8(1) MICRO_Q8(2) MICRO_Q8(3)
 #endif
@@ -799,12 +812,14 @@ static inline void micro_q4_##R(const int8_t *q, const int8_t *aq, int64_t ldq, 
                                 int64_t ldxs, const uint8_t *wb, const uint16_t *gs, int64_t blocks,    \
                                 int fresh, float *y, int64_t ldy) {                                     \
     const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0f), eight = _mm256_set1_epi8(8); \
-    __m256 acc[R][2];                                                                                   \
-    for (int r = 0; r < R; r++)                                                                         \
-        for (int h = 0; h < 2; h++) acc[r][h] = fresh ? _mm256_setzero_ps() : _mm256_loadu_ps(y + r * ldy + 8 * h); \
+    /* y holds the float sums between blocks, as in micro_q8 */                                       \
+    if (fresh)                                                                                          \
+        for (int r = 0; r < R; r++)                                                                     \
+            for (int h = 0; h < 2; h++) _mm256_storeu_ps(y + r * ldy + 8 * h, _mm256_setzero_ps());      \
     for (int64_t b = 0; b < blocks; b++) {                                                              \
         __m256i sums[R][2];                                                                             \
         for (int r = 0; r < R; r++) sums[r][0] = sums[r][1] = _mm256_setzero_si256();                  \
+        _Pragma("GCC unroll 1") /* unrolled, gcc sums the products on the stack */                    \
         for (int s = 0; s < QB / 8; s++) {                                                              \
             const uint8_t *w = wb + (b * QB + s * 8) * PANEL / 2;                                       \
             __m256i v0 = _mm256_loadu_si256((const __m256i *)w), v1 = _mm256_loadu_si256((const __m256i *)(w + 32)); \
@@ -824,11 +839,10 @@ static inline void micro_q4_##R(const int8_t *q, const int8_t *aq, int64_t ldq, 
         for (int r = 0; r < R; r++) {                                                                   \
             __m256 step = _mm256_set1_ps(xs[r * ldxs + b]);                                             \
             for (int h = 0; h < 2; h++)                                                                 \
-                acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][h]), _mm256_mul_ps(step, g[h]), acc[r][h]); \
+                _mm256_storeu_ps(y + r * ldy + 8 * h, _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][h]),    \
+                                 _mm256_mul_ps(step, g[h]), _mm256_loadu_ps(y + r * ldy + 8 * h)));    \
         }                                                                                               \
     }                                                                                                   \
-    for (int r = 0; r < R; r++)                                                                         \
-        for (int h = 0; h < 2; h++) _mm256_storeu_ps(y + r * ldy + 8 * h, acc[r][h]);                  \
 }
 MICRO_Q4(1) MICRO_Q4(2) MICRO_Q4(3)
 #endif
@@ -1017,6 +1031,7 @@ void combine_f32(const float *restrict rows, const int64_t *restrict pairs, cons
  * summed into int32 lanes, as llama.cpp's 8-bit dot products run: vpdpbusd where AVX512-VNNI or
  * AVX-VNNI exist, else vpmaddubsw (pairs into int16) and vpmaddwd by ones (into int32). */
 #define PEAK_CHAINS 10
+#define PEAK_CHAINS_U8 6 /* AVX2 and generic: 6 accumulators, the operands and the products in 16 registers */
 double peak_fma_f32(int64_t iters, int threads) {
     double total = 0;
     #pragma omp parallel num_threads(threads) reduction(+ : total)
@@ -1059,24 +1074,32 @@ double peak_dot_u8s8(int64_t iters, int threads) {
         for (int c = 0; c < PEAK_CHAINS; c++) keep += _mm256_extract_epi32(acc[c], 0);
         per_step = 32;
 #elif defined(__AVX2__)
-        __m256i acc[PEAK_CHAINS], u = _mm256_set1_epi8(3), s = _mm256_set1_epi8(-2), ones = _mm256_set1_epi16(1);
-        for (int c = 0; c < PEAK_CHAINS; c++) acc[c] = _mm256_setzero_si256();
+        /* u "changes" before every chain's product (an empty asm): one product computed once and
+         * added to every chain would measure vpaddd, not the multiplies. Named accumulators, not an
+         * array, so that all of them stay in registers. */
+        __m256i u = _mm256_set1_epi8(3), s = _mm256_set1_epi8(-2), ones = _mm256_set1_epi16(1);
+#define PEAK_U8_CHAIN(c) __m256i acc##c = _mm256_setzero_si256();
+        PEAK_U8_CHAIN(0) PEAK_U8_CHAIN(1) PEAK_U8_CHAIN(2) PEAK_U8_CHAIN(3) PEAK_U8_CHAIN(4) PEAK_U8_CHAIN(5)
+#define PEAK_U8_STEP(c)                                                                                 \
+        IN_REGISTER(u);                                                                                 \
+        acc##c = _mm256_add_epi32(acc##c, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones));
         for (int64_t i = 0; i < iters; i++) {
-            IN_REGISTER(u);
-            for (int c = 0; c < PEAK_CHAINS; c++)
-                acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones));
+            PEAK_U8_STEP(0) PEAK_U8_STEP(1) PEAK_U8_STEP(2) PEAK_U8_STEP(3) PEAK_U8_STEP(4) PEAK_U8_STEP(5)
         }
-        for (int c = 0; c < PEAK_CHAINS; c++) keep += _mm256_extract_epi32(acc[c], 0);
-        per_step = 32;
+        __m256i all = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(acc0, acc1), _mm256_add_epi32(acc2, acc3)),
+                                       _mm256_add_epi32(acc4, acc5));
+        keep = _mm256_extract_epi32(all, 0);
+        per_step = 32.0 * PEAK_CHAINS_U8 / PEAK_CHAINS;
 #else
-        vi acc[PEAK_CHAINS], u = (vi){0} + 3, s = (vi){0} - 2;
-        for (int c = 0; c < PEAK_CHAINS; c++) acc[c] = (vi){0};
-        for (int64_t i = 0; i < iters; i++) {
-            IN_REGISTER(u);
-            for (int c = 0; c < PEAK_CHAINS; c++) acc[c] += u * s;
-        }
-        for (int c = 0; c < PEAK_CHAINS; c++) keep += acc[c][0];
-        per_step = VL;
+        vi acc[PEAK_CHAINS_U8], u = (vi){0} + 3, s = (vi){0} - 2;
+        for (int c = 0; c < PEAK_CHAINS_U8; c++) acc[c] = (vi){0};
+        for (int64_t i = 0; i < iters; i++)
+            for (int c = 0; c < PEAK_CHAINS_U8; c++) {
+                IN_REGISTER(u);  /* a product per chain, as above */
+                acc[c] += u * s;
+            }
+        for (int c = 0; c < PEAK_CHAINS_U8; c++) keep += acc[c][0];
+        per_step = (double)VL * PEAK_CHAINS_U8 / PEAK_CHAINS;
 #endif
         total += (double)iters * PEAK_CHAINS * per_step + (keep == 1);
     }
