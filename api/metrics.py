@@ -22,16 +22,16 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
+
+from expertmesh.router.loop_histograms import COUNTERS, HISTOGRAMS
 
 log = logging.getLogger("expertmesh.metrics")
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 AUTOSCALER_ACTIONS = ("scale up", "scale down", "rebalance", "error")  # cluster/controller.py's
-REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 
 
 class Metrics:
@@ -53,26 +53,11 @@ class Metrics:
         self.api_requests = Counter("expertmesh_api_requests", "Calls answered by each door (grpc, http), by "
                                     "method or path and status code", ["door", "method", "code"], registry=r)
         self.model_name = model_name
-        self.ttft = histogram("expertmesh_time_to_first_token_seconds", "From a request's arrival to its first "
-                              "token", LATENCY_BUCKETS)
-        self.itl = histogram("expertmesh_inter_token_latency_seconds", "Between two tokens of a stream",
-                             LATENCY_BUCKETS)
-        self.queue_time = histogram("expertmesh_request_queue_seconds", "From a request's arrival to its first "
-                                    "step", REQUEST_BUCKETS)
-        self.prefill_time = histogram("expertmesh_request_prefill_seconds", "From a request's first step to its "
-                                      "first token", REQUEST_BUCKETS)
-        self.decode_time = histogram("expertmesh_request_decode_seconds", "From a request's first token to its "
-                                     "last", REQUEST_BUCKETS)
-        self.e2e = histogram("expertmesh_request_e2e_seconds", "From a request's arrival to its end",
-                             REQUEST_BUCKETS)
-        self.step = histogram("expertmesh_step_seconds", "One model step", LATENCY_BUCKETS)
-        self.batch_tokens = histogram("expertmesh_batch_tokens", "Tokens computed per step", TOKEN_BUCKETS)
-        self.prompt_tokens = of_model(Counter, "expertmesh_prompt_tokens", "Prompt tokens of finished requests")
-        self.generation_tokens = of_model(Counter, "expertmesh_generation_tokens", "Tokens generated")
-        self.prefix_queries = of_model(Counter, "expertmesh_prefix_cache_queries", "Prompt tokens looked up in the "
-                                       "prefix cache (router 0)")
-        self.prefix_hits = of_model(Counter, "expertmesh_prefix_cache_hits", "Prompt tokens found in the prefix "
-                                    "cache (router 0)")
+        # the loop's histograms and counters (router/loop_histograms.py names them for every router)
+        for attr, (name, doc, buckets) in HISTOGRAMS.items():
+            setattr(self, attr, histogram(name, doc, buckets))
+        for attr, (name, doc) in COUNTERS.items():
+            setattr(self, attr, of_model(Counter, name, doc + (" (router 0)" if "prefix" in attr else "")))
         self.queue = of_model(Gauge, "expertmesh_queue_requests", "Requests waiting to be scheduled")
         self.running = of_model(Gauge, "expertmesh_running_sequences", "Sequences in the running batch")
         self.kv_used = of_model(Gauge, "expertmesh_kv_blocks_used", "KV cache blocks in use")
@@ -113,7 +98,7 @@ class Metrics:
     def watch_fleet(self, fleet) -> None:
         """The router fleet (api/router_fleet.py), read at scrape time: each router's streams and KV
         blocks in use, routers by state, streams continued on another router, routers lost."""
-        self.registry.register(_FleetCollector(fleet))
+        self.registry.register(_FleetCollector(fleet, self.model_name))
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP on its own thread; returns the bound port."""
@@ -186,8 +171,8 @@ class _ClusterCollector:
 
 
 class _FleetCollector:
-    def __init__(self, fleet):
-        self.fleet = fleet
+    def __init__(self, fleet, model_name: str):
+        self.fleet, self.model_name = fleet, model_name
 
     def collect(self):
         routers = self.fleet.routers()
@@ -208,3 +193,31 @@ class _FleetCollector:
                                   "was lost or drained", value=self.fleet.migrated)
         yield CounterMetricFamily("expertmesh_routers_lost", "Routers lost (dead or stalled) and fenced",
                                   value=len(self.fleet.lost))
+        yield from self._router_actors()
+
+    def _router_actors(self):
+        """Each router actor's own histograms and counters (router/loop_histograms.py), read now,
+        as expertmesh_router_* with a router label; router 0's are the families without it. A
+        router that does not answer in time is left out of this scrape."""
+        snapshots = self.fleet.router_histograms()
+        labels = ["model_name", "router"]
+        for attr, (name, doc, _) in HISTOGRAMS.items():
+            family = HistogramMetricFamily(name.replace("expertmesh_", "expertmesh_router_", 1),
+                                           f"{doc}, on each router actor", labels=labels)
+            for router, snap in snapshots.items():
+                h = snap["histograms"][attr]
+                buckets = [(floatToGoString(bound), n) for bound, n in h["cumulative"]]  # as Histogram writes le
+                family.add_metric([self.model_name, str(router)], buckets, h["sum"])
+            yield family
+        for attr, (name, doc) in COUNTERS.items():
+            family = CounterMetricFamily(name.replace("expertmesh_", "expertmesh_router_", 1),
+                                         f"{doc}, on each router actor", labels=labels)
+            for router, snap in snapshots.items():
+                family.add_metric([self.model_name, str(router)], snap["counters"][attr])
+            yield family
+        finished = CounterMetricFamily("expertmesh_router_requests", "Requests finished on each router actor, by "
+                                       "finish reason", labels=[*labels, "finish_reason"])
+        for router, snap in snapshots.items():
+            for reason, n in sorted(snap["finished"].items()):
+                finished.add_metric([self.model_name, str(router), reason], n)
+        yield finished

@@ -42,6 +42,7 @@ POLL_WAIT_S = 0.25  # a poll with nothing to hand back returns after this (so it
 AFFINITY_SLACK = 8  # streams more than the least loaded router a prefix's router may hold and still get it
 AFFINITY_ENTRIES = 4096  # prompt prefixes remembered
 MAX_MIGRATIONS = 3  # a stream whose routers keep dying ends with an error instead of hopping forever
+HISTOGRAMS_WAIT_S = 2.0  # a scrape waits this long for the router actors' histograms
 
 
 @dataclass(eq=False)
@@ -249,6 +250,25 @@ class RouterFleet:
             total = load.get("kv_blocks_total") or 0
             used = (total - load.get("kv_blocks_free", 0)) / total if total else 0.0
             out.append({"router": m.router, "waiting": load.get("waiting", 0), "kv_used": used})
+        return out
+
+    def router_histograms(self, timeout_s: float = HISTOGRAMS_WAIT_S) -> dict[int, dict]:
+        """Router id -> its actor's histograms and counters now (router/loop_histograms.py), for
+        the serving router actors that answer within timeout_s (asked all at once)."""
+        with self._lock:
+            asked = {m.router: m.actor.histograms.remote() for m in self._remote() if m.state == "serving"}
+        if not asked:
+            return {}
+        ready, _ = ray.wait(list(asked.values()), num_returns=len(asked), timeout=timeout_s)
+        out = {}
+        for router, ref in asked.items():
+            if ref in ready:
+                try:
+                    snapshot = ray.get(ref)
+                except Exception:  # noqa: BLE001 - lost meanwhile: the poller reports it
+                    continue
+                if snapshot:
+                    out[router] = snapshot
         return out
 
     def routers(self) -> list[dict]:

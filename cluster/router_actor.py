@@ -34,6 +34,7 @@ from expertmesh.core.tokenizer import load_tokenizer
 from expertmesh.router.dispatcher import ExpertDispatcher, ReplyRecord
 from expertmesh.router.engine import DTYPES, Engine
 from expertmesh.router.kv_cache import KVCache
+from expertmesh.router.loop_histograms import LoopHistograms
 from expertmesh.router.model import RouterModel
 from expertmesh.router.requests import InvalidRequest, ValidRequest
 from expertmesh.router.serving import (
@@ -129,6 +130,7 @@ class Router:
                         layer_threads=1 if self.device.type != "cuda" else None)
         self.epoch = epoch
         self.serving = ServingEngine(engine, self.tokenizer, self.settings, control=self.changes)
+        self.serving.metrics = LoopHistograms()  # read by the gateway's metrics (histograms())
         # a step's outputs wake the gateway's poll once, together (one Ray reply per step, not per token)
         self.serving.outputs_done = self._flush
 
@@ -242,6 +244,10 @@ class Router:
         with self._ready:
             if any(self._outboxes.values()):
                 self._ready.notify_all()
+
+    def histograms(self) -> dict:
+        """This router's request and step histograms and counters (router/loop_histograms.py)."""
+        return self.serving.metrics.snapshot() if self.serving is not None else {}
 
     def load(self) -> dict:
         """What gateways place requests by, and what `info` shows."""

@@ -174,6 +174,14 @@ def test_a_lost_router_loses_no_stream(checkpoint, requests, reference, fault):
             held = pb_grpc.GenerationStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=30).routers[1].streams
         at_fault = list(streams.counts)
         assert held > 0 and all(0 < n < TOKENS for n in at_fault), (held, at_fault)  # the fault meets live streams
+        # router 1's own histograms and counters, read from its process by the gateway's scrape:
+        # each of its streams has had its first token, and router 0's and its own cover every stream
+        live = scrape(metrics_url)
+        first_tokens_1 = total(live, "expertmesh_router_time_to_first_token_seconds_count", router="1")
+        assert first_tokens_1 >= held, (first_tokens_1, held)
+        assert total(live, "expertmesh_router_generation_tokens_total", router="1") >= first_tokens_1
+        assert total(live, "expertmesh_router_step_seconds_count", router="1") > 0
+        assert first_tokens_1 + total(live, "expertmesh_time_to_first_token_seconds_count") >= len(requests)
         os.kill(victim, getattr(signal, fault))
         faulted = time.monotonic()
         line = wait_for_line(server, f"router 1 (pid {victim}) lost", 30)
@@ -191,6 +199,7 @@ def test_a_lost_router_loses_no_stream(checkpoint, requests, reference, fault):
         assert total(samples, "expertmesh_streams_migrated_total") == moved
         assert total(samples, "expertmesh_routers", state="lost") == 1
         assert total(samples, "expertmesh_routers_lost_total") == 1
+        assert total(samples, "expertmesh_router_step_seconds_count", router="1") == 0  # a lost router is not read
         # the moved streams went on on router 0 after the fault: tokens kept arriving
         assert sum(1 for arrivals in streams.arrivals if arrivals[-1] > faulted) >= moved
     finally:
