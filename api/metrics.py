@@ -28,9 +28,6 @@ from prometheus_client.utils import floatToGoString
 from expertmesh.router.loop_histograms import COUNTERS, HISTOGRAMS
 
 log = logging.getLogger("expertmesh.metrics")
-
-
-
 AUTOSCALER_ACTIONS = ("scale up", "scale down", "rebalance", "error")  # cluster/controller.py's
 
 
@@ -53,11 +50,11 @@ class Metrics:
         self.api_requests = Counter("expertmesh_api_requests", "Calls answered by each door (grpc, http), by "
                                     "method or path and status code", ["door", "method", "code"], registry=r)
         self.model_name = model_name
-        # the loop's histograms and counters (router/loop_histograms.py names them for every router)
+        # router 0's loop histograms and counters (router/loop_histograms.py names them for every router)
         for attr, (name, doc, buckets) in HISTOGRAMS.items():
             setattr(self, attr, histogram(name, doc, buckets))
         for attr, (name, doc) in COUNTERS.items():
-            setattr(self, attr, of_model(Counter, name, doc + (" (router 0)" if "prefix" in attr else "")))
+            setattr(self, attr, of_model(Counter, name, doc))
         self.queue = of_model(Gauge, "expertmesh_queue_requests", "Requests waiting to be scheduled")
         self.running = of_model(Gauge, "expertmesh_running_sequences", "Sequences in the running batch")
         self.kv_used = of_model(Gauge, "expertmesh_kv_blocks_used", "KV cache blocks in use")

@@ -144,11 +144,11 @@ class Controller:
         before, after = planner.balance(current, rows), planner.balance(new, rows)
         if new.holders == current.holders or not (force or after < before * (1 - REBALANCE_GAIN)):
             return False
-        self._decide("rebalance", f"{why}: balance {before:.2f} -> {after:.2f} (max/mean worker load), "
-                     f"{planner.moves(current, new)} copies to load")
         try:
             self.cluster.apply_plan(new, reason="autoscale rebalance", based_on=record.version)
         except StaleRecord as exc:  # a recovery or a manual change came first: the next window decides again
             progress(f"controller: rebalance not applied: {exc}")
             return False
+        self._decide("rebalance", f"{why}: balance {before:.2f} -> {after:.2f} (max/mean worker load), "
+                     f"{planner.moves(current, new)} copies loaded")
         return True

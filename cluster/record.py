@@ -29,10 +29,6 @@ class Placement:
     plan: PlacementPlan | None  # plan.worker_pairs(i) is what workers[i] serves
     workers: tuple[WorkerHandle, ...]  # in the plan's order
 
-    def index(self, worker: int) -> int:
-        """The plan's index of worker id `worker`."""
-        return [h.worker for h in self.workers].index(worker)
-
 
 class PlacementRecord:
     """Readers' side: `read()` from any thread; ids and epochs handed out here are never reused."""
