@@ -295,6 +295,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     error is being matched, so the client commands never load torch or Ray."""
     from expertmesh.cluster.bringup import UsageError
     from expertmesh.cluster.placement import PlacementError
+    from expertmesh.cluster.rebuild import OwnedElsewhere
     from expertmesh.cluster.worker_pool import PlacementTimeout
     from expertmesh.core.checkpoint import CheckpointError
     from expertmesh.core.config import ConfigError
@@ -303,7 +304,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from expertmesh.router.requests import InvalidRequest
 
     return (CheckpointError, ConfigError, SettingsError, PlacementError, UsageError, PlacementTimeout,
-            InvalidRequest, ExpertPathError, FileNotFoundError)
+            InvalidRequest, ExpertPathError, FileNotFoundError, OwnedElsewhere)
 
 
 def main(argv: list[str] | None = None) -> int:

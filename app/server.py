@@ -279,8 +279,9 @@ CLUSTER_SHUTDOWN_S = 3.0  # a live Ray lets workers go in well under a second
 
 
 def start_fleet(serving, cluster, settings, routers: int, resource: str | None = None):
-    """The gateway's fleet over router 0 (`serving`) and routers 1..routers-1, started as Ray actors
-    over the cluster's workers; `scale --routers` adds and drains more."""
+    """The gateway's fleet over router 0 (`serving`), the routers a lost serve process left (adopted
+    by the cluster: cluster/rebuild.py), and new router actors up to `routers` in all, over the
+    cluster's workers; `scale --routers` adds and drains more."""
     from expertmesh.api.router_fleet import POLL_WAIT_S, RouterFleet
     from expertmesh.cluster.router_actor import start_routers
 
@@ -290,8 +291,11 @@ def start_fleet(serving, cluster, settings, routers: int, resource: str | None =
         progress(f"starting {len(ids)} more router(s) as Ray actors")
         return start_routers(cluster, ids, kv_blocks, resource)
 
+    adopted = list(cluster.adopted_routers)
+    first = max((h.router for h in adopted), default=0) + 1
+    more = list(range(first, first + routers - 1 - len(adopted)))
     # a poll that has nothing returns after POLL_WAIT_S: one unanswered past the heartbeat timeout is a stall
-    return RouterFleet(serving, start(list(range(1, routers))) if routers > 1 else [],
+    return RouterFleet(serving, adopted + (start(more) if more else []),
                        router_deadline_s=settings.heartbeat_timeout_s + POLL_WAIT_S, block_size=settings.block_size,
                        local_epoch=lambda: cluster.epoch, on_lost=cluster.forget_router, start=start)
 

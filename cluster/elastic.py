@@ -49,6 +49,7 @@ from expertmesh.cluster.health import HeartbeatMonitor
 from expertmesh.cluster.memory_budget import expert_bytes, memory_budget, redundancy_shortfall
 from expertmesh.cluster.placement import PlacementError, PlacementPlan
 from expertmesh.cluster.progress import progress
+from expertmesh.cluster.rebuild import find_previous
 from expertmesh.cluster.record import Placement, PlacementRecord, RecordWriter, StaleRecord
 from expertmesh.cluster.router_set import RouterSet
 from expertmesh.cluster.standby import StandbyPool
@@ -106,10 +107,17 @@ class ExpertCluster:
         if shortfall:
             progress(shortfall)
         self.owns_ray = ensure_ray(address)  # after the checks: a plan that cannot be starts nothing
+        # On a cluster serve joined, workers and routers outlive this process, and the next serve
+        # process adopts them (cluster/rebuild.py); on an embedded Ray they end with it.
+        self.durable = address is not None
+        previous = (find_previous(self.model_dir, settings, config.num_layers, config.num_experts) if self.durable
+                    else None)
         self.target_workers = num_workers  # what restoring brings the count back to
         self.backend = "nccl" if self.gpus else "gloo"
         self.device = torch.device("cuda" if self.gpus else "cpu")
-        self.record = PlacementRecord()  # read by anyone; written only by the change running in `changes`
+        # read by anyone; written only by the change running in `changes`
+        self.record = (PlacementRecord(previous.last_worker + 1, previous.last_epoch + 1) if previous
+                       else PlacementRecord())
         self.changes = ChangeRunner(self.record)
         self.standby = StandbyPool(settings.standby_workers, self._start_fresh, self.changes.stopping,
                                    self._restoring)
@@ -124,30 +132,52 @@ class ExpertCluster:
         self.expert_rows = torch.zeros(config.num_layers, config.num_experts, dtype=torch.int64)  # (L, E)
         self.replies = ReplyRecord()  # the data path's reply times and late replies, across epochs
         self.routers = RouterSet(self.backend, settings.collective_timeout_s)  # the fleet's other routers
-        ids = [self.record.new_worker_id() for _ in range(num_workers)]
-        workers = start_workers(ids, {w: plan.worker_pairs(i) for i, w in enumerate(ids)}, self.model_dir,
-                                settings, self.gpus)
+        self.adopted_routers = previous.routers if previous else []  # the fleet takes them as they are
+        if previous:
+            workers, plan = previous.workers, previous.plan
+            progress(f"adopting what a lost serve process left: worker(s) {', '.join(str(h.worker) for h in workers)}, "
+                     f"router(s) {', '.join(str(r.router) for r in previous.routers) or 'none'}; the placement "
+                     f"record rebuilt from what they hold (epochs up to {previous.last_epoch}, "
+                     f"{sum(map(len, previous.missing.values()))} experts held by none)")
+            if replicas or len(workers) != num_workers:
+                progress(f"--workers {num_workers}{' and --replicas' if replicas else ''} apply to a new cluster; "
+                         f"this one keeps its {len(workers)} workers and their copies (`expertmesh scale` "
+                         "changes them)")
+            self.target_workers = len(workers)
+            missing = previous.missing  # experts no worker held: the least loaded load them first
+            ray.get([h.actor.load.remote(missing[h.worker]) for h in workers if h.worker in missing],
+                    timeout=self._load_deadline_s(sum(map(len, missing.values()))))
+            for r in previous.routers:
+                self.routers.adopt(r.router, r.actor)
+        else:
+            ids = [self.record.new_worker_id() for _ in range(num_workers)]
+            workers = start_workers(ids, {w: plan.worker_pairs(i) for i, w in enumerate(ids)}, self.model_dir,
+                                    settings, self.gpus, durable=self.durable)
         try:
             self.store_host = ray.util.get_node_ip_address()
             self.store_port = free_port(self.store_host)
             self.store = wire.open_store(self.store_host, self.store_port, True, settings.collective_timeout_s)
             epoch = self.record.new_epoch()
             pairs = self._form_epoch(epoch, workers)
+            self.changes.run(lambda writer: writer.write(0, epoch=epoch, plan=plan, workers=workers))
+            if self.routers:  # adopted routers move to the first epoch at their own step boundaries
+                self.routers.commit(epoch, dict(plan.holders))
+            self.worker_bytes = ray.get([h.actor.nbytes.remote() for h in workers])
+            dtype = DTYPES[settings.dtype]
+            model = RouterModel.from_checkpoint(self.checkpoint, dtype, self.device, settings.quantize)  # GPU too
+            cache = KVCache(config, kv_blocks, settings.block_size, dtype, self.device)
+            here = ray.get_runtime_context().get_node_id()
+            local = any(h.node_id == here for h in workers)
+            # CPU workers on this node share its cores with the router (see Engine.layer_threads).
+            self.engine = Engine(model, self._dispatcher(pairs, plan, workers), cache, pingpong=settings.pingpong,
+                                 pingpong_min_tokens=settings.pingpong_min_tokens,
+                                 layer_threads=1 if local and not self.gpus else None)
         except BaseException:
-            for h in workers:
-                stop_worker(h)
+            self.changes.stop()
+            if previous is None:  # ours (durable ones would outlive us); adopted ones serve on for another try
+                for h in workers:
+                    stop_worker(h)
             raise
-        self.changes.run(lambda writer: writer.write(0, epoch=epoch, plan=plan, workers=workers))
-        self.worker_bytes = ray.get([h.actor.nbytes.remote() for h in workers])
-        dtype = DTYPES[settings.dtype]
-        model = RouterModel.from_checkpoint(self.checkpoint, dtype, self.device, settings.quantize)  # GPU too
-        cache = KVCache(config, kv_blocks, settings.block_size, dtype, self.device)
-        here = ray.get_runtime_context().get_node_id()
-        local = any(h.node_id == here for h in workers)
-        # CPU workers on this node share its cores with the router (see Engine.layer_threads).
-        self.engine = Engine(model, self._dispatcher(pairs, plan, workers), cache, pingpong=settings.pingpong,
-                             pingpong_min_tokens=settings.pingpong_min_tokens,
-                             layer_threads=1 if local and not self.gpus else None)
         self.standby.refill()
         self._monitor = HeartbeatMonitor(lambda: self.record.read().workers, settings.heartbeat_timeout_s,
                                          self._fence)
@@ -483,7 +513,7 @@ class ExpertCluster:
     def _start_fresh(self, count_: int) -> list[WorkerHandle]:
         ids = [self.record.new_worker_id() for _ in range(count_)]
         return start_workers(ids, {w: [] for w in ids}, self.model_dir, self.settings, self.gpus,
-                             cancel=self.changes.stopping)
+                             cancel=self.changes.stopping, durable=self.durable)
 
     # ---- the fleet's other routers -------------------------------------------------------------
 
@@ -684,6 +714,7 @@ class ExpertCluster:
                     stop_worker(h)
                 except Exception:  # noqa: BLE001 - Ray itself may be going
                     pass
+            self.routers.stop_all()  # durable ones would outlive us
             for t in self._helpers:
                 t.join(timeout=2)
             self.standby.join(2)

@@ -33,10 +33,11 @@ class Placement:
 class PlacementRecord:
     """Readers' side: `read()` from any thread; ids and epochs handed out here are never reused."""
 
-    def __init__(self):
+    def __init__(self, first_worker_id: int = 0, first_epoch: int = 0):
+        """first_*: above every id and epoch that workers adopted from a lost serve process have seen."""
         self._lock = threading.Lock()
         self._current = Placement(0, -1, None, ())  # version 0: before bring-up's first epoch
-        self._ids, self._epochs = count(), count()
+        self._ids, self._epochs = count(first_worker_id), count(first_epoch)
         self._writer_made = False
 
     def read(self) -> Placement:

@@ -10,7 +10,8 @@ are cancelled (their clients lost their connection with it). Nothing here touche
 the loop's thread (router/serving.py).
 
 Routers are named actors (`router_name`, in ROUTER_NAMESPACE), so that a gateway in another
-process (`expertmesh gateway --cluster`) finds them.
+process (`expertmesh gateway --cluster`) finds them, and a serve process that comes back after its
+predecessor's loss adopts them (cluster/rebuild.py; durable routers, on a cluster serve joined).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import ray
 import torch
 
+from expertmesh.cluster.worker_pool import NAMESPACE
 from expertmesh.core import wire
 from expertmesh.core.checkpoint import Checkpoint
 from expertmesh.core.heap import huge_pages_env
@@ -47,7 +49,7 @@ from expertmesh.router.serving import (
 
 log = logging.getLogger("expertmesh.router")
 MAX_OUTPUTS_PER_POLL = 4096  # a poll's reply stays small however far the gateway fell behind
-ROUTER_NAMESPACE = "expertmesh"
+ROUTER_NAMESPACE = NAMESPACE
 GATEWAY_SILENT_S = 10.0  # a gateway that has not polled for this long is gone: its streams are cancelled
 GONE_KEPT_S = 600.0  # ...and what it was told is kept this long for it, in case it was only paused
 
@@ -83,7 +85,8 @@ class Router:
         self._cancelled_early: set[str] = set()
         self.epoch: int | None = None
         self.members: list[int] = []  # the current epoch's workers, in rank order
-        self.store = None
+        self.store = None  # the store epochs' pairs form on, at _store_address
+        self._store_address: tuple[str, int] | None = None  # a serve process that adopts us hosts a new one
         self._prepared: dict[int, tuple[list[int], list]] = {}  # epoch -> (its workers, this router's pairs)
         self.replies = ReplyRecord()  # reply times, across epochs
         self.changes = ChangeWaiter(settings.collective_timeout_s + 30)
@@ -99,14 +102,16 @@ class Router:
                 "kv_tokens": self.cache.num_blocks * self.cache.block_size, "settings": self.settings}
 
     def where(self) -> dict:
-        return {"router": self.router, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+        return {"router": self.router, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "job": ray.get_runtime_context().get_job_id(), "model_dir": self.model_dir}
 
     def prepare(self, store_host: str, store_port: int, epoch: int, workers: list[int]) -> None:
         """Form this router's pairs with `workers` (epoch `epoch`'s members, in rank order; each
         joins its end meanwhile), to be switched to by switch()."""
         timeout = self.settings.collective_timeout_s
-        if self.store is None:
+        if self._store_address != (store_host, store_port):
             self.store = wire.open_store(store_host, store_port, False, timeout)
+            self._store_address = (store_host, store_port)
         pairs = [wire.open_pair(self.store, epoch, w, wire.ROUTER_RANK, self.backend, timeout, self.router)
                  for w in workers]
         with self._keys:
@@ -319,6 +324,7 @@ def start_routers(cluster, ids: list[int], kv_blocks: int, resource: str | None 
         name=router_name(r), namespace=ROUTER_NAMESPACE,  # found by `expertmesh gateway --cluster`
         num_cpus=1, num_gpus=1 if cluster.gpus else 0, resources={resource: 1} if resource else None,
         runtime_env={"env_vars": {"RAY_worker_niceness": "0", **huge_pages_env()}},  # as workers: on the data path
+        **({"lifetime": "detached"} if cluster.durable else {}),  # outlives serve: cluster/rebuild.py
     ).remote(r, cluster.model_dir, settings, kv_blocks, cluster.gpus) for r in ids]
     handles = [RouterHandle(r, a) for r, a in zip(ids, actors)]
     try:

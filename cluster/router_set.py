@@ -45,6 +45,20 @@ class RouterSet:
         self.actors[router] = actor
         self._start_loops(epoch, members, [router])
 
+    def adopt(self, router: int, actor) -> None:
+        """A router a lost serve process left serving (cluster/rebuild.py): it joins the next
+        epoch formed, and switches to it at commit like the others."""
+        self.actors[router] = actor
+
+    def stop_all(self) -> None:
+        """The cluster shuts down: every router goes (durable ones would outlive the serve process)."""
+        for actor in self.actors.values():
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - gone already, or Ray is going
+                pass
+        self.actors.clear()
+
     def form(self, epoch: int, members: list[WorkerHandle], store: tuple[str, int]) -> None:
         """Every router's pairs with `members` in `epoch` (beside router 0's), all at once."""
         waits = {}

@@ -22,6 +22,15 @@ from expertmesh.core.settings import ServingConfig
 from expertmesh.workers.expert_worker import RemoteExpertWorker
 
 log = logging.getLogger("expertmesh.cluster")
+NAMESPACE = "expertmesh"  # Ray namespace of the named actors: workers (durable ones) and routers
+
+
+def worker_name(worker: int) -> str:
+    return f"worker-{worker}"
+
+
+def worker_group_name(worker: int) -> str:
+    return f"expertmesh-worker-{worker}"
 
 
 def use_gpus(device: str) -> bool:
@@ -103,10 +112,14 @@ def _wait_for_placement(groups: list[PlacementGroup], bundle: dict, timeout_s: f
 
 
 def start_workers(ids: list[int], pairs: dict[int, list], model_dir: str, settings: ServingConfig,
-                  gpus: bool, cancel: threading.Event | None = None) -> list[WorkerHandle]:
-    """Place and start workers `ids`, each loading its `pairs[id]` from the checkpoint."""
+                  gpus: bool, cancel: threading.Event | None = None, durable: bool = False) -> list[WorkerHandle]:
+    """Place and start workers `ids`, each loading its `pairs[id]` from the checkpoint. Durable
+    ones (serve --address) are named and outlive the serve process that started them, so that
+    another can adopt them (cluster/rebuild.py); the others end with it."""
     bundle = {"GPU": 1, "CPU": 1} if gpus else {"CPU": 1}
-    groups = [placement_group([bundle]) for _ in ids]
+    lifetime = {"lifetime": "detached"} if durable else {}
+    groups = [placement_group([bundle], **({"name": worker_group_name(i), **lifetime} if durable else {}))
+              for i in ids]
     _wait_for_placement(groups, bundle, settings.placement_timeout_s, cancel)
     handles = [WorkerHandle(i, RemoteExpertWorker.options(
         num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
@@ -115,6 +128,7 @@ def start_workers(ids: list[int], pairs: dict[int, list], model_dir: str, settin
         # every layer, so a daemon's wake-up would stall the whole step.
         # Huge pages for its weights (core/heap.py), set before the process's torch allocates.
         runtime_env={"env_vars": {"RAY_worker_niceness": "0", **huge_pages_env()}},
+        **({"name": worker_name(i), "namespace": NAMESPACE, **lifetime} if durable else {}),
     ).remote(i, str(model_dir), settings.dtype, settings.worker_threads, settings.quantize), g)
         for i, g in zip(ids, groups)]
     try:

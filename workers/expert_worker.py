@@ -53,8 +53,12 @@ class ExpertWorker:
         self.rows_received: Counter = Counter()  # (layer, expert) -> rows served
         self.busy_s = 0.0  # time spent computing experts (the controller's measure of load)
         self.messages = 0  # layer messages served, from every router (rows per message: bench/routers.py)
-        self._store = None
+        self._store = None  # the store every epoch's pairs form on, at _store_address
+        self._store_address: tuple[str, int] | None = None  # a new serve process hosts a new one
         self._pairs: dict[tuple[int, int], tuple] = {}  # (epoch, router) -> (their pair, backend)
+        # pairs a serve loop has taken: each pair is served by one loop, however many wait for it
+        # (a serve process that adopts this worker starts loops beside ones still running)
+        self._taken: set[tuple[int, int]] = set()
         self._pair_ready = threading.Condition()
         self._lock = threading.Lock()  # the counters, and `pairs` for readers
         # Every change to the experts, in arrival order, through this one thread. An urgent one
@@ -216,9 +220,12 @@ class ExpertWorker:
             return sum(layer.nbytes for layer in self.layers.values())
 
     def where(self) -> dict:
-        """Where this worker runs: for placement, liveness checks and finding leftover processes."""
-        return {"worker": self.worker, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                "ip": ray.util.get_node_ip_address()}
+        """Where this worker runs, and what it serves: for placement, liveness checks, finding
+        leftover processes, and a serve process that adopts it (cluster/rebuild.py)."""
+        context = ray.get_runtime_context()
+        return {"worker": self.worker, "pid": os.getpid(), "node_id": context.get_node_id(),
+                "ip": ray.util.get_node_ip_address(), "job": context.get_job_id(), "model_dir": self.model_dir,
+                "dtype": str(self.dtype).removeprefix("torch."), "quantize": self.quantize}
 
     def join_epoch(self, epoch: int, store_host: str, store_port: int, backend: str, timeout_s: float,
                    router: int = 0) -> None:
@@ -226,8 +233,9 @@ class ExpertWorker:
         current epoch serves)."""
         if self.device.type == "cuda":
             torch.cuda.set_device(0)  # Ray exposes this actor's GPU as device 0
-        if self._store is None:
+        if self._store_address != (store_host, store_port):
             self._store = wire.open_store(store_host, store_port, False, timeout_s)
+            self._store_address = (store_host, store_port)
         pair = wire.open_pair(self._store, epoch, self.worker, wire.WORKER_RANK, backend, timeout_s, router)
         with self._pair_ready:
             self._pairs[(epoch, router)] = (pair, backend)
@@ -252,9 +260,16 @@ class ExpertWorker:
                     "rows_received": {f"{l}:{e}": n for (l, e), n in self.rows_received.items()}}
 
     def _pair(self, epoch: int, router: int, wait_s: float):
+        """Take the pair of `epoch` with `router` once it is formed; None if it is not formed in
+        time or another loop took it."""
         with self._pair_ready:
             self._pair_ready.wait_for(lambda: (epoch, router) in self._pairs, timeout=wait_s)
-            return self._pairs.get((epoch, router))
+            if (epoch, router) in self._taken:
+                return None
+            joined = self._pairs.get((epoch, router))
+            if joined is not None:
+                self._taken.add((epoch, router))
+            return joined
 
     def serve(self, epoch: int, timeout_s: float, router: int = 0) -> str:
         """The data-path loop with router `router`, from epoch `epoch` on (one call per router, each
@@ -265,7 +280,7 @@ class ExpertWorker:
         while True:
             joined = self._pair(epoch, router, timeout_s)
             if joined is None:
-                return f"epoch {epoch} never formed"
+                return f"epoch {epoch} never formed, or another loop serves it"
             pair, backend = joined
             try:
                 ended = self._serve_epoch(pair, backend)
@@ -274,6 +289,7 @@ class ExpertWorker:
                 ended = None
             with self._pair_ready:
                 self._pairs.pop((epoch, router), None)
+                self._taken.discard((epoch, router))
             wire.close_pair(pair, backend)
             if isinstance(ended, int):  # OP_SWITCH: go on in the next epoch
                 epoch = ended
