@@ -136,7 +136,9 @@ class ExpertCluster:
         if previous:
             workers, plan = previous.workers, previous.plan
             progress(f"adopting what a lost serve process left: worker(s) {', '.join(str(h.worker) for h in workers)}, "
-                     f"router(s) {', '.join(str(r.router) for r in previous.routers) or 'none'}; the placement "
+                     f"router(s) {', '.join(str(r.router) for r in previous.routers) or 'none'}"
+                     f"{'; standby ' + ', '.join(str(h.worker) for h in previous.idle) if previous.idle else ''}"
+                     "; the placement "
                      f"record rebuilt from what they hold (epochs up to {previous.last_epoch}, "
                      f"{sum(map(len, previous.missing.values()))} experts held by none)")
             if replicas or len(workers) != num_workers:
@@ -149,6 +151,9 @@ class ExpertCluster:
                     timeout=self._load_deadline_s(sum(map(len, missing.values()))))
             for r in previous.routers:
                 self.routers.adopt(r.router, r.actor)
+            self.standby.put(previous.idle[:settings.standby_workers])
+            for h in previous.idle[settings.standby_workers:]:
+                stop_worker(h)
         else:
             ids = [self.record.new_worker_id() for _ in range(num_workers)]
             workers = start_workers(ids, {w: plan.worker_pairs(i) for i, w in enumerate(ids)}, self.model_dir,

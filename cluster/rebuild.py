@@ -8,7 +8,8 @@ wait, since the record and the change runner lived in the lost process. A serve 
 that cluster adopts them instead of starting new ones:
 
 - workers: each says who it is, what it holds (`held`), which epochs it has pairs in, and which
-  Ray job started it; routers say their epoch. Only a previous serve process that is gone is
+  Ray job started it (ones that hold nothing were standby: they are standby again); routers say
+  their epoch. Only a previous serve process that is gone is
   adopted from: a live one's workers are its own (OwnedElsewhere).
 - the record: version 0 again; the plan is what the workers hold, in worker id order; an expert no
   worker holds (a worker lost meanwhile) is given to the least loaded one, which loads it before
@@ -47,6 +48,7 @@ class Previous:
     plan: PlacementPlan  # what they hold, every expert placed
     missing: dict[int, list]  # worker id -> experts it must load first (no worker held them)
     routers: list[RouterHandle]
+    idle: list[WorkerHandle]  # workers holding nothing (its standby ones)
     last_epoch: int  # the highest epoch any of them has pairs in
     last_worker: int  # the highest worker id seen
 
@@ -78,6 +80,12 @@ def find_previous(model_dir: str, settings: ServingConfig, num_layers: int, num_
         remove_placement_group(groups.pop(i))
     handles = [WorkerHandle(i, actor, groups.get(i), where["node_id"], where["pid"])
                for i, actor, (where, *_) in workers]
+    idle_ids = {i for i, _, (_, _, held) in workers if not held}  # standby ones
+    if len(idle_ids) == len(workers):  # nothing held anywhere: they all serve again
+        idle_ids = set()
+    idle = [h for h in handles if h.worker in idle_ids]
+    handles = [h for h in handles if h.worker not in idle_ids]
+    workers = [w for w in workers if w[0] not in idle_ids]
     holders = {(l, e): () for l in range(num_layers) for e in range(num_experts)}
     for rank, (_, _, (_, _, held)) in enumerate(workers):
         for l, e in held:
@@ -93,8 +101,8 @@ def find_previous(model_dir: str, settings: ServingConfig, num_layers: int, num_
             adopted.append(RouterHandle(i, actor, where["pid"], where["node_id"]))
     epochs = [e for _, _, (_, stats, _) in workers for e in stats.get("epochs", [])]
     epochs += [load["epoch"] for _, _, (_, load) in routers if load.get("epoch") is not None]
-    return Previous(handles, plan, {w: p for w, p in missing.items() if p}, adopted, max(epochs, default=0),
-                    max(i for i, _, _ in workers))
+    return Previous(handles, plan, {w: p for w, p in missing.items() if p}, adopted, idle, max(epochs, default=0),
+                    max(h.worker for h in handles + idle))
 
 
 def _named(kind: str) -> list[int]:

@@ -6,7 +6,8 @@ SIGKILLed too, with no serve process to recover it: the router's steps wait for 
 process started again adopts what is left (the record rebuilt from what the survivor holds, the
 lost worker's experts loaded on it, the next epoch formed, the router switched under its waiting
 streams), changes work again (`scale --workers 3`), and every token is the one a run with no fault
-gives. A second serve process beside a live one is refused, and a clean stop leaves no worker or
+gives; the first serve process's standby worker is the second's. A second serve process beside a
+live one is refused, and a clean stop leaves no worker or
 router behind. Only the processes this test started are ended, by PID.
 """
 
@@ -76,7 +77,7 @@ def test_a_lost_serve_process_is_adopted_by_the_next_with_exact_tokens(tmp_path)
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token")
     address = f"127.0.0.1:{port}"
     serve_args = ("--model", str(checkpoint), "--address", address, "--workers", "2", "--routers", "2",
-                  "--kv-cache-memory", "64MiB", "--heartbeat-timeout", "2",
+                  "--kv-cache-memory", "64MiB", "--heartbeat-timeout", "2", "--standby-workers", "1",
                   "--collective-timeout", "60")  # a router waits 90 s for a change after a step fails
     first = second = gateway = None
     try:
@@ -93,6 +94,7 @@ def test_a_lost_serve_process_is_adopted_by_the_next_with_exact_tokens(tmp_path)
         workers = {w["worker"]: (w["pid"], w["experts"]) for w in before["workers"]}
         router = next(r for r in before["routers"] if r["router"] == 1)["pid"]
 
+        wait_for_line(first, "worker 2 nothing to load", 120)  # the standby worker is up
         streams = Streams(gateway.target, requests(LONG))
         streams.wait_for(5)
         os.kill(first.proc.pid, signal.SIGKILL)
@@ -104,7 +106,7 @@ def test_a_lost_serve_process_is_adopted_by_the_next_with_exact_tokens(tmp_path)
         assert all(0 < n < LONG for n in streams.counts)  # the loss met live streams
 
         second = ServerProcess(*serve_args, startup_timeout=300)
-        wait_for_line(second, "adopting what a lost serve process left: worker(s) 0, router(s) 1", 10)
+        wait_for_line(second, "adopting what a lost serve process left: worker(s) 0, router(s) 1; standby 2", 10)
         line = wait_for_line(second, "router 1 switched to epoch", 10)
         epoch = int(line.split("epoch ")[1].split()[0])
         gain(streams, STEP, "the adoption")  # the router switched epochs under them and stepped again
@@ -117,6 +119,7 @@ def test_a_lost_serve_process_is_adopted_by_the_next_with_exact_tokens(tmp_path)
         assert [r["state"] for r in after["routers"]] == ["serving", "serving"]
 
         scaled = cli(second, "scale", "--workers", "3")  # changes work again
+        wait_for_line(second, "took 1 standby worker(s)", 10)  # the lost serve process's standby, adopted as one
         assert len(scaled["workers"]) == 3
         assert max(w["worker"] for w in scaled["workers"]) > max(workers)  # worker ids never reused
         gain(streams, STEP, "the scale")
