@@ -135,12 +135,7 @@ class ExpertCluster:
         self.adopted_routers = previous.routers if previous else []  # the fleet takes them as they are
         if previous:
             workers, plan = previous.workers, previous.plan
-            progress(f"adopting what a lost serve process left: worker(s) {', '.join(str(h.worker) for h in workers)}, "
-                     f"router(s) {', '.join(str(r.router) for r in previous.routers) or 'none'}"
-                     f"{'; standby ' + ', '.join(str(h.worker) for h in previous.idle) if previous.idle else ''}"
-                     "; the placement "
-                     f"record rebuilt from what they hold (epochs up to {previous.last_epoch}, "
-                     f"{sum(map(len, previous.missing.values()))} experts held by none)")
+            progress(previous.describe())
             if replicas or len(workers) != num_workers:
                 progress(f"--workers {num_workers}{' and --replicas' if replicas else ''} apply to a new cluster; "
                          f"this one keeps its {len(workers)} workers and their copies (`expertmesh scale` "

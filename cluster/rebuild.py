@@ -52,6 +52,14 @@ class Previous:
     last_epoch: int  # the highest epoch any of them has pairs in
     last_worker: int  # the highest worker id seen
 
+    def describe(self) -> str:
+        workers = ", ".join(str(h.worker) for h in self.workers)
+        routers = ", ".join(str(r.router) for r in self.routers) or "none"
+        standby = "; standby " + ", ".join(str(h.worker) for h in self.idle) if self.idle else ""
+        return (f"adopting what a lost serve process left: worker(s) {workers}, router(s) {routers}{standby}; the "
+                f"placement record rebuilt from what they hold (epochs up to {self.last_epoch}, "
+                f"{sum(map(len, self.missing.values()))} experts held by none)")
+
 
 def find_previous(model_dir: str, settings: ServingConfig, num_layers: int, num_experts: int) -> Previous | None:
     """The workers and routers a lost serve process left on this Ray cluster, or None."""

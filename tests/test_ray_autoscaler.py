@@ -8,13 +8,8 @@ changes a token. Only the processes this test started are ended (by PID), never 
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +19,7 @@ from expertmesh.core.tiny_checkpoint import write_tiny_checkpoint
 from expertmesh.router.engine import Engine
 from tests.gateway_server import ServerProcess, wait_for_line
 from tests.helpers import greedy_tokens
+from tests.ray_head import free_port, ray_head
 from tests.test_elastic import LONG, PROMPTS, Streams, cli
 
 pytestmark = pytest.mark.slow  # make test-all (CI) runs these; make test leaves them out
@@ -63,41 +59,6 @@ worker_start_ray_commands: []
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def processes_naming(text: str) -> list[int]:
-    """PIDs whose command line or open files name `text` (this test's Ray temp dir)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                found.append(int(entry.name))
-                continue
-            for fd in (entry / "fd").iterdir():
-                if text in os.readlink(fd):
-                    found.append(int(entry.name))
-                    break
-        except OSError:
-            continue
-    return found
-
-
-def end_processes(temp_dir: str) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in processes_naming(temp_dir):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        time.sleep(2)
-
-
 def alive_nodes(env: dict, address: str) -> int:
     """Nodes the autoscaler reports active (the head included)."""
     out = subprocess.run([str(Path(sys.executable).parent / "ray"), "status", "--address", address],
@@ -110,52 +71,38 @@ def alive_nodes(env: dict, address: str) -> int:
 
 @pytest.mark.timeout(900)
 def test_rays_autoscaler_adds_a_node_for_a_new_worker_and_removes_it_after(tmp_path):
-    ray_bin = Path(sys.executable).parent / "ray"
-    if not ray_bin.exists():
-        pytest.skip("the ray command is not installed beside this Python")
     checkpoint = write_tiny_checkpoint(tmp_path / "ck", seed=91, init_std=0.1, num_experts=8)
     tokens = LONG  # outlasts the decision, a node started by the autoscaler and the change
     expected = greedy_tokens(Engine.local(checkpoint), PROMPTS, tokens)
     port = free_port()
-    temp_dir = tempfile.mkdtemp(prefix="emfake-", dir="/tmp")  # short: Ray's socket paths have a limit
     config = tmp_path / "autoscaler.yaml"
     config.write_text(CONFIG.format(port=port))
-    env = dict(os.environ, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1",
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token")
-    address = f"127.0.0.1:{port}"
-    server = None
-    try:
-        subprocess.run([str(ray_bin), "start", "--head", "--port", str(port), "--num-cpus", "1",
-                        "--node-ip-address", "127.0.0.1", "--autoscaling-config", str(config),
-                        "--temp-dir", temp_dir, "--include-dashboard", "false"],
-                       check=True, capture_output=True, env=env, timeout=120)
-        os.environ["RAY_AUTH_MODE"] = "token"  # the server inherits it: Ray's token auth
-        server = ServerProcess("--model", str(checkpoint), "--address", address, "--workers", "1",
-                               "--kv-cache-memory", "64MiB", "--autoscale", "--min-workers", "1",
-                               "--max-workers", "2", "--scale-window", "1.5", "--scale-up-busy", "0.01",
-                               "--scale-down-busy", "0.005", "--scale-down-delay", "3",
-                               "--placement-timeout", "180", startup_timeout=300)
-        assert alive_nodes(env, address) == 1
-        streams = Streams(server.target, tokens)
-        wait_for_line(server, "controller: scale up", 120)
-        wait_for_line(server, "plan change (autoscale up)", 240)  # the autoscaler had to start a node
-        streams.mid_flight()  # the new epoch went live under every stream
-        assert streams.join() == expected  # the controller scaled while they ran: not one token different
-        placement = cli(server, "info")
-        assert len(placement["workers"]) == 2
-        # the head has room for one worker: two nodes means the autoscaler started one for the new worker
-        assert len({w["node"] for w in placement["workers"]}) == 2
-        assert all(w["experts"] for w in placement["workers"])
-        wait_for_line(server, "controller: scale down", 120)
-        deadline = time.monotonic() + 240  # retired, then the idle node goes (idle timeout 0.2 min)
-        while alive_nodes(env, address) != 1:
-            assert time.monotonic() < deadline, "the autoscaler did not remove the idle node"
-            time.sleep(2)
-        assert len(cli(server, "info")["workers"]) == 1
-    finally:
-        os.environ.pop("RAY_AUTH_MODE", None)
-        if server is not None:
-            assert server.stop() == 0, "".join(server.lines[-30:])
-        end_processes(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    assert not processes_naming(temp_dir)
+    with ray_head(1, "--autoscaling-config", str(config), port=port,
+                  env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}) as head:
+        server = None
+        try:
+            server = ServerProcess("--model", str(checkpoint), "--address", head.address, "--workers", "1",
+                                   "--kv-cache-memory", "64MiB", "--autoscale", "--min-workers", "1",
+                                   "--max-workers", "2", "--scale-window", "1.5", "--scale-up-busy", "0.01",
+                                   "--scale-down-busy", "0.005", "--scale-down-delay", "3",
+                                   "--placement-timeout", "180", startup_timeout=300)
+            assert alive_nodes(head.env, head.address) == 1
+            streams = Streams(server.target, tokens)
+            wait_for_line(server, "controller: scale up", 120)
+            wait_for_line(server, "plan change (autoscale up)", 240)  # the autoscaler had to start a node
+            streams.mid_flight()  # the new epoch went live under every stream
+            assert streams.join() == expected  # the controller scaled while they ran: not one token different
+            placement = cli(server, "info")
+            assert len(placement["workers"]) == 2
+            # the head has room for one worker: two nodes means the autoscaler started one for the new worker
+            assert len({w["node"] for w in placement["workers"]}) == 2
+            assert all(w["experts"] for w in placement["workers"])
+            wait_for_line(server, "controller: scale down", 120)
+            deadline = time.monotonic() + 240  # retired, then the idle node goes (idle timeout 0.2 min)
+            while alive_nodes(head.env, head.address) != 1:
+                assert time.monotonic() < deadline, "the autoscaler did not remove the idle node"
+                time.sleep(2)
+            assert len(cli(server, "info")["workers"]) == 1
+        finally:
+            if server is not None:
+                assert server.stop() == 0, "".join(server.lines[-30:])
