@@ -141,9 +141,6 @@ class ExpertCluster:
                          f"this one keeps its {len(workers)} workers and their copies (`expertmesh scale` "
                          "changes them)")
             self.target_workers = len(workers)
-            missing = previous.missing  # experts no worker held: the least loaded load them first
-            ray.get([h.actor.load.remote(missing[h.worker]) for h in workers if h.worker in missing],
-                    timeout=self._load_deadline_s(sum(map(len, missing.values()))))
             for r in previous.routers:
                 self.routers.adopt(r.router, r.actor)
             self.standby.put(previous.idle[:settings.standby_workers])
@@ -154,6 +151,10 @@ class ExpertCluster:
             workers = start_workers(ids, {w: plan.worker_pairs(i) for i, w in enumerate(ids)}, self.model_dir,
                                     settings, self.gpus, durable=self.durable)
         try:
+            if previous is not None and previous.missing:  # experts no adopted worker held: loaded first
+                missing = previous.missing
+                ray.get([h.actor.load.remote(missing[h.worker]) for h in workers if h.worker in missing],
+                        timeout=self._load_deadline_s(sum(map(len, missing.values()))))
             self.store_host = ray.util.get_node_ip_address()
             self.store_port = free_port(self.store_host)
             self.store = wire.open_store(self.store_host, self.store_port, True, settings.collective_timeout_s)

@@ -31,7 +31,7 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from expertmesh.cluster.placement import PlacementPlan
 from expertmesh.cluster.progress import progress
 from expertmesh.cluster.router_actor import RouterHandle, router_name
-from expertmesh.cluster.worker_pool import NAMESPACE, WorkerHandle, worker_group_name, worker_name
+from expertmesh.cluster.worker_pool import NAMESPACE, WorkerHandle, named_ids, worker_group_name, worker_name
 from expertmesh.core.settings import ServingConfig
 
 ASK_S = 10.0  # a live worker or router answers a control call well within this
@@ -63,7 +63,7 @@ class Previous:
 
 def find_previous(model_dir: str, settings: ServingConfig, num_layers: int, num_experts: int) -> Previous | None:
     """The workers and routers a lost serve process left on this Ray cluster, or None."""
-    named_workers, named_routers = _named("worker"), _named("router")
+    named_workers, named_routers = named_ids("worker"), named_ids("router")
     if not named_workers and not named_routers:
         return None
     workers = _ask(named_workers, worker_name, "where", "stats", "held")  # [(id, actor, (where, stats, held))]
@@ -111,16 +111,6 @@ def find_previous(model_dir: str, settings: ServingConfig, num_layers: int, num_
     epochs += [load["epoch"] for _, _, (_, load) in routers if load.get("epoch") is not None]
     return Previous(handles, plan, {w: p for w, p in missing.items() if p}, adopted, idle, max(epochs, default=0),
                     max(h.worker for h in handles + idle))
-
-
-def _named(kind: str) -> list[int]:
-    """Ids of the live named actors `kind`-N in the expertmesh namespace."""
-    ids = []
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        prefix, _, number = entry["name"].partition("-")
-        if entry["namespace"] == NAMESPACE and prefix == kind and number.isdigit():
-            ids.append(int(number))
-    return sorted(ids)
 
 
 def _ask(ids: list[int], name, *calls: str) -> list[tuple[int, object, tuple]]:

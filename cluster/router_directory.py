@@ -10,22 +10,15 @@ import logging
 import ray
 
 from expertmesh.cluster.router_actor import ROUTER_NAMESPACE, RouterHandle, router_name
+from expertmesh.cluster.worker_pool import named_ids
 
 log = logging.getLogger("expertmesh.gateway")
 ASK_TIMEOUT_S = 10.0  # a router that cannot say where it runs within this is skipped until the next look
 
 
-def _router_id(name: str) -> int | None:
-    """router_name's inverse; None for another actor's name."""
-    prefix, _, number = name.partition("-")
-    return int(number) if number.isdigit() and router_name(int(number)) == name else None
-
-
 def router_ids() -> list[int]:
     """The routers named in the cluster now (starting, serving or draining)."""
-    names = ray.util.list_named_actors(all_namespaces=True)
-    ids = [_router_id(n["name"]) for n in names if n["namespace"] == ROUTER_NAMESPACE]
-    return sorted(i for i in ids if i is not None)
+    return named_ids("router")
 
 
 def find_routers(known: set[int]) -> list[RouterHandle]:

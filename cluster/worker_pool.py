@@ -33,6 +33,16 @@ def worker_group_name(worker: int) -> str:
     return f"expertmesh-worker-{worker}"
 
 
+def named_ids(kind: str) -> list[int]:
+    """Ids N of the live actors named `kind`-N (worker, router) in NAMESPACE, sorted."""
+    ids = []
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        prefix, _, number = entry["name"].partition("-")
+        if entry["namespace"] == NAMESPACE and prefix == kind and number.isdigit() and str(int(number)) == number:
+            ids.append(int(number))
+    return sorted(ids)
+
+
 def use_gpus(device: str) -> bool:
     """--device: cuda, cpu, or auto = a GPU when this process sees one."""
     import torch
