@@ -625,22 +625,25 @@ void linear_i4(const float *restrict x, const uint8_t *restrict wb, const float 
  * The price is x's precision: 8 bits a block instead of linear_i8's two int16 digits, so the same
  * token decoded and prefilled can differ (docs/performance.md says by how much). */
 #define QB 32 /* columns per activation block */
-#define QKC 512 /* columns per pass: every row's chunk of x stays in L2 while the panels go by */
+#define QKC 1024 /* columns per pass: every row's chunk of x stays in L2 while the panels go by */
+#define QMC 128 /* rows per pass */
 
 #define MR_Q8 3
 
-/* x (m, k) -> qx and |qx| (m, K32) int8 and xs (m, K32 / QB); a row that is not finite gets xs NaN. */
-static void quantize_rows_q8(const float *x, int64_t m, int64_t k, int64_t k32, int8_t *q, int8_t *aq, float *xs,
-                             int threads) {
+/* x (m, k) -> qx and |qx| (m, K32) int8, xs (m, K32 / QB) and the w4a8 kernel's start (m, K32 / QB): for each
+ * block, two int16, minus 8 times the sum of qx over the columns 4i, 4i + 1 (low half) and 4i + 2, 4i + 3
+ * (high half); a row that is not finite gets xs NaN. */
+static void quantize_rows_q8(const float *x, int64_t m, int64_t k, int64_t k32, int64_t ldq, int8_t *q, int8_t *aq,
+                             float *xs, uint32_t *start, int threads) {
     int64_t blocks = k32 / QB;
     #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && m > 1)
     for (int64_t r = 0; r < m; r++) {
         int finite = 1;
-        memset(q + r * k32, 0, (size_t)k32), memset(aq + r * k32, 0, (size_t)k32);
+        memset(q + r * ldq, 0, (size_t)k32), memset(aq + r * ldq, 0, (size_t)k32);
         for (int64_t b = 0; b < blocks; b++) {
-            int64_t start = b * QB, end = start + QB < k ? start + QB : k;
+            int64_t first = b * QB, end = first + QB < k ? first + QB : k;
             uint32_t top_bits = 0;  /* max |x| over the bits, as quantize_rows_i16 */
-            for (int64_t i = start; i < end; i++) {
+            for (int64_t i = first; i < end; i++) {
                 uint32_t bits;
                 memcpy(&bits, x + r * k + i, sizeof bits);
                 bits &= 0x7fffffffu;
@@ -649,40 +652,48 @@ static void quantize_rows_q8(const float *x, int64_t m, int64_t k, int64_t k32, 
             float top;
             memcpy(&top, &top_bits, sizeof top);
             xs[r * blocks + b] = top / 127.f;
+            start[r * blocks + b] = 0;
             if (top_bits >= 0x7f800000u) finite = 0;
             if (!finite || top == 0.f) continue;
             float inverse = 127.f / top;
-            for (int64_t i = start; i < end; i++) {
+            int32_t sums[2] = {0, 0};
+            for (int64_t i = first; i < end; i++) {
                 float v = nearbyintf(x[r * k + i] * inverse);
                 v = v > 127.f ? 127.f : v < -127.f ? -127.f : v;
-                q[r * k32 + i] = (int8_t)v;
-                aq[r * k32 + i] = (int8_t)(v < 0 ? -v : v);
+                q[r * ldq + i] = (int8_t)v;
+                aq[r * ldq + i] = (int8_t)(v < 0 ? -v : v);
+                sums[i % 4 / 2] += (int32_t)v;
             }
+            start[r * blocks + b] = (uint16_t)(-8 * sums[0]) | (uint32_t)(uint16_t)(-8 * sums[1]) << 16;
         }
         if (!finite)
             for (int64_t b = 0; b < blocks; b++) xs[r * blocks + b] = NAN;
     }
 }
 
-/* x's rows on int8 grids, for the w8a8 and w4a8 kernels: qx and |qx| (m, k32), xs (m, blocks). */
+/* x's rows on int8 grids, for the w8a8 and w4a8 kernels: qx and |qx| (m, k32) with rows ldq apart, xs and
+ * start (m, blocks). ldq is k32 and a cache line: rows k32 apart (a multiple of 4096 bytes at Mixtral's
+ * sizes) would share a few L1 sets, and a tile's rows evict each other and the panel's weights. */
 typedef struct {
     int8_t *q, *aq;
     float *xs;
-    int64_t k32, blocks;
+    uint32_t *start;
+    int64_t k32, ldq, blocks;
 } ByteRows;
 
 /* x (m, k) into `rows` (buffers the size of x); 0 when out of memory, and then y (m, n) is NaN. */
 static int byte_rows_of(const float *x, int64_t m, int64_t k, ByteRows *rows, float *y, int64_t n, int threads) {
-    rows->k32 = (k + QB - 1) / QB * QB, rows->blocks = rows->k32 / QB;
-    rows->q = malloc((size_t)(2 * m * rows->k32));
+    rows->k32 = (k + QB - 1) / QB * QB, rows->ldq = rows->k32 + 64, rows->blocks = rows->k32 / QB;
+    rows->q = malloc((size_t)(2 * m * rows->ldq));
     rows->xs = malloc((size_t)(m * rows->blocks) * sizeof *rows->xs);
-    if (!rows->q || !rows->xs) {
-        free(rows->q), free(rows->xs);
+    rows->start = malloc((size_t)(m * rows->blocks) * sizeof *rows->start);
+    if (!rows->q || !rows->xs || !rows->start) {
+        free(rows->q), free(rows->xs), free(rows->start);
         for (int64_t i = 0; i < m * n; i++) y[i] = NAN;
         return 0;
     }
-    rows->aq = rows->q + m * rows->k32;
-    quantize_rows_q8(x, m, k, rows->k32, rows->q, rows->aq, rows->xs, threads);
+    rows->aq = rows->q + m * rows->ldq;
+    quantize_rows_q8(x, m, k, rows->k32, rows->ldq, rows->q, rows->aq, rows->xs, rows->start, threads);
     return 1;
 }
 
@@ -694,8 +705,8 @@ static int byte_rows_of(const float *x, int64_t m, int64_t k, ByteRows *rows, fl
         _Pragma("omp parallel for num_threads(threads_) schedule(static) if (threads_ > 1)")            \
         for (int t = 0; t < threads_; t++) {                                                            \
             int64_t first = (panels) * t / threads_, last = (panels) * (t + 1) / threads_;              \
-            for (int64_t r0 = 0; r0 < (m); r0 += MC) {                                                 \
-                int64_t r1 = r0 + MC < (m) ? r0 + MC : (m);                                           \
+            for (int64_t r0 = 0; r0 < (m); r0 += QMC) {                                                \
+                int64_t r1 = r0 + QMC < (m) ? r0 + QMC : (m);                                         \
                 for (int64_t b0 = 0; b0 < (rows).blocks; b0 += QKC / QB) {                              \
                     int64_t nb = (rows).blocks - b0 < QKC / QB ? (rows).blocks - b0 : QKC / QB;         \
                     for (int64_t p = first; p < last; p++) tile;                                        \
@@ -765,14 +776,19 @@ static void tile_q8(const ByteRows *x, const int8_t *wb, int64_t b0, int64_t blo
                     float *y, int64_t ldy, int64_t r0, int64_t r1) {
 #if defined(__AVX2__)
     for (int64_t r = r0; r < r1; r += MR_Q8) {
-        const int8_t *qr = x->q + r * x->k32 + b0 * QB, *ar = x->aq + r * x->k32 + b0 * QB, *w = wb + b0 * QB * PANEL;
+        const int8_t *qr = x->q + r * x->ldq + b0 * QB, *ar = x->aq + r * x->ldq + b0 * QB, *w = wb + b0 * QB * PANEL;
         const float *xr = x->xs + r * x->blocks + b0;
         float *yr = y + r * ldy;
-        switch (r1 - r < MR_Q8 ? r1 - r : MR_Q8) {
-        case 1: micro_q8_1(qr, ar, x->k32, xr, x->blocks, w, blocks, fresh, scale, yr, ldy); break;
-        case 2: micro_q8_2(qr, ar, x->k32, xr, x->blocks, w, blocks, fresh, scale, yr, ldy); break;
-        default: micro_q8_3(qr, ar, x->k32, xr, x->blocks, w, blocks, fresh, scale, yr, ldy); break;
+        int rows = r1 - r < MR_Q8 ? (int)(r1 - r) : MR_Q8;
+        float sums[MR_Q8 * PANEL] __attribute__((aligned(32))); /* not y between blocks: as tile_q4 */
+        if (!fresh)
+            for (int i = 0; i < rows; i++) memcpy(sums + i * PANEL, yr + i * ldy, sizeof(float) * PANEL);
+        switch (rows) {
+        case 1: micro_q8_1(qr, ar, x->ldq, xr, x->blocks, w, blocks, fresh, scale, sums, PANEL); break;
+        case 2: micro_q8_2(qr, ar, x->ldq, xr, x->blocks, w, blocks, fresh, scale, sums, PANEL); break;
+        default: micro_q8_3(qr, ar, x->ldq, xr, x->blocks, w, blocks, fresh, scale, sums, PANEL); break;
         }
+        for (int i = 0; i < rows; i++) memcpy(yr + i * ldy, sums + i * PANEL, sizeof(float) * PANEL);
     }
 #else
     for (int64_t r = r0; r < r1; r++)
@@ -781,7 +797,7 @@ static void tile_q8(const ByteRows *x, const int8_t *wb, int64_t b0, int64_t blo
             for (int64_t b = b0; b < b0 + blocks; b++) {
                 int32_t sum = 0;
                 for (int64_t i = 0; i < QB; i++)
-                    sum += x->q[r * x->k32 + b * QB + i] * wb[((b * QB + i) / 4 * PANEL + j) * 4 + i % 4];
+                    sum += x->q[r * x->ldq + b * QB + i] * wb[((b * QB + i) / 4 * PANEL + j) * 4 + i % 4];
                 acc = fmaf((float)sum, x->xs[r * x->blocks + b], acc);
             }
             y[r * ldy + j] = scale ? acc * scale[j] : acc;
@@ -800,7 +816,7 @@ void linear_q8(const float *restrict x, const int8_t *restrict wb, const float *
     BYTE_PASSES(rows, m, panels, threads,
                 tile_q8(&rows, wb + p * rows.k32 * PANEL, b0, nb, b0 == 0,
                         b0 + nb == rows.blocks ? scale + p * PANEL : 0, y + p * PANEL, ldy, r0, r1));
-    free(rows.q), free(rows.xs);
+    free(rows.q), free(rows.xs), free(rows.start);
 }
 
 /* ---- w4a8: 4-bit weights times 8-bit activations (--quantize w4a8), llama.cpp's Q4_0 x Q8_0 ----
@@ -809,8 +825,13 @@ void linear_q8(const float *restrict x, const int8_t *restrict wb, const float *
  * out (P, K32 / 8, 16, 4) bytes: for each two quads of columns, each output's four bytes, whose low
  * nibbles are the first quad's weights and high nibbles the second's, each as q + 8. x as for w8a8.
  * y[r, j] = sum over blocks, in order, of (xs[r, b] * gscale[j, b]) * (the block's int32 sum), one
- * rounding each (fmaf's; the vector FMA's the same). The nibbles are unpacked once per step for all
- * the tile's rows (and, shift, subtract 8: six instructions per 64 weights), then as w8a8. */
+ * rounding each (fmaf's; the vector FMA's the same).
+ * AVX2: the nibbles as they are (q + 8, 0..15) are vpmaddubsw's unsigned operand and qx its signed one,
+ * so no vpsignb and no subtraction: a step unpacks 32 weight bytes once for all the tile's rows (and,
+ * shift, and) and each row adds two products into int16 sums, summed over the whole block (at most
+ * 16 * 15 * 127 a lane) and widened once per block; the sums start at minus 8 times x's sum over the
+ * lane's columns (`start`), which takes the + 8 off. The block's int32 sum is the same integer as
+ * sum(qx * q), so the result is the generic build's, bit for bit. */
 static inline float bf16_value(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
     float f;
@@ -819,60 +840,105 @@ static inline float bf16_value(uint16_t h) {
 }
 
 #if defined(__AVX2__)
+#define MR_Q4 6
+/* R rows x one half (outputs 8h .. 8h + 7) of one panel over `blocks` blocks: R int16 sums, the half's
+ * weight vector unpacked into its two nibbles, two broadcasts: R + 6 registers. Each block's int16 pair
+ * sums start at `start` (the nibbles' + 8 taken off first), so at most 16 * 8 * 127 on the way: no
+ * overflow; y holds the float sums between blocks. */
 #define MICRO_Q4(R)                                                                                     \
-static inline void micro_q4_##R(const int8_t *q, const int8_t *aq, int64_t ldq, const float *xs,        \
+static inline void micro_q4_##R(const int8_t *q, int64_t ldq, const float *xs, const uint32_t *start,   \
                                 int64_t ldxs, const uint8_t *wb, const uint16_t *gs, int64_t blocks,    \
-                                int fresh, float *y, int64_t ldy) {                                     \
-    const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0f), eight = _mm256_set1_epi8(8); \
-    /* y holds the float sums between blocks, as in micro_q8 */                                       \
+                                int fresh, float *y, int64_t ldy, int h) {                              \
+    const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);                          \
     if (fresh)                                                                                          \
-        for (int r = 0; r < R; r++)                                                                     \
-            for (int h = 0; h < 2; h++) _mm256_storeu_ps(y + r * ldy + 8 * h, _mm256_setzero_ps());      \
+        for (int r = 0; r < R; r++) _mm256_storeu_ps(y + r * ldy + 8 * h, _mm256_setzero_ps());          \
     for (int64_t b = 0; b < blocks; b++) {                                                              \
-        __m256i sums[R][2];                                                                             \
-        for (int r = 0; r < R; r++) sums[r][0] = sums[r][1] = _mm256_setzero_si256();                  \
-        _Pragma("GCC unroll 1") /* unrolled, gcc sums the products on the stack */                    \
-        for (int s = 0; s < QB / 8; s++) {                                                              \
-            const uint8_t *w = wb + (b * QB + s * 8) * PANEL / 2;                                       \
-            __m256i v0 = _mm256_loadu_si256((const __m256i *)w), v1 = _mm256_loadu_si256((const __m256i *)(w + 32)); \
-            __m256i wq[2][2] = {                                                                        \
-                {_mm256_sub_epi8(_mm256_and_si256(v0, low4), eight), _mm256_sub_epi8(_mm256_and_si256(v1, low4), eight)}, \
-                {_mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v0, 4), low4), eight),               \
-                 _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v1, 4), low4), eight)}};             \
-            for (int half = 0; half < 2; half++)                                                        \
-                for (int r = 0; r < R; r++)                                                             \
-                    add_quad(sums[r], wq[half][0], wq[half][1], q + r * ldq + b * QB + s * 8 + half * 4,  \
-                             aq + r * ldq + b * QB + s * 8 + half * 4, ones);                           \
+        __m256i pairs[R];                                                                               \
+        for (int r = 0; r < R; r++) pairs[r] = _mm256_set1_epi32((int32_t)start[r * ldxs + b]);        \
+        _Pragma("GCC unroll 1")                                                                         \
+        for (int s = 0; s < QB / 8; s++) { /* two quads: the low nibbles' and the high ones' */        \
+            __m256i v = _mm256_loadu_si256((const __m256i *)(wb + (b * QB + s * 8) * PANEL / 2 + 32 * h)); \
+            __m256i low = _mm256_and_si256(v, low4), high = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4); \
+            for (int r = 0; r < R; r++) {                                                               \
+                int32_t first, second;                                                                  \
+                memcpy(&first, q + r * ldq + b * QB + s * 8, sizeof first);                              \
+                memcpy(&second, q + r * ldq + b * QB + s * 8 + 4, sizeof second);                        \
+                pairs[r] = _mm256_add_epi16(pairs[r], _mm256_maddubs_epi16(low, _mm256_set1_epi32(first))); \
+                pairs[r] = _mm256_add_epi16(pairs[r], _mm256_maddubs_epi16(high, _mm256_set1_epi32(second))); \
+            }                                                                                           \
         }                                                                                               \
-        __m256 g[2];                                                                                    \
-        for (int h = 0; h < 2; h++)                                                                     \
-            g[h] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(                         \
-                _mm_loadu_si128((const __m128i *)(gs + b * PANEL + 8 * h))), 16));                      \
+        __m256 g = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(                         \
+            _mm_loadu_si128((const __m128i *)(gs + b * PANEL + 8 * h))), 16));                          \
         for (int r = 0; r < R; r++) {                                                                   \
-            __m256 step = _mm256_set1_ps(xs[r * ldxs + b]);                                             \
-            for (int h = 0; h < 2; h++)                                                                 \
-                _mm256_storeu_ps(y + r * ldy + 8 * h, _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][h]),    \
-                                 _mm256_mul_ps(step, g[h]), _mm256_loadu_ps(y + r * ldy + 8 * h)));    \
+            float *out = y + r * ldy + 8 * h;                                                           \
+            _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[r], ones)), \
+                             _mm256_mul_ps(_mm256_set1_ps(xs[r * ldxs + b]), g), _mm256_loadu_ps(out))); \
         }                                                                                               \
     }                                                                                                   \
 }
-MICRO_Q4(1) MICRO_Q4(2) MICRO_Q4(3)
+MICRO_Q4(2) MICRO_Q4(3) MICRO_Q4(4) MICRO_Q4(5) MICRO_Q4(6)
+
+/* One row: both halves at once, the sums in registers across blocks. */
+static inline void micro_q4_one(const int8_t *q, const float *xs, const uint32_t *start, const uint8_t *wb,
+                                const uint16_t *gs, int64_t blocks, int fresh, float *y) {
+    const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    __m256 acc[2] = {fresh ? _mm256_setzero_ps() : _mm256_loadu_ps(y), fresh ? _mm256_setzero_ps() : _mm256_loadu_ps(y + 8)};
+    for (int64_t b = 0; b < blocks; b++) {
+        __m256i pairs[2];
+        pairs[0] = pairs[1] = _mm256_set1_epi32((int32_t)start[b]);
+        _Pragma("GCC unroll 1")
+        for (int s = 0; s < QB / 8; s++) {
+            const uint8_t *w = wb + (b * QB + s * 8) * PANEL / 2;
+            __m256i v0 = _mm256_loadu_si256((const __m256i *)w), v1 = _mm256_loadu_si256((const __m256i *)(w + 32));
+            int32_t first, second;
+            memcpy(&first, q + b * QB + s * 8, sizeof first);
+            memcpy(&second, q + b * QB + s * 8 + 4, sizeof second);
+            __m256i x0 = _mm256_set1_epi32(first), x1 = _mm256_set1_epi32(second);
+            pairs[0] = _mm256_add_epi16(pairs[0], _mm256_maddubs_epi16(_mm256_and_si256(v0, low4), x0));
+            pairs[1] = _mm256_add_epi16(pairs[1], _mm256_maddubs_epi16(_mm256_and_si256(v1, low4), x0));
+            pairs[0] = _mm256_add_epi16(pairs[0], _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4), low4), x1));
+            pairs[1] = _mm256_add_epi16(pairs[1], _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4), low4), x1));
+        }
+        __m256 step = _mm256_set1_ps(xs[b]);
+        for (int h = 0; h < 2; h++) {
+            __m256 g = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+                _mm_loadu_si128((const __m128i *)(gs + b * PANEL + 8 * h))), 16));
+            acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[h], ones)), _mm256_mul_ps(step, g), acc[h]);
+        }
+    }
+    _mm256_storeu_ps(y, acc[0]), _mm256_storeu_ps(y + 8, acc[1]);
+}
 #endif
 
 /* Rows [r0, r1) of one panel (wb, gs: its weights and scales (groups, 16)) over blocks [b0, b0 + blocks). */
 static void tile_q4(const ByteRows *x, const uint8_t *wb, const uint16_t *gs, int64_t b0, int64_t blocks, int fresh,
                     float *y, int64_t ldy, int64_t r0, int64_t r1) {
 #if defined(__AVX2__)
-    for (int64_t r = r0; r < r1; r += MR_Q8) {
-        const int8_t *qr = x->q + r * x->k32 + b0 * QB, *ar = x->aq + r * x->k32 + b0 * QB;
+    for (int64_t r = r0; r < r1; r += MR_Q4) {
+        const int8_t *qr = x->q + r * x->ldq + b0 * QB;
         const uint8_t *w = wb + b0 * QB * PANEL / 2;
         const float *xr = x->xs + r * x->blocks + b0;
+        const uint32_t *sr = x->start + r * x->blocks + b0;
+        const uint16_t *g = gs + b0 * PANEL;
         float *yr = y + r * ldy;
-        switch (r1 - r < MR_Q8 ? r1 - r : MR_Q8) {
-        case 1: micro_q4_1(qr, ar, x->k32, xr, x->blocks, w, gs + b0 * PANEL, blocks, fresh, yr, ldy); break;
-        case 2: micro_q4_2(qr, ar, x->k32, xr, x->blocks, w, gs + b0 * PANEL, blocks, fresh, yr, ldy); break;
-        default: micro_q4_3(qr, ar, x->k32, xr, x->blocks, w, gs + b0 * PANEL, blocks, fresh, yr, ldy); break;
+        if (r1 - r == 1) {
+            micro_q4_one(qr, xr, sr, w, g, blocks, fresh, yr);
+            continue;
         }
+        /* The tile's sums wait between blocks in `sums`, not in y: y's rows are n * 4 bytes apart, a
+         * multiple of 4096 at Mixtral's sizes, and a load from one row after a store to another waits
+         * on it (4K aliasing). */
+        int rows = r1 - r < MR_Q4 ? (int)(r1 - r) : MR_Q4;
+        float sums[MR_Q4 * PANEL] __attribute__((aligned(32)));
+        if (!fresh)
+            for (int i = 0; i < rows; i++) memcpy(sums + i * PANEL, yr + i * ldy, sizeof(float) * PANEL);
+        for (int h = 0; h < 2; h++)
+            switch (rows) {
+#define CASE_Q4(R) case R: micro_q4_##R(qr, x->ldq, xr, sr, x->blocks, w, g, blocks, fresh, sums, PANEL, h); break;
+            CASE_Q4(2) CASE_Q4(3) CASE_Q4(4) CASE_Q4(5)
+            default: micro_q4_6(qr, x->ldq, xr, sr, x->blocks, w, g, blocks, fresh, sums, PANEL, h); break;
+            }
+        for (int i = 0; i < rows; i++) memcpy(yr + i * ldy, sums + i * PANEL, sizeof(float) * PANEL);
     }
 #else
     for (int64_t r = r0; r < r1; r++)
@@ -883,7 +949,7 @@ static void tile_q4(const ByteRows *x, const uint8_t *wb, const uint16_t *gs, in
                 for (int64_t i = 0; i < QB; i++) {
                     int64_t c = b * QB + i;  /* byte: two quads of columns, this output's four */
                     uint8_t byte = wb[((c / 8) * PANEL + j) * 4 + c % 4];
-                    sum += x->q[r * x->k32 + c] * ((c % 8 < 4 ? byte & 0x0f : byte >> 4) - 8);
+                    sum += x->q[r * x->ldq + c] * ((c % 8 < 4 ? byte & 0x0f : byte >> 4) - 8);
                 }
                 acc = fmaf((float)sum, x->xs[r * x->blocks + b] * bf16_value(gs[b * PANEL + j]), acc);
             }
@@ -904,7 +970,7 @@ void linear_q4(const float *restrict x, const uint8_t *restrict wb, const float 
     BYTE_PASSES(rows, m, panels, threads,
                 tile_q4(&rows, wb + p * rows.k32 * PANEL / 2, group_scale + p * rows.blocks * PANEL, b0, nb,
                         b0 == 0, y + p * PANEL, ldy, r0, r1));
-    free(rows.q), free(rows.xs);
+    free(rows.q), free(rows.xs), free(rows.start);
 }
 
 /* x (m, d), w (d,) -> y (m, d) = w * x / sqrt(mean(x^2) + eps) */

@@ -153,6 +153,27 @@ def test_w8a8_and_w4a8_multiply_the_weight_by_x_on_int8_blocks(kernels, quantize
         assert not torch.equal(layer(x), F.linear(x, reference)), "x was put on the grids"
 
 
+@needs_kernels
+@pytest.mark.parametrize("quantize", ["w8a8", "w4a8"])
+@pytest.mark.parametrize("rows", [1, 6, 7])
+def test_byte_products_at_their_extremes_sum_without_overflow(quantize, rows):
+    """Every weight at its grid's end (+-7 for int4, +-127 for int8) and every x at +-127 of its grid, of one sign
+    across whole blocks: the largest sums the byte kernels' 16-bit partial sums can meet (w4a8 adds a
+    block's products in int16 lanes). The result is still F.linear of the grids."""
+    gen = torch.Generator().manual_seed(rows)
+    in_features = 4 * Q8_BLOCK
+    signs = torch.where(torch.rand(48, 1, generator=gen) < 0.5, -1.0, 1.0)
+    weight = signs * torch.ones(48, in_features) * torch.where(torch.arange(48) % 3 == 0, 1.0, 8 / 7)[:, None]
+    x = torch.ones(rows, in_features) * torch.where(torch.arange(rows) % 2 == 0, 1.0, -1.0)[:, None]
+    x[:, Q8_BLOCK:2 * Q8_BLOCK] *= -1  # a block of the other sign
+    reference = dequantize(*quantize_int8(weight)) if quantize == "w8a8" else dequantize_int4(*quantize_int4(weight))
+    if quantize == "w4a8":
+        q, _ = quantize_int4(weight)
+        assert set(q.unique().tolist()) == {-7, 7}  # quantize_int4's ends (its grid is symmetric)
+    layer = Linear(weight, quantize)
+    assert close(layer(x), F.linear(quantize_activations_q8(x), reference), 1e-6)  # a wrapped sum: 2^16 off
+
+
 @pytest.mark.parametrize("kernels", ["default", None])
 @pytest.mark.parametrize("quantize", ["none", "int8", "int4", "w8a8", "w4a8"])
 def test_a_layer_handed_to_another_process_computes_the_same_bits(kernels, quantize):
