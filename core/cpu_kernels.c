@@ -627,6 +627,7 @@ void linear_i4(const float *restrict x, const uint8_t *restrict wb, const float 
 #define QB 32 /* columns per activation block */
 #define QKC 1024 /* columns per pass: every row's chunk of x stays in L2 while the panels go by */
 #define QMC 128 /* rows per pass */
+#define FEW_BYTE_ROWS 8 /* up to this many rows, a pass takes every column */
 
 #define MR_Q8 3
 
@@ -697,18 +698,21 @@ static int byte_rows_of(const float *x, int64_t m, int64_t k, ByteRows *rows, fl
     return 1;
 }
 
-/* The threads take contiguous runs of panels; each walks rows in passes of MC and columns in
- * passes of QKC (blocks b0 .. b0 + nb), running `tile(p, b0, nb, r0, r1)` for each of its panels p. */
+/* The threads take contiguous runs of panels; each walks rows in passes of QMC and columns in
+ * passes of QKC (blocks b0 .. b0 + nb; all of them up to FEW_BYTE_ROWS rows), running
+ * `tile(p, b0, nb, r0, r1)` for each of its panels p. */
 #define BYTE_PASSES(rows, m, panels, threads, tile)                                                     \
     do {                                                                                                \
         int threads_ = (threads) < (panels) ? (threads) : (int)(panels);                                \
+        /* a few rows: each panel read start to end, one stream the prefetcher follows */              \
+        int64_t pass_ = (m) <= FEW_BYTE_ROWS ? (rows).blocks : QKC / QB;                                \
         _Pragma("omp parallel for num_threads(threads_) schedule(static) if (threads_ > 1)")            \
         for (int t = 0; t < threads_; t++) {                                                            \
             int64_t first = (panels) * t / threads_, last = (panels) * (t + 1) / threads_;              \
             for (int64_t r0 = 0; r0 < (m); r0 += QMC) {                                                \
                 int64_t r1 = r0 + QMC < (m) ? r0 + QMC : (m);                                         \
-                for (int64_t b0 = 0; b0 < (rows).blocks; b0 += QKC / QB) {                              \
-                    int64_t nb = (rows).blocks - b0 < QKC / QB ? (rows).blocks - b0 : QKC / QB;         \
+                for (int64_t b0 = 0; b0 < (rows).blocks; b0 += pass_) {                                 \
+                    int64_t nb = (rows).blocks - b0 < pass_ ? (rows).blocks - b0 : pass_;               \
                     for (int64_t p = first; p < last; p++) tile;                                        \
                 }                                                                                       \
             }                                                                                           \
