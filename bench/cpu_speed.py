@@ -6,14 +6,14 @@ benchmark that owns it (run as subprocesses, one at a time, on this machine).
 
   - bench/prefill.py --prompts 1024 --repeats 1: one Mixtral-size layer's prefill over the byte and
     FMA peaks, and the tiny model's 4k-token prompt over its 1k one;
-  - bench/latency.py --mixtral-layers 1 --workers 0 --quantize int8,int4 --batches 1 --repeats 1:
+  - bench/latency.py --mixtral-layers 1 --workers 0 --quantize int8,int4,w4a8 --batches 1 --repeats 1:
     decode of one sequence over the roofline of the bytes it reads;
   - here: the serving loop in process (bench/serve.py's `ours`), 32 requests at once of mixed
     lengths, int4, int8, w4a8, then int4 again (the machine drifts: the two int4 runs' mean).
 
 Last line: prefill_int8_over_peak=<a> prefill_int4_over_peak=<b> prefill_4k_over_1k=<c>
 int4_b1_roofline=<d> int4_over_int8_c32=<e>, then the byte-activation modes' prefill_w8a8_over_peak,
-prefill_w4a8_over_peak and w4a8_over_int8_c32.
+prefill_w4a8_over_peak, w4a8_b1_roofline and w4a8_over_int8_c32.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def serving_over_int8(concurrency: int = 32) -> dict[str, float]:
 
 def main() -> None:
     prefill = last_line_of("prefill.py", "--prompts", "1024", "--repeats", "1")
-    latency = last_line_of("latency.py", "--mixtral-layers", "1", "--workers", "0", "--quantize", "int8,int4",
+    latency = last_line_of("latency.py", "--mixtral-layers", "1", "--workers", "0", "--quantize", "int8,int4,w4a8",
                            "--batches", "1", "--repeats", "1")
     ratio = serving_over_int8()
     print(f"prefill_int8_over_peak={prefill['prefill_int8_over_peak']:.3f} "
@@ -72,7 +72,8 @@ def main() -> None:
           f"prefill_4k_over_1k={prefill['prefill_4k_over_1k']:.2f} "
           f"int4_b1_roofline={latency['decode_b1_int4_over_roofline']:.2f} int4_over_int8_c32={ratio['int4']:.2f} "
           f"prefill_w8a8_over_peak={prefill['prefill_w8a8_over_peak']:.3f} "
-          f"prefill_w4a8_over_peak={prefill['prefill_w4a8_over_peak']:.3f} w4a8_over_int8_c32={ratio['w4a8']:.2f}")
+          f"prefill_w4a8_over_peak={prefill['prefill_w4a8_over_peak']:.3f} "
+          f"w4a8_b1_roofline={latency['decode_b1_w4a8_over_roofline']:.2f} w4a8_over_int8_c32={ratio['w4a8']:.2f}")
 
 
 if __name__ == "__main__":

@@ -848,7 +848,7 @@ static inline float bf16_value(uint16_t h) {
 /* R rows x one half (outputs 8h .. 8h + 7) of one panel over `blocks` blocks: R int16 sums, the half's
  * weight vector unpacked into its two nibbles, two broadcasts: R + 6 registers. Each block's int16 pair
  * sums start at `start` (the nibbles' + 8 taken off first), so at most 16 * 8 * 127 on the way: no
- * overflow; y holds the float sums between blocks. */
+ * overflow; y (tile_q4's buffer) holds the float sums between blocks. */
 #define MICRO_Q4(R)                                                                                     \
 static inline void micro_q4_##R(const int8_t *q, int64_t ldq, const float *xs, const uint32_t *start,   \
                                 int64_t ldxs, const uint8_t *wb, const uint16_t *gs, int64_t blocks,    \
