@@ -139,7 +139,8 @@ def main() -> None:
             print(f"tiny model, fp32, {tokens} tokens: {took * 1e3:.0f} ms, {rates[-1]:.0f} tokens/s "
                   f"(attention's own multiply-adds {share:.0%} of the weights')", flush=True)
     measure_peaks()
-    print(f"peaks, the highest seen in this run: fp32 FMA {peaks['fma'] / 1e9:.0f} G, 8-bit dot {peaks['dot'] / 1e9:.0f} G")
+    print(f"peaks, the highest seen in this run: fp32 FMA {peaks['fma'] / 1e9:.0f} G, "
+          f"8-bit dot {peaks['dot'] / 1e9:.0f} G")
     ratios = {quantize: rate / peaks["fma" if quantize == "none" else "dot"] for quantize, rate in speeds.items()}
     print(f"prefill_int8_over_peak={ratios.get('int8', float('nan')):.3f} "
           f"prefill_w8a8_over_peak={ratios.get('w8a8', float('nan')):.3f} "
