@@ -732,18 +732,30 @@ static inline void add_quad(__m256i sums[2], __m256i w0, __m256i w1, const int8_
     sums[1] = _mm256_add_epi32(sums[1], _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(w1, xv)), ones));
 }
 
+/* A byte tile's float sums wait between blocks in `sums` (PANEL floats a row), not in y: y's rows
+ * are n * 4 bytes apart, a multiple of 4096 at Mixtral's sizes, and a load from one row after a
+ * store to another waits on it (4K aliasing). In: y's rows, or zeros on the first pass; out: to y. */
+static inline void sums_in(float *sums, const float *y, int64_t ldy, int rows, int fresh) {
+    for (int i = 0; i < rows; i++)
+        if (fresh)
+            memset(sums + i * PANEL, 0, sizeof(float) * PANEL);
+        else
+            memcpy(sums + i * PANEL, y + i * ldy, sizeof(float) * PANEL);
+}
+
+static inline void sums_out(const float *sums, float *y, int64_t ldy, int rows) {
+    for (int i = 0; i < rows; i++) memcpy(y + i * ldy, sums + i * PANEL, sizeof(float) * PANEL);
+}
+
 /* R rows x one panel over `blocks` blocks (wb: the panel's first, 4 * PANEL bytes a quad): y's 16
- * outputs (+)= the blocks' sums, times scale when given (the last pass). */
+ * outputs += the blocks' sums, times scale when given (the last pass). */
 #define MICRO_Q8(R)                                                                                     \
 static inline void micro_q8_##R(const int8_t *q, const int8_t *aq, int64_t ldq, const float *xs,        \
-                                int64_t ldxs, const int8_t *wb, int64_t blocks, int fresh,              \
-                                const float *scale, float *y, int64_t ldy) {                            \
+                                int64_t ldxs, const int8_t *wb, int64_t blocks, const float *scale,     \
+                                float *y, int64_t ldy) {                                                \
     const __m256i ones = _mm256_set1_epi16(1);                                                          \
-    /* y holds the float sums between blocks (a load and a store per block): registers for the     \
-     * int32 sums, weights and broadcasts only, so nothing spills in the quads' loop */              \
-    if (fresh)                                                                                          \
-        for (int r = 0; r < R; r++)                                                                     \
-            for (int h = 0; h < 2; h++) _mm256_storeu_ps(y + r * ldy + 8 * h, _mm256_setzero_ps());      \
+    /* y (tile_q8's sums) holds the float sums between blocks: registers for the int32 sums,       \
+     * weights and broadcasts only, so nothing spills in the quads' loop */                           \
     for (int64_t b = 0; b < blocks; b++) {                                                              \
         __m256i sums[R][2];                                                                             \
         for (int r = 0; r < R; r++) sums[r][0] = sums[r][1] = _mm256_setzero_si256();                  \
@@ -784,15 +796,14 @@ static void tile_q8(const ByteRows *x, const int8_t *wb, int64_t b0, int64_t blo
         const float *xr = x->xs + r * x->blocks + b0;
         float *yr = y + r * ldy;
         int rows = r1 - r < MR_Q8 ? (int)(r1 - r) : MR_Q8;
-        float sums[MR_Q8 * PANEL] __attribute__((aligned(32))); /* not y between blocks: as tile_q4 */
-        if (!fresh)
-            for (int i = 0; i < rows; i++) memcpy(sums + i * PANEL, yr + i * ldy, sizeof(float) * PANEL);
+        float sums[MR_Q8 * PANEL] __attribute__((aligned(32)));
+        sums_in(sums, yr, ldy, rows, fresh);
         switch (rows) {
-        case 1: micro_q8_1(qr, ar, x->ldq, xr, x->blocks, w, blocks, fresh, scale, sums, PANEL); break;
-        case 2: micro_q8_2(qr, ar, x->ldq, xr, x->blocks, w, blocks, fresh, scale, sums, PANEL); break;
-        default: micro_q8_3(qr, ar, x->ldq, xr, x->blocks, w, blocks, fresh, scale, sums, PANEL); break;
+        case 1: micro_q8_1(qr, ar, x->ldq, xr, x->blocks, w, blocks, scale, sums, PANEL); break;
+        case 2: micro_q8_2(qr, ar, x->ldq, xr, x->blocks, w, blocks, scale, sums, PANEL); break;
+        default: micro_q8_3(qr, ar, x->ldq, xr, x->blocks, w, blocks, scale, sums, PANEL); break;
         }
-        for (int i = 0; i < rows; i++) memcpy(yr + i * ldy, sums + i * PANEL, sizeof(float) * PANEL);
+        sums_out(sums, yr, ldy, rows);
     }
 #else
     for (int64_t r = r0; r < r1; r++)
@@ -848,14 +859,12 @@ static inline float bf16_value(uint16_t h) {
 /* R rows x one half (outputs 8h .. 8h + 7) of one panel over `blocks` blocks: R int16 sums, the half's
  * weight vector unpacked into its two nibbles, two broadcasts: R + 6 registers. Each block's int16 pair
  * sums start at `start` (the nibbles' + 8 taken off first), so at most 16 * 8 * 127 on the way: no
- * overflow; y (tile_q4's buffer) holds the float sums between blocks. */
+ * overflow; y (tile_q4's sums) holds the float sums between blocks. */
 #define MICRO_Q4(R)                                                                                     \
 static inline void micro_q4_##R(const int8_t *q, int64_t ldq, const float *xs, const uint32_t *start,   \
                                 int64_t ldxs, const uint8_t *wb, const uint16_t *gs, int64_t blocks,    \
-                                int fresh, float *y, int64_t ldy, int h) {                              \
+                                float *y, int64_t ldy, int h) {                                         \
     const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);                          \
-    if (fresh)                                                                                          \
-        for (int r = 0; r < R; r++) _mm256_storeu_ps(y + r * ldy + 8 * h, _mm256_setzero_ps());          \
     for (int64_t b = 0; b < blocks; b++) {                                                              \
         __m256i pairs[R];                                                                               \
         for (int r = 0; r < R; r++) pairs[r] = _mm256_set1_epi32((int32_t)start[r * ldxs + b]);        \
@@ -929,20 +938,16 @@ static void tile_q4(const ByteRows *x, const uint8_t *wb, const uint16_t *gs, in
             micro_q4_one(qr, xr, sr, w, g, blocks, fresh, yr);
             continue;
         }
-        /* The tile's sums wait between blocks in `sums`, not in y: y's rows are n * 4 bytes apart, a
-         * multiple of 4096 at Mixtral's sizes, and a load from one row after a store to another waits
-         * on it (4K aliasing). */
         int rows = r1 - r < MR_Q4 ? (int)(r1 - r) : MR_Q4;
         float sums[MR_Q4 * PANEL] __attribute__((aligned(32)));
-        if (!fresh)
-            for (int i = 0; i < rows; i++) memcpy(sums + i * PANEL, yr + i * ldy, sizeof(float) * PANEL);
+        sums_in(sums, yr, ldy, rows, fresh);
         for (int h = 0; h < 2; h++)
             switch (rows) {
-#define CASE_Q4(R) case R: micro_q4_##R(qr, x->ldq, xr, sr, x->blocks, w, g, blocks, fresh, sums, PANEL, h); break;
+#define CASE_Q4(R) case R: micro_q4_##R(qr, x->ldq, xr, sr, x->blocks, w, g, blocks, sums, PANEL, h); break;
             CASE_Q4(2) CASE_Q4(3) CASE_Q4(4) CASE_Q4(5)
-            default: micro_q4_6(qr, x->ldq, xr, sr, x->blocks, w, g, blocks, fresh, sums, PANEL, h); break;
+            default: micro_q4_6(qr, x->ldq, xr, sr, x->blocks, w, g, blocks, sums, PANEL, h); break;
             }
-        for (int i = 0; i < rows; i++) memcpy(yr + i * ldy, sums + i * PANEL, sizeof(float) * PANEL);
+        sums_out(sums, yr, ldy, rows);
     }
 #else
     for (int64_t r = r0; r < r1; r++)
