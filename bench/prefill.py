@@ -12,11 +12,15 @@ token) times the tokens; attention's own products (which grow with the prompt) a
 fp32 is set against the FMA peak, int8, w8a8, int4 and w4a8 against the byte peak (what llama.cpp's 8-
 and 4-bit prompt processing runs at). The tiny model (hidden 512, 4 layers) runs 1k and 4k-token prompts,
 interleaved, the best of at least three each: a long prompt's tokens/s over a short one's shows what
-attention's growth costs.
+attention's growth costs. Beside it, the bound that ratio would have if attention's multiply-adds ran
+at the same rate as the weights' (at hidden 512, attention's own products are a third of the weights'
+at 4k: the tiny model's ratio cannot pass that bound without attention running faster per
+multiply-add than the weights' products), and the same two lengths on the Mixtral-size layer
+(`--mixtral-long`, in `--long-quantize`), where attention's share is a few percent.
 
 Last line: prefill_int8_over_peak=<a> prefill_w8a8_over_peak=<b> prefill_int4_over_peak=<c>
-prefill_w4a8_over_peak=<d> prefill_f32_over_fma_peak=<e> prefill_4k_over_1k=<f> (a-e at the longest
---prompts).
+prefill_w4a8_over_peak=<d> prefill_f32_over_fma_peak=<e> prefill_4k_over_1k=<f>
+prefill_4k_over_1k_bound=<g> prefill_4k_over_1k_mixtral=<h> (a-e at the longest --prompts).
 """
 
 from __future__ import annotations
@@ -76,6 +80,27 @@ def prefill_s(engine: Engine, tokens: int, repeats: int) -> float:
     return min(times)
 
 
+def long_over_short(engine: Engine, name: str, lengths: list[int], rounds: int) -> tuple[float, float]:
+    """The longest prompt's tokens/s over the shortest's, prompts interleaved, the best of `rounds`
+    each (a drift of the machine between them read as 0.75 one run and 1.12 the next with one of
+    each); and that ratio's bound were attention's products as fast as the weights'."""
+    best = {tokens: float("inf") for tokens in lengths}
+    for _ in range(rounds):
+        for tokens in lengths:
+            best[tokens] = min(best[tokens], prefill_s(engine, tokens, 1))
+    rates, costs = [], []  # tokens/s; multiply-adds a token, the weights' and attention's
+    for tokens in lengths:
+        rates.append(tokens / best[tokens])
+        share = attention_macs(engine.config, tokens) / weight_macs(engine.config, tokens)
+        costs.append((weight_macs(engine.config, tokens) + attention_macs(engine.config, tokens)) / tokens)
+        print(f"{name}, {tokens} tokens: {best[tokens] * 1e3:.0f} ms, {rates[-1]:.0f} tokens/s "
+              f"(attention's own multiply-adds {share:.0%} of the weights')", flush=True)
+    ratio, bound = rates[-1] / rates[0], costs[0] / costs[-1]
+    print(f"{name}: {lengths[-1]} tokens at {ratio:.2f}x the tokens/s of {lengths[0]}; at equal rates per "
+          f"multiply-add, {bound:.2f}x", flush=True)
+    return ratio, bound
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mixtral-layers", type=int, default=1)
@@ -84,6 +109,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--long", default="1024,4096", help="the tiny model's prompt lengths (default 1024,4096)")
+    parser.add_argument("--mixtral-long", default="1024,4096",
+                        help="the same on the Mixtral-size layer ('' to skip; default 1024,4096)")
+    parser.add_argument("--long-quantize", default="w4a8", help="the Mixtral-size layer's mode for --mixtral-long")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     kernels = cpu_kernels.kernels()
@@ -125,19 +153,16 @@ def main() -> None:
         tiny = write_tiny_checkpoint(Path(tmp) / "tiny", **TINY)
         lengths = [int(n) for n in args.long.split(",")]
         engine = Engine.local(tiny, kv_blocks=max(lengths) // 16 + 2)
-        # Short and long prompts interleaved, the best of at least three each: a drift of the machine
-        # between them read as 0.75 one run and 1.12 the next with one of each.
-        best = {tokens: float("inf") for tokens in lengths}
-        for _ in range(max(args.repeats, 3)):
-            for tokens in lengths:
-                best[tokens] = min(best[tokens], prefill_s(engine, tokens, 1))
-        rates = []
-        for tokens in lengths:
-            took = best[tokens]
-            rates.append(tokens / took)
-            share = attention_macs(engine.config, tokens) / weight_macs(engine.config, tokens)
-            print(f"tiny model, fp32, {tokens} tokens: {took * 1e3:.0f} ms, {rates[-1]:.0f} tokens/s "
-                  f"(attention's own multiply-adds {share:.0%} of the weights')", flush=True)
+        long_ratio, bound = long_over_short(engine, "tiny model, fp32", lengths, max(args.repeats, 3))
+        del engine
+        mixtral_ratio = float("nan")
+        if args.mixtral_long:
+            lengths = [int(n) for n in args.mixtral_long.split(",")]
+            engine = Engine.local(path, kv_blocks=max(lengths) // 16 + 2, quantize=args.long_quantize)
+            mixtral_ratio, _ = long_over_short(engine, f"Mixtral-size layer, {args.long_quantize}", lengths,
+                                               max(args.repeats, 2))
+            del engine
+            gc.collect()
     measure_peaks()
     print(f"peaks, the highest seen in this run: fp32 FMA {peaks['fma'] / 1e9:.0f} G, "
           f"8-bit dot {peaks['dot'] / 1e9:.0f} G")
@@ -147,7 +172,8 @@ def main() -> None:
           f"prefill_int4_over_peak={ratios.get('int4', float('nan')):.3f} "
           f"prefill_w4a8_over_peak={ratios.get('w4a8', float('nan')):.3f} "
           f"prefill_f32_over_fma_peak={ratios.get('none', float('nan')):.3f} "
-          f"prefill_4k_over_1k={rates[-1] / rates[0]:.2f}")
+          f"prefill_4k_over_1k={long_ratio:.2f} prefill_4k_over_1k_bound={bound:.2f} "
+          f"prefill_4k_over_1k_mixtral={mixtral_ratio:.2f}")
 
 
 if __name__ == "__main__":

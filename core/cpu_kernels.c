@@ -842,8 +842,8 @@ void linear_q8(const float *restrict x, const int8_t *restrict wb, const float *
  * y[r, j] = sum over blocks, in order, of (xs[r, b] * gscale[j, b]) * (the block's int32 sum), one
  * rounding each (fmaf's; the vector FMA's the same).
  * AVX2: the nibbles as they are (q + 8, 0..15) are vpmaddubsw's unsigned operand and qx its signed one,
- * so no vpsignb and no subtraction: a step unpacks 32 weight bytes once for all the tile's rows (and,
- * shift, and) and each row adds two products into int16 sums, summed over the whole block (at most
+ * so no vpsignb and no subtraction: a step unpacks 64 weight bytes once for all the tile's rows (and,
+ * shift, and) and each row adds four products into int16 sums, summed over the whole block (at most
  * 16 * 15 * 127 a lane) and widened once per block; the sums start at minus 8 times x's sum over the
  * lane's columns (`start`), which takes the + 8 off. The block's int32 sum is the same integer as
  * sum(qx * q), so the result is the generic build's, bit for bit. */
@@ -855,41 +855,54 @@ static inline float bf16_value(uint16_t h) {
 }
 
 #if defined(__AVX2__)
-#define MR_Q4 6
-/* R rows x one half (outputs 8h .. 8h + 7) of one panel over `blocks` blocks: R int16 sums, the half's
- * weight vector unpacked into its two nibbles, two broadcasts: R + 6 registers. Each block's int16 pair
- * sums start at `start` (the nibbles' + 8 taken off first), so at most 16 * 8 * 127 on the way: no
- * overflow; y (tile_q4's sums) holds the float sums between blocks. */
+#define MR_Q4 4
+/* acc += v in int16 lanes, in acc's own register. Written as an intrinsic, gcc adds into the product's
+ * register and copies the sum back, which takes a second register per sum: at this kernel's 16 live
+ * registers it then keeps half the sums on the stack, and each step waits on their stores. */
+#define ADD16(acc, v) __asm__("vpaddw %1, %0, %0" : "+x"(acc) : "x"(v))
+/* R rows x one panel over `blocks` blocks: 2R int16 sums, the step's weights unpacked into four
+ * vectors (each half's low and high nibbles), two broadcasts, the nibble mask: 2R + 7 registers, so
+ * R <= 4. Each broadcast of x serves both halves (the broadcasts, not the products, set the pace: with
+ * half panels a step took one per 32 products). Each block's int16 pair sums start at `start` (the
+ * nibbles' + 8 taken off first), so at most 16 * 8 * 127 on the way: no overflow; y (tile_q4's
+ * sums) holds the float sums between blocks. */
 #define MICRO_Q4(R)                                                                                     \
 static inline void micro_q4_##R(const int8_t *q, int64_t ldq, const float *xs, const uint32_t *start,   \
                                 int64_t ldxs, const uint8_t *wb, const uint16_t *gs, int64_t blocks,    \
-                                float *y, int64_t ldy, int h) {                                         \
+                                float *y, int64_t ldy) {                                                \
     const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);                          \
     for (int64_t b = 0; b < blocks; b++) {                                                              \
-        __m256i pairs[R];                                                                               \
-        for (int r = 0; r < R; r++) pairs[r] = _mm256_set1_epi32((int32_t)start[r * ldxs + b]);        \
+        __m256i pairs[R][2];                                                                            \
+        for (int r = 0; r < R; r++) pairs[r][0] = pairs[r][1] = _mm256_set1_epi32((int32_t)start[r * ldxs + b]); \
         _Pragma("GCC unroll 1")                                                                         \
         for (int s = 0; s < QB / 8; s++) { /* two quads: the low nibbles' and the high ones' */        \
-            __m256i v = _mm256_loadu_si256((const __m256i *)(wb + (b * QB + s * 8) * PANEL / 2 + 32 * h)); \
-            __m256i low = _mm256_and_si256(v, low4), high = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4); \
+            const uint8_t *w = wb + (b * QB + s * 8) * PANEL / 2;                                       \
+            __m256i v0 = _mm256_loadu_si256((const __m256i *)w), v1 = _mm256_loadu_si256((const __m256i *)(w + 32)); \
+            __m256i low0 = _mm256_and_si256(v0, low4), high0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low4); \
+            __m256i low1 = _mm256_and_si256(v1, low4), high1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low4); \
             for (int r = 0; r < R; r++) {                                                               \
                 int32_t first, second;                                                                  \
                 memcpy(&first, q + r * ldq + b * QB + s * 8, sizeof first);                              \
                 memcpy(&second, q + r * ldq + b * QB + s * 8 + 4, sizeof second);                        \
-                pairs[r] = _mm256_add_epi16(pairs[r], _mm256_maddubs_epi16(low, _mm256_set1_epi32(first))); \
-                pairs[r] = _mm256_add_epi16(pairs[r], _mm256_maddubs_epi16(high, _mm256_set1_epi32(second))); \
+                __m256i x0 = _mm256_set1_epi32(first), x1 = _mm256_set1_epi32(second);                  \
+                ADD16(pairs[r][0], _mm256_maddubs_epi16(low0, x0));                                     \
+                ADD16(pairs[r][1], _mm256_maddubs_epi16(low1, x0));                                     \
+                ADD16(pairs[r][0], _mm256_maddubs_epi16(high0, x1));                                    \
+                ADD16(pairs[r][1], _mm256_maddubs_epi16(high1, x1));                                    \
             }                                                                                           \
         }                                                                                               \
-        __m256 g = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(                         \
-            _mm_loadu_si128((const __m128i *)(gs + b * PANEL + 8 * h))), 16));                          \
-        for (int r = 0; r < R; r++) {                                                                   \
-            float *out = y + r * ldy + 8 * h;                                                           \
-            _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[r], ones)), \
-                             _mm256_mul_ps(_mm256_set1_ps(xs[r * ldxs + b]), g), _mm256_loadu_ps(out))); \
+        for (int h = 0; h < 2; h++) {                                                                   \
+            __m256 g = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(                     \
+                _mm_loadu_si128((const __m128i *)(gs + b * PANEL + 8 * h))), 16));                      \
+            for (int r = 0; r < R; r++) {                                                               \
+                float *out = y + r * ldy + 8 * h;                                                       \
+                _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[r][h], ones)), \
+                                 _mm256_mul_ps(_mm256_set1_ps(xs[r * ldxs + b]), g), _mm256_loadu_ps(out))); \
+            }                                                                                           \
         }                                                                                               \
     }                                                                                                   \
 }
-MICRO_Q4(2) MICRO_Q4(3) MICRO_Q4(4) MICRO_Q4(5) MICRO_Q4(6)
+MICRO_Q4(2) MICRO_Q4(3) MICRO_Q4(4)
 
 /* One row: both halves at once, the sums in registers across blocks. */
 static inline void micro_q4_one(const int8_t *q, const float *xs, const uint32_t *start, const uint8_t *wb,
@@ -941,12 +954,11 @@ static void tile_q4(const ByteRows *x, const uint8_t *wb, const uint16_t *gs, in
         int rows = r1 - r < MR_Q4 ? (int)(r1 - r) : MR_Q4;
         float sums[MR_Q4 * PANEL] __attribute__((aligned(32)));
         sums_in(sums, yr, ldy, rows, fresh);
-        for (int h = 0; h < 2; h++)
-            switch (rows) {
-#define CASE_Q4(R) case R: micro_q4_##R(qr, x->ldq, xr, sr, x->blocks, w, g, blocks, sums, PANEL, h); break;
-            CASE_Q4(2) CASE_Q4(3) CASE_Q4(4) CASE_Q4(5)
-            default: micro_q4_6(qr, x->ldq, xr, sr, x->blocks, w, g, blocks, sums, PANEL, h); break;
-            }
+        switch (rows) {
+        case 2: micro_q4_2(qr, x->ldq, xr, sr, x->blocks, w, g, blocks, sums, PANEL); break;
+        case 3: micro_q4_3(qr, x->ldq, xr, sr, x->blocks, w, g, blocks, sums, PANEL); break;
+        default: micro_q4_4(qr, x->ldq, xr, sr, x->blocks, w, g, blocks, sums, PANEL); break;
+        }
         sums_out(sums, yr, ldy, rows);
     }
 #else
