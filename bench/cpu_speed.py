@@ -5,7 +5,8 @@ benchmark that owns it (run as subprocesses, one at a time, on this machine).
     python bench/cpu_speed.py
 
   - bench/prefill.py --prompts 1024 --repeats 1: one Mixtral-size layer's prefill over the byte and
-    FMA peaks, and the tiny model's 4k-token prompt over its 1k one;
+    FMA peaks, and a 4k-token prompt's tokens/s over a 1k one's, on the tiny model and (w4a8) on the
+    Mixtral-size layer;
   - bench/latency.py --mixtral-layers 1 --workers 0 --quantize int8,int4,w4a8 --batches 1 --repeats 1:
     decode of one sequence over the roofline of the bytes it reads;
   - here: the serving loop in process (bench/serve.py's `ours`), 32 requests at once of mixed
@@ -13,7 +14,7 @@ benchmark that owns it (run as subprocesses, one at a time, on this machine).
 
 Last line: prefill_int8_over_peak=<a> prefill_int4_over_peak=<b> prefill_4k_over_1k=<c>
 int4_b1_roofline=<d> int4_over_int8_c32=<e>, then the byte-activation modes' prefill_w8a8_over_peak,
-prefill_w4a8_over_peak, w4a8_b1_roofline and w4a8_over_int8_c32.
+prefill_w4a8_over_peak, w4a8_b1_roofline and w4a8_over_int8_c32, and prefill_4k_over_1k_mixtral.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def main() -> None:
           f"int4_b1_roofline={latency['decode_b1_int4_over_roofline']:.2f} int4_over_int8_c32={ratio['int4']:.2f} "
           f"prefill_w8a8_over_peak={prefill['prefill_w8a8_over_peak']:.3f} "
           f"prefill_w4a8_over_peak={prefill['prefill_w4a8_over_peak']:.3f} "
-          f"w4a8_b1_roofline={latency['decode_b1_w4a8_over_roofline']:.2f} w4a8_over_int8_c32={ratio['w4a8']:.2f}")
+          f"w4a8_b1_roofline={latency['decode_b1_w4a8_over_roofline']:.2f} w4a8_over_int8_c32={ratio['w4a8']:.2f} "
+          f"prefill_4k_over_1k_mixtral={prefill['prefill_4k_over_1k_mixtral']:.2f}")
 
 
 if __name__ == "__main__":
