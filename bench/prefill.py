@@ -90,11 +90,11 @@ def long_over_short(engine: Engine, name: str, lengths: list[int], rounds: int) 
             best[tokens] = min(best[tokens], prefill_s(engine, tokens, 1))
     rates, costs = [], []  # tokens/s; multiply-adds a token, the weights' and attention's
     for tokens in lengths:
+        weights, attention = weight_macs(engine.config, tokens), attention_macs(engine.config, tokens)
         rates.append(tokens / best[tokens])
-        share = attention_macs(engine.config, tokens) / weight_macs(engine.config, tokens)
-        costs.append((weight_macs(engine.config, tokens) + attention_macs(engine.config, tokens)) / tokens)
+        costs.append((weights + attention) / tokens)
         print(f"{name}, {tokens} tokens: {best[tokens] * 1e3:.0f} ms, {rates[-1]:.0f} tokens/s "
-              f"(attention's own multiply-adds {share:.0%} of the weights')", flush=True)
+              f"(attention's own multiply-adds {attention / weights:.0%} of the weights')", flush=True)
     ratio, equal_rates = rates[-1] / rates[0], costs[0] / costs[-1]
     print(f"{name}: {lengths[-1]} tokens at {ratio:.2f}x the tokens/s of {lengths[0]}; at equal rates per "
           f"multiply-add, {equal_rates:.2f}x", flush=True)
